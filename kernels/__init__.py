@@ -133,7 +133,7 @@ def moe_lora(
     w2 = expert_weights.reshape(-1, expert_weights.shape[-1])
     mask2 = None if dropout_mask is None else dropout_mask.reshape(-1, x.shape[-1])
     if backend == "triton":
-        from .moe_lora import moe_lora_triton
+        from .moe_lora_triton import moe_lora_triton
 
         out = moe_lora_triton(x2, lora_a, lora_b, ids2, w2, float(scaling), mask2)
     elif backend == "loop":

@@ -1,0 +1,202 @@
+"""Triton kernels of the stacked MoE-LoRA op (host code and dataflow: moe_lora_triton.py).
+
+Shape letters:
+  T  tokens            D  a model width (D_in for x, D_out for y)
+  E  experts           R  LoRA rank          N = E * R  the stacked rank width
+Column n of the stacked rank space belongs to expert e = n // R, rank index i = n % R.
+
+The expert weights are never copied into a stacked layout: each kernel addresses the stacked matrix
+W[n, d] of the [E, R, D] or [E, D, R] parameter through its three strides (s_e, s_r, s_d).
+
+Every reduction runs in a fixed order inside one program (no atomics), so results are bitwise
+deterministic. UPCAST loads every operand as float32: the CPU interpreter needs it for bf16 (DESIGN 7),
+and it keeps fp32 inputs exact when DOT_PRECISION is "ieee".
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rank_proj_kernel(
+    in_ptr,  # [T, D] activations (x or dy)
+    mask_ptr,  # [T, D] dropout mask on the input, or a dummy when HAS_MASK is False
+    w_ptr,  # the expert weights seen as W[n, d] through (s_w_e, s_w_r, s_w_d)
+    out_ptr,  # [T, N] float32
+    T,
+    D,
+    N,
+    R,
+    s_in_t,
+    s_in_d,
+    s_mask_t,
+    s_mask_d,
+    s_w_e,
+    s_w_r,
+    s_w_d,
+    s_out_t,
+    s_out_n,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out[t, n] = sum_d in[t, d] * mask[t, d] * W[n, d]: the shrink to rank space (S = x A^T, U = dy B)."""
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_t = offs_t < T
+    in_n = offs_n < N
+    rows = offs_t.to(tl.int64)
+    w_col = (offs_n // R).to(tl.int64) * s_w_e + (offs_n % R).to(tl.int64) * s_w_r
+
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        in_d = offs_d < D
+        tile_mask = in_t[:, None] & in_d[None, :]
+        a = tl.load(in_ptr + rows[:, None] * s_in_t + offs_d[None, :] * s_in_d, mask=tile_mask, other=0.0)
+        w = tl.load(w_ptr + w_col[None, :] + offs_d[:, None] * s_w_d, mask=in_d[:, None] & in_n[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        if HAS_MASK:
+            m = tl.load(mask_ptr + rows[:, None] * s_mask_t + offs_d[None, :] * s_mask_d, mask=tile_mask, other=0.0)
+            a = a * m.to(a.dtype)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+
+    out = out_ptr + rows[:, None] * s_out_t + offs_n[None, :] * s_out_n
+    tl.store(out, acc, mask=in_t[:, None] & in_n[None, :])
+
+
+@triton.jit
+def _rank_expand_kernel(
+    in_ptr,  # [T, N] float32 rank-space activations (S or U)
+    gate_ptr,  # [T, E] float32 gate: scaling * routing weight of each expert, 0 if not selected
+    w_ptr,  # the expert weights seen as W[n, d] through (s_w_e, s_w_r, s_w_d)
+    mask_ptr,  # [T, D] dropout mask on the output, or a dummy when HAS_MASK is False
+    out_ptr,  # [T, D] in the activation dtype
+    T,
+    N,
+    D,
+    R,
+    s_in_t,
+    s_in_n,
+    s_gate_t,
+    s_gate_e,
+    s_w_e,
+    s_w_r,
+    s_w_d,
+    s_mask_t,
+    s_mask_d,
+    s_out_t,
+    s_out_d,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out[t, d] = mask[t, d] * sum_n in[t, n] * gate[t, n // R] * W[n, d]: the expand (y = H B^T, dx = V A)."""
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_t = offs_t < T
+    in_d = offs_d < D
+    rows = offs_t.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_n = offs_n < N
+        expert = offs_n // R
+        tile_mask = in_t[:, None] & in_n[None, :]
+        h = tl.load(in_ptr + rows[:, None] * s_in_t + offs_n[None, :] * s_in_n, mask=tile_mask, other=0.0)
+        g = tl.load(gate_ptr + rows[:, None] * s_gate_t + expert[None, :] * s_gate_e, mask=tile_mask, other=0.0)
+        w_row = expert.to(tl.int64) * s_w_e + (offs_n % R).to(tl.int64) * s_w_r
+        w = tl.load(w_ptr + w_row[:, None] + offs_d[None, :] * s_w_d, mask=in_n[:, None] & in_d[None, :], other=0.0)
+        if UPCAST:
+            w = w.to(tl.float32)
+            hg = h * g
+        else:
+            hg = (h * g).to(w.dtype)
+        acc = tl.dot(hg, w, acc, input_precision=DOT_PRECISION)
+
+    out_mask = in_t[:, None] & in_d[None, :]
+    if HAS_MASK:
+        m = tl.load(mask_ptr + rows[:, None] * s_mask_t + offs_d[None, :] * s_mask_d, mask=out_mask, other=0.0)
+        acc = acc * m.to(tl.float32)
+    out = out_ptr + rows[:, None] * s_out_t + offs_d[None, :] * s_out_d
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _rank_grad_kernel(
+    p_ptr,  # [T, N] float32 rank-space activations (U for dA, S for dB)
+    gate_ptr,  # [T, E] float32 gate
+    q_ptr,  # [T, D] activations (x for dA, dy for dB)
+    mask_ptr,  # [T, D] dropout mask on q, or a dummy when HAS_MASK is False
+    out_ptr,  # the weight gradient seen as G[n, d] through (s_o_e, s_o_r, s_o_d)
+    T,
+    N,
+    D,
+    R,
+    s_p_t,
+    s_p_n,
+    s_gate_t,
+    s_gate_e,
+    s_q_t,
+    s_q_d,
+    s_mask_t,
+    s_mask_d,
+    s_o_e,
+    s_o_r,
+    s_o_d,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """out[n, d] = sum_t p[t, n] * gate[t, n // R] * q[t, d] * mask[t, d]: dA = V^T x~, dB = dy^T H.
+
+    One program owns one [BLOCK_N, BLOCK_D] tile and walks all T in order: deterministic, no atomics.
+    """
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_n = offs_n < N
+    in_d = offs_d < D
+    expert = offs_n // R
+
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        in_t = offs_t < T
+        rows = offs_t.to(tl.int64)
+        p_mask = in_t[:, None] & in_n[None, :]
+        p = tl.load(p_ptr + rows[:, None] * s_p_t + offs_n[None, :] * s_p_n, mask=p_mask, other=0.0)
+        g = tl.load(gate_ptr + rows[:, None] * s_gate_t + expert[None, :] * s_gate_e, mask=p_mask, other=0.0)
+        q_mask = in_t[:, None] & in_d[None, :]
+        q = tl.load(q_ptr + rows[:, None] * s_q_t + offs_d[None, :] * s_q_d, mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        if HAS_MASK:
+            m = tl.load(mask_ptr + rows[:, None] * s_mask_t + offs_d[None, :] * s_mask_d, mask=q_mask, other=0.0)
+            q = q * m.to(q.dtype)
+        if UPCAST:
+            pg = p * g
+        else:
+            pg = (p * g).to(q.dtype)
+        acc = tl.dot(tl.trans(pg), q, acc, input_precision=DOT_PRECISION)
+
+    o_row = expert.to(tl.int64) * s_o_e + (offs_n % R).to(tl.int64) * s_o_r
+    out = out_ptr + o_row[:, None] + offs_d[None, :] * s_o_d
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=in_n[:, None] & in_d[None, :])

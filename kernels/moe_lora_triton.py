@@ -1,0 +1,214 @@
+"""Host side of the Triton MoE-LoRA op: launchers, compile-safe registration and autograd.
+
+Dataflow (stacked experts, DESIGN 4b; shape letters in moe_lora_kernels.py). The gate
+G[t, e] = scaling * (sum of the routing weights token t gives expert e) is built in PyTorch from the ids
+and weights, so its gradient reaches expert_weights through ordinary autograd (a gather).
+
+  forward   S  = x~ A_cat^T                 proj    [T, N] float32, saved for backward
+            y  = (S * G) B_cat^T            expand  [T, D_out]
+  backward  U  = dy B_cat                   proj    [T, N] float32
+            dx = ((U * G) A_cat) * mask     expand  [T, D_in]
+            dA = (U * G)^T x~               grad    [E, R, D_in]   (one program per output tile)
+            dB = dy^T (S * G)               grad    [E, D_out, R]
+            dG = per-expert sums of S * U   PyTorch [T, E]
+
+Saved for backward beyond the inputs: S, T * E * R floats (rank space, never T * k * D).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import moe_lora_kernels as K
+from .routing_meta import dense_gate
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _kernel_flags(dtype: torch.dtype) -> dict:
+    """UPCAST: the interpreter has no bf16 arithmetic. fp32 dots follow torch's TF32 switch, like torch.matmul."""
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _INTERPRET
+    return dict(
+        UPCAST=_INTERPRET and dtype == torch.bfloat16,
+        DOT_PRECISION="ieee" if dtype == torch.float32 and not tf32 else "tf32",
+    )
+
+
+def _blocks(n: int) -> tuple[int, int]:
+    """Rank-space tile: the whole stacked rank width in one tile up to 128 (x is then read once), at least 16."""
+    block_n = min(max(_next_pow2(n), 16), 128)
+    return block_n, (32 if _INTERPRET else 64)
+
+
+def _weight_view(w: torch.Tensor, rank_dim: int) -> tuple[int, int, int]:
+    """Strides (s_e, s_r, s_d) that address an [E, R, D] or [E, D, R] tensor as the stacked W[n, d]."""
+    d_dim = 3 - rank_dim
+    return w.stride(0), w.stride(rank_dim), w.stride(d_dim)
+
+
+def rank_proj(inp: torch.Tensor, weight: torch.Tensor, rank_dim: int, rank: int, mask: torch.Tensor | None):
+    """[T, D] x stacked W[N, D] -> [T, N] float32 (x A^T when rank_dim=1, dy B when rank_dim=2)."""
+    T, D = inp.shape
+    N = weight.shape[0] * rank
+    out = torch.empty(T, N, device=inp.device, dtype=torch.float32)
+    block_n, block_t = _blocks(N)
+    block_d = 32 if _INTERPRET else 64
+    mask_t = inp if mask is None else mask
+    grid = (triton_cdiv(T, block_t), triton_cdiv(N, block_n))
+    K._rank_proj_kernel[grid](
+        inp, mask_t, weight, out, T, D, N, rank,
+        inp.stride(0), inp.stride(1), mask_t.stride(0), mask_t.stride(1),
+        *_weight_view(weight, rank_dim), out.stride(0), out.stride(1),
+        HAS_MASK=mask is not None, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d,
+        **_kernel_flags(inp.dtype),
+    )  # fmt: skip
+    return out
+
+
+def rank_expand(
+    rank_act: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    rank_dim: int,
+    rank: int,
+    mask: torch.Tensor | None,
+    out_dtype: torch.dtype,
+):
+    """[T, N] gated by gate[T, E] x stacked W[N, D] -> [T, D] (y = H B^T when rank_dim=2, dx = V A when 1)."""
+    T, N = rank_act.shape
+    D = weight.shape[3 - rank_dim]
+    out = torch.empty(T, D, device=rank_act.device, dtype=out_dtype)
+    block_n, block_t = _blocks(N)
+    block_d = 32 if _INTERPRET else 128
+    mask_t = out if mask is None else mask
+    grid = (triton_cdiv(T, block_t), triton_cdiv(D, block_d))
+    K._rank_expand_kernel[grid](
+        rank_act, gate, weight, mask_t, out, T, N, D, rank,
+        rank_act.stride(0), rank_act.stride(1), gate.stride(0), gate.stride(1),
+        *_weight_view(weight, rank_dim), mask_t.stride(0), mask_t.stride(1), out.stride(0), out.stride(1),
+        HAS_MASK=mask is not None, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d,
+        **_kernel_flags(out_dtype),
+    )  # fmt: skip
+    return out
+
+
+def rank_grad(
+    rank_act: torch.Tensor,
+    gate: torch.Tensor,
+    act: torch.Tensor,
+    mask: torch.Tensor | None,
+    like: torch.Tensor,
+    rank_dim: int,
+):
+    """Weight gradient with the layout of ``like``: out[n, d] = sum_t rank_act[t, n] gate[t, n//R] act[t, d]."""
+    T, N = rank_act.shape
+    D = act.shape[1]
+    rank = like.shape[rank_dim]
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    if T == 0:
+        return out.zero_()
+    block_n, _ = _blocks(N)
+    block_d = 32 if _INTERPRET else 64
+    block_t = 32 if _INTERPRET else 64
+    mask_t = act if mask is None else mask
+    grid = (triton_cdiv(N, block_n), triton_cdiv(D, block_d))
+    K._rank_grad_kernel[grid](
+        rank_act, gate, act, mask_t, out, T, N, D, rank,
+        rank_act.stride(0), rank_act.stride(1), gate.stride(0), gate.stride(1),
+        act.stride(0), act.stride(1), mask_t.stride(0), mask_t.stride(1), *_weight_view(out, rank_dim),
+        HAS_MASK=mask is not None, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_T=block_t,
+        **_kernel_flags(act.dtype),
+    )  # fmt: skip
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+# --- compile-safe registration (custom_op + fake; triton_op breaks torch.compile in the interpreter) ---
+
+
+@torch.library.custom_op("dylora_moe::moe_lora_fwd", mutates_args=())
+def moe_lora_fwd(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, gate: torch.Tensor, dropout_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward launcher: returns (y [T, D_out], S [T, E*R] float32 saved for backward)."""
+    rank = lora_a.shape[1]
+    if x.shape[0] == 0:
+        return x.new_empty(0, lora_b.shape[1]), x.new_empty(0, lora_a.shape[0] * rank, dtype=torch.float32)
+    s = rank_proj(x, lora_a, rank_dim=1, rank=rank, mask=dropout_mask)
+    y = rank_expand(s, gate, lora_b, rank_dim=2, rank=rank, mask=None, out_dtype=x.dtype)
+    return y, s
+
+
+@moe_lora_fwd.register_fake
+def _(x, lora_a, lora_b, gate, dropout_mask):
+    n = lora_a.shape[0] * lora_a.shape[1]
+    return x.new_empty(x.shape[0], lora_b.shape[1]), x.new_empty(x.shape[0], n, dtype=torch.float32)
+
+
+@torch.library.custom_op("dylora_moe::moe_lora_bwd", mutates_args=())
+def moe_lora_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    gate: torch.Tensor,
+    s: torch.Tensor,
+    dropout_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward launcher: returns (dx, dA, dB, dgate) of the forward above."""
+    num_experts, rank, _ = lora_a.shape
+    if x.shape[0] == 0:
+        return torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b), torch.zeros_like(gate)
+    grad_y = grad_y.contiguous()
+    u = rank_proj(grad_y, lora_b, rank_dim=2, rank=rank, mask=None)
+    dx = rank_expand(u, gate, lora_a, rank_dim=1, rank=rank, mask=dropout_mask, out_dtype=x.dtype)
+    da = rank_grad(u, gate, x, dropout_mask, lora_a, rank_dim=1)
+    db = rank_grad(s, gate, grad_y, None, lora_b, rank_dim=2)
+    dgate = (s * u).view(-1, num_experts, rank).sum(-1)
+    return dx, da, db, dgate
+
+
+@moe_lora_bwd.register_fake
+def _(grad_y, x, lora_a, lora_b, gate, s, dropout_mask):
+    return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(gate)
+
+
+def _setup_context(ctx, inputs, output):
+    x, lora_a, lora_b, gate, dropout_mask = inputs
+    ctx.save_for_backward(x, lora_a, lora_b, gate, output[1], dropout_mask)
+
+
+def _backward(ctx, grad_y, _grad_s):
+    x, lora_a, lora_b, gate, s, dropout_mask = ctx.saved_tensors
+    dx, da, db, dgate = moe_lora_bwd(grad_y, x, lora_a, lora_b, gate, s, dropout_mask)
+    return dx, da, db, dgate, None
+
+
+moe_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def moe_lora_triton(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    scaling: float,
+    dropout_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton MoE-LoRA delta for flat inputs x [T, D_in] -> [T, D_out] (validated by moe_lora)."""
+    if x.dtype not in _ACTIVATION_DTYPES:
+        raise TypeError(f"the Triton moe_lora supports {_ACTIVATION_DTYPES}; got {x.dtype}")
+    gate = dense_gate(expert_ids, expert_weights, lora_a.shape[0]) * scaling
+    y, _ = moe_lora_fwd(x, lora_a, lora_b, gate, dropout_mask)
+    return y
