@@ -1,0 +1,139 @@
+"""Base models for train.py: a hub id or local path, or ``tiny``, the offline default.
+
+``tiny`` is a small Llama-architecture causal LM built from a config (random initialisation, seeded) with a
+byte-level BPE tokenizer trained by the ``tokenizers`` library on the training text. Both are saved once under
+``<cache_dir>/tiny-<hash>/`` (the hash covers the training text and the config) and loaded from there afterwards, so
+a resumed run, a second process, or a later evaluation get the very same frozen base; that folder is also a normal
+local model path (``AutoModelForCausalLM.from_pretrained`` / ``--model_name`` accept it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+TINY = "tiny"
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+
+
+class ModelLoadError(OSError):
+    """A base model or tokenizer cannot be loaded; the message says where it looked and what to pass instead."""
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Shape of the offline model. The defaults give ~3M frozen parameters: a CPU training step takes seconds."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    vocab_size: int = 4096
+    max_position_embeddings: int = 2048
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of num_heads {self.num_heads}")
+        if self.vocab_size < 300:
+            raise ValueError(f"vocab_size {self.vocab_size} must be >= 300 (256 bytes + special tokens + merges)")
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int):
+    """Byte-level BPE on ``texts`` (every byte is in the alphabet, so any text encodes), as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def build_tiny_model(config: TinyConfig, tokenizer):
+    """A randomly initialised LlamaForCausalLM (seeded: the same config gives the same weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.hidden_size * 8 // 3,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        return LlamaForCausalLM(llama)
+
+
+def tiny_dir(cache_dir: str | Path, texts: Sequence[str], config: TinyConfig) -> Path:
+    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    return Path(cache_dir) / f"tiny-{digest.hexdigest()[:12]}"
+
+
+def load_or_build_tiny(cache_dir: str | Path, texts: Sequence[str], config: TinyConfig = TinyConfig()):
+    """(model, tokenizer, folder): loaded from the cache folder, or built, saved atomically, and returned.
+
+    Several processes may build at once (torchrun): each writes its own temporary folder and the first rename wins;
+    the others load the winner's files so every process holds identical weights and vocabulary.
+    """
+    folder = tiny_dir(cache_dir, texts, config)
+    if not (folder / "config.json").is_file():
+        tokenizer = train_tokenizer(texts, config.vocab_size)
+        model = build_tiny_model(config, tokenizer)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, folder)
+        except OSError:  # another process renamed first: keep its copy
+            shutil.rmtree(staging, ignore_errors=True)
+    model, tokenizer = load_pretrained(str(folder))
+    return model, tokenizer, folder
+
+
+def load_pretrained(name_or_path: str, *, token: str | None = None, dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a hub id or local folder; an unreachable hub gives an error saying what to pass."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, token=token)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, token=token, dtype=dtype)
+    except OSError as err:
+        where = "local folder" if Path(name_or_path).exists() else "hub id"
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+        raise ModelLoadError(
+            f"could not load model {name_or_path!r} as a {where} ({reason}). "
+            "If this machine cannot reach the Hugging Face hub (offline, or HF_HUB_OFFLINE=1), pass a local folder "
+            "holding config.json, the weights and the tokenizer (--model_name /path/to/model), or --model_name tiny "
+            "for the offline model built from a config."
+        ) from err
+    if tokenizer.pad_token_id is None:
+        # Gemma and Llama tokenizers may lack a pad token; padding is masked out of the loss, so EOS serves.
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
