@@ -1,0 +1,254 @@
+"""The grouped MoE-LoRA op: eager twin vs a plain per-token formula, Triton vs the same, values and gradients.
+
+The oracle below gathers each token's expert matrices and applies DESIGN 3 literally, in float64; it shares no
+code with the stacked form the op uses.
+"""
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, requires_gpu
+from tolerances import CPU_DTYPES, GPU_DTYPES, assert_close
+
+import dylora_moe.kernels as ops
+from dylora_moe.kernels.moe_lora_triton import moe_lora_bwd, moe_lora_fwd
+
+DTYPES = GPU_DTYPES if HAS_CUDA else CPU_DTYPES
+
+
+def per_token_formula(x, lora_a, lora_b, ids, weights, scaling, mask=None):
+    """y[t] = s * sum_j w[t,j] * B[e] (A[e] x~[t]) with e = ids[t,j], in float64."""
+    x, lora_a, lora_b, weights = (t.double() for t in (x, lora_a, lora_b, weights))
+    x_lora = x if mask is None else x * mask.double()
+    h = torch.einsum("tkrd,td->tkr", lora_a[ids], x_lora)
+    return scaling * torch.einsum("tk,tkor,tkr->to", weights, lora_b[ids], h)
+
+
+def make_inputs(T, d_in, d_out, E, r, k, dtype, device=DEVICE, empty_expert=None, seed=0):
+    """Random routing with k distinct experts per token; ``empty_expert`` never gets a token (needs k < E)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d_in, generator=gen)
+    lora_a = torch.randn(E, r, d_in, generator=gen) / d_in**0.5
+    lora_b = torch.randn(E, d_out, r, generator=gen) / r**0.5
+    pool = [e for e in range(E) if e != empty_expert]
+    ids = torch.tensor(pool)[torch.rand(T, len(pool), generator=gen).argsort(dim=1)[:, :k]]
+    weights = torch.rand(T, k, generator=gen) + 0.1
+    leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in (x, lora_a, lora_b)]
+    return (*leaves, ids.to(device), weights.to(device).requires_grad_())
+
+
+def run_with_grads(fn, x, lora_a, lora_b, ids, weights, grad_seed=1):
+    """Output and the gradients of x, A, B and the weights for a fixed random upstream gradient."""
+    y = fn(x, lora_a, lora_b, ids, weights)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(y)
+    if y.numel() == 0:
+        return (y, *(torch.zeros_like(t) for t in (x, lora_a, lora_b, weights)))
+    return (y, *torch.autograd.grad(y, (x, lora_a, lora_b, weights), grad_y))
+
+
+def check_against_formula(backend, dtype, T, d_in, d_out, E, r, k, scaling=2.0, **kw):
+    x, a, b, ids, w = make_inputs(T, d_in, d_out, E, r, k, dtype, **kw)
+    got = run_with_grads(lambda *args: ops.moe_lora(*args, scaling, backend=backend), x, a, b, ids, w)
+    want = run_with_grads(lambda *args: per_token_formula(*args, scaling), x, a, b, ids, w)
+    # Gradients of A and B sum over up to T tokens: widen the bound with the reduction length.
+    scales = (1, 1, (1 + T / 64), (1 + T / 64), 1)
+    for name, g, e, s in zip(("y", "dx", "dA", "dB", "dw"), got, want, scales):
+        assert g.shape == e.shape, name
+        assert_close(g, e, dtype, scale=s, msg=f"{backend} {dtype} {name} T={T} E={E} r={r} k={k}")
+
+
+# (T, d_in, d_out, E, r, k): why each shape is here.
+EAGER_SWEEP = [
+    (T, d_in, d_out, E, r, k)
+    for T in (0, 1, 7, 64, 300)
+    for d_in, d_out in ((48, 80), (96, 48))
+    for E in (1, 2, 4, 8)
+    for r in (4, 8, 16)
+    for k in sorted({1, min(2, E), E})
+]
+
+
+@pytest.mark.parametrize("T,d_in,d_out,E,r,k", EAGER_SWEEP)
+def test_eager_matches_formula(T, d_in, d_out, E, r, k):
+    check_against_formula("eager", torch.float32, T, d_in, d_out, E, r, k, device="cpu")
+
+
+TRITON_CASES = [
+    pytest.param(0, 48, 80, 4, 8, 2, id="T0-empty-input"),
+    pytest.param(1, 48, 80, 4, 8, 1, id="T1-single-token-k1"),
+    pytest.param(7, 96, 48, 1, 4, 1, id="E1-plain-lora"),
+    pytest.param(7, 48, 80, 2, 16, 2, id="k=E=2-dense"),
+    pytest.param(64, 80, 96, 4, 8, 2, id="T64-odd-widths"),
+    pytest.param(64, 48, 80, 8, 4, 8, id="k=E=8-dense"),
+    pytest.param(300, 48, 80, 4, 16, 2, id="T300-many-token-blocks"),
+    pytest.param(37, 48, 80, 8, 32, 2, id="N=256-two-rank-tiles"),
+    pytest.param(29, 33, 45, 3, 12, 2, id="prime-widths-rank12-E3"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,d_in,d_out,E,r,k", TRITON_CASES)
+def test_triton_matches_formula(T, d_in, d_out, E, r, k, dtype):
+    check_against_formula("triton", dtype, T, d_in, d_out, E, r, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_eager_low_precision_matches_formula(dtype):
+    check_against_formula("eager", dtype, 64, 80, 96, 4, 8, 2)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton", "loop"])
+def test_expert_without_tokens_gets_zero_gradient(backend):
+    x, a, b, ids, w = make_inputs(40, 48, 80, 4, 8, 2, torch.float32, empty_expert=2)
+    _, _, da, db, _ = run_with_grads(lambda *t: ops.moe_lora(*t, 1.0, backend=backend), x, a, b, ids, w)
+    assert torch.all(da[2] == 0) and torch.all(db[2] == 0)
+    assert torch.isfinite(da).all() and torch.isfinite(db).all()
+    assert da[[0, 1, 3]].abs().sum() > 0 and db[[0, 1, 3]].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_perturbing_one_expert_changes_only_its_tokens(backend):
+    x, a, b, ids, w = make_inputs(50, 48, 80, 4, 8, 1, torch.float32)
+    with torch.no_grad():
+        y0 = ops.moe_lora(x, a, b, ids, w, 1.0, backend=backend)
+        b2 = b.clone()
+        b2[1] += 0.5
+        y1 = ops.moe_lora(x, a, b2, ids, w, 1.0, backend=backend)
+    changed = (y1 - y0).abs().amax(dim=1) > 1e-4
+    assert torch.equal(changed, ids[:, 0] == 1)
+    assert changed.any()
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_dropout_mask_applies_to_lora_input(backend):
+    x, a, b, ids, w = make_inputs(33, 48, 80, 4, 8, 2, torch.float32)
+    mask = (torch.rand(33, 48, generator=torch.Generator().manual_seed(3)) > 0.25).float().to(DEVICE) / 0.75
+    got = run_with_grads(lambda *t: ops.moe_lora(*t, 0.5, dropout_mask=mask, backend=backend), x, a, b, ids, w)
+    want = run_with_grads(lambda *t: per_token_formula(*t, 0.5, mask=mask), x, a, b, ids, w)
+    for g, e in zip(got, want):
+        assert_close(g, e, torch.float32, scale=2)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_non_contiguous_inputs_and_leading_dims(backend):
+    x, a, b, ids, w = make_inputs(24, 48, 80, 4, 8, 2, torch.float32)
+    # x as a transposed view, A and B stored in a permuted memory layout, batch dims [2, 12].
+    x_nc = x.detach().t().contiguous().t().requires_grad_()
+    a_nc = a.detach().permute(0, 2, 1).contiguous().permute(0, 2, 1).requires_grad_()
+    b_nc = b.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert not (x_nc.is_contiguous() or a_nc.is_contiguous() or b_nc.is_contiguous())
+    y = ops.moe_lora(x_nc.view(2, 12, 48), a_nc, b_nc, ids.view(2, 12, 2), w.view(2, 12, 2), 2.0, backend=backend)
+    assert y.shape == (2, 12, 80)
+    got = torch.autograd.grad(y.sum(), (x_nc, a_nc, b_nc, w))
+    ref = per_token_formula(x, a, b, ids, w, 2.0)
+    want = torch.autograd.grad(ref.sum(), (x, a, b, w))
+    assert_close(y.reshape(24, 80), ref, torch.float32)
+    for g, e in zip(got, want):
+        assert_close(g, e, torch.float32, scale=2)
+
+
+def test_repeated_expert_in_one_token_adds_weights():
+    x, a, b, _, w = make_inputs(9, 48, 80, 4, 8, 2, torch.float32)
+    ids = torch.full((9, 2), 3, device=DEVICE)
+    for backend in ("eager", "triton"):
+        got = ops.moe_lora(x, a, b, ids, w, 1.0, backend=backend)
+        assert_close(got, per_token_formula(x, a, b, ids, w, 1.0), torch.float32)
+
+
+def test_triton_is_bitwise_deterministic():
+    x, a, b, ids, w = make_inputs(100, 48, 80, 4, 8, 2, torch.float32)
+    first = run_with_grads(lambda *t: ops.moe_lora(*t, 1.0, backend="triton"), x, a, b, ids, w)
+    second = run_with_grads(lambda *t: ops.moe_lora(*t, 1.0, backend="triton"), x, a, b, ids, w)
+    for p, q in zip(first, second):
+        assert torch.equal(p, q)
+
+
+def test_loop_baseline_matches_eager():
+    x, a, b, ids, w = make_inputs(64, 48, 80, 4, 8, 2, torch.float32)
+    got = run_with_grads(lambda *t: ops.moe_lora(*t, 1.5, backend="loop"), x, a, b, ids, w)
+    want = run_with_grads(lambda *t: ops.moe_lora(*t, 1.5, backend="eager"), x, a, b, ids, w)
+    for g, e in zip(got, want):
+        assert_close(g, e, torch.float32)
+
+
+@requires_gpu
+def test_bf16_triton_error_is_within_twice_eager_error():
+    """flash-attention's rule: the kernel's bf16 error vs fp32 math is at most 2x eager bf16's, plus atol."""
+    x, a, b, ids, w = make_inputs(512, 256, 384, 8, 16, 2, torch.bfloat16)
+    exact = run_with_grads(lambda *t: per_token_formula(*t, 2.0), x, a, b, ids, w)
+    tri = run_with_grads(lambda *t: ops.moe_lora(*t, 2.0, backend="triton"), x, a, b, ids, w)
+    eag = run_with_grads(lambda *t: ops.moe_lora(*t, 2.0, backend="eager"), x, a, b, ids, w)
+    for name, t, e, ref in zip(("y", "dx", "dA", "dB", "dw"), tri, eag, exact):
+        err_t = (t.double() - ref).abs().max().item()
+        err_e = (e.double() - ref).abs().max().item()
+        assert err_t <= 2 * err_e + 1e-2, f"{name}: triton {err_t:.3g} vs eager {err_e:.3g}"
+
+
+# --- compile safety -------------------------------------------------------------------------------------------
+
+
+def test_opcheck_forward_and_backward_ops():
+    x, a, b, ids, w = make_inputs(20, 48, 80, 4, 8, 2, torch.float32)
+    gate = ops.dense_gate(ids, w, 4).detach().requires_grad_()
+    torch.library.opcheck(moe_lora_fwd, (x, a, b, gate, None))
+    y, s = moe_lora_fwd(x, a, b, gate, None)
+    torch.library.opcheck(
+        moe_lora_bwd, (torch.randn_like(y), x.detach(), a.detach(), b.detach(), gate.detach(), s.detach(), None)
+    )
+
+
+def test_torch_compile_traces_without_graph_break():
+    x, a, b, ids, w = make_inputs(16, 48, 80, 4, 8, 2, torch.float32)
+    torch._dynamo.reset()
+    fn = torch.compile(
+        lambda *t: ops.moe_lora(*t, 1.0, backend="triton", validate_ids=False), fullgraph=True, backend="aot_eager"
+    )
+    got = run_with_grads(fn, x, a, b, ids, w)
+    want = run_with_grads(lambda *t: per_token_formula(*t, 1.0), x, a, b, ids, w)
+    for g, e in zip(got, want):
+        assert_close(g, e, torch.float32)
+
+
+# --- bad input (DESIGN 5) ----------------------------------------------------------------------------------------
+
+
+def _good():
+    x, a, b, ids, w = make_inputs(5, 8, 6, 3, 4, 2, torch.float32, device="cpu")
+    return dict(x=x, lora_a=a, lora_b=b, expert_ids=ids, expert_weights=w, scaling=1.0)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(lora_b=torch.zeros(3, 6, 5)), ValueError, "does not match lora_a"),
+        (dict(lora_b=torch.zeros(2, 6, 4)), ValueError, "does not match lora_a"),
+        (dict(lora_a=torch.zeros(3, 4)), ValueError, r"\[E, r, d_in\]"),
+        (dict(x=torch.zeros(5, 9)), ValueError, "d_in=8"),
+        (dict(expert_weights=torch.rand(5, 3)), ValueError, "same shape"),
+        (dict(expert_ids=torch.zeros(4, 2, dtype=torch.long), expert_weights=torch.rand(4, 2)), ValueError, "leading"),
+        (dict(expert_ids=torch.full((5, 2), 3)), IndexError, r"\[0, 3\)"),
+        (dict(expert_ids=torch.full((5, 2), -1)), IndexError, r"\[0, 3\)"),
+        (dict(expert_ids=torch.zeros(5, 2)), TypeError, "integer"),
+        (dict(x=torch.zeros(5, 8, dtype=torch.float64)), TypeError, "share a dtype"),
+        (dict(x=torch.zeros(5, 8, device="meta")), ValueError, "one device"),
+    ],
+)
+def test_bad_input_is_rejected_with_a_clear_error(change, error, match):
+    args = {**_good(), **change}
+    with pytest.raises(error, match=match):
+        ops.moe_lora(**args, backend="eager")
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        ops.moe_lora(**_good(), backend="cuda")
+
+
+def test_triton_on_cpu_without_interpreter_names_the_fix(monkeypatch):
+    monkeypatch.setattr(ops, "interpreter_enabled", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ops.moe_lora(**_good(), backend="triton")
+
+
+def test_auto_backend_picks_eager_on_cpu_and_triton_on_cuda():
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "eager"
+    assert ops.resolve_backend("auto", torch.device("cuda")) == "triton"
