@@ -1,6 +1,7 @@
 """Ops of dylora_moe: the grouped MoE-LoRA matmul and the fused top-k router, in Triton and eager PyTorch.
 
-Installed as ``dylora_moe.kernels`` (the repo folder ``kernels/``): ``from dylora_moe.kernels import moe_lora, topk_route``.
+Installed as ``dylora_moe.kernels`` (the repo folder ``kernels/``):
+``from dylora_moe.kernels import moe_lora, topk_route``.
 This module is the one dispatch point between backends; it knows nothing of models.
 
 Backends:
@@ -71,7 +72,8 @@ def _check_moe_lora_inputs(x, lora_a, lora_b, expert_ids, expert_weights, dropou
         raise ValueError(f"x has last dim {x.shape[-1]} but lora_a expects d_in={d_in}")
     if expert_ids.shape != expert_weights.shape:
         raise ValueError(
-            f"expert_ids {tuple(expert_ids.shape)} and expert_weights {tuple(expert_weights.shape)} must have the same shape"
+            f"expert_ids {tuple(expert_ids.shape)} and expert_weights {tuple(expert_weights.shape)} "
+            "must have the same shape"
         )
     if expert_ids.dim() < 1 or expert_ids.shape[:-1] != x.shape[:-1]:
         raise ValueError(

@@ -6,11 +6,11 @@ code with the stacked form the op uses.
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, requires_gpu
-from tolerances import CPU_DTYPES, GPU_DTYPES, assert_close
 
 import dylora_moe.kernels as ops
+from conftest import DEVICE, HAS_CUDA, requires_gpu
 from dylora_moe.kernels.moe_lora_triton import moe_lora_bwd, moe_lora_fwd
+from tolerances import CPU_DTYPES, GPU_DTYPES, assert_close
 
 DTYPES = GPU_DTYPES if HAS_CUDA else CPU_DTYPES
 
