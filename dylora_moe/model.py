@@ -1,0 +1,414 @@
+"""DyLoRA_MoE: the original's model API on stacked MoE-LoRA layers, with sequence and token routing.
+
+Every forward (E > 1):
+  1. Routing pass: the frozen base model with adapters disabled, under no_grad; the router sees the last hidden
+     state of every real (non-padding) token.
+  2. ``routing="sequence"`` (the original): per-(sequence, expert) weights = routing weights averaged over the real
+     tokens of the sequence; ONE batched pass over the (sequence, expert) pairs with non-zero weight, each row using
+     its expert; logits = the weighted sum of the pair logits. The output head is linear, so the mixture is taken
+     on the final hidden states and the head runs once: the E full logit tensors of the original never exist.
+     ``routing="token"``: one pass where every LoRA layer mixes each token's top-k experts.
+  3. Loss = shifted cross-entropy (+ in training the balance loss and the optional router z-loss).
+
+``kernel="reference"`` runs the same routing decision through the original algorithm on peft adapters
+(:mod:`dylora_moe.reference`): one full pass per expert, or a loop over experts in each layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .experts import ExpertManager
+from .layer import check_kernel
+from .router import DynamicHybridRouter, RouterOutput, balance_loss, router_entropy, z_loss
+from .routing import Routing
+from .skills import NoveltyDetector, SkillLibrary
+
+logger = logging.getLogger(__name__)
+
+ROUTINGS = ("sequence", "token")
+BALANCE_LOSSES = ("mse", "switch")
+
+
+@dataclass
+class DyLoRAMoEOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus what training logs: ``loss`` = ``lm_loss`` + ``aux_loss`` (the latter only in
+    training). ``expert_utilization`` [E]: mean routing weight of each expert over real tokens;
+    ``expert_token_fraction`` [E]: share of the (token, slot) picks; ``router_entropy``: mean per-token entropy;
+    ``sequence_weights`` [B, E]: the per-sequence weights (sequence routing)."""
+
+    lm_loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    balance_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+    expert_utilization: torch.FloatTensor | None = None
+    expert_token_fraction: torch.FloatTensor | None = None
+    router_entropy: torch.FloatTensor | None = None
+    sequence_weights: torch.FloatTensor | None = None
+
+
+@dataclass
+class RoutingDecision:
+    """The router's output over the real tokens (``route``, None when E = 1) and the mask it came from."""
+
+    route: RouterOutput | None
+    real: torch.Tensor  # [B, S] bool, True on real tokens
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean shifted cross-entropy in float32 over labels != -100 (HF's ForCausalLMLoss without num_items)."""
+    vocab = logits.shape[-1]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100
+    )
+
+
+def load_base_model(model_name, token=None, torch_dtype=None) -> PreTrainedModel:
+    """An already built PreTrainedModel as is, else a local path or hub id through AutoModelForCausalLM."""
+    if isinstance(model_name, PreTrainedModel):
+        return model_name
+    if isinstance(model_name, (str, Path)):
+        kwargs = {"token": token} if token else {}
+        if torch_dtype is not None:
+            kwargs["dtype"] = torch_dtype
+        return AutoModelForCausalLM.from_pretrained(str(model_name), **kwargs)
+    raise TypeError(f"model_name must be a hub id, a local path or a PreTrainedModel; got {type(model_name).__name__}")
+
+
+class DyLoRA_MoE(nn.Module):
+    """A frozen causal LM with E LoRA experts and a router (the original DyLoRA-MoE API, DESIGN 2).
+
+    Original arguments: ``model_name`` (hub id, local path or a built PreTrainedModel), ``num_experts``,
+    ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``token``, ``allow_expert_growth``. Keywords:
+
+    - ``kernel``: "auto" | "triton" | "eager" | "reference" (switch later with :meth:`set_kernel`).
+    - ``routing``: "sequence" (the original) | "token"; ``top_k`` experts per token; ``sequence_top_k``: keep only
+      each sequence's top experts (renormalised) in sequence routing; ``temperature`` of the router softmax.
+    - ``router_weighting``: "softmax" (default: tempered softmax probabilities of the top-k, which trains the gate
+      at k = 1) or "original" (softmax over the k selected logits); ``renormalize`` the k probabilities.
+    - ``balance_loss`` "mse" (the original) | "switch", ``balance_coefficient``, ``z_loss_coefficient``.
+    - ``mature_experts``: mark the initial experts mature so top-k applies (the original's training script did;
+      experts added later start immature, which makes routing dense until they are marked mature).
+    - ``target_modules``: LoRA targets (default: q/k/v/o_proj, query_key_value, c_attn, Wqkv).
+    """
+
+    accepts_loss_kwargs = False  # HF Trainer: the loss is a per-token mean; do not pass num_items_in_batch
+
+    def __init__(
+        self,
+        model_name,
+        num_experts: int = 1,
+        lora_r: int = 16,
+        lora_alpha: float = 32,
+        lora_dropout: float = 0.05,
+        token=None,
+        allow_expert_growth: bool = True,
+        *,
+        kernel: str = "auto",
+        routing: str = "sequence",
+        top_k: int = 1,
+        temperature: float = 2.0,
+        router_weighting: str = "softmax",
+        renormalize: bool = False,
+        sequence_top_k: int | None = None,
+        balance_loss: str = "mse",
+        balance_coefficient: float = 0.01,
+        z_loss_coefficient: float = 0.0,
+        mature_experts: bool = True,
+        target_modules=None,
+        torch_dtype=None,
+    ):
+        super().__init__()
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+        if routing not in ROUTINGS:
+            raise ValueError(f"unknown routing {routing!r}; expected one of {', '.join(ROUTINGS)}")
+        if balance_loss not in BALANCE_LOSSES:
+            raise ValueError(f"unknown balance_loss {balance_loss!r}; expected one of {', '.join(BALANCE_LOSSES)}")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        self._check_sequence_top_k(sequence_top_k, num_experts)
+        check_kernel(kernel)
+        self.routing = routing
+        self.sequence_top_k = sequence_top_k
+        self.balance_loss_form = balance_loss
+        self.balance_coefficient = float(balance_coefficient)
+        self.z_loss_coefficient = float(z_loss_coefficient)
+        self.allow_expert_growth = allow_expert_growth
+        self.lora_r, self.lora_alpha, self.lora_dropout = lora_r, lora_alpha, lora_dropout
+
+        self.foundation_model = load_base_model(model_name, token, torch_dtype)
+        self.expert_manager = ExpertManager(
+            self.foundation_model, lora_r, lora_alpha, lora_dropout, target_modules=target_modules, kernel=kernel
+        )
+        for _ in range(num_experts):
+            self.expert_manager.create_expert()
+        hidden = self.foundation_model.config.get_text_config().hidden_size
+        self.router = DynamicHybridRouter(
+            hidden, num_experts, top_k, temperature, weighting=router_weighting, renormalize=renormalize
+        ).to(self.foundation_model.device)
+        if mature_experts:
+            self.router.expert_maturity.fill_(1.0)
+        self.skill_library = SkillLibrary(hidden)
+        self.novelty_detector = NoveltyDetector(self.skill_library)
+        self._reference_model = None  # built on demand by set_kernel("reference"); not a registered submodule
+        self.kernel = kernel
+        self.set_kernel(kernel)
+
+    # ----- configuration -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_sequence_top_k(sequence_top_k, num_experts):
+        if sequence_top_k is not None and (
+            not isinstance(sequence_top_k, int) or not 1 <= sequence_top_k <= num_experts
+        ):
+            raise ValueError(f"sequence_top_k must be None or an int in [1, {num_experts}], got {sequence_top_k!r}")
+
+    @property
+    def num_experts(self) -> int:
+        return self.expert_manager.num_experts
+
+    @property
+    def config(self):
+        return self.foundation_model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.foundation_model.device
+
+    @property
+    def handle(self):
+        return self.expert_manager.handle
+
+    def set_kernel(self, name: str) -> None:
+        """Run later forwards on backend ``name`` ("auto" | "triton" | "eager" | "reference"), same weights."""
+        backend = check_kernel(name)
+        self.handle.set_kernel(name)
+        self.router.backend = "triton" if backend == "triton" else "eager"
+        self.kernel = name
+        self._backend = backend
+        if backend == "reference":
+            self._reference().sync()
+
+    def _reference(self):
+        from .reference import ReferenceMoE
+
+        ref = self._reference_model
+        if ref is None or ref.num_experts != self.num_experts:
+            ref = ReferenceMoE(self)
+            object.__setattr__(self, "_reference_model", ref)  # keep it out of parameters() and state_dict()
+        return ref
+
+    def trainable_parameters(self):
+        """LoRA stacks and the gate: what the optimizer must hold."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ----- routing ------------------------------------------------------------------------------------------
+
+    def decide_routing(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> RoutingDecision:
+        """Route the real tokens of ``hidden`` [B, S, H] (last hidden states of the routing pass)."""
+        real = attention_mask.bool()
+        if self.num_experts == 1:
+            return RoutingDecision(None, real)
+        return RoutingDecision(self.router.route(hidden[real]), real)
+
+    def sequence_weights(self, decision: RoutingDecision) -> torch.Tensor:
+        """[B, E] per-sequence weights: routing weights averaged over each sequence's real tokens (optionally its
+        ``sequence_top_k`` best, renormalised)."""
+        real = decision.real
+        batch = real.shape[0]
+        if decision.route is None:
+            return torch.ones(batch, 1, device=real.device)
+        row = torch.arange(batch, device=real.device).unsqueeze(1).expand_as(real)[real]
+        sums = decision.route.dense.new_zeros(batch, self.num_experts).index_add(0, row, decision.route.dense)
+        weights = sums / real.sum(1, keepdim=True).clamp_min(1).to(sums.dtype)
+        if self.sequence_top_k is not None and self.sequence_top_k < self.num_experts:
+            top, idx = weights.topk(self.sequence_top_k, dim=-1)
+            weights = torch.zeros_like(weights).scatter(1, idx, top / top.sum(-1, keepdim=True).clamp_min(1e-20))
+        return weights
+
+    def token_routing(self, decision: RoutingDecision) -> Routing:
+        """[B, S, k] experts of every token (padding: expert 0 with weight 0)."""
+        real = decision.real
+        batch, seq = real.shape
+        if decision.route is None:
+            zeros = torch.zeros(batch, 1, 1, dtype=torch.long, device=real.device)
+            return Routing(zeros, torch.ones(zeros.shape, device=real.device))
+        k = decision.route.ids.shape[-1]
+        flat = real.reshape(-1).nonzero().squeeze(1)
+        ids = torch.zeros(batch * seq, k, dtype=torch.long, device=real.device).index_copy(0, flat, decision.route.ids)
+        weights = decision.route.weights.new_zeros(batch * seq, k).index_copy(0, flat, decision.route.weights)
+        return Routing(ids.view(batch, seq, k), weights.view(batch, seq, k))
+
+    # ----- forward ------------------------------------------------------------------------------------------
+
+    def _decoder(self):
+        return self.foundation_model.base_model
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.foundation_model.get_output_embeddings()(hidden)
+        cap = getattr(self.foundation_model.config, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def _mixed_logits(self, hidden: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, batch: int):
+        """sum over pairs n of weights[n] * logits(hidden[n]) into row rows[n], never holding N logit tensors."""
+        head = self.foundation_model.get_output_embeddings()
+        w = weights.to(hidden.dtype)
+        if (
+            isinstance(head, nn.Linear)
+            and getattr(self.foundation_model.config, "final_logit_softcapping", None) is None
+        ):
+            # The head is linear: mix the hidden states, apply the head once (bias counted sum(w) times).
+            mixed = hidden.new_zeros(batch, *hidden.shape[1:]).index_add(0, rows, hidden * w[:, None, None])
+            logits = head(mixed)
+            if head.bias is not None:
+                total = torch.zeros(batch, device=w.device, dtype=w.dtype).index_add(0, rows, w)
+                logits = logits + (total - 1)[:, None, None] * head.bias
+            return logits
+        logits = None
+        for n in range(hidden.shape[0]):  # a non-linear head: one pair's logits alive at a time
+            part = self.logits_from_hidden(hidden[n : n + 1]) * w[n]
+            logits = part.new_zeros(batch, *part.shape[1:]) if logits is None else logits
+            logits = logits.index_add(0, rows[n : n + 1], part)
+        return logits
+
+    def _routing_pass(self, input_ids, attention_mask) -> RoutingDecision:
+        if self.num_experts == 1:
+            return RoutingDecision(None, attention_mask.bool())
+        with torch.no_grad(), self.handle.adapters_disabled():
+            hidden = self._decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return self.decide_routing(hidden.last_hidden_state, attention_mask)
+
+    def _fast_logits(self, input_ids, attention_mask, decision: RoutingDecision, seq_weights):
+        ctx = self.handle.context
+        if self.routing == "token":
+            ctx.set(self.token_routing(decision))
+            hidden = self._decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return self.logits_from_hidden(hidden.last_hidden_state)
+        rows, experts = seq_weights.nonzero(as_tuple=True)  # one host sync: the batched pass's row count
+        ctx.set(Routing.per_row(experts))
+        hidden = self._decoder()(input_ids=input_ids[rows], attention_mask=attention_mask[rows], use_cache=False)
+        return self._mixed_logits(hidden.last_hidden_state, rows, seq_weights[rows, experts], input_ids.shape[0])
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None) -> DyLoRAMoEOutput:
+        if input_ids is None:
+            raise ValueError("input_ids are required")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self._backend == "reference":
+            decision, seq_weights, logits = self._reference().forward(input_ids, attention_mask)
+        else:
+            decision = self._routing_pass(input_ids, attention_mask)
+            seq_weights = self.sequence_weights(decision) if self.routing == "sequence" else None
+            logits = self._fast_logits(input_ids, attention_mask, decision, seq_weights)
+        return self._output(logits, labels, decision, seq_weights)
+
+    def _output(self, logits, labels, decision: RoutingDecision, seq_weights) -> DyLoRAMoEOutput:
+        lm_loss = None if labels is None else causal_lm_loss(logits, labels)
+        route = decision.route
+        out = DyLoRAMoEOutput(logits=logits, lm_loss=lm_loss, loss=lm_loss, sequence_weights=seq_weights)
+        if route is None:
+            one = torch.ones(1, device=logits.device)
+            out.expert_utilization, out.expert_token_fraction = one, one
+            out.router_entropy = torch.zeros((), device=logits.device)
+            return out
+        out.balance_loss = balance_loss(route, self.balance_loss_form)
+        out.z_loss = z_loss(route.logits)
+        out.aux_loss = self.balance_coefficient * out.balance_loss + self.z_loss_coefficient * out.z_loss
+        out.expert_utilization = route.dense.detach().mean(0) if route.dense.shape[0] else route.mean_prob.detach()
+        out.expert_token_fraction = route.counts.float() / route.counts.sum().clamp_min(1)
+        out.router_entropy = router_entropy(route).detach()
+        if lm_loss is not None and self.training:
+            out.loss = lm_loss + out.aux_loss
+        return out
+
+    # ----- checkpointing, growth, generation ------------------------------------------------------------------
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Activation checkpointing of the base model's layers (routing stays valid in the recompute)."""
+        self.foundation_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=gradient_checkpointing_kwargs
+        )
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        self.foundation_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs
+        )
+
+    def gradient_checkpointing_disable(self):
+        self.foundation_model.activation_checkpointing_disable()
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
+    def _grow(self) -> int:
+        expert_id = self.expert_manager.create_expert()
+        self.router.add_expert()
+        return expert_id
+
+    @torch.no_grad()
+    def skill_embedding(self, skill_data, batch_size: int = 16) -> torch.Tensor:
+        """Mean last hidden state of the base model (adapters disabled) over ``skill_data``: input_ids [N, S] or a
+        dict with ``input_ids`` and optional ``attention_mask``."""
+        data = skill_data if isinstance(skill_data, dict) else {"input_ids": skill_data}
+        ids = torch.as_tensor(data["input_ids"], device=self.device)
+        mask = torch.as_tensor(data.get("attention_mask", torch.ones_like(ids)), device=self.device)
+        total, count = None, 0
+        with self.handle.adapters_disabled():
+            for start in range(0, ids.shape[0], batch_size):
+                m = mask[start : start + batch_size]
+                h = self._decoder()(input_ids=ids[start : start + batch_size], attention_mask=m).last_hidden_state
+                part = (h.float() * m[..., None]).sum((0, 1))
+                total = part if total is None else total + part
+                count += int(m.sum())
+        return total / max(count, 1)
+
+    def add_new_skill(self, skill_data=None, force: bool = False, batch_size: int = 16, warmup_steps: int = 50) -> bool:
+        """Grow by one expert when ``force``, or when ``skill_data`` is novel to the skill library and growth is
+        allowed; returns whether an expert was added. The new expert starts immature (routing is dense until it is
+        marked mature with ``router.set_expert_maturity``) and trains with the others; ``warmup_steps`` is kept for
+        the original's signature and is not used (this model has no separate warm-up loop)."""
+        if not force and (not self.allow_expert_growth or skill_data is None):
+            return False
+        embedding = None if skill_data is None else self.skill_embedding(skill_data, batch_size)
+        if not force and not self.novelty_detector.is_novel(embedding):
+            return False
+        expert_id = self._grow()
+        if embedding is not None:
+            self.skill_library.add_skill(embedding, expert_id)
+        return True
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, **generate_kwargs):
+        """Route on the prompt, then decode with the base model's ``generate``.
+
+        Each sequence keeps its per-sequence expert weights (sequence routing, or the token weights averaged over
+        the prompt) for every generated token, mixed inside the LoRA layers: exact for one expert per sequence,
+        and one pass per token instead of E. Beam search / several returned sequences are not supported.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        weights = self.sequence_weights(self._routing_pass(input_ids, attention_mask))
+        experts = torch.arange(self.num_experts, device=input_ids.device).expand(input_ids.shape[0], 1, -1)
+        with self.handle.context.routed(Routing(experts, weights.unsqueeze(1))):
+            return self.foundation_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+
+    def save_pretrained(self, save_directory, **_ignored) -> None:
+        """Write every expert as a peft adapter, the router and a JSON config (atomically); see checkpoint.py."""
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, save_directory, base_model, **overrides) -> DyLoRA_MoE:
+        """Rebuild a saved model on ``base_model`` (a PreTrainedModel, local path or hub id)."""
+        from .checkpoint import load_checkpoint_model
+
+        return load_checkpoint_model(cls, save_directory, base_model, **overrides)

@@ -1,0 +1,180 @@
+"""DynamicHybridRouter (the original's API) on the fused top-k op, and the auxiliary router losses.
+
+Shape letters: T tokens, E experts, k experts per token, H router input width.
+
+Routing rule (DESIGN 2): while any expert is immature (maturity 0) every token uses all experts with
+``softmax(logits / temperature)``; once all are mature, each token keeps its top-k experts, weighted by
+
+  - ``weighting="original"``: softmax over the k selected logits, no temperature (the original). With k = 1 the
+    weight is the constant 1, so the language-model loss gives the gate no gradient.
+  - ``weighting="softmax"``: the k largest probabilities of the full tempered softmax, renormalised over the k
+    when ``renormalize`` (Switch/Mixtral). Without renormalisation k = 1 trains the gate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .kernels import topk_route
+
+WEIGHTINGS = ("original", "softmax")
+
+
+@dataclass
+class RouterOutput:
+    """One routing decision for T tokens: ``logits`` [T, E]; ``ids``/``weights`` [T, k] (k = E in dense mode);
+    ``dense`` [T, E] the scattered weights; ``counts`` [E] tokens per expert; ``mean_prob`` [E] mean of the tempered
+    softmax (Switch loss); ``dense_mode`` whether the dense (immature) rule was used."""
+
+    logits: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+    dense: torch.Tensor
+    counts: torch.Tensor
+    mean_prob: torch.Tensor
+    dense_mode: bool
+
+
+class DynamicHybridRouter(nn.Module):
+    """Gate ``nn.Linear(input_size, num_experts)`` with per-expert maturity; dense while any expert is new, top-k after.
+
+    Extra keywords: ``weighting`` ("original" | "softmax"), ``renormalize`` (for "softmax"), ``backend`` of the
+    fused router op ("auto" | "triton" | "eager").
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        num_experts: int,
+        top_k: int = 1,
+        temperature: float = 2.0,
+        *,
+        weighting: str = "original",
+        renormalize: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
+        self.input_size = input_size
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.temperature = float(temperature)
+        self.weighting = weighting
+        self.renormalize = bool(renormalize)
+        self.backend = backend
+        self.gate = nn.Linear(input_size, num_experts)
+        self.register_buffer("expert_maturity", torch.zeros(num_experts))
+
+    @property
+    def all_mature(self) -> bool:
+        return bool((self.expert_maturity > 0).all())
+
+    def route(self, x: torch.Tensor) -> RouterOutput:
+        """Route the tokens of ``x`` [..., H] (flattened to [T, H])."""
+        logits = self.gate(x.reshape(-1, x.shape[-1]).to(self.gate.weight.dtype))
+        dense_mode = not self.all_mature
+        if dense_mode:
+            # k = E of the tempered softmax without renormalisation is the dense softmax itself.
+            res = topk_route(
+                logits, self.num_experts, temperature=self.temperature, normalize=False, backend=self.backend
+            )
+        elif self.weighting == "original":
+            # Softmax over the k selected logits == renormalised top-k probabilities at temperature 1.
+            res = topk_route(logits, self.top_k, temperature=1.0, normalize=True, backend=self.backend)
+        else:
+            res = topk_route(
+                logits, self.top_k, temperature=self.temperature, normalize=self.renormalize, backend=self.backend
+            )
+        return RouterOutput(logits, res.ids, res.weights, res.dense, res.counts, res.mean_prob, dense_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Routing weights with the shape of ``x`` but last dim ``num_experts`` (the original's output)."""
+        return self.route(x).dense.reshape(*x.shape[:-1], self.num_experts)
+
+    @torch.no_grad()
+    def add_expert(self, device=None) -> int:
+        """Grow the gate by one output (old rows kept, the new row initialised like nn.Linear); returns its id."""
+        old = self.gate
+        device = old.weight.device if device is None else device
+        new = nn.Linear(self.input_size, self.num_experts + 1, device=device, dtype=old.weight.dtype)
+        new.weight[: self.num_experts].copy_(old.weight)
+        new.bias[: self.num_experts].copy_(old.bias)
+        self.gate = new
+        self.expert_maturity = torch.cat([self.expert_maturity.to(device), torch.zeros(1, device=device)])
+        self.num_experts += 1
+        return self.num_experts - 1
+
+    def set_expert_maturity(self, expert_id: int, maturity: float) -> None:
+        if not 0 <= expert_id < self.num_experts:
+            raise IndexError(f"expert {expert_id} is out of range for {self.num_experts} experts")
+        self.expert_maturity[expert_id] = float(maturity)
+
+    def config(self) -> dict:
+        return {
+            "input_size": self.input_size,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "temperature": self.temperature,
+            "weighting": self.weighting,
+            "renormalize": self.renormalize,
+        }
+
+    def save(self, path) -> None:
+        """One safetensors file: gate weight/bias and maturity, with the constructor arguments in its metadata."""
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path), metadata={"config": json.dumps(self.config())})
+
+    @classmethod
+    def load(cls, path, device=None) -> DynamicHybridRouter:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "config" not in meta:
+            raise ValueError(f"{path} is not a DynamicHybridRouter file (no 'config' in its safetensors metadata)")
+        config = json.loads(meta["config"])
+        router = cls(**config)
+        router.load_state_dict(load_file(str(path)))
+        return router.to(device) if device is not None else router
+
+
+def balance_loss(route: RouterOutput, form: str = "mse") -> torch.Tensor:
+    """Load-balancing loss over the routed (non-padding) tokens.
+
+    ``"mse"`` (the original): mean over experts of (mean routing weight - 1/E)^2.
+    ``"switch"``: E * sum_e f_e * P_e, f_e the fraction of (token, slot) picks of expert e, P_e its mean probability.
+    """
+    num_experts = route.dense.shape[-1]
+    if route.dense.shape[0] == 0:
+        return route.dense.sum() * 0.0
+    if form == "mse":
+        return ((route.dense.mean(0) - 1.0 / num_experts) ** 2).mean()
+    if form == "switch":
+        picks = route.counts.to(route.mean_prob.dtype)
+        return num_experts * (picks / picks.sum() * route.mean_prob).sum()
+    raise ValueError(f"unknown balance loss {form!r}; expected 'mse' or 'switch'")
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2; keeps the gate's logits small."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return (torch.logsumexp(logits.float(), dim=-1) ** 2).mean()
+
+
+def router_entropy(route: RouterOutput) -> torch.Tensor:
+    """Mean entropy (nats) of the per-token routing weights: log E for uniform, 0 for one expert."""
+    w = route.dense.clamp_min(1e-12)
+    return -(route.dense * w.log()).sum(-1).mean() if route.dense.shape[0] else w.sum() * 0.0
