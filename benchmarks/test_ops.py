@@ -1,0 +1,210 @@
+"""Op-level benchmarks: the grouped MoE-LoRA op and the fused top-k router, against their baselines (DESIGN 4).
+
+MoE-LoRA providers, per shape and mode (``fwd`` = training forward with inputs that require grad, ``fwd+bwd`` =
+that forward plus ``torch.autograd.grad`` of every differentiable input):
+  - ``triton`` / ``eager`` / ``loop``: ``moe_lora`` on that backend (``loop`` = a Python loop over experts, the
+    way most MoE-LoRA code does it);
+  - ``lora_dense``: ONE plain LoRA of the same rank (two matmuls, as peft does it), the cost routing must not exceed;
+  - ``base``: the frozen base linear alone (``F.linear``; its backward is dx only);
+  - ``base+moe_lora``: the base linear plus the MoE-LoRA delta (triton on a GPU, eager on the CPU), the layer
+    whose time DESIGN 4 bounds at 1.15x ``base``.
+Dropout is off (p = 0) in every provider: ``moe_lora`` takes a precomputed mask, so mask generation is the layer's
+cost, and leaving it out of ``lora_dense`` too makes that comparison the stricter one.
+
+LoRA bytes (``lora_bytes``, for the achieved GB/s; DESIGN 4): the activations the LoRA part must move at least,
+b = bytes per element. Forward reads x and read-modify-writes y: ``T * (d_in + 2 * d_out) * b``. Backward reads
+dy and x and read-modify-writes dx: ``T * (d_out + 3 * d_in) * b``. fwd+bwd is the sum,
+``T * (4 * d_in + 3 * d_out) * b``. Weights (E * r * (d_in + d_out) elements) and routing are left out: they are
+under 3% of it at every benchmarked shape.
+
+``saved_extra_elems`` (fwd+bwd): elements the forward saves for backward beyond its inputs, to compare with
+DESIGN 4's bound of ``T * (E * r + 2 * k)`` per layer.
+
+Router providers (forward, logits without grad, finite-check off so no host sync is timed): ``triton``, ``eager``
+(``topk_route``) and ``torch_seq``, the plain softmax / topk / renormalise / scatter / bincount / mean sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.conftest import DEVICE, DTYPE, HAS_CUDA
+from dylora_moe.kernels import moe_lora, topk_route
+from dylora_moe.kernels.eager import lora_dense
+
+
+@dataclass(frozen=True)
+class OpShape:
+    tokens: int
+    d_in: int
+    d_out: int
+    experts: int
+    rank: int
+    top_k: int
+
+    def __str__(self) -> str:
+        return f"T{self.tokens}-d{self.d_in}x{self.d_out}-E{self.experts}-r{self.rank}-k{self.top_k}"
+
+
+# DESIGN 4's reference case on a GPU (sparse k = 2 and dense k = E); small shapes on the CPU so the suite runs anywhere.
+GPU_SHAPES = [OpShape(8192, 4096, 4096, 8, 16, 2), OpShape(8192, 4096, 4096, 8, 16, 8)]
+CPU_SHAPES = [OpShape(512, 256, 256, 4, 8, 2), OpShape(512, 256, 256, 4, 8, 4)]
+SHAPES = GPU_SHAPES if HAS_CUDA else CPU_SHAPES
+MOE_PROVIDERS = ["triton", "eager", "loop", "lora_dense", "base", "base+moe_lora"]
+MODES = ["fwd", "fwd+bwd"]
+ROUTER_SHAPES = [(32768, 8, 2), (32768, 64, 2)]  # (T, E, k): DESIGN 4's router goal is T = 32k, E <= 64
+ROUTER_PROVIDERS = ["triton", "eager", "torch_seq"]
+# Rounds: GPU calls take ~0.1-5 ms; the CPU ones tens of ms at most. Warm-up covers Triton compile + autotuning.
+OP_ROUNDS, OP_WARMUP = (50, 10) if HAS_CUDA else (15, 2)
+SCALING = 2.0  # alpha / r with alpha = 2r
+
+
+def lora_bytes(shape: OpShape, mode: str, elem_bytes: int) -> int:
+    forward = shape.tokens * (shape.d_in + 2 * shape.d_out)
+    backward = shape.tokens * (shape.d_out + 3 * shape.d_in)
+    return (forward if mode == "fwd" else forward + backward) * elem_bytes
+
+
+def saved_extra_elems(forward, inputs) -> int:
+    """Elements the autograd graph of ``forward()`` saves that are not (views of) ``inputs``."""
+    input_ptrs = {t.untyped_storage().data_ptr() for t in inputs}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in input_ptrs:
+            seen[ptr] = max(seen.get(ptr, 0), t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(seen.values())
+
+
+def make_moe_inputs(shape: OpShape):
+    """x, stacked A/B, routing (ids, weights from a tempered softmax top-k), the frozen base weight, dy."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, generator=gen) * scale).to(device=DEVICE, dtype=DTYPE)
+
+    x = randn(shape.tokens, shape.d_in).requires_grad_()
+    lora_a = randn(shape.experts, shape.rank, shape.d_in, scale=shape.d_in**-0.5).requires_grad_()
+    lora_b = randn(shape.experts, shape.d_out, shape.rank, scale=shape.rank**-0.5).requires_grad_()
+    route = topk_route(randn(shape.tokens, shape.experts), shape.top_k, backend="eager")
+    weights = route.weights.detach().requires_grad_()
+    base_w = randn(shape.d_out, shape.d_in, scale=shape.d_in**-0.5)
+    dy = randn(shape.tokens, shape.d_out)
+    return x, lora_a, lora_b, route.ids, weights, base_w, dy
+
+
+class OpCase(NamedTuple):
+    forward: Callable[[], torch.Tensor]
+    inputs: list[torch.Tensor]  # differentiable inputs: what fwd+bwd takes gradients of
+    frozen: list[torch.Tensor]  # other inputs (routing ids, the base weight): saving them costs nothing extra
+    dy: torch.Tensor
+
+
+def moe_case(provider: str, shape: OpShape) -> OpCase:
+    x, lora_a, lora_b, ids, weights, base_w, dy = make_moe_inputs(shape)
+    if provider == "lora_dense":
+        a0, b0 = lora_a[0].detach().requires_grad_(), lora_b[0].detach().requires_grad_()
+        return OpCase(lambda: lora_dense(x, a0, b0, SCALING), [x, a0, b0], [], dy)
+    if provider == "base":
+        return OpCase(lambda: F.linear(x, base_w), [x], [base_w], dy)
+    backend = provider
+    if provider == "base+moe_lora":
+        backend = "triton" if HAS_CUDA else "eager"
+
+    def delta():
+        return moe_lora(x, lora_a, lora_b, ids, weights, SCALING, backend=backend, validate_ids=False)
+
+    forward = (lambda: F.linear(x, base_w) + delta()) if provider == "base+moe_lora" else delta
+    return OpCase(forward, [x, lora_a, lora_b, weights], [ids, base_w], dy)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", MOE_PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_moe_lora(bench, shape, provider, mode):
+    if provider == "triton" and not HAS_CUDA:
+        pytest.skip("backend triton is timed on a CUDA GPU only (the CPU interpreter is not a speed path)")
+    bench.benchmark.group = f"moe_lora {shape} {mode}"
+    case = moe_case(provider, shape)
+    info = {}
+    if mode == "fwd":
+        fn = case.forward
+    else:
+
+        def fn():
+            torch.autograd.grad(case.forward(), case.inputs, case.dy)
+
+        info["saved_extra_elems"] = saved_extra_elems(case.forward, case.inputs + case.frozen)
+        info["saved_bound_elems"] = shape.tokens * (shape.experts * shape.rank + 2 * shape.top_k)
+    if provider not in ("base", "base+moe_lora"):
+        info["lora_bytes"] = lora_bytes(shape, mode, DTYPE.itemsize)
+    bench(
+        fn,
+        rounds=OP_ROUNDS,
+        warmup_rounds=OP_WARMUP,
+        cuda_events=True,
+        kind="moe_lora",
+        provider=provider,
+        mode=mode,
+        shape=str(shape),
+        T=shape.tokens,
+        d_in=shape.d_in,
+        d_out=shape.d_out,
+        E=shape.experts,
+        r=shape.rank,
+        k=shape.top_k,
+        **info,
+    )
+
+
+def route_torch(logits: torch.Tensor, top_k: int):
+    """The torch sequence a router writes without a fused kernel (what DESIGN 4's 3x goal is measured against)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    dense = torch.zeros_like(probs).scatter(1, ids, weights)
+    counts = torch.bincount(ids.flatten(), minlength=logits.shape[-1])
+    return weights, ids, dense, counts, probs.mean(dim=0)
+
+
+@pytest.mark.parametrize("provider", ROUTER_PROVIDERS)
+@pytest.mark.parametrize("tokens,experts,top_k", ROUTER_SHAPES, ids=lambda v: str(v))
+def test_router(bench, tokens, experts, top_k, provider):
+    if provider == "triton" and not HAS_CUDA:
+        pytest.skip("backend triton is timed on a CUDA GPU only (the CPU interpreter is not a speed path)")
+    bench.benchmark.group = f"router T{tokens}-E{experts}-k{top_k} fwd"
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    logits = torch.randn(tokens, experts, generator=gen).to(device=DEVICE, dtype=DTYPE)
+    if provider == "torch_seq":
+
+        def fn():
+            return route_torch(logits, top_k)
+    else:
+
+        def fn():
+            return topk_route(logits, top_k, backend=provider, check_finite=False)
+
+    bench(
+        fn,
+        rounds=OP_ROUNDS,
+        warmup_rounds=OP_WARMUP,
+        cuda_events=True,
+        kind="router",
+        provider=provider,
+        mode="fwd",
+        shape=f"T{tokens}-E{experts}-k{top_k}",
+        T=tokens,
+        E=experts,
+        k=top_k,
+    )
