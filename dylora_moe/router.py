@@ -91,8 +91,12 @@ class DynamicHybridRouter(nn.Module):
                 logits, self.num_experts, temperature=self.temperature, normalize=False, backend=self.backend
             )
         elif self.weighting == "original":
-            # Softmax over the k selected logits == renormalised top-k probabilities at temperature 1.
+            # The original, literally: the fused op picks the top-k (of the logits: temperature 1), then the weights
+            # are a softmax over the k selected logits, whose gradient is exactly 0 at k = 1.
             res = topk_route(logits, self.top_k, temperature=1.0, normalize=True, backend=self.backend)
+            weights = torch.softmax(logits.gather(1, res.ids).float(), dim=-1)
+            dense = torch.zeros_like(res.dense).scatter(1, res.ids, weights)
+            return RouterOutput(logits, res.ids, weights, dense, res.counts, res.mean_prob, False)
         else:
             res = topk_route(
                 logits, self.top_k, temperature=self.temperature, normalize=self.renormalize, backend=self.backend
