@@ -9,14 +9,61 @@ The expert weights are never copied into a stacked layout: each kernel addresses
 W[n, d] of the [E, R, D] or [E, D, R] parameter through its three strides (s_e, s_r, s_d).
 
 Every reduction runs in a fixed order inside one program (no atomics), so results are bitwise
-deterministic. UPCAST loads every operand as float32: the CPU interpreter needs it for bf16 (DESIGN 7),
+deterministic. Block sizes are autotuned on GPUs (keyed on N, D and T rounded up to a power of two).
+UPCAST loads every operand as float32: the CPU interpreter needs it for bf16 (DESIGN 7),
 and it keeps fp32 inputs exact when DOT_PRECISION is "ieee".
 """
+
+import os
 
 import triton
 import triton.language as tl
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# DYLORA_MOE_AUTOTUNE=0 pins the first config of each list (the interpreter always does: it runs one config).
+_AUTOTUNE = not _INTERPRET and os.environ.get("DYLORA_MOE_AUTOTUNE", "1") != "0"
+_KEY = ["N", "D", "T_BUCKET"]
 
+
+def _configs(shapes: list[tuple], names: tuple[str, ...], interpreter_shape: tuple) -> list[triton.Config]:
+    """Configs from (block sizes..., num_warps, num_stages) tuples; one small config in the interpreter."""
+    if _INTERPRET:
+        return [triton.Config(dict(zip(names, interpreter_shape)))]
+    chosen = shapes if _AUTOTUNE else shapes[:1]
+    return [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1]) for c in chosen]
+
+
+# (BLOCK_T, BLOCK_D, warps, stages); BLOCK_N is the whole rank width up to 128, chosen by the host.
+PROJ_CONFIGS = _configs(
+    [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (32, 128, 4, 4), (128, 32, 4, 4)],
+    ("BLOCK_T", "BLOCK_D"),
+    (32, 32),
+)
+# (BLOCK_T, BLOCK_N, BLOCK_D, warps, stages); BLOCK_N is the chunk of the rank loop.
+EXPAND_CONFIGS = _configs(
+    [
+        (64, 32, 128, 4, 4),
+        (128, 32, 128, 8, 3),
+        (64, 64, 128, 4, 3),
+        (128, 64, 128, 8, 3),
+        (128, 32, 256, 8, 3),
+        (64, 16, 256, 4, 4),
+        (32, 32, 256, 4, 4),
+    ],
+    ("BLOCK_T", "BLOCK_N", "BLOCK_D"),
+    (32, 32, 32),
+)
+# (BLOCK_D, BLOCK_T, warps, stages); BLOCK_N is the whole rank width up to 128; the host splits T.
+GRAD_CONFIGS = _configs(
+    [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (64, 128, 8, 3), (256, 64, 8, 3), (64, 32, 4, 2)],
+    ("BLOCK_D", "BLOCK_T"),
+    (32, 32),
+)
+# Each split of T in the grad kernel is a multiple of every BLOCK_T above.
+GRAD_SPLIT_ALIGN = 256
+
+
+@triton.autotune(configs=PROJ_CONFIGS, key=_KEY)
 @triton.jit
 def _rank_proj_kernel(
     in_ptr,  # [T, D] activations (x or dy)
@@ -27,6 +74,7 @@ def _rank_proj_kernel(
     D,
     N,
     R,
+    T_BUCKET,  # autotune key only: T rounded up to a power of two
     s_in_t,
     s_in_d,
     s_mask_t,
@@ -72,6 +120,7 @@ def _rank_proj_kernel(
     tl.store(out, acc, mask=in_t[:, None] & in_n[None, :])
 
 
+@triton.autotune(configs=EXPAND_CONFIGS, key=_KEY)
 @triton.jit
 def _rank_expand_kernel(
     in_ptr,  # [T, N] float32 rank-space activations (S or U)
@@ -83,6 +132,7 @@ def _rank_expand_kernel(
     N,
     D,
     R,
+    T_BUCKET,  # autotune key only
     s_in_t,
     s_in_n,
     s_gate_t,
@@ -135,17 +185,20 @@ def _rank_expand_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.autotune(configs=GRAD_CONFIGS, key=_KEY)
 @triton.jit
 def _rank_grad_kernel(
     p_ptr,  # [T, N] float32 rank-space activations (U for dA, S for dB)
     gate_ptr,  # [T, E] float32 gate
     q_ptr,  # [T, D] activations (x for dA, dy for dB)
     mask_ptr,  # [T, D] dropout mask on q, or a dummy when HAS_MASK is False
-    out_ptr,  # the weight gradient seen as G[n, d] through (s_o_e, s_o_r, s_o_d)
+    out_ptr,  # [SPLITS, N, D] float32 partial sums, one slab per split of T
     T,
     N,
     D,
     R,
+    T_BUCKET,  # autotune key only
+    T_PER_SPLIT,
     s_p_t,
     s_p_n,
     s_gate_t,
@@ -154,9 +207,6 @@ def _rank_grad_kernel(
     s_q_d,
     s_mask_t,
     s_mask_d,
-    s_o_e,
-    s_o_r,
-    s_o_d,
     HAS_MASK: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -164,22 +214,27 @@ def _rank_grad_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """out[n, d] = sum_t p[t, n] * gate[t, n // R] * q[t, d] * mask[t, d]: dA = V^T x~, dB = dy^T H.
+    """out[s, n, d] = sum over t in split s of p[t, n] * gate[t, n // R] * q[t, d] * mask[t, d].
 
-    One program owns one [BLOCK_N, BLOCK_D] tile and walks all T in order: deterministic, no atomics.
+    dA = V^T x~ and dB = dy^T H. One program owns one [BLOCK_N, BLOCK_D] tile of one split of T and walks it
+    in order; the host sums the splits in a fixed order: deterministic, no atomics. T_PER_SPLIT is a multiple
+    of BLOCK_T.
     """
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     in_n = offs_n < N
     in_d = offs_d < D
     expert = offs_n // R
+    t_start = pid_s * T_PER_SPLIT
+    t_end = tl.minimum(t_start + T_PER_SPLIT, T)
 
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
+    for t0 in range(t_start, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        in_t = offs_t < T
+        in_t = offs_t < t_end
         rows = offs_t.to(tl.int64)
         p_mask = in_t[:, None] & in_n[None, :]
         p = tl.load(p_ptr + rows[:, None] * s_p_t + offs_n[None, :] * s_p_n, mask=p_mask, other=0.0)
@@ -197,6 +252,6 @@ def _rank_grad_kernel(
             pg = (p * g).to(q.dtype)
         acc = tl.dot(tl.trans(pg), q, acc, input_precision=DOT_PRECISION)
 
-    o_row = expert.to(tl.int64) * s_o_e + (offs_n % R).to(tl.int64) * s_o_r
-    out = out_ptr + o_row[:, None] + offs_d[None, :] * s_o_d
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=in_n[:, None] & in_d[None, :])
+    slab = out_ptr + pid_s.to(tl.int64) * N * D
+    out = slab + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :]
+    tl.store(out, acc, mask=in_n[:, None] & in_d[None, :])

@@ -17,6 +17,7 @@ Saved for backward beyond the inputs: S, T * E * R floats (rank space, never T *
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -32,6 +33,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
 def _kernel_flags(dtype: torch.dtype) -> dict:
     """UPCAST: the interpreter has no bf16 arithmetic. fp32 dots follow torch's TF32 switch, like torch.matmul."""
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _INTERPRET
@@ -41,10 +46,9 @@ def _kernel_flags(dtype: torch.dtype) -> dict:
     )
 
 
-def _blocks(n: int) -> tuple[int, int]:
-    """Rank-space tile: the whole stacked rank width in one tile up to 128 (x is then read once), at least 16."""
-    block_n = min(max(_next_pow2(n), 16), 128)
-    return block_n, (32 if _INTERPRET else 64)
+def _rank_tile(n: int) -> int:
+    """The whole stacked rank width in one tile up to 128 (the activations are then read once), at least 16."""
+    return min(max(_next_pow2(n), 16), 128)
 
 
 def _weight_view(w: torch.Tensor, rank_dim: int) -> tuple[int, int, int]:
@@ -53,21 +57,34 @@ def _weight_view(w: torch.Tensor, rank_dim: int) -> tuple[int, int, int]:
     return w.stride(0), w.stride(rank_dim), w.stride(d_dim)
 
 
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _grad_splits(num_tokens: int, rank_tiles: int, device: torch.device) -> int:
+    """Tokens per split of the weight-gradient reduction: enough programs for two waves of the GPU."""
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
+    splits = max(1, min(_cdiv(2 * sms, rank_tiles), _cdiv(num_tokens, K.GRAD_SPLIT_ALIGN)))
+    return _cdiv(_cdiv(num_tokens, splits), K.GRAD_SPLIT_ALIGN) * K.GRAD_SPLIT_ALIGN
+
+
 def rank_proj(inp: torch.Tensor, weight: torch.Tensor, rank_dim: int, rank: int, mask: torch.Tensor | None):
     """[T, D] x stacked W[N, D] -> [T, N] float32 (x A^T when rank_dim=1, dy B when rank_dim=2)."""
     T, D = inp.shape
     N = weight.shape[0] * rank
     out = torch.empty(T, N, device=inp.device, dtype=torch.float32)
-    block_n, block_t = _blocks(N)
-    block_d = 32 if _INTERPRET else 64
+    block_n = _rank_tile(N)
     mask_t = inp if mask is None else mask
-    grid = (triton_cdiv(T, block_t), triton_cdiv(N, block_n))
+
+    def grid(meta):
+        return (_cdiv(T, meta["BLOCK_T"]), _cdiv(N, block_n))
+
     K._rank_proj_kernel[grid](
-        inp, mask_t, weight, out, T, D, N, rank,
+        inp, mask_t, weight, out, T, D, N, rank, _next_pow2(T),
         inp.stride(0), inp.stride(1), mask_t.stride(0), mask_t.stride(1),
         *_weight_view(weight, rank_dim), out.stride(0), out.stride(1),
-        HAS_MASK=mask is not None, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d,
-        **_kernel_flags(inp.dtype),
+        HAS_MASK=mask is not None, BLOCK_N=block_n, **_kernel_flags(inp.dtype),
     )  # fmt: skip
     return out
 
@@ -85,16 +102,16 @@ def rank_expand(
     T, N = rank_act.shape
     D = weight.shape[3 - rank_dim]
     out = torch.empty(T, D, device=rank_act.device, dtype=out_dtype)
-    block_n, block_t = _blocks(N)
-    block_d = 32 if _INTERPRET else 128
     mask_t = out if mask is None else mask
-    grid = (triton_cdiv(T, block_t), triton_cdiv(D, block_d))
+
+    def grid(meta):
+        return (_cdiv(T, meta["BLOCK_T"]), _cdiv(D, meta["BLOCK_D"]))
+
     K._rank_expand_kernel[grid](
-        rank_act, gate, weight, mask_t, out, T, N, D, rank,
+        rank_act, gate, weight, mask_t, out, T, N, D, rank, _next_pow2(T),
         rank_act.stride(0), rank_act.stride(1), gate.stride(0), gate.stride(1),
         *_weight_view(weight, rank_dim), mask_t.stride(0), mask_t.stride(1), out.stride(0), out.stride(1),
-        HAS_MASK=mask is not None, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d,
-        **_kernel_flags(out_dtype),
+        HAS_MASK=mask is not None, **_kernel_flags(out_dtype),
     )  # fmt: skip
     return out
 
@@ -107,30 +124,31 @@ def rank_grad(
     like: torch.Tensor,
     rank_dim: int,
 ):
-    """Weight gradient with the layout of ``like``: out[n, d] = sum_t rank_act[t, n] gate[t, n//R] act[t, d]."""
+    """Weight gradient shaped like ``like`` ([E, R, D] or [E, D, R]): sum_t rank_act[t, n] gate[t, n//R] act[t, d]."""
     T, N = rank_act.shape
     D = act.shape[1]
-    rank = like.shape[rank_dim]
-    out = torch.empty_like(like, memory_format=torch.contiguous_format)
-    if T == 0:
-        return out.zero_()
-    block_n, _ = _blocks(N)
-    block_d = 32 if _INTERPRET else 64
-    block_t = 32 if _INTERPRET else 64
+    num_experts, rank = like.shape[0], like.shape[rank_dim]
+    block_n = _rank_tile(N)
+    t_per_split = _grad_splits(T, _cdiv(N, block_n) * _cdiv(D, 128), act.device)
+    splits = _cdiv(T, t_per_split)
+    partial = torch.empty(splits, N, D, device=act.device, dtype=torch.float32)
     mask_t = act if mask is None else mask
-    grid = (triton_cdiv(N, block_n), triton_cdiv(D, block_d))
+
+    def grid(meta):
+        return (_cdiv(N, block_n), _cdiv(D, meta["BLOCK_D"]), splits)
+
     K._rank_grad_kernel[grid](
-        rank_act, gate, act, mask_t, out, T, N, D, rank,
+        rank_act, gate, act, mask_t, partial, T, N, D, rank, _next_pow2(T), t_per_split,
         rank_act.stride(0), rank_act.stride(1), gate.stride(0), gate.stride(1),
-        act.stride(0), act.stride(1), mask_t.stride(0), mask_t.stride(1), *_weight_view(out, rank_dim),
-        HAS_MASK=mask is not None, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_T=block_t,
-        **_kernel_flags(act.dtype),
+        act.stride(0), act.stride(1), mask_t.stride(0), mask_t.stride(1),
+        HAS_MASK=mask is not None, BLOCK_N=block_n, **_kernel_flags(act.dtype),
     )  # fmt: skip
-    return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
+    # A fixed-order sum over the splits keeps the result bitwise deterministic.
+    grad = partial.sum(0) if splits > 1 else partial[0]
+    grad = grad.view(num_experts, rank, D)
+    if rank_dim == 2:
+        grad = grad.transpose(1, 2)
+    return grad.to(like.dtype).contiguous()
 
 
 # --- compile-safe registration (custom_op + fake; triton_op breaks torch.compile in the interpreter) ---
