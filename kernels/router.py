@@ -43,9 +43,11 @@ __all__ = ["topk_route_triton", "topk_route_forward", "topk_route_backward"]
 _TILE_ELEMENTS = 2048
 _MAX_BLOCK_T = 128
 _NUM_WARPS = 4
-# The statistics kernel: 32 experts per program, [2048 / 32, 32] partials per step; at T = 32k, E = 64 that is
-# 2 programs of 8 steps over the 1024 x 64 partials.
+# The statistics kernel: 32 experts per program, [256, 32] partials per step at 8 warps (32 values per thread);
+# at T = 32k, E = 64 that is 2 programs of 4 steps over the 1024 x 64 partials (each step one load latency).
 _STATS_BLOCK_E = 32
+_STATS_TILE_ELEMENTS = 8192
+_STATS_NUM_WARPS = 8
 
 
 @triton.jit
@@ -276,8 +278,8 @@ def topk_route_forward(logits: torch.Tensor, top_k: int, temperature: float, nor
         stats_block_e = min(block_e, _STATS_BLOCK_E)
         _route_stats_kernel[(triton.cdiv(num_experts, stats_block_e),)](
             part_counts, part_probs, counts, mean_prob, num_blocks, num_experts, num_tokens,
-            BLOCK_N=min(_TILE_ELEMENTS // stats_block_e, triton.next_power_of_2(num_blocks)),
-            BLOCK_E=stats_block_e, num_warps=_NUM_WARPS,
+            BLOCK_N=min(_STATS_TILE_ELEMENTS // stats_block_e, triton.next_power_of_2(num_blocks)),
+            BLOCK_E=stats_block_e, num_warps=_STATS_NUM_WARPS,
         )  # fmt: skip
     return weights, ids, dense, counts, mean_prob
 

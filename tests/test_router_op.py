@@ -11,7 +11,7 @@ import torch
 
 import dylora_moe.kernels as ops
 from conftest import DEVICE, HAS_CUDA, requires_gpu
-from dylora_moe.kernels.router import topk_route_triton
+from dylora_moe.kernels.router import _route_stats_kernel, topk_route_triton
 from tolerances import CPU_DTYPES, GPU_DTYPES, assert_close
 
 OUTPUTS = ("weights", "ids", "dense", "counts", "mean_prob")
@@ -184,16 +184,29 @@ def test_non_contiguous_and_batched_logits(backend):
 
 
 def test_pinned_small_block_spans_many_programs(monkeypatch):
-    """BLOCK_T = 4 makes 65 row blocks: the statistics kernel sums them in two steps of 64, in two programs of 32
-    experts (E = 40, the second one masked)."""
+    """BLOCK_T = 4: eight row blocks, the last one partial; E = 33 gives the statistics kernel a second program."""
     monkeypatch.setenv("DYLORA_ROUTER_BLOCK_T", "4")
-    logits = make_logits(258, 40, torch.float32)
+    logits = make_logits(30, 33, torch.float32)
     got = run_with_grads(route_fn("triton", 1.0, False), logits, 2)
     want = run_with_grads(route_fn("eager", 1.0, False), logits, 2)
     assert_same_routing(got, want, torch.float32, "BLOCK_T=4")
     monkeypatch.setenv("DYLORA_ROUTER_BLOCK_T", "3")
     with pytest.raises(ValueError, match="DYLORA_ROUTER_BLOCK_T='3' must be a power of two"):
         ops.topk_route(logits, 2, backend="triton")
+
+
+def test_stats_kernel_sums_partials_in_several_steps():
+    """The fixed-order reduction over row blocks, driven directly: 10 blocks in steps of 4 (the last one masked)."""
+    num_blocks, num_experts, num_tokens = 10, 33, 37
+    part_counts = torch.randint(0, 5, (num_blocks, num_experts), device=DEVICE, dtype=torch.int32)
+    part_probs = torch.rand(num_blocks, num_experts, device=DEVICE)
+    counts = torch.full((num_experts,), -1, device=DEVICE, dtype=torch.int64)
+    mean_prob = torch.full((num_experts,), -1.0, device=DEVICE)
+    _route_stats_kernel[(2,)](
+        part_counts, part_probs, counts, mean_prob, num_blocks, num_experts, num_tokens, BLOCK_N=4, BLOCK_E=32
+    )
+    assert torch.equal(counts, part_counts.sum(dim=0).long())
+    assert_close(mean_prob, part_probs.sum(dim=0) / num_tokens, torch.float32)
 
 
 def test_triton_is_bitwise_deterministic():
