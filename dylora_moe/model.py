@@ -221,15 +221,18 @@ class DyLoRA_MoE(nn.Module):
         return RoutingDecision(self.router.route(hidden[real]), real)
 
     def sequence_weights(self, decision: RoutingDecision) -> torch.Tensor:
-        """[B, E] per-sequence weights: routing weights averaged over each sequence's real tokens (optionally its
-        ``sequence_top_k`` best, renormalised)."""
+        """[B, E] per-sequence weights: routing weights averaged over each sequence's real tokens, normalised to sum
+        to 1 (optionally only its ``sequence_top_k`` best, renormalised)."""
         real = decision.real
         batch = real.shape[0]
         if decision.route is None:
             return torch.ones(batch, 1, device=real.device)
         row = torch.arange(batch, device=real.device).unsqueeze(1).expand_as(real)[real]
         sums = decision.route.dense.new_zeros(batch, self.num_experts).index_add(0, row, decision.route.dense)
-        weights = sums / real.sum(1, keepdim=True).clamp_min(1).to(sums.dtype)
+        # Divided by the row's total weight, not its token count: the same mean when every token's weights sum to 1
+        # (dense, or renormalised top-k, as in the original), and the logit mixture stays a convex combination with
+        # unnormalised top-k probabilities too (else the logits would shrink by the sum of the weights).
+        weights = sums / sums.sum(-1, keepdim=True).clamp_min(1e-20)
         if self.sequence_top_k is not None and self.sequence_top_k < self.num_experts:
             top, idx = weights.topk(self.sequence_top_k, dim=-1)
             weights = torch.zeros_like(weights).scatter(1, idx, top / top.sum(-1, keepdim=True).clamp_min(1e-20))
