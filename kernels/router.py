@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import resolve_backend
+
 __all__ = ["topk_route_triton", "topk_route_forward", "topk_route_backward"]
 
 # Elements of the [BLOCK_T, BLOCK_E] tile per program: 16 fp32 values per thread at 4 warps keeps the tile,
@@ -242,9 +244,7 @@ def _device_guard(tensor: torch.Tensor):
 
 
 def _check_triton_device(logits: torch.Tensor) -> None:
-    from . import resolve_backend  # the one place that knows when Triton can run
-
-    resolve_backend("triton", logits.device)
+    resolve_backend("triton", logits.device)  # the one place that knows when Triton can run; names the fix
 
 
 def topk_route_forward(logits: torch.Tensor, top_k: int, temperature: float, normalize: bool):
