@@ -32,6 +32,14 @@ requires_gpu = pytest.mark.skipif(
 )
 
 
+def pytest_configure(config):
+    """CPU runs use ``BENCH_CPU_THREADS`` intra-op threads (default 1): with more threads than idle cores, torch's
+    parallel regions wait on descheduled threads (a peft step measured 100 ms on 1 thread and 880 ms on 2 on a
+    loaded 2-core machine), so one thread is the figure that repeats. The thread count is in ``device_name``."""
+    if not HAS_CUDA:
+        torch.set_num_threads(int(os.environ.get("BENCH_CPU_THREADS", "1")))
+
+
 def sync() -> None:
     """Wait for queued GPU work, so a host timer measures the kernels and not just their launch."""
     if HAS_CUDA:
