@@ -6,17 +6,18 @@ import pytest
 import torch
 from moe_models import BUILDERS, batch, randomize_experts, tiny_llama
 
+from conftest import DEVICE, HAS_CUDA
 from dylora_moe import DyLoRA_MoE, Routing
-from tolerances import assert_close
+from tolerances import CPU_DTYPES, GPU_DTYPES, assert_close
 
 CASES = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2)]  # (E, k): plain LoRA, top-1, dense k = E, sparse top-k
 
 
-def build(arch="llama", num_experts=2, top_k=1, routing="sequence", layers=1, **kwargs):
-    kwargs.setdefault("lora_dropout", 0.0)
+def build(arch="llama", num_experts=2, top_k=1, routing="sequence", layers=1, dtype=torch.float32, device="cpu", **kw):
+    kw.setdefault("lora_dropout", 0.0)
     moe = DyLoRA_MoE(
-        BUILDERS[arch](layers=layers), num_experts=num_experts, lora_r=4, lora_alpha=8, kernel="eager",
-        routing=routing, top_k=top_k, **kwargs,
+        BUILDERS[arch](layers=layers).to(device, dtype), num_experts=num_experts, lora_r=4, lora_alpha=8,
+        kernel="eager", routing=routing, top_k=top_k, **kw,
     )  # fmt: skip
     randomize_experts(moe.handle.layers.values())
     return moe
@@ -38,8 +39,8 @@ def run(moe, backend, inputs):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_backends_agree(arch, routing, num_experts, top_k, backend):
     """Logits, loss (LM + balance) and gradients of A, B and the gate equal eager's, with padding in the batch."""
-    moe = build(arch, num_experts, top_k, routing).train()
-    inputs = batch(rows=3, length=6)
+    moe = build(arch, num_experts, top_k, routing, device=DEVICE).train()
+    inputs = [t.to(DEVICE) for t in batch(rows=3, length=6)]
     want, want_grads = run(moe, "eager", inputs)
     got, got_grads = run(moe, backend, inputs)
     assert_close(got.logits, want.logits, torch.float32, msg="logits")
@@ -50,6 +51,24 @@ def test_backends_agree(arch, routing, num_experts, top_k, backend):
         assert_close(got_grads[name], want_grads[name], torch.float32, msg=f"grad of {name}")
     if num_experts > 1:
         assert want_grads["router.gate.weight"].abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("routing", ["sequence", "token"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", [d for d in (GPU_DTYPES if HAS_CUDA else CPU_DTYPES) if d != torch.float32])
+def test_backends_agree_in_half_precision(dtype, arch, routing, backend):
+    """The whole model in fp16 (bf16 too on a GPU; the interpreter cannot do bf16 math): same checks, dtype table."""
+    moe = build(arch, 4, 2, routing, dtype=dtype, device=DEVICE).train()
+    inputs = [t.to(DEVICE) for t in batch(rows=3, length=6)]
+    want, want_grads = run(moe, "eager", inputs)
+    got, got_grads = run(moe, backend, inputs)
+    assert got.logits.dtype == dtype
+    assert_close(got.logits, want.logits, dtype, msg="logits")
+    assert_close(got.loss, want.loss, dtype, msg="loss")
+    assert set(got_grads) == set(want_grads)
+    for name in want_grads:
+        assert_close(got_grads[name], want_grads[name], dtype, msg=f"grad of {name}")
 
 
 @pytest.mark.parametrize("backend", ["eager", "reference", "triton"])
