@@ -113,7 +113,7 @@ def op_tables(rows: list[dict]) -> list[str]:
         lines += [
             f"### {group}",
             "",
-            f"| provider | time (ms) | min (ms) | vs eager | vs {baseline} | LoRA GB/s | peak extra (MiB) "
+            f"| provider | time (ms) | host min (ms) | vs eager | vs {baseline} | LoRA GB/s | peak extra (MiB) "
             "| saved extra elems |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
@@ -140,8 +140,8 @@ def step_tables(rows: list[dict]) -> list[str]:
         lines += [
             f"### step {mode} ({first['shape']}, k={first.get('top_k', '-')})",
             "",
-            "| E | routing | backend | time (ms) | min (ms) | tokens/s | vs eager | vs reference | tokens/s vs peft "
-            "| peak (MiB) | memory vs peft |",
+            "| E | routing | backend | time (ms) | host min (ms) | tokens/s | vs eager | vs reference "
+            "| tokens/s vs peft | peak (MiB) | memory vs peft |",
             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         order = {"peft": 0, "reference": 1, "eager": 2, "triton": 3}
@@ -394,7 +394,7 @@ def plot_memory(rows: list[dict], path: Path) -> bool:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def build_report(rows: list[dict], meta: dict, stem: str, plots: list[str], bandwidth: float | None) -> str:
+def build_report(rows: list[dict], meta: dict, plots: list[str], bandwidth: float | None) -> str:
     first = rows[0]
     commits = sorted({r["commit"] for r in rows})
     on_gpu = first["device"] == "cuda"
@@ -408,10 +408,12 @@ def build_report(rows: list[dict], meta: dict, stem: str, plots: list[str], band
         if on_gpu
         else "peak extra bytes allocated by CPU tensors during one call (torch profiler allocator events)"
     )
+    names = ", ".join(sorted({r["device_name"] for r in rows}))
+    dtypes = ", ".join(sorted({r["dtype"] for r in rows}))
     lines = [
-        f"# Benchmarks: {first['device_name']}, {meta.get('datetime', '')[:10]}",
+        f"# Benchmarks: {names}, {meta.get('datetime', '')[:10]}",
         "",
-        f"- device: {first['device']} ({first['device_name']}); dtype: {first['dtype']}; torch {first['torch']}",
+        f"- device: {first['device']} ({names}); dtype: {dtypes}; torch {first['torch']}",
         f"- commit: {', '.join(commits)}; run at {meta.get('datetime', '')}",
         f"- time: {clock}; speed-up vs X = time(X) / time(row)",
         f"- memory: {memory}",
@@ -453,7 +455,7 @@ def main(argv: list[str] | None = None) -> Path:
             if plot(rows, args.out_dir / name):
                 plots.append(name)
     bandwidth = args.peak_gbps or (peak_gbps(rows[0]["device_name"]) if rows[0]["device"] == "cuda" else None)
-    report = build_report(rows, meta, stem, plots, bandwidth)
+    report = build_report(rows, meta, plots, bandwidth)
     path = args.out_dir / f"{stem}.md"
     path.write_text(report)
     print(report)
