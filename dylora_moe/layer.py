@@ -86,8 +86,11 @@ class MoELoRALinear(nn.Module):
         self.kernel = kernel
         self._backend = check_kernel(kernel)
         weight = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(num_experts, r, self.d_in, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.d_out, r, dtype=weight.dtype, device=weight.device))
+        # Trainable weights stay float32 over a half-precision base (as peft's autocast_adapter_dtype does): an
+        # optimizer step of lr 2e-5 is below bf16's resolution. forward casts them to the activations' dtype.
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r, self.d_in, dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.d_out, r, dtype=dtype, device=weight.device))
         for e in range(num_experts):
             self._init_a(self.lora_A.data[e])
 

@@ -141,3 +141,15 @@ def test_shared_context_reaches_every_layer():
     context = RoutingContext()
     layers = [MoELoRALinear(make_base("linear"), 2, 4, 8.0, context=context) for _ in range(2)]
     assert all(layer.context is context for layer in layers)
+
+
+def test_half_precision_base_keeps_float32_experts():
+    """LoRA weights stay float32 over an fp16/bf16 base (an update of lr 2e-5 vanishes in bf16); outputs keep x's dtype."""
+    layer = MoELoRALinear(nn.Linear(12, 10).half(), 2, 4, 8.0, kernel="eager")
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    x = torch.randn(2, 3, 12, dtype=torch.float16)
+    layer.context.set_active_expert(1)
+    y = layer(x)
+    assert y.dtype == torch.float16
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
