@@ -426,6 +426,7 @@ def build_report(rows: list[dict], meta: dict, plots: list[str], bandwidth: floa
     lines += goal_lines(gpu_goals(rows, bandwidth) if on_gpu else cpu_goals(rows))
     if not on_gpu:
         lines += ["GPU goals: not measured in this run (no GPU); see a GPU report for them.", ""]
+    lines += ["Bitwise determinism (DESIGN 4) is checked by the test suite (tests/), not timed here.", ""]
     step_lines = step_tables(rows)
     if step_lines:
         lines += ["## Model level: one step of DyLoRA_MoE vs single-adapter peft LoRA", ""] + step_lines

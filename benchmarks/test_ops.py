@@ -61,7 +61,7 @@ MODES = ["fwd", "fwd+bwd"]
 ROUTER_SHAPES = [(32768, 8, 2), (32768, 64, 2)]  # (T, E, k): DESIGN 4's router goal is T = 32k, E <= 64
 ROUTER_PROVIDERS = ["triton", "eager", "torch_seq"]
 # Rounds: GPU calls take ~0.1-5 ms; the CPU ones tens of ms at most. Warm-up covers Triton compile + autotuning.
-OP_ROUNDS, OP_WARMUP = (50, 10) if HAS_CUDA else (15, 2)
+OP_ROUNDS, OP_WARMUP = (30, 5) if HAS_CUDA else (15, 2)
 SCALING = 2.0  # alpha / r with alpha = 2r
 
 
