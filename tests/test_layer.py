@@ -144,7 +144,7 @@ def test_shared_context_reaches_every_layer():
 
 
 def test_half_precision_base_keeps_float32_experts():
-    """LoRA weights stay float32 over an fp16/bf16 base (an update of lr 2e-5 vanishes in bf16); outputs keep x's dtype."""
+    """LoRA weights stay float32 over an fp16/bf16 base (a 2e-5 update vanishes in bf16); outputs keep x's dtype."""
     layer = MoELoRALinear(nn.Linear(12, 10).half(), 2, 4, 8.0, kernel="eager")
     assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
     x = torch.randn(2, 3, 12, dtype=torch.float16)
