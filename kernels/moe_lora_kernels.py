@@ -35,20 +35,19 @@ def _configs(shapes: list[tuple], names: tuple[str, ...], interpreter_shape: tup
 
 # (BLOCK_T, BLOCK_D, warps, stages); BLOCK_N is the whole rank width up to 128, chosen by the host.
 PROJ_CONFIGS = _configs(
-    [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (32, 128, 4, 4), (128, 32, 4, 4)],
+    [(64, 64, 4, 4), (32, 128, 4, 4), (32, 64, 4, 5), (16, 128, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3)],
     ("BLOCK_T", "BLOCK_D"),
     (32, 32),
 )
 # (BLOCK_T, BLOCK_N, BLOCK_D, warps, stages); BLOCK_N is the chunk of the rank loop.
 EXPAND_CONFIGS = _configs(
     [
-        (64, 32, 128, 4, 4),
-        (128, 32, 128, 8, 3),
+        (64, 32, 256, 4, 4),
+        (128, 32, 256, 8, 3),
         (64, 64, 128, 4, 3),
         (128, 64, 128, 8, 3),
-        (128, 32, 256, 8, 3),
-        (64, 16, 256, 4, 4),
-        (32, 32, 256, 4, 4),
+        (128, 128, 128, 8, 2),
+        (64, 128, 256, 8, 2),
     ],
     ("BLOCK_T", "BLOCK_N", "BLOCK_D"),
     (32, 32, 32),
@@ -69,12 +68,16 @@ def _rank_proj_kernel(
     in_ptr,  # [T, D] activations (x or dy)
     mask_ptr,  # [T, D] dropout mask on the input, or a dummy when HAS_MASK is False
     w_ptr,  # the expert weights seen as W[n, d] through (s_w_e, s_w_r, s_w_d)
+    gate_ptr,  # [T, E] float32 gate: scaling * routing weight of each expert, 0 if not selected
     out_ptr,  # [T, N] float32
+    gated_ptr,  # [T, N] out * gate[t, n // R] in the activation dtype
     T,
     D,
     N,
     R,
     T_BUCKET,  # autotune key only: T rounded up to a power of two
+    s_gate_t,
+    s_gate_e,
     s_in_t,
     s_in_d,
     s_mask_t,
@@ -91,7 +94,11 @@ def _rank_proj_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """out[t, n] = sum_d in[t, d] * mask[t, d] * W[n, d]: the shrink to rank space (S = x A^T, U = dy B)."""
+    """out[t, n] = sum_d in[t, d] * mask[t, d] * W[n, d] and gated[t, n] = out[t, n] * gate[t, n // R].
+
+    The shrink to rank space: S = x~ A^T with H = S * G, or U = dy B with V = U * G. out and gated share
+    strides (s_out_t, s_out_n).
+    """
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -116,15 +123,17 @@ def _rank_proj_kernel(
             a = a * m.to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
 
-    out = out_ptr + rows[:, None] * s_out_t + offs_n[None, :] * s_out_n
-    tl.store(out, acc, mask=in_t[:, None] & in_n[None, :])
+    tile = rows[:, None] * s_out_t + offs_n[None, :] * s_out_n
+    out_mask = in_t[:, None] & in_n[None, :]
+    tl.store(out_ptr + tile, acc, mask=out_mask)
+    g = tl.load(gate_ptr + rows[:, None] * s_gate_t + (offs_n // R)[None, :] * s_gate_e, mask=out_mask, other=0.0)
+    tl.store(gated_ptr + tile, (acc * g).to(gated_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.autotune(configs=EXPAND_CONFIGS, key=_KEY)
 @triton.jit
 def _rank_expand_kernel(
-    in_ptr,  # [T, N] float32 rank-space activations (S or U)
-    gate_ptr,  # [T, E] float32 gate: scaling * routing weight of each expert, 0 if not selected
+    in_ptr,  # [T, N] gated rank-space activations (H or V) in the activation dtype
     w_ptr,  # the expert weights seen as W[n, d] through (s_w_e, s_w_r, s_w_d)
     mask_ptr,  # [T, D] dropout mask on the output, or a dummy when HAS_MASK is False
     out_ptr,  # [T, D] in the activation dtype
@@ -135,8 +144,6 @@ def _rank_expand_kernel(
     T_BUCKET,  # autotune key only
     s_in_t,
     s_in_n,
-    s_gate_t,
-    s_gate_e,
     s_w_e,
     s_w_r,
     s_w_d,
@@ -151,7 +158,7 @@ def _rank_expand_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """out[t, d] = mask[t, d] * sum_n in[t, n] * gate[t, n // R] * W[n, d]: the expand (y = H B^T, dx = V A)."""
+    """out[t, d] = mask[t, d] * sum_n in[t, n] * W[n, d]: the expand (y = H B^T, dx = V A)."""
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -164,18 +171,13 @@ def _rank_expand_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_n = offs_n < N
-        expert = offs_n // R
-        tile_mask = in_t[:, None] & in_n[None, :]
-        h = tl.load(in_ptr + rows[:, None] * s_in_t + offs_n[None, :] * s_in_n, mask=tile_mask, other=0.0)
-        g = tl.load(gate_ptr + rows[:, None] * s_gate_t + expert[None, :] * s_gate_e, mask=tile_mask, other=0.0)
-        w_row = expert.to(tl.int64) * s_w_e + (offs_n % R).to(tl.int64) * s_w_r
+        h = tl.load(in_ptr + rows[:, None] * s_in_t + offs_n[None, :] * s_in_n, mask=in_t[:, None] & in_n[None, :])
+        w_row = (offs_n // R).to(tl.int64) * s_w_e + (offs_n % R).to(tl.int64) * s_w_r
         w = tl.load(w_ptr + w_row[:, None] + offs_d[None, :] * s_w_d, mask=in_n[:, None] & in_d[None, :], other=0.0)
         if UPCAST:
+            h = h.to(tl.float32)
             w = w.to(tl.float32)
-            hg = h * g
-        else:
-            hg = (h * g).to(w.dtype)
-        acc = tl.dot(hg, w, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
 
     out_mask = in_t[:, None] & in_d[None, :]
     if HAS_MASK:
@@ -188,8 +190,7 @@ def _rank_expand_kernel(
 @triton.autotune(configs=GRAD_CONFIGS, key=_KEY)
 @triton.jit
 def _rank_grad_kernel(
-    p_ptr,  # [T, N] float32 rank-space activations (U for dA, S for dB)
-    gate_ptr,  # [T, E] float32 gate
+    p_ptr,  # [T, N] gated rank-space activations (V for dA, H for dB) in the activation dtype
     q_ptr,  # [T, D] activations (x for dA, dy for dB)
     mask_ptr,  # [T, D] dropout mask on q, or a dummy when HAS_MASK is False
     out_ptr,  # [SPLITS, N, D] float32 partial sums, one slab per split of T
@@ -201,8 +202,6 @@ def _rank_grad_kernel(
     T_PER_SPLIT,
     s_p_t,
     s_p_n,
-    s_gate_t,
-    s_gate_e,
     s_q_t,
     s_q_d,
     s_mask_t,
@@ -214,7 +213,7 @@ def _rank_grad_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """out[s, n, d] = sum over t in split s of p[t, n] * gate[t, n // R] * q[t, d] * mask[t, d].
+    """out[s, n, d] = sum over t in split s of p[t, n] * q[t, d] * mask[t, d].
 
     dA = V^T x~ and dB = dy^T H. One program owns one [BLOCK_N, BLOCK_D] tile of one split of T and walks it
     in order; the host sums the splits in a fixed order: deterministic, no atomics. T_PER_SPLIT is a multiple
@@ -227,7 +226,6 @@ def _rank_grad_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     in_n = offs_n < N
     in_d = offs_d < D
-    expert = offs_n // R
     t_start = pid_s * T_PER_SPLIT
     t_end = tl.minimum(t_start + T_PER_SPLIT, T)
 
@@ -236,21 +234,16 @@ def _rank_grad_kernel(
         offs_t = t0 + tl.arange(0, BLOCK_T)
         in_t = offs_t < t_end
         rows = offs_t.to(tl.int64)
-        p_mask = in_t[:, None] & in_n[None, :]
-        p = tl.load(p_ptr + rows[:, None] * s_p_t + offs_n[None, :] * s_p_n, mask=p_mask, other=0.0)
-        g = tl.load(gate_ptr + rows[:, None] * s_gate_t + expert[None, :] * s_gate_e, mask=p_mask, other=0.0)
+        p = tl.load(p_ptr + rows[:, None] * s_p_t + offs_n[None, :] * s_p_n, mask=in_t[:, None] & in_n[None, :])
         q_mask = in_t[:, None] & in_d[None, :]
         q = tl.load(q_ptr + rows[:, None] * s_q_t + offs_d[None, :] * s_q_d, mask=q_mask, other=0.0)
         if UPCAST:
+            p = p.to(tl.float32)
             q = q.to(tl.float32)
         if HAS_MASK:
             m = tl.load(mask_ptr + rows[:, None] * s_mask_t + offs_d[None, :] * s_mask_d, mask=q_mask, other=0.0)
             q = q * m.to(q.dtype)
-        if UPCAST:
-            pg = p * g
-        else:
-            pg = (p * g).to(q.dtype)
-        acc = tl.dot(tl.trans(pg), q, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(tl.trans(p), q, acc, input_precision=DOT_PRECISION)
 
     slab = out_ptr + pid_s.to(tl.int64) * N * D
     out = slab + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :]

@@ -4,15 +4,16 @@ Dataflow (stacked experts, DESIGN 4b; shape letters in moe_lora_kernels.py). The
 G[t, e] = scaling * (sum of the routing weights token t gives expert e) is built in PyTorch from the ids
 and weights, so its gradient reaches expert_weights through ordinary autograd (a gather).
 
-  forward   S  = x~ A_cat^T                 proj    [T, N] float32, saved for backward
-            y  = (S * G) B_cat^T            expand  [T, D_out]
-  backward  U  = dy B_cat                   proj    [T, N] float32
-            dx = ((U * G) A_cat) * mask     expand  [T, D_in]
-            dA = (U * G)^T x~               grad    [E, R, D_in]   (one program per output tile)
-            dB = dy^T (S * G)               grad    [E, D_out, R]
+  forward   S = x~ A_cat^T, H = S * G       proj    [T, N] float32 and [T, N] activation dtype
+            y = H B_cat^T                   expand  [T, D_out]
+  backward  U = dy B_cat, V = U * G         proj    [T, N] float32 and [T, N] activation dtype
+            dx = (V A_cat) * mask           expand  [T, D_in]
+            dA = V^T x~                     grad    [E, R, D_in]   (T split in fixed chunks, summed in order)
+            dB = dy^T H                     grad    [E, D_out, R]
             dG = per-expert sums of S * U   PyTorch [T, E]
 
-Saved for backward beyond the inputs: S, T * E * R floats (rank space, never T * k * D).
+The gate is applied once, in the proj epilogue, so expand and grad stream plain rank-space tiles.
+Saved for backward beyond the inputs: S and H, rank-space (T * E * R each), never T * k * D.
 """
 
 from __future__ import annotations
@@ -69,11 +70,17 @@ def _grad_splits(num_tokens: int, rank_tiles: int, device: torch.device) -> int:
     return _cdiv(_cdiv(num_tokens, splits), K.GRAD_SPLIT_ALIGN) * K.GRAD_SPLIT_ALIGN
 
 
-def rank_proj(inp: torch.Tensor, weight: torch.Tensor, rank_dim: int, rank: int, mask: torch.Tensor | None):
-    """[T, D] x stacked W[N, D] -> [T, N] float32 (x A^T when rank_dim=1, dy B when rank_dim=2)."""
+def rank_proj(
+    inp: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, rank_dim: int, rank: int, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, D] x stacked W[N, D] -> ([T, N] float32, the same gated in inp's dtype).
+
+    S = x~ A^T and H = S * G when rank_dim=1; U = dy B and V = U * G when rank_dim=2.
+    """
     T, D = inp.shape
     N = weight.shape[0] * rank
     out = torch.empty(T, N, device=inp.device, dtype=torch.float32)
+    gated = torch.empty(T, N, device=inp.device, dtype=inp.dtype)
     block_n = _rank_tile(N)
     mask_t = inp if mask is None else mask
 
@@ -81,50 +88,34 @@ def rank_proj(inp: torch.Tensor, weight: torch.Tensor, rank_dim: int, rank: int,
         return (_cdiv(T, meta["BLOCK_T"]), _cdiv(N, block_n))
 
     K._rank_proj_kernel[grid](
-        inp, mask_t, weight, out, T, D, N, rank, _next_pow2(T),
+        inp, mask_t, weight, gate, out, gated, T, D, N, rank, _next_pow2(T), gate.stride(0), gate.stride(1),
         inp.stride(0), inp.stride(1), mask_t.stride(0), mask_t.stride(1),
         *_weight_view(weight, rank_dim), out.stride(0), out.stride(1),
         HAS_MASK=mask is not None, BLOCK_N=block_n, **_kernel_flags(inp.dtype),
     )  # fmt: skip
-    return out
+    return out, gated
 
 
-def rank_expand(
-    rank_act: torch.Tensor,
-    gate: torch.Tensor,
-    weight: torch.Tensor,
-    rank_dim: int,
-    rank: int,
-    mask: torch.Tensor | None,
-    out_dtype: torch.dtype,
-):
-    """[T, N] gated by gate[T, E] x stacked W[N, D] -> [T, D] (y = H B^T when rank_dim=2, dx = V A when 1)."""
+def rank_expand(rank_act: torch.Tensor, weight: torch.Tensor, rank_dim: int, rank: int, mask: torch.Tensor | None):
+    """Gated [T, N] x stacked W[N, D] -> [T, D] (y = H B^T when rank_dim=2, dx = (V A) * mask when 1)."""
     T, N = rank_act.shape
     D = weight.shape[3 - rank_dim]
-    out = torch.empty(T, D, device=rank_act.device, dtype=out_dtype)
+    out = torch.empty(T, D, device=rank_act.device, dtype=rank_act.dtype)
     mask_t = out if mask is None else mask
 
     def grid(meta):
         return (_cdiv(T, meta["BLOCK_T"]), _cdiv(D, meta["BLOCK_D"]))
 
     K._rank_expand_kernel[grid](
-        rank_act, gate, weight, mask_t, out, T, N, D, rank, _next_pow2(T),
-        rank_act.stride(0), rank_act.stride(1), gate.stride(0), gate.stride(1),
+        rank_act, weight, mask_t, out, T, N, D, rank, _next_pow2(T), rank_act.stride(0), rank_act.stride(1),
         *_weight_view(weight, rank_dim), mask_t.stride(0), mask_t.stride(1), out.stride(0), out.stride(1),
-        HAS_MASK=mask is not None, **_kernel_flags(out_dtype),
+        HAS_MASK=mask is not None, **_kernel_flags(out.dtype),
     )  # fmt: skip
     return out
 
 
-def rank_grad(
-    rank_act: torch.Tensor,
-    gate: torch.Tensor,
-    act: torch.Tensor,
-    mask: torch.Tensor | None,
-    like: torch.Tensor,
-    rank_dim: int,
-):
-    """Weight gradient shaped like ``like`` ([E, R, D] or [E, D, R]): sum_t rank_act[t, n] gate[t, n//R] act[t, d]."""
+def rank_grad(rank_act: torch.Tensor, act: torch.Tensor, mask: torch.Tensor | None, like: torch.Tensor, rank_dim: int):
+    """Weight gradient shaped like ``like`` ([E, R, D] or [E, D, R]): sum_t rank_act[t, n] act[t, d] mask[t, d]."""
     T, N = rank_act.shape
     D = act.shape[1]
     num_experts, rank = like.shape[0], like.shape[rank_dim]
@@ -138,9 +129,8 @@ def rank_grad(
         return (_cdiv(N, block_n), _cdiv(D, meta["BLOCK_D"]), splits)
 
     K._rank_grad_kernel[grid](
-        rank_act, gate, act, mask_t, partial, T, N, D, rank, _next_pow2(T), t_per_split,
-        rank_act.stride(0), rank_act.stride(1), gate.stride(0), gate.stride(1),
-        act.stride(0), act.stride(1), mask_t.stride(0), mask_t.stride(1),
+        rank_act, act, mask_t, partial, T, N, D, rank, _next_pow2(T), t_per_split,
+        rank_act.stride(0), rank_act.stride(1), act.stride(0), act.stride(1), mask_t.stride(0), mask_t.stride(1),
         HAS_MASK=mask is not None, BLOCK_N=block_n, **_kernel_flags(act.dtype),
     )  # fmt: skip
     # A fixed-order sum over the splits keeps the result bitwise deterministic.
@@ -157,20 +147,25 @@ def rank_grad(
 @torch.library.custom_op("dylora_moe::moe_lora_fwd", mutates_args=())
 def moe_lora_fwd(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, gate: torch.Tensor, dropout_mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward launcher: returns (y [T, D_out], S [T, E*R] float32 saved for backward)."""
-    rank = lora_a.shape[1]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward launcher: returns (y [T, D_out], S [T, E*R] float32, H = S * G [T, E*R]); S and H feed backward."""
+    num_experts, rank, _ = lora_a.shape
     if x.shape[0] == 0:
-        return x.new_empty(0, lora_b.shape[1]), x.new_empty(0, lora_a.shape[0] * rank, dtype=torch.float32)
-    s = rank_proj(x, lora_a, rank_dim=1, rank=rank, mask=dropout_mask)
-    y = rank_expand(s, gate, lora_b, rank_dim=2, rank=rank, mask=None, out_dtype=x.dtype)
-    return y, s
+        n = num_experts * rank
+        return x.new_empty(0, lora_b.shape[1]), x.new_empty(0, n, dtype=torch.float32), x.new_empty(0, n)
+    s, h = rank_proj(x, lora_a, gate, rank_dim=1, rank=rank, mask=dropout_mask)
+    y = rank_expand(h, lora_b, rank_dim=2, rank=rank, mask=None)
+    return y, s, h
 
 
 @moe_lora_fwd.register_fake
 def _(x, lora_a, lora_b, gate, dropout_mask):
     n = lora_a.shape[0] * lora_a.shape[1]
-    return x.new_empty(x.shape[0], lora_b.shape[1]), x.new_empty(x.shape[0], n, dtype=torch.float32)
+    return (
+        x.new_empty(x.shape[0], lora_b.shape[1]),
+        x.new_empty(x.shape[0], n, dtype=torch.float32),
+        x.new_empty(x.shape[0], n),
+    )
 
 
 @torch.library.custom_op("dylora_moe::moe_lora_bwd", mutates_args=())
@@ -181,34 +176,35 @@ def moe_lora_bwd(
     lora_b: torch.Tensor,
     gate: torch.Tensor,
     s: torch.Tensor,
+    h: torch.Tensor,
     dropout_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward launcher: returns (dx, dA, dB, dgate) of the forward above."""
     num_experts, rank, _ = lora_a.shape
     if x.shape[0] == 0:
         return torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b), torch.zeros_like(gate)
-    grad_y = grad_y.contiguous()
-    u = rank_proj(grad_y, lora_b, rank_dim=2, rank=rank, mask=None)
-    dx = rank_expand(u, gate, lora_a, rank_dim=1, rank=rank, mask=dropout_mask, out_dtype=x.dtype)
-    da = rank_grad(u, gate, x, dropout_mask, lora_a, rank_dim=1)
-    db = rank_grad(s, gate, grad_y, None, lora_b, rank_dim=2)
+    grad_y = grad_y.to(x.dtype).contiguous()
+    u, v = rank_proj(grad_y, lora_b, gate, rank_dim=2, rank=rank, mask=None)
+    dx = rank_expand(v, lora_a, rank_dim=1, rank=rank, mask=dropout_mask)
+    da = rank_grad(v, x, dropout_mask, lora_a, rank_dim=1)
+    db = rank_grad(h, grad_y, None, lora_b, rank_dim=2)
     dgate = (s * u).view(-1, num_experts, rank).sum(-1)
     return dx, da, db, dgate
 
 
 @moe_lora_bwd.register_fake
-def _(grad_y, x, lora_a, lora_b, gate, s, dropout_mask):
+def _(grad_y, x, lora_a, lora_b, gate, s, h, dropout_mask):
     return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(gate)
 
 
 def _setup_context(ctx, inputs, output):
     x, lora_a, lora_b, gate, dropout_mask = inputs
-    ctx.save_for_backward(x, lora_a, lora_b, gate, output[1], dropout_mask)
+    _, s, h = output
+    ctx.save_for_backward(x, lora_a, lora_b, gate, s, h, dropout_mask)
 
 
-def _backward(ctx, grad_y, _grad_s):
-    x, lora_a, lora_b, gate, s, dropout_mask = ctx.saved_tensors
-    dx, da, db, dgate = moe_lora_bwd(grad_y, x, lora_a, lora_b, gate, s, dropout_mask)
+def _backward(ctx, grad_y, _grad_s, _grad_h):
+    dx, da, db, dgate = moe_lora_bwd(grad_y, *ctx.saved_tensors)
     return dx, da, db, dgate, None
 
 
@@ -228,5 +224,5 @@ def moe_lora_triton(
     if x.dtype not in _ACTIVATION_DTYPES:
         raise TypeError(f"the Triton moe_lora supports {_ACTIVATION_DTYPES}; got {x.dtype}")
     gate = dense_gate(expert_ids, expert_weights, lora_a.shape[0]) * scaling
-    y, _ = moe_lora_fwd(x, lora_a, lora_b, gate, dropout_mask)
+    y, _, _ = moe_lora_fwd(x, lora_a, lora_b, gate, dropout_mask)
     return y

@@ -174,6 +174,7 @@ def _topk_route_bwd_kernel(
     HAS_DMEAN: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    BLOCK_KC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -187,13 +188,15 @@ def _topk_route_bwd_kernel(
     g = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)  # gradient of the selected p (0 off the set)
     sel = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
     if HAS_DWEIGHTS or HAS_DDENSE:
-        for j in tl.static_range(K):
-            ids_j = tl.load(ids_ptr + rows64 * stride_it + j * stride_ik, mask=row_ok, other=-1)
-            hit = cols[None, :] == ids_j[:, None]
-            sel = sel | hit
+        slots = tl.arange(0, BLOCK_KC)
+        for k0 in range(0, K, BLOCK_KC):  # BLOCK_KC slots at a time: [BLOCK_T, BLOCK_KC, BLOCK_E] compares
+            slot_mask = row_ok[:, None] & (k0 + slots < K)[None, :]
+            ids_c = tl.load(ids_ptr + rows64[:, None] * stride_it + (k0 + slots)[None, :] * stride_ik, mask=slot_mask, other=-1)
+            hit = ids_c[:, :, None] == cols[None, None, :]
+            sel = sel | (tl.max(hit.to(tl.int32), axis=1) > 0)
             if HAS_DWEIGHTS:
-                dw_j = tl.load(dweights_ptr + rows64 * stride_wt + j * stride_wk, mask=row_ok, other=0.0)
-                g += tl.where(hit, dw_j.to(tl.float32)[:, None], 0.0)
+                dw_c = tl.load(dweights_ptr + rows64[:, None] * stride_wt + (k0 + slots)[None, :] * stride_wk, mask=slot_mask, other=0.0)
+                g += tl.sum(tl.where(hit, dw_c.to(tl.float32)[:, :, None], 0.0), axis=1)
         if HAS_DDENSE:
             ddense_offs = rows64[:, None] * stride_dt + cols[None, :] * stride_de
             ddense = tl.load(ddense_ptr + ddense_offs, mask=mask, other=0.0).to(tl.float32)

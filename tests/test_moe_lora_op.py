@@ -190,10 +190,9 @@ def test_opcheck_forward_and_backward_ops():
     x, a, b, ids, w = make_inputs(20, 48, 80, 4, 8, 2, torch.float32)
     gate = ops.dense_gate(ids, w, 4).detach().requires_grad_()
     torch.library.opcheck(moe_lora_fwd, (x, a, b, gate, None))
-    y, s = moe_lora_fwd(x, a, b, gate, None)
-    torch.library.opcheck(
-        moe_lora_bwd, (torch.randn_like(y), x.detach(), a.detach(), b.detach(), gate.detach(), s.detach(), None)
-    )
+    y, s, h = moe_lora_fwd(x, a, b, gate, None)
+    saved = (x, a, b, gate, s, h)
+    torch.library.opcheck(moe_lora_bwd, (torch.randn_like(y), *(t.detach() for t in saved), None))
 
 
 def test_torch_compile_traces_without_graph_break():
