@@ -294,10 +294,14 @@ def gpu_goals(rows: list[dict], bandwidth: float | None) -> list[dict]:
     return goals
 
 
-def goal_lines(goals: list[dict]) -> list[str]:
-    lines = ["| goal | measured | target | status |", "|---|---:|---|---|"]
-    for g in goals:
-        lines.append(f"| {g['name']} | {fmt(g['value'], '.3g')} | {g['target']} | **{g['status']}** |")
+def goal_lines(goals: list[dict], at_min: list[dict]) -> list[str]:
+    """The goals table; ``at_min`` are the same goals from host-min times (a loaded machine only adds time, so the
+    min shows whether a miss is noise). Status is judged on the medians."""
+    lines = ["| goal | measured | at host min | target | status |", "|---|---:|---:|---|---|"]
+    for g, m in zip(goals, at_min):
+        lines.append(
+            f"| {g['name']} | {fmt(g['value'], '.3g')} | {fmt(m['value'], '.3g')} | {g['target']} | **{g['status']}** |"
+        )
     return lines + [""]
 
 
@@ -423,7 +427,14 @@ def build_report(rows: list[dict], meta: dict, plots: list[str], bandwidth: floa
         "## DESIGN section 4 goals",
         "",
     ]
-    lines += goal_lines(gpu_goals(rows, bandwidth) if on_gpu else cpu_goals(rows))
+    at_min = [dict(r, time_s=r["min_s"]) for r in rows]
+    for r in at_min:
+        if "lora_bytes" in r:
+            r["gbps"] = r["lora_bytes"] / r["min_s"] / 1e9
+    if on_gpu:
+        lines += goal_lines(gpu_goals(rows, bandwidth), gpu_goals(at_min, bandwidth))
+    else:
+        lines += goal_lines(cpu_goals(rows), cpu_goals(at_min))
     if not on_gpu:
         lines += ["GPU goals: not measured in this run (no GPU); see a GPU report for them.", ""]
     lines += ["Bitwise determinism (DESIGN 4) is checked by the test suite (tests/), not timed here.", ""]
