@@ -449,6 +449,15 @@ def build_report(rows: list[dict], meta: dict, plots: list[str], bandwidth: floa
     return "\n".join(lines)
 
 
+def matplotlib_ready() -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")  # files only; headless GPU machines have no display
+    return True
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json", nargs="+", type=Path, help="pytest-benchmark JSON files (--benchmark-json output)")
@@ -461,6 +470,9 @@ def main(argv: list[str] | None = None) -> Path:
     stem = f"{device_slug(rows)}-{meta.get('datetime', '')[:10] or 'undated'}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     plots = []
+    if not args.no_plots and not matplotlib_ready():
+        print("report.py: matplotlib is not installed; writing the report without plots")
+        args.no_plots = True
     if not args.no_plots:
         for suffix, plot in (("ops", plot_ops), ("step", plot_steps), ("memory", plot_memory)):
             name = f"{stem}-{suffix}.png"
