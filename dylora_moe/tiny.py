@@ -107,6 +107,7 @@ def load_or_build_tiny(cache_dir: str | Path, texts: Sequence[str], config: Tiny
         model = build_tiny_model(config, tokenizer)
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        staging.chmod(0o755)  # mkdtemp makes it private; the renamed folder is a normal model folder
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:

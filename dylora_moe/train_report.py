@@ -1,0 +1,183 @@
+"""End-of-run report of train.py: ``summary.md`` (per-domain table, expert utilisation per domain, training
+metrics) and two PNG plots (loss curves; expert utilisation per domain and over training).
+
+Reads only plain dicts (the evaluation metrics and the records of ``metrics.jsonl``), so a report can be rebuilt
+from a finished run's files. Plots use matplotlib's object API (no pyplot global state, no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+LOSS_PLOT, UTIL_PLOT = "loss.png", "utilization.png"
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (one JSON object a line)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def domain_metrics(metrics: dict[str, float], domains: list[str], num_experts: int) -> dict[str, dict]:
+    """``{domain: {loss, ppl, util: [E], entropy}}`` from the flat ``eval_<domain>_*`` keys of ``Trainer.evaluate``."""
+    out = {}
+    for d in domains:
+        p = f"eval_{d}_"
+        loss = metrics[p + "loss"]
+        out[d] = {
+            "loss": loss,
+            "ppl": metrics.get(p + "ppl", math.exp(min(loss, 700.0))),
+            "util": [metrics.get(f"{p}util_expert_{e}", float("nan")) for e in range(num_experts)],
+            "entropy": metrics.get(p + "router_entropy", float("nan")),
+        }
+    return out
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def domain_table(initial: dict[str, dict], final: dict[str, dict]) -> str:
+    """Markdown table: per domain, eval loss and perplexity before and after training."""
+    rows = []
+    for d in final:
+        a, b = initial[d], final[d]
+        rows.append(
+            [
+                d,
+                f"{a['loss']:.4f}",
+                f"{b['loss']:.4f}",
+                f"{b['loss'] - a['loss']:+.4f}",
+                f"{a['ppl']:.2f}",
+                f"{b['ppl']:.2f}",
+            ]
+        )
+    return _table(["domain", "initial loss", "final loss", "change", "initial ppl", "final ppl"], rows)
+
+
+def utilization_table(final: dict[str, dict]) -> str:
+    """Markdown table: per domain, each expert's share of the routed tokens and the router entropy (final model)."""
+    num_experts = len(next(iter(final.values()))["util"])
+    rows = [[d, *(f"{u:.3f}" for u in m["util"]), f"{m['entropy']:.3f}"] for d, m in final.items()]
+    return _table(["domain", *(f"expert {e}" for e in range(num_experts)), "router entropy (nats)"], rows)
+
+
+def training_logs(records: list[dict]) -> list[dict]:
+    """The training-step records (those with a ``loss``), one per step (a resumed run's re-logged steps: the last)."""
+    by_step = {r["step"]: r for r in records if "loss" in r and "eval_loss" not in r}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def training_table(logs: list[dict], num_experts: int, max_rows: int = 12) -> str:
+    """Markdown table of logged training steps (evenly thinned to ``max_rows``, first and last kept)."""
+    if len(logs) > max_rows:
+        keep = sorted({round(i * (len(logs) - 1) / (max_rows - 1)) for i in range(max_rows)})
+        logs = [logs[i] for i in keep]
+    header = ["step", "loss", "lm loss", "balance loss", "router entropy", "tokens/s", "peak MiB"]
+    header += [f"util e{e}" for e in range(num_experts)]
+    rows = []
+    for r in logs:
+        row = [str(r["step"]), f"{r['loss']:.4f}", f"{r.get('lm_loss', float('nan')):.4f}"]
+        row += [f"{r.get('balance_loss', float('nan')):.5f}", f"{r.get('router_entropy', float('nan')):.3f}"]
+        row += [f"{r.get('tokens_per_s', float('nan')):.0f}", f"{r.get('peak_mem_mb', float('nan')):.0f}"]
+        row += [f"{r.get(f'util_expert_{e}', float('nan')):.3f}" for e in range(num_experts)]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def plot_losses(path: Path, logs: list[dict], evals: dict[str, list[tuple[int, float]]]) -> None:
+    """Training LM loss per logged step, and each domain's eval loss at each evaluation."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([r["step"] for r in logs], [r.get("lm_loss", r["loss"]) for r in logs], label="train (LM loss)")
+    for domain, points in evals.items():
+        ax.plot([s for s, _ in points], [v for _, v in points], "o--", label=f"eval {domain}")
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_utilization(path: Path, final: dict[str, dict], logs: list[dict], num_experts: int) -> None:
+    """Left: each expert's share of routed tokens per domain (final model). Right: shares over training."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    width = 0.8 / max(len(final), 1)
+    for i, (domain, m) in enumerate(final.items()):
+        left.bar([e + (i - (len(final) - 1) / 2) * width for e in range(num_experts)], m["util"], width, label=domain)
+    left.set(xlabel="expert", ylabel="share of routed tokens", title="Expert utilisation per domain (final)")
+    left.set_xticks(range(num_experts))
+    left.legend()
+    for e in range(num_experts):
+        right.plot(
+            [r["step"] for r in logs], [r.get(f"util_expert_{e}", float("nan")) for r in logs], label=f"expert {e}"
+        )
+    right.set(xlabel="optimizer step", ylabel="share of routed tokens", title="Expert utilisation in training")
+    right.legend()
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def eval_history(records: list[dict], domains: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """``{domain: [(step, eval loss), ...]}`` from the evaluation records of ``metrics.jsonl``."""
+    history: dict[str, dict[int, float]] = {d: {} for d in domains}
+    for r in records:
+        for d in domains:
+            if f"eval_{d}_loss" in r:
+                history[d][r["step"]] = r[f"eval_{d}_loss"]
+    return {d: sorted(points.items()) for d, points in history.items()}
+
+
+def write_report(
+    output_dir: str | Path,
+    *,
+    initial: dict[str, float],
+    final: dict[str, float],
+    domains: list[str],
+    num_experts: int,
+    run_info: dict[str, str],
+) -> Path:
+    """Write ``summary.md``, ``loss.png`` and ``utilization.png`` into ``output_dir``; returns the summary's path."""
+    output_dir = Path(output_dir)
+    records = read_metrics(output_dir / "metrics.jsonl") if (output_dir / "metrics.jsonl").is_file() else []
+    logs = training_logs(records)
+    first, last = domain_metrics(initial, domains, num_experts), domain_metrics(final, domains, num_experts)
+    plot_losses(output_dir / LOSS_PLOT, logs, eval_history(records, domains))
+    plot_utilization(output_dir / UTIL_PLOT, last, logs, num_experts)
+    info = "\n".join(f"- {key}: {value}" for key, value in run_info.items())
+    text = f"""# DyLoRA-MoE training summary
+
+{info}
+
+## Evaluation per domain (initial = before training, final = the model kept at the end)
+
+{domain_table(first, last)}
+
+## Expert utilisation per domain (final model; share of routed tokens)
+
+{utilization_table(last)}
+
+## Training (logged steps)
+
+{training_table(logs, num_experts) if logs else "No training step was logged."}
+
+![loss curves]({LOSS_PLOT})
+
+![expert utilisation]({UTIL_PLOT})
+"""
+    path = output_dir / "summary.md"
+    path.write_text(text)
+    return path

@@ -1,0 +1,252 @@
+"""The HF Trainer around DyLoRA_MoE: routing metrics, per-domain evaluation, expert-only atomic checkpoints.
+
+What the stock Trainer (transformers 5) does not do for this model, and this module adds:
+
+- Logging: each logging step gets the LM loss, the load-balance loss, the router entropy, each expert's share of
+  the routed tokens, tokens per second and peak memory, averaged over the steps since the last log and over all
+  processes; :class:`MetricsFile` appends every log to ``metrics.jsonl`` (integrations such as wandb get the same
+  dict through ``Trainer.log``).
+- Evaluation: the same routing statistics per evaluation set, plus perplexity (``eval_<domain>_ppl``).
+- Saving: ``DyLoRA_MoE`` is not a PreTrainedModel, so the stock Trainer would write its whole state dict (the frozen
+  base included, which fails on tied embeddings); :meth:`MoETrainer._save` writes experts + router through
+  ``save_pretrained`` instead, and checkpoints are staged under a temporary name and renamed when complete, so a
+  save cut short never leaves a ``checkpoint-N`` that resume would load.
+- Resume and best-model reload read those files back into the live model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+STAGING_PREFIX = ".staging-"
+
+
+class RoutingStats:
+    """Token-weighted sums of a model output's routing statistics between two reads.
+
+    One float64 vector ``[tokens, lm_loss, balance_loss, router_entropy, share of expert 0..E-1]`` (fixed layout, so
+    processes can sum it), kept on the model's device so accumulating costs no host sync; :meth:`read` syncs once and
+    sums over processes (every process must call it, as the Trainer's logging and evaluation do).
+    """
+
+    KEYS = ("lm_loss", "balance_loss", "router_entropy")
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.sums: torch.Tensor | None = None
+        self.seconds, self.running_since = 0.0, None
+
+    def start_clock(self) -> None:
+        self.running_since = time.perf_counter()
+
+    def stop_clock(self) -> None:
+        if self.running_since is not None:
+            self.seconds += time.perf_counter() - self.running_since
+            self.running_since = None
+
+    def add(self, output, attention_mask: torch.Tensor) -> None:
+        tokens = attention_mask.sum().to(torch.float64)
+        zero = tokens.new_zeros(())
+        values = [getattr(output, key, None) for key in self.KEYS]
+        values = [zero if v is None else v.detach().to(torch.float64).reshape(()) for v in values]
+        shares = output.expert_token_fraction.detach().to(torch.float64).reshape(-1)
+        row = torch.cat([tokens.new_ones(1), torch.stack(values), shares]) * tokens
+        self.sums = row if self.sums is None else self.sums + row
+
+    def read(self) -> dict[str, float]:
+        """Token-weighted means since the last read (``util_expert_i`` per expert), the ``tokens`` routed and the
+        ``seconds`` the clock ran; resets. Empty when no process added anything."""
+        sums = self.sums if self.sums is not None else torch.zeros(4 + self.num_experts, dtype=torch.float64)
+        running = self.running_since is not None
+        self.stop_clock()
+        elapsed = self.seconds
+        if dist.is_available() and dist.is_initialized():
+            sums = sums.to(_collective_device())
+            dist.all_reduce(sums)
+        sums = sums.cpu()  # the one host sync per log
+        self.sums, self.seconds = None, 0.0
+        if running:
+            self.start_clock()
+        tokens = float(sums[0])
+        if tokens == 0:
+            return {}
+        out = {key: float(value) / tokens for key, value in zip(self.KEYS, sums[1:4])}
+        out.update({f"util_expert_{e}": float(share) / tokens for e, share in enumerate(sums[4:])})
+        out["tokens"], out["seconds"] = tokens, elapsed
+        return out
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def peak_memory_mb() -> float:
+    """Peak CUDA memory allocated by this process (GPU), else its peak resident set size (CPU), in MiB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+class MetricsFile(TrainerCallback):
+    """Appends every log (training and evaluation) to ``<output_dir>/metrics.jsonl``, from the main process only."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class StepClock(TrainerCallback):
+    """Runs the training clock of ``stats`` from the start to the end of each optimizer step, so tokens/s leaves out
+    evaluation and checkpointing. (The Trainer checks each micro-batch's loss for NaN, a host sync, so on a GPU the
+    host-side clock follows the device closely.)"""
+
+    def __init__(self, stats: RoutingStats):
+        self.stats = stats
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.stats.start_clock()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.stats.stop_clock()
+
+
+class DomainEarlyStopping(EarlyStoppingCallback):
+    """Early stopping on ``metric_for_best_model`` when the evaluation set is a dict: each domain's evaluation
+    reports its own metrics, and only the one carrying the watched metric counts (the others are skipped quietly
+    instead of warning)."""
+
+    def on_evaluate(self, args, state, control, metrics, **kwargs):
+        key = args.metric_for_best_model
+        if (key if key.startswith("eval_") else f"eval_{key}") in metrics:
+            super().on_evaluate(args, state, control, metrics, **kwargs)
+
+
+class MoETrainer(Trainer):
+    """Trainer for :class:`~dylora_moe.model.DyLoRA_MoE`: routing metrics, per-domain evaluation, expert-only
+    checkpoints written atomically. ``load_weights(model, folder)`` reads a checkpoint written by ``_save`` back into
+    the live model (resume, best-model reload)."""
+
+    def __init__(self, *args, load_weights, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.load_weights = load_weights
+        num_experts = self.accelerator.unwrap_model(self.model).num_experts
+        self.train_stats, self.eval_stats = RoutingStats(num_experts), RoutingStats(num_experts)
+        self.add_callback(StepClock(self.train_stats))
+
+    # ----- loss and metrics --------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"])
+        (self.train_stats if model.training else self.eval_stats).add(outputs, inputs["attention_mask"])
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log (evaluation logs carry eval_* keys and were completed below)
+            stats = self.train_stats.read()
+            if stats:
+                logs["lm_loss"] = stats["lm_loss"]
+                logs["balance_loss"] = stats["balance_loss"]
+                logs["router_entropy"] = stats["router_entropy"]
+                logs.update({k: v for k, v in stats.items() if k.startswith("util_expert_")})
+                logs["tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
+            logs["peak_mem_mb"] = peak_memory_mb()
+        super().log(logs, start_time)
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        self.eval_stats.read()  # drop anything left from an interrupted loop
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        stats = self.eval_stats.read()
+        for key, value in stats.items():
+            if key not in ("lm_loss", "tokens", "seconds"):  # eval loss is the LM loss already
+                output.metrics[f"{metric_key_prefix}_{key}"] = value
+        loss = output.metrics.get(f"{metric_key_prefix}_loss")
+        if loss is not None:
+            output.metrics[f"{metric_key_prefix}_ppl"] = math.exp(min(loss, 700.0))
+        return output
+
+    # ----- saving and loading ------------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Experts (peft format) + router + config through the model's ``save_pretrained``; tokenizer; args.
+
+        ``save_pretrained`` replaces its folder whole, so with no folder given this writes ``<output_dir>/final``,
+        never the run folder itself (which holds the checkpoints and metrics)."""
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or os.path.join(self.args.output_dir, "final")
+        os.makedirs(output_dir, exist_ok=True)
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The stock checkpoint (model, optimizer, scheduler, RNG, trainer state), staged then renamed."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final, staging = os.path.join(run_dir, name), os.path.join(run_dir, STAGING_PREFIX + name)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.store_flos()
+        self.save_model(staging, _internal_call=True)  # main process; replaces the folder whole, so it goes first
+        self._barrier()
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(staging)
+            self._save_scaler(staging)
+            self._save_rng_state(staging)  # one file per process
+        best_step = self.state.best_global_step
+        if best_step:
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")
+            if best_step == self.state.global_step or os.path.isdir(best):
+                self.state.best_model_checkpoint = best
+        if self.args.should_save:
+            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
+                name_cb = cb.__class__.__name__
+                if isinstance(self.state.stateful_callbacks.get(name_cb), list):
+                    self.state.stateful_callbacks[name_cb].append(cb.state())
+                else:
+                    self.state.stateful_callbacks[name_cb] = cb.state()
+            self.state.save_to_json(os.path.join(staging, "trainer_state.json"))
+        self._barrier()  # every process has written its part
+        if self.args.should_save:
+            if os.path.isdir(final):  # a checkpoint of the same step from an earlier run: replace it whole
+                shutil.rmtree(final)
+            os.rename(staging, final)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self._barrier()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self.load_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self.load_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
