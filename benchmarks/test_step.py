@@ -58,7 +58,7 @@ BACKENDS = ["triton", "eager", "reference"]
 ROUTINGS = ["sequence", "token"]
 EXPERTS = [4, 2, 8]  # E = 4 first (and peft before all): the goals need them if a time limit cuts the run
 MODES = ["train", "fwd"]
-STEP_ROUNDS, STEP_WARMUP = (5, 2) if HAS_CUDA else (5, 1)
+STEP_ROUNDS, STEP_WARMUP = (5, 2) if HAS_CUDA else (7, 1)
 TOP_K = 1
 DROPOUT = 0.05
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
