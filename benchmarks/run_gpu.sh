@@ -21,7 +21,7 @@ die() { echo "run_gpu.sh: ERROR: $*" >&2; exit 2; }
 # The ops import as dylora_moe.kernels only through the installed package-dir mapping (kernels/ -> dylora_moe.kernels),
 # so PYTHONPATH alone cannot work: this checkout must be installed (editable, no dependency changes).
 this_checkout() {
-    "$PY" - <<'EOF' 2>/dev/null
+    "$PY" - <<'EOF' 2>"${IMPORT_LOG:-/dev/null}"
 import os, dylora_moe, dylora_moe.kernels, dylora_moe.model
 assert os.path.samefile(os.path.dirname(dylora_moe.__file__), "dylora_moe"), dylora_moe.__file__
 assert os.path.samefile(os.path.dirname(dylora_moe.kernels.__file__), "kernels"), dylora_moe.kernels.__file__
@@ -32,7 +32,8 @@ if ! this_checkout; then
     "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
         || "$PY" -m pip install -q --no-deps --no-build-isolation --break-system-packages -e . \
         || die "pip could not install this checkout (editable); install it by hand, then rerun"
-    this_checkout || die "dylora_moe / dylora_moe.kernels still do not import from this checkout after pip install -e ."
+    IMPORT_LOG=/dev/stderr this_checkout \
+        || die "dylora_moe / dylora_moe.kernels do not import from this checkout after pip install -e . (see above)"
 fi
 "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || die "no CUDA device visible to torch"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
