@@ -6,7 +6,7 @@
 #   bash benchmarks/run_gpu.sh [OUT_DIR]          OUT_DIR defaults to benchmarks/results
 #
 # Environment: PYTHON (default python3); SKIP_TESTS=1 skips tests/; TEST_TIMEOUT / OPS_TIMEOUT / STEP_TIMEOUT
-# (seconds, defaults 180 / 120 / 240) bound each phase so one that hangs cannot eat the others' time.
+# (seconds, defaults 150 / 120 / 240) bound each phase so one that hangs cannot eat the others' time.
 # Exit status: 0 when every phase passed, 1 when a phase failed or timed out (the report still covers what ran),
 # 2 when the set-up is wrong (no CUDA, package not importable).
 set -uo pipefail
@@ -52,7 +52,7 @@ phase() {  # phase NAME TIMEOUT CMD...: run, report its status, remember a failu
 }
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    phase "tests (GPU)" "${TEST_TIMEOUT:-180}" "$PY" -m pytest tests/ -q -p no:cacheprovider
+    phase "tests (GPU)" "${TEST_TIMEOUT:-150}" "$PY" -m pytest tests/ -q -p no:cacheprovider
 fi
 
 stem=$("$PY" -c "import re, time, torch

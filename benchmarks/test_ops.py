@@ -89,10 +89,10 @@ def saved_extra_elems(forward, inputs) -> int:
 
 def make_moe_inputs(shape: OpShape):
     """x, stacked A/B, routing (ids, weights from a tempered softmax top-k), the frozen base weight, dy."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)  # on the device: 8192 x 4096 randn on a CPU costs seconds
 
     def randn(*size, scale=1.0):
-        return (torch.randn(*size, generator=gen) * scale).to(device=DEVICE, dtype=DTYPE)
+        return (torch.randn(*size, generator=gen, device=DEVICE) * scale).to(DTYPE)
 
     x = randn(shape.tokens, shape.d_in).requires_grad_()
     lora_a = randn(shape.experts, shape.rank, shape.d_in, scale=shape.d_in**-0.5).requires_grad_()
@@ -184,8 +184,8 @@ def test_router(bench, tokens, experts, top_k, provider):
     if provider == "triton" and not HAS_CUDA:
         pytest.skip("backend triton is timed on a CUDA GPU only (the CPU interpreter is not a speed path)")
     bench.benchmark.group = f"router T{tokens}-E{experts}-k{top_k} fwd"
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    logits = torch.randn(tokens, experts, generator=gen).to(device=DEVICE, dtype=DTYPE)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    logits = torch.randn(tokens, experts, generator=gen, device=DEVICE).to(DTYPE)
     if provider == "torch_seq":
 
         def fn():
