@@ -280,3 +280,23 @@ def test_bad_input():
         moe.expert_manager.create_expert(r=8)
     with pytest.raises(IndexError, match="does not exist"):
         moe.expert_manager.set_active_expert(2)
+
+
+@pytest.mark.parametrize("head", ["bias", "softcap"])
+def test_sequence_mixture_with_other_output_heads(head):
+    """A head with a bias (counted once per unit of weight) and a soft-capped head (not linear: per-pair logits,
+    one at a time) still give the reference's mixture of E full logit tensors."""
+    moe = build(num_experts=3, top_k=2, routing="sequence", sequence_top_k=2).train()
+    if head == "bias":
+        lm_head = moe.foundation_model.lm_head
+        moe.foundation_model.lm_head = torch.nn.Linear(32, 100, bias=True).requires_grad_(False)
+        moe.foundation_model.lm_head.weight.data.copy_(lm_head.weight)
+        moe.foundation_model.lm_head.bias.data.normal_()
+    else:
+        moe.foundation_model.config.final_logit_softcapping = 0.5
+    inputs = batch()
+    want, want_grads = run(moe, "reference", inputs)
+    got, got_grads = run(moe, "eager", inputs)
+    assert_close(got.logits, want.logits, torch.float32)
+    for name in want_grads:
+        assert_close(got_grads[name], want_grads[name], torch.float32, msg=name)
