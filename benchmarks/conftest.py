@@ -71,7 +71,7 @@ def device_name() -> str:
         brand = cpuinfo.get_cpu_info().get("brand_raw", "")
     except ImportError:
         brand = platform.processor()
-    return f"{brand or platform.machine()} ({torch.get_num_threads()} threads)"
+    return f"{brand or platform.machine()}, torch threads={torch.get_num_threads()}"
 
 
 def _cpu_peak_extra_bytes(fn) -> int | None:
