@@ -111,6 +111,7 @@ def moe_lora(
     dropout_mask: torch.Tensor | None = None,
     backend: str = "auto",
     validate_ids: bool = True,
+    triton_path: str = "auto",
 ) -> torch.Tensor:
     """LoRA delta of a mixture of experts: ``y[t] = scaling * sum_j w[t,j] * B[e[t,j]] A[e[t,j]] x~[t]``.
 
@@ -123,6 +124,7 @@ def moe_lora(
         dropout_mask: optional [..., d_in] multiplier on x for the LoRA input (already scaled by 1/(1-p)).
         backend: "auto" | "triton" | "eager" | "loop" (see the module docstring).
         validate_ids: check ids are in [0, E) (one host sync on a GPU).
+        triton_path: "auto" | "stacked" | "grouped": the Triton formulation (see moe_lora_triton.choose_path).
 
     Returns the delta [..., d_out] in x's dtype; add it to the base layer's output.
     Gradients flow to x, lora_a, lora_b and expert_weights (DESIGN 3); deterministic on every backend.
@@ -137,7 +139,7 @@ def moe_lora(
     if backend == "triton":
         from .moe_lora_triton import moe_lora_triton
 
-        out = moe_lora_triton(x2, lora_a, lora_b, ids2, w2, float(scaling), mask2)
+        out = moe_lora_triton(x2, lora_a, lora_b, ids2, w2, float(scaling), mask2, path=triton_path)
     elif backend == "loop":
         out = eager.moe_lora_loop(x2, lora_a, lora_b, ids2, w2, scaling, mask2)
     else:

@@ -211,6 +211,19 @@ def _backward(ctx, grad_y, _grad_s, _grad_h):
 moe_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Above this stacked rank width (E * R), with sparse routing, the grouped path computes only the K selected
+# experts per token instead of all E. A first estimate from the bytes each path streams (stacked: one pass over
+# x per 128 rank columns; grouped: 3K + 1 passes), not yet tuned on a GPU.
+GROUPED_MIN_RANK_WIDTH = 512
+PATHS = ("auto", "stacked", "grouped")
+
+
+def choose_path(num_experts: int, rank: int, top_k: int) -> str:
+    """The Triton path for these sizes: "stacked" (all experts as one rank space) or "grouped" (sorted pairs)."""
+    sparse = top_k < num_experts
+    return "grouped" if sparse and num_experts * rank > GROUPED_MIN_RANK_WIDTH else "stacked"
+
+
 def moe_lora_triton(
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -219,10 +232,24 @@ def moe_lora_triton(
     expert_weights: torch.Tensor,
     scaling: float,
     dropout_mask: torch.Tensor | None = None,
+    path: str = "auto",
 ) -> torch.Tensor:
-    """Triton MoE-LoRA delta for flat inputs x [T, D_in] -> [T, D_out] (validated by moe_lora)."""
+    """Triton MoE-LoRA delta for flat inputs x [T, D_in] -> [T, D_out] (validated by moe_lora).
+
+    ``path`` forces "stacked" or "grouped" (tests, benchmarks); "auto" picks with :func:`choose_path`.
+    """
     if x.dtype not in _ACTIVATION_DTYPES:
         raise TypeError(f"the Triton moe_lora supports {_ACTIVATION_DTYPES}; got {x.dtype}")
-    gate = dense_gate(expert_ids, expert_weights, lora_a.shape[0]) * scaling
+    if path not in PATHS:
+        raise ValueError(f"unknown Triton path {path!r}; expected one of {', '.join(PATHS)}")
+    num_experts, rank, _ = lora_a.shape
+    if path == "auto":
+        path = choose_path(num_experts, rank, expert_ids.shape[1])
+    if path == "grouped" and x.shape[0] > 0:
+        from .moe_lora_grouped import moe_lora_grouped_fwd
+
+        coef = expert_weights.float() * scaling
+        return moe_lora_grouped_fwd(x, lora_a, lora_b, expert_ids, coef, dropout_mask)[0]
+    gate = dense_gate(expert_ids, expert_weights, num_experts) * scaling
     y, _, _ = moe_lora_fwd(x, lora_a, lora_b, gate, dropout_mask)
     return y

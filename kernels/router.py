@@ -191,11 +191,17 @@ def _topk_route_bwd_kernel(
         slots = tl.arange(0, BLOCK_KC)
         for k0 in range(0, K, BLOCK_KC):  # BLOCK_KC slots at a time: [BLOCK_T, BLOCK_KC, BLOCK_E] compares
             slot_mask = row_ok[:, None] & (k0 + slots < K)[None, :]
-            ids_c = tl.load(ids_ptr + rows64[:, None] * stride_it + (k0 + slots)[None, :] * stride_ik, mask=slot_mask, other=-1)
+            ids_c = tl.load(
+                ids_ptr + rows64[:, None] * stride_it + (k0 + slots)[None, :] * stride_ik, mask=slot_mask, other=-1
+            )
             hit = ids_c[:, :, None] == cols[None, None, :]
             sel = sel | (tl.max(hit.to(tl.int32), axis=1) > 0)
             if HAS_DWEIGHTS:
-                dw_c = tl.load(dweights_ptr + rows64[:, None] * stride_wt + (k0 + slots)[None, :] * stride_wk, mask=slot_mask, other=0.0)
+                dw_c = tl.load(
+                    dweights_ptr + rows64[:, None] * stride_wt + (k0 + slots)[None, :] * stride_wk,
+                    mask=slot_mask,
+                    other=0.0,
+                )
                 g += tl.sum(tl.where(hit, dw_c.to(tl.float32)[:, :, None], 0.0), axis=1)
         if HAS_DDENSE:
             ddense_offs = rows64[:, None] * stride_dt + cols[None, :] * stride_de

@@ -45,9 +45,10 @@ def run_with_grads(fn, x, lora_a, lora_b, ids, weights, grad_seed=1):
     return (y, *torch.autograd.grad(y, (x, lora_a, lora_b, weights), grad_y))
 
 
-def check_against_formula(backend, dtype, T, d_in, d_out, E, r, k, scaling=2.0, **kw):
+def check_against_formula(backend, dtype, T, d_in, d_out, E, r, k, scaling=2.0, triton_path="auto", **kw):
     x, a, b, ids, w = make_inputs(T, d_in, d_out, E, r, k, dtype, **kw)
-    got = run_with_grads(lambda *args: ops.moe_lora(*args, scaling, backend=backend), x, a, b, ids, w)
+    op = lambda *args: ops.moe_lora(*args, scaling, backend=backend, triton_path=triton_path)  # noqa: E731
+    got = run_with_grads(op, x, a, b, ids, w)
     want = run_with_grads(lambda *args: per_token_formula(*args, scaling), x, a, b, ids, w)
     # Gradients of A and B sum over up to T tokens: widen the bound with the reduction length.
     scales = (1, 1, (1 + T / 64), (1 + T / 64), 1)
@@ -85,10 +86,15 @@ TRITON_CASES = [
 ]
 
 
+# Both Triton formulations: all experts as one stacked rank space, and (token, slot) pairs sorted by expert.
+TRITON_PATHS = ("stacked", "grouped")
+
+
+@pytest.mark.parametrize("path", TRITON_PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T,d_in,d_out,E,r,k", TRITON_CASES)
-def test_triton_matches_formula(T, d_in, d_out, E, r, k, dtype):
-    check_against_formula("triton", dtype, T, d_in, d_out, E, r, k)
+def test_triton_matches_formula(T, d_in, d_out, E, r, k, dtype, path):
+    check_against_formula("triton", dtype, T, d_in, d_out, E, r, k, triton_path=path)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -96,47 +102,55 @@ def test_eager_low_precision_matches_formula(dtype):
     check_against_formula("eager", dtype, 64, 80, 96, 4, 8, 2)
 
 
-@pytest.mark.parametrize("backend", ["eager", "triton", "loop"])
-def test_expert_without_tokens_gets_zero_gradient(backend):
+BACKENDS = [("eager", "auto"), ("triton", "stacked"), ("triton", "grouped")]
+BACKEND_IDS = ["eager", "triton-stacked", "triton-grouped"]
+
+
+def _op(backend, path, scaling, **kw):
+    return lambda *t: ops.moe_lora(*t, scaling, backend=backend, triton_path=path, **kw)
+
+
+@pytest.mark.parametrize("backend,path", BACKENDS + [("loop", "auto")], ids=BACKEND_IDS + ["loop"])
+def test_expert_without_tokens_gets_zero_gradient(backend, path):
     x, a, b, ids, w = make_inputs(40, 48, 80, 4, 8, 2, torch.float32, empty_expert=2)
-    _, _, da, db, _ = run_with_grads(lambda *t: ops.moe_lora(*t, 1.0, backend=backend), x, a, b, ids, w)
+    _, _, da, db, _ = run_with_grads(_op(backend, path, 1.0), x, a, b, ids, w)
     assert torch.all(da[2] == 0) and torch.all(db[2] == 0)
     assert torch.isfinite(da).all() and torch.isfinite(db).all()
     assert da[[0, 1, 3]].abs().sum() > 0 and db[[0, 1, 3]].abs().sum() > 0
 
 
-@pytest.mark.parametrize("backend", ["eager", "triton"])
-def test_perturbing_one_expert_changes_only_its_tokens(backend):
+@pytest.mark.parametrize("backend,path", BACKENDS, ids=BACKEND_IDS)
+def test_perturbing_one_expert_changes_only_its_tokens(backend, path):
     x, a, b, ids, w = make_inputs(50, 48, 80, 4, 8, 1, torch.float32)
     with torch.no_grad():
-        y0 = ops.moe_lora(x, a, b, ids, w, 1.0, backend=backend)
+        y0 = _op(backend, path, 1.0)(x, a, b, ids, w)
         b2 = b.clone()
         b2[1] += 0.5
-        y1 = ops.moe_lora(x, a, b2, ids, w, 1.0, backend=backend)
+        y1 = _op(backend, path, 1.0)(x, a, b2, ids, w)
     changed = (y1 - y0).abs().amax(dim=1) > 1e-4
     assert torch.equal(changed, ids[:, 0] == 1)
     assert changed.any()
 
 
-@pytest.mark.parametrize("backend", ["eager", "triton"])
-def test_dropout_mask_applies_to_lora_input(backend):
+@pytest.mark.parametrize("backend,path", BACKENDS, ids=BACKEND_IDS)
+def test_dropout_mask_applies_to_lora_input(backend, path):
     x, a, b, ids, w = make_inputs(33, 48, 80, 4, 8, 2, torch.float32)
     mask = (torch.rand(33, 48, generator=torch.Generator().manual_seed(3)) > 0.25).float().to(DEVICE) / 0.75
-    got = run_with_grads(lambda *t: ops.moe_lora(*t, 0.5, dropout_mask=mask, backend=backend), x, a, b, ids, w)
+    got = run_with_grads(_op(backend, path, 0.5, dropout_mask=mask), x, a, b, ids, w)
     want = run_with_grads(lambda *t: per_token_formula(*t, 0.5, mask=mask), x, a, b, ids, w)
     for g, e in zip(got, want):
         assert_close(g, e, torch.float32, scale=2)
 
 
-@pytest.mark.parametrize("backend", ["eager", "triton"])
-def test_non_contiguous_inputs_and_leading_dims(backend):
+@pytest.mark.parametrize("backend,path", BACKENDS, ids=BACKEND_IDS)
+def test_non_contiguous_inputs_and_leading_dims(backend, path):
     x, a, b, ids, w = make_inputs(24, 48, 80, 4, 8, 2, torch.float32)
     # x as a transposed view, A and B stored in a permuted memory layout, batch dims [2, 12].
     x_nc = x.detach().t().contiguous().t().requires_grad_()
     a_nc = a.detach().permute(0, 2, 1).contiguous().permute(0, 2, 1).requires_grad_()
     b_nc = b.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
     assert not (x_nc.is_contiguous() or a_nc.is_contiguous() or b_nc.is_contiguous())
-    y = ops.moe_lora(x_nc.view(2, 12, 48), a_nc, b_nc, ids.view(2, 12, 2), w.view(2, 12, 2), 2.0, backend=backend)
+    y = _op(backend, path, 2.0)(x_nc.view(2, 12, 48), a_nc, b_nc, ids.view(2, 12, 2), w.view(2, 12, 2))
     assert y.shape == (2, 12, 80)
     got = torch.autograd.grad(y.sum(), (x_nc, a_nc, b_nc, w))
     ref = per_token_formula(x, a, b, ids, w, 2.0)
@@ -149,15 +163,16 @@ def test_non_contiguous_inputs_and_leading_dims(backend):
 def test_repeated_expert_in_one_token_adds_weights():
     x, a, b, _, w = make_inputs(9, 48, 80, 4, 8, 2, torch.float32)
     ids = torch.full((9, 2), 3, device=DEVICE)
-    for backend in ("eager", "triton"):
-        got = ops.moe_lora(x, a, b, ids, w, 1.0, backend=backend)
+    for backend, path in BACKENDS:
+        got = _op(backend, path, 1.0)(x, a, b, ids, w)
         assert_close(got, per_token_formula(x, a, b, ids, w, 1.0), torch.float32)
 
 
-def test_triton_is_bitwise_deterministic():
+@pytest.mark.parametrize("path", TRITON_PATHS)
+def test_triton_is_bitwise_deterministic(path):
     x, a, b, ids, w = make_inputs(100, 48, 80, 4, 8, 2, torch.float32)
-    first = run_with_grads(lambda *t: ops.moe_lora(*t, 1.0, backend="triton"), x, a, b, ids, w)
-    second = run_with_grads(lambda *t: ops.moe_lora(*t, 1.0, backend="triton"), x, a, b, ids, w)
+    first = run_with_grads(_op("triton", path, 1.0), x, a, b, ids, w)
+    second = run_with_grads(_op("triton", path, 1.0), x, a, b, ids, w)
     for p, q in zip(first, second):
         assert torch.equal(p, q)
 
@@ -171,11 +186,12 @@ def test_loop_baseline_matches_eager():
 
 
 @requires_gpu
-def test_bf16_triton_error_is_within_twice_eager_error():
+@pytest.mark.parametrize("path", TRITON_PATHS)
+def test_bf16_triton_error_is_within_twice_eager_error(path):
     """flash-attention's rule: the kernel's bf16 error vs fp32 math is at most 2x eager bf16's, plus atol."""
     x, a, b, ids, w = make_inputs(512, 256, 384, 8, 16, 2, torch.bfloat16)
     exact = run_with_grads(lambda *t: per_token_formula(*t, 2.0), x, a, b, ids, w)
-    tri = run_with_grads(lambda *t: ops.moe_lora(*t, 2.0, backend="triton"), x, a, b, ids, w)
+    tri = run_with_grads(_op("triton", path, 2.0), x, a, b, ids, w)
     eag = run_with_grads(lambda *t: ops.moe_lora(*t, 2.0, backend="eager"), x, a, b, ids, w)
     for name, t, e, ref in zip(("y", "dx", "dA", "dB", "dw"), tri, eag, exact):
         err_t = (t.double() - ref).abs().max().item()
@@ -251,3 +267,16 @@ def test_triton_on_cpu_without_interpreter_names_the_fix(monkeypatch):
 def test_auto_backend_picks_eager_on_cpu_and_triton_on_cuda():
     assert ops.resolve_backend("auto", torch.device("cpu")) == "eager"
     assert ops.resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+def test_unknown_triton_path_is_rejected():
+    with pytest.raises(ValueError, match="unknown Triton path 'sorted'"):
+        ops.moe_lora(**_good(), backend="triton", triton_path="sorted")
+
+
+def test_auto_path_groups_only_sparse_routing_over_many_experts():
+    from dylora_moe.kernels.moe_lora_triton import choose_path
+
+    assert choose_path(num_experts=8, rank=16, top_k=2) == "stacked"  # DESIGN 4 reference case: E * R = 128
+    assert choose_path(num_experts=64, rank=16, top_k=2) == "grouped"
+    assert choose_path(num_experts=64, rank=16, top_k=64) == "stacked"  # dense routing uses every expert anyway
