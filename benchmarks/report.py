@@ -32,6 +32,7 @@ PEAK_GBPS = [
     ("L4", 300.0),
 ]
 MIB = 2**20
+BACKEND_COLORS = {"peft": "grey", "reference": "tab:red", "eager": "tab:blue", "triton": "tab:green"}
 
 
 def load_rows(paths: list[Path]) -> tuple[list[dict], dict]:
@@ -84,6 +85,11 @@ def mem_mib(row: dict | None):
     return None if value is None else value / MIB
 
 
+def peak_label(rows: list[dict]) -> str:
+    """GPU rows carry the whole peak; CPU rows only the extra allocated during the call (see conftest)."""
+    return "peak (MiB)" if any("peak_mem_bytes" in r for r in rows) else "peak extra (MiB)"
+
+
 def find(rows: list[dict], **match) -> dict | None:
     for row in rows:
         if all(row.get(key) == value for key, value in match.items()):
@@ -110,20 +116,26 @@ def op_tables(rows: list[dict]) -> list[str]:
         baseline = "loop" if members[0]["kind"] == "moe_lora" else "torch_seq"
         t_eager = time_of(members, provider="eager")
         t_base = time_of(members, provider=baseline)
+        lora = members[0]["kind"] == "moe_lora"  # LoRA bytes and saved activations exist for the LoRA op only
+        extra_head, extra_rule = (" LoRA GB/s | saved extra elems |", "---:|---:|") if lora else ("", "")
         lines += [
             f"### {group}",
             "",
-            f"| provider | time (ms) | host min (ms) | vs eager | vs {baseline} | LoRA GB/s | peak extra (MiB) "
-            "| saved extra elems |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            f"| provider | time (ms) | host min (ms) | vs eager | vs {baseline} | peak extra (MiB) |{extra_head}",
+            f"|---|---:|---:|---:|---:|---:|{extra_rule}",
         ]
         for row in members:
-            lines.append(
-                f"| {row['provider']} | {row['time_s'] * 1e3:.3f} | {row['min_s'] * 1e3:.3f} "
-                f"| {fmt(ratio(t_eager, row['time_s']), '.2f', 'x')} | {fmt(ratio(t_base, row['time_s']), '.2f', 'x')} "
-                f"| {fmt(row.get('gbps'), '.1f')} | {fmt(ratio(row.get('peak_extra_bytes'), MIB), '.2f')} "
-                f"| {fmt(row.get('saved_extra_elems'), 'd')} |"
-            )
+            cells = [
+                row["provider"],
+                f"{row['time_s'] * 1e3:.3f}",
+                f"{row['min_s'] * 1e3:.3f}",
+                fmt(ratio(t_eager, row["time_s"]), ".2f", "x"),
+                fmt(ratio(t_base, row["time_s"]), ".2f", "x"),
+                fmt(ratio(row.get("peak_extra_bytes"), MIB), ".2f"),
+            ]
+            if lora:
+                cells += [fmt(row.get("gbps"), ".1f"), fmt(row.get("saved_extra_elems"), "d")]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
@@ -141,7 +153,7 @@ def step_tables(rows: list[dict]) -> list[str]:
             f"### step {mode} ({first['shape']}, k={first.get('top_k', '-')})",
             "",
             "| E | routing | backend | time (ms) | host min (ms) | tokens/s | vs eager | vs reference "
-            "| tokens/s vs peft | peak (MiB) | memory vs peft |",
+            f"| tokens/s vs peft | {peak_label(members)} | memory vs peft |",
             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         order = {"peft": 0, "reference": 1, "eager": 2, "triton": 3}
@@ -352,11 +364,10 @@ def plot_steps(rows: list[dict], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 6), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         members = sorted((r for r in steps if r["mode"] == mode), key=lambda r: r["tokens_per_s"])
-        colors = {"peft": "grey", "reference": "tab:red", "eager": "tab:blue", "triton": "tab:green"}
         ax.barh(
             [step_label(r) for r in members],
             [r["tokens_per_s"] for r in members],
-            color=[colors[r["backend"]] for r in members],
+            color=[BACKEND_COLORS[r["backend"]] for r in members],
         )
         ax.set_xlabel("tokens/s (higher is better)")
         ax.set_title(f"{mode} step, {members[0]['shape']}")
@@ -374,18 +385,22 @@ def plot_memory(rows: list[dict], path: Path) -> bool:
 
     ops = [r for r in rows if r["kind"] == "moe_lora" and r["mode"] == "fwd+bwd" and r.get("peak_extra_bytes")]
     steps = [r for r in rows if r["kind"] == "step" and r["mode"] == "train" and mem_mib(r)]
-    panels = [(p, t) for p, t in ((ops, "op fwd+bwd: peak extra (MiB)"), (steps, "train step: peak (MiB)")) if p]
+    titles = ((ops, "op fwd+bwd: peak extra (MiB)"), (steps, f"train step: {peak_label(steps)}"))
+    panels = [(p, t) for p, t in titles if p]
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 6), squeeze=False)
     for ax, (members, title) in zip(axes[0], panels):
         if members[0]["kind"] == "step":
+            members = sorted(members, key=mem_mib)
             labels = [step_label(r) for r in members]
             values = [mem_mib(r) for r in members]
+            colors = [BACKEND_COLORS[r["backend"]] for r in members]
         else:
             labels = [f"{r['provider']} k={r['k']}" for r in members]
             values = [r["peak_extra_bytes"] / MIB for r in members]
-        ax.barh(labels, values)
+            colors = ["tab:green" if r["provider"] == "triton" else "tab:blue" for r in members]
+        ax.barh(labels, values, color=colors)
         ax.set_title(title)
         ax.tick_params(axis="y", labelsize=7)
     fig.suptitle(f"memory, {rows[0]['device_name']}, {rows[0]['dtype']}, {rows[0]['commit']}")

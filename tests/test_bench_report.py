@@ -101,6 +101,6 @@ def test_main_writes_report_and_plots(report, tmp_path):
     path = report.main([*files, "--out-dir", str(out)])
     assert path == out / "cpu-2026-11-25.md"
     text = path.read_text()
-    assert "| loop | 8.000 | 8.000 | 0.25x | 1.00x |" in text  # eager is 4x faster than the loop
+    assert "| loop | 8.000 | 8.000 | 0.25x | 1.00x | - | - | - |" in text  # eager is 4x faster than the loop
     assert "| 4 | token | eager | 200.0 |" in text and "**MET**" in text
     assert {p.name for p in out.glob("*.png")} == {f"cpu-2026-11-25-{n}.png" for n in ("ops", "step", "memory")}
