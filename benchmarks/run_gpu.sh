@@ -6,7 +6,7 @@
 #   bash benchmarks/run_gpu.sh [OUT_DIR]          OUT_DIR defaults to benchmarks/results
 #
 # Environment: PYTHON (default python3); SKIP_TESTS=1 skips tests/; TEST_TIMEOUT / OPS_TIMEOUT / STEP_TIMEOUT
-# (seconds, defaults 150 / 120 / 240) bound each phase so one that hangs cannot eat the others' time.
+# (seconds, defaults 150 / 150 / 240) bound each phase so one that hangs cannot eat the others' time.
 # Exit status: 0 when every phase passed, 1 when a phase failed or timed out (the report still covers what ran),
 # 2 when the set-up is wrong (no CUDA, package not importable).
 set -uo pipefail
@@ -58,7 +58,7 @@ fi
 stem=$("$PY" -c "import re, time, torch
 print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-') + time.strftime('-%Y-%m-%d', time.gmtime()))")
 # Two sessions, two JSON files: a timeout in the model-level phase still leaves the op-level results.
-phase "op benchmarks" "${OPS_TIMEOUT:-120}" "$PY" -m pytest benchmarks/test_ops.py --benchmark-only -q \
+phase "op benchmarks" "${OPS_TIMEOUT:-150}" "$PY" -m pytest benchmarks/test_ops.py --benchmark-only -q \
     -p no:cacheprovider --benchmark-json="$OUT/$stem-ops.json"
 phase "step benchmarks" "${STEP_TIMEOUT:-240}" "$PY" -m pytest benchmarks/test_step.py --benchmark-only -q \
     -p no:cacheprovider --benchmark-json="$OUT/$stem-step.json"

@@ -52,8 +52,13 @@ class OpShape:
         return f"T{self.tokens}-d{self.d_in}x{self.d_out}-E{self.experts}-r{self.rank}-k{self.top_k}"
 
 
-# DESIGN 4's reference case on a GPU (sparse k = 2 and dense k = E); small shapes on the CPU so the suite runs anywhere.
-GPU_SHAPES = [OpShape(8192, 4096, 4096, 8, 16, 2), OpShape(8192, 4096, 4096, 8, 16, 8)]
+# GPU: DESIGN 4's reference case (sparse k = 2 and dense k = E), plus many experts (E = 64, where the Triton op
+# groups tokens by expert instead of stacking). CPU: small shapes so the suite runs anywhere.
+GPU_SHAPES = [
+    OpShape(8192, 4096, 4096, 8, 16, 2),
+    OpShape(8192, 4096, 4096, 8, 16, 8),
+    OpShape(8192, 4096, 4096, 64, 16, 2),
+]
 CPU_SHAPES = [OpShape(512, 256, 256, 4, 8, 2), OpShape(512, 256, 256, 4, 8, 4)]
 SHAPES = GPU_SHAPES if HAS_CUDA else CPU_SHAPES
 MOE_PROVIDERS = ["triton", "eager", "loop", "lora_dense", "base", "base+moe_lora"]
