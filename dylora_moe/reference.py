@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import types
+import warnings
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -72,7 +73,9 @@ class ReferenceMoE:
             parent = base.get_submodule(parent_name)
             setattr(parent, child, getattr(parent, child).base_layer)
         config = lora_config(moe, names)
-        self.peft_model = get_peft_model(base, config, adapter_name=expert_name(0))
+        with warnings.catch_warnings():  # peft 0.21 calls transformers 5's deprecated is_gradient_checkpointing
+            warnings.simplefilter("ignore", FutureWarning)
+            self.peft_model = get_peft_model(base, config, adapter_name=expert_name(0))
         for i in range(1, self.num_experts):
             self.peft_model.add_adapter(expert_name(i), config)
         inner = self.peft_model.base_model.model
