@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .experts import ExpertManager
+from .kernels import resolve_backend
 from .layer import check_kernel
 from .router import DynamicHybridRouter, RouterOutput, balance_loss, router_entropy, z_loss
 from .routing import Routing
@@ -191,6 +192,8 @@ class DyLoRA_MoE(nn.Module):
     def set_kernel(self, name: str) -> None:
         """Run later forwards on backend ``name`` ("auto" | "triton" | "eager" | "reference"), same weights."""
         backend = check_kernel(name)
+        if backend == "triton":
+            resolve_backend("triton", self.device)  # fail now, naming the fix, rather than in the first forward
         self.handle.set_kernel(name)
         self.router.backend = "triton" if backend == "triton" else "eager"
         self.kernel = name

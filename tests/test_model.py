@@ -300,3 +300,10 @@ def test_sequence_mixture_with_other_output_heads(head):
     assert_close(got.logits, want.logits, torch.float32)
     for name in want_grads:
         assert_close(got_grads[name], want_grads[name], torch.float32, msg=name)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU error; a GPU runs the triton kernel natively")
+def test_triton_without_gpu_or_interpreter_names_the_fix(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        DyLoRA_MoE(tiny_llama(layers=1), num_experts=2, lora_r=4, kernel="triton")
