@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# DYLORA_MOE_AUTOTUNE=0 pins the first config of each list (the interpreter always does: it runs one config).
+# DYLORA_MOE_AUTOTUNE=0 pins the first config of each list that fits shared memory (the interpreter runs one).
 _AUTOTUNE = not _INTERPRET and os.environ.get("DYLORA_MOE_AUTOTUNE", "1") != "0"
 _KEY = ["N", "D", "T_BUCKET"]
 
@@ -29,32 +29,47 @@ def _configs(shapes: list[tuple], names: tuple[str, ...], interpreter_shape: tup
     """Configs from (block sizes..., num_warps, num_stages) tuples; one small config in the interpreter."""
     if _INTERPRET:
         return [triton.Config(dict(zip(names, interpreter_shape)))]
-    chosen = shapes if _AUTOTUNE else shapes[:1]
-    return [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1]) for c in chosen]
+    return [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1]) for c in shapes]
 
 
+_SMEM_BUDGET = 200 * 1024  # bytes; an H100 SM has 227 KiB, leave room for the compiler's own buffers
+
+
+def _fitting(tile_elements, elem_arg: str):
+    """An early_config_prune that drops configs whose pipelined tiles overflow shared memory for this dtype
+    (fp32 tiles are twice bf16's), and keeps only the first fitting one when autotuning is off."""
+
+    def prune(configs, named_args, **kwargs):
+        elem = named_args[elem_arg].element_size()
+        block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N", 128))
+        fits = [
+            c
+            for c in configs
+            if c.num_stages * tile_elements({"BLOCK_N": block_n, **c.kwargs}) * elem <= _SMEM_BUDGET
+        ]
+        fits = fits or configs[-1:]
+        return fits if _AUTOTUNE else fits[:1]
+
+    return prune
+
+
+# Config lists hold the fastest few of a sweep on an H100 at the DESIGN 4 shape (bf16, T=8192, D=4096, E*R=128;
+# benchmarks/results/NOTES.md), best first: the first one is what DYLORA_MOE_AUTOTUNE=0 pins.
 # (BLOCK_T, BLOCK_D, warps, stages); BLOCK_N is the whole rank width up to 128, chosen by the host.
 PROJ_CONFIGS = _configs(
-    [(64, 64, 4, 4), (32, 128, 4, 4), (32, 64, 4, 5), (16, 128, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3)],
+    [(64, 128, 4, 4), (64, 128, 8, 4), (32, 128, 4, 3), (32, 64, 4, 2)],
     ("BLOCK_T", "BLOCK_D"),
     (32, 32),
 )
 # (BLOCK_T, BLOCK_N, BLOCK_D, warps, stages); BLOCK_N is the chunk of the rank loop.
 EXPAND_CONFIGS = _configs(
-    [
-        (64, 32, 256, 4, 4),
-        (128, 32, 256, 8, 3),
-        (64, 64, 128, 4, 3),
-        (128, 64, 128, 8, 3),
-        (128, 128, 128, 8, 2),
-        (64, 128, 256, 8, 2),
-    ],
+    [(128, 64, 128, 4, 3), (128, 32, 128, 4, 3), (128, 64, 256, 8, 3), (64, 32, 64, 4, 2)],
     ("BLOCK_T", "BLOCK_N", "BLOCK_D"),
     (32, 32, 32),
 )
 # (BLOCK_D, BLOCK_T, warps, stages); BLOCK_N is the whole rank width up to 128; the host splits T.
 GRAD_CONFIGS = _configs(
-    [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (64, 128, 8, 3), (256, 64, 8, 3), (64, 32, 4, 2)],
+    [(128, 64, 8, 3), (128, 64, 4, 3), (256, 64, 8, 3), (64, 32, 4, 2)],
     ("BLOCK_D", "BLOCK_T"),
     (32, 32),
 )
@@ -62,7 +77,11 @@ GRAD_CONFIGS = _configs(
 GRAD_SPLIT_ALIGN = 256
 
 
-@triton.autotune(configs=PROJ_CONFIGS, key=_KEY)
+@triton.autotune(
+    configs=PROJ_CONFIGS,
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _fitting(lambda c: c["BLOCK_D"] * (c["BLOCK_T"] + c["BLOCK_N"]), "in_ptr")},
+)
 @triton.jit
 def _rank_proj_kernel(
     in_ptr,  # [T, D] activations (x or dy)
@@ -130,7 +149,11 @@ def _rank_proj_kernel(
     tl.store(gated_ptr + tile, (acc * g).to(gated_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=EXPAND_CONFIGS, key=_KEY)
+@triton.autotune(
+    configs=EXPAND_CONFIGS,
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _fitting(lambda c: c["BLOCK_N"] * (c["BLOCK_T"] + c["BLOCK_D"]), "in_ptr")},
+)
 @triton.jit
 def _rank_expand_kernel(
     in_ptr,  # [T, N] gated rank-space activations (H or V) in the activation dtype
@@ -187,7 +210,11 @@ def _rank_expand_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=GRAD_CONFIGS, key=_KEY)
+@triton.autotune(
+    configs=GRAD_CONFIGS,
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _fitting(lambda c: c["BLOCK_T"] * (c["BLOCK_N"] + c["BLOCK_D"]), "q_ptr")},
+)
 @triton.jit
 def _rank_grad_kernel(
     p_ptr,  # [T, N] gated rank-space activations (V for dA, H for dB) in the activation dtype

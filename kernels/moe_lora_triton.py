@@ -64,9 +64,9 @@ def _num_sms(device_index: int) -> int:
 
 
 def _grad_splits(num_tokens: int, rank_tiles: int, device: torch.device) -> int:
-    """Tokens per split of the weight-gradient reduction: enough programs for two waves of the GPU."""
+    """Tokens per split of the weight-gradient reduction: about one program per SM (best of 1x/4x on an H100)."""
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
-    splits = max(1, min(_cdiv(2 * sms, rank_tiles), _cdiv(num_tokens, K.GRAD_SPLIT_ALIGN)))
+    splits = max(1, min(_cdiv(sms, rank_tiles), _cdiv(num_tokens, K.GRAD_SPLIT_ALIGN)))
     return _cdiv(_cdiv(num_tokens, splits), K.GRAD_SPLIT_ALIGN) * K.GRAD_SPLIT_ALIGN
 
 

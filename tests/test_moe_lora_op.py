@@ -280,3 +280,19 @@ def test_auto_path_groups_only_sparse_routing_over_many_experts():
     assert choose_path(num_experts=8, rank=16, top_k=2) == "stacked"  # DESIGN 4 reference case: E * R = 128
     assert choose_path(num_experts=64, rank=16, top_k=2) == "grouped"
     assert choose_path(num_experts=64, rank=16, top_k=64) == "stacked"  # dense routing uses every expert anyway
+
+
+def test_config_pruning_keeps_fp32_tiles_inside_shared_memory():
+    import triton
+
+    from dylora_moe.kernels import moe_lora_kernels as K
+
+    configs = [
+        triton.Config({"BLOCK_T": 64, "BLOCK_D": 128}, num_stages=4),  # 192 KiB of bf16 tiles, 384 KiB in fp32
+        triton.Config({"BLOCK_T": 32, "BLOCK_D": 64}, num_stages=2),
+    ]
+    prune = K._fitting(lambda c: c["BLOCK_D"] * (c["BLOCK_T"] + c["BLOCK_N"]), "in_ptr")
+    fp32 = prune(configs, {"in_ptr": torch.empty(1)}, BLOCK_N=128)
+    bf16 = prune(configs, {"in_ptr": torch.empty(1, dtype=torch.bfloat16)}, BLOCK_N=128)
+    assert fp32 == configs[1:]
+    assert bf16[0] is configs[0]
