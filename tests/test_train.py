@@ -267,3 +267,18 @@ def test_cli_reports_data_error_cleanly(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: data directory")
     assert "Traceback" not in proc.stderr
+
+
+def test_report_to_auto_picks_wandb_offline_without_a_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc wandb login
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    if importlib.util.find_spec("wandb") is None:
+        assert train.resolve_report_to("auto", str(tmp_path)) == []
+        return
+    assert train.resolve_report_to("auto", str(tmp_path)) == ["wandb"]
+    assert os.environ["WANDB_MODE"] == "offline" and os.environ["WANDB_DIR"] == str(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # an explicit mode is respected
+    assert train.resolve_report_to("auto", str(tmp_path)) == ["wandb"] and os.environ["WANDB_MODE"] == "disabled"
+    assert train.resolve_report_to("none", str(tmp_path)) == []
+    assert train.resolve_report_to("wandb,tensorboard", str(tmp_path)) == ["wandb", "tensorboard"]
