@@ -164,3 +164,10 @@ def test_unknown_model_offline_says_hub_unreachable(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match=r"cannot reach the Hugging Face hub.*--model_name /path/to/model"):
         load_pretrained("no-such-org/no-such-model")
+
+
+def test_hub_source_offline_says_what_to_pass(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"could not load google-research-datasets/mbpp from the hub.*pass --data_dir"):
+        load_domain("hub", "mbpp")

@@ -62,8 +62,13 @@ def _train_logs(output_dir: Path) -> dict[int, dict]:
 def straight_run(tmp_path_factory):
     """4 steps, evaluation + checkpoint every 2, never interrupted."""
     out = tmp_path_factory.mktemp("straight")
-    torch.set_num_threads(1)
-    result = train.main([*TINY, "--kernel", "eager", "--max_steps", "4", "--eval_steps", "2", "--output_dir", str(out)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module-scoped: set up before the per-test thread fixture
+    try:
+        args = [*TINY, "--kernel", "eager", "--max_steps", "4", "--eval_steps", "2", "--output_dir", str(out)]
+        result = train.main(args)
+    finally:
+        torch.set_num_threads(threads)
     return out, result
 
 
