@@ -383,6 +383,7 @@ def main(argv=None) -> dict:
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
+    metrics_path = Path(args.output_dir) / "metrics.jsonl"
     trainer = MoETrainer(
         model=model,
         args=training_args,
@@ -390,7 +391,7 @@ def main(argv=None) -> dict:
         eval_dataset=corpus.eval,
         processing_class=tokenizer,
         callbacks=[
-            MetricsFile(Path(args.output_dir) / "metrics.jsonl"),
+            MetricsFile(metrics_path),
             DomainEarlyStopping(early_stopping_patience=args.early_stopping_patience),
         ],
         load_weights=load_checkpoint,
@@ -402,6 +403,8 @@ def main(argv=None) -> dict:
         if resume is None:
             raise FileNotFoundError(f"--resume_from_checkpoint: no complete checkpoint-N folder in {args.output_dir}")
         logger.info("resuming from %s", resume)
+    if resume is None and trainer.is_world_process_zero():
+        metrics_path.unlink(missing_ok=True)  # a fresh run starts a fresh log; a resumed one appends
 
     # Before training: the fresh experts (B = 0) are the base model, so this is the baseline even when resuming.
     initial = trainer.evaluate()
