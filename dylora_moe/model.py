@@ -273,8 +273,10 @@ class DyLoRA_MoE(nn.Module):
             and getattr(self.foundation_model.config, "final_logit_softcapping", None) is None
         ):
             # The head is linear: mix the hidden states, apply the head once (bias counted sum(w) times).
-            mixed = hidden.new_zeros(batch, *hidden.shape[1:]).index_add(0, rows, hidden * w[:, None, None])
-            logits = head(mixed)
+            # Summed in float32: one rounding to the model's dtype instead of one per pair.
+            mixed = hidden.new_zeros(batch, *hidden.shape[1:], dtype=torch.float32)
+            mixed = mixed.index_add(0, rows, hidden.float() * weights.float()[:, None, None])
+            logits = head(mixed.to(hidden.dtype))
             if head.bias is not None:
                 total = torch.zeros(batch, device=w.device, dtype=w.dtype).index_add(0, rows, w)
                 logits = logits + (total - 1)[:, None, None] * head.bias
