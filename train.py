@@ -292,26 +292,26 @@ def commit() -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    started = time.time()
+    from dylora_moe.data import DOMAINS, build_corpus, load_domain
+
+    logger.info("arguments: %s", vars(args) | {"token": "***" if args.token else None})
+    # ----- data, base model, experts --------------------------------------------------------------------------
+    splits = [load_domain(args.data_dir, domain) for domain in DOMAINS]  # data errors show before heavy imports
+
     from transformers import TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from dylora_moe.checkpoint import load_checkpoint
-    from dylora_moe.data import DOMAINS, build_corpus, load_domain
     from dylora_moe.model import DyLoRA_MoE
     from dylora_moe.train_report import write_report
     from dylora_moe.training import DomainEarlyStopping, MetricsFile, MoETrainer
 
-    started = time.time()
     os.makedirs(args.output_dir, exist_ok=True)
-    logger.info("arguments: %s", vars(args) | {"token": "***" if args.token else None})
     report_to = resolve_report_to(args.report_to, args.output_dir)
-    set_seed(args.seed)
-
-    # ----- data, base model, experts --------------------------------------------------------------------------
-    splits = [load_domain(args.data_dir, domain) for domain in DOMAINS]
     dtype = torch.bfloat16 if args.bf16 and torch.cuda.is_available() else None
     base, tokenizer = load_model_and_tokenizer(args, splits, dtype)
-    set_seed(args.seed)  # the same expert init whether or not the tiny model was just built
+    set_seed(args.seed)  # the expert init; the tiny base is seeded on its own, the Trainer seeds dropout and data order
     model = DyLoRA_MoE(
         base,
         args.num_experts,
