@@ -2,10 +2,10 @@
 
 What the stock Trainer (transformers 5) does not do for this model, and this module adds:
 
-- Logging: each logging step gets the LM loss, the load-balance loss, the router entropy, each expert's share of
-  the routed tokens, tokens per second and peak memory, averaged over the steps since the last log and over all
-  processes; :class:`MetricsFile` appends every log to ``metrics.jsonl`` (integrations such as wandb get the same
-  dict through ``Trainer.log``).
+- Logging: each logging step gets the LM loss, the load-balance loss, the router entropy and each expert's share of
+  the routed tokens (token-weighted over the steps since the last log and over all processes), the tokens per
+  second of all processes together, and the main process's peak memory; :class:`MetricsFile` appends every log to
+  ``metrics.jsonl`` (integrations such as wandb get the same dict through ``Trainer.log``).
 - Evaluation: the same routing statistics per evaluation set, plus perplexity (``eval_<domain>_ppl``).
 - Saving: ``DyLoRA_MoE`` is not a PreTrainedModel, so the stock Trainer would write its whole state dict (the frozen
   base included, which fails on tied embeddings); :meth:`MoETrainer._save` writes experts + router through
@@ -160,7 +160,7 @@ class MoETrainer(Trainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log (evaluation logs carry eval_* keys and were completed below)
+        if "loss" in logs:  # a training log; evaluation logs get their routing stats in evaluation_loop
             stats = self.train_stats.read()
             if stats:
                 logs["lm_loss"] = stats["lm_loss"]
