@@ -40,11 +40,13 @@ from . import resolve_backend
 
 __all__ = ["topk_route_triton", "topk_route_forward", "topk_route_backward"]
 
-# Elements of the [BLOCK_T, BLOCK_E] tile per program: 16 fp32 values per thread at 4 warps keeps the tile,
-# the packed keys and the top-k tile in registers, and gives ~1000 programs at T = 32k, E = 64.
-_TILE_ELEMENTS = 2048
+# Elements of the [BLOCK_T, BLOCK_E] tile per program: 16 per thread at 2 warps. Compiled for sm_90 (ptxas of the
+# triton wheel, no GPU) at E = 64, k = 2 this needs 111 (forward) / 122 (backward) registers and no spills, so
+# ~8 programs fit on an SM: more logits in flight per SM than the same tile at 4 warps (148 registers, 3 programs)
+# or 32 per thread (spills). Not yet timed on a GPU: DYLORA_ROUTER_BLOCK_T / DYLORA_ROUTER_NUM_WARPS pin others.
+_TILE_ELEMENTS = 1024
 _MAX_BLOCK_T = 128
-_NUM_WARPS = 4
+_NUM_WARPS = 2
 # The statistics kernel: 32 experts per program, [256, 32] partials per step at 8 warps (32 values per thread);
 # at T = 32k, E = 64 that is 2 programs of 4 steps over the 1024 x 64 partials (each step one load latency).
 _STATS_BLOCK_E = 32
@@ -147,6 +149,19 @@ def _route_stats_kernel(
 
 
 @triton.jit
+def _add_slot(
+    g, sel, j, ids_ptr, dweights_ptr, rows64, cols, row_ok, stride_it, stride_ik, stride_wt, stride_wk, HAS_DWEIGHTS
+):
+    """Mark slot j's expert of each row as selected and add dweights[:, j] to its column of g [BLOCK_T, BLOCK_E]."""
+    ids_j = tl.load(ids_ptr + rows64 * stride_it + j * stride_ik, mask=row_ok, other=-1)
+    hit = cols[None, :] == ids_j[:, None]
+    if HAS_DWEIGHTS:
+        dw_j = tl.load(dweights_ptr + rows64 * stride_wt + j * stride_wk, mask=row_ok, other=0.0)
+        g += tl.where(hit, dw_j.to(tl.float32)[:, None], 0.0)
+    return g, sel | hit
+
+
+@triton.jit
 def _topk_route_bwd_kernel(
     logits_ptr,  # [T, E] any float dtype, strides (stride_lt, stride_le)
     ids_ptr,  # [T, K] int64, strides (stride_it, stride_ik)
@@ -174,7 +189,6 @@ def _topk_route_bwd_kernel(
     HAS_DMEAN: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
-    BLOCK_KC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -188,21 +202,13 @@ def _topk_route_bwd_kernel(
     g = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)  # gradient of the selected p (0 off the set)
     sel = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
     if HAS_DWEIGHTS or HAS_DDENSE:
-        slots = tl.arange(0, BLOCK_KC)
-        for k0 in range(0, K, BLOCK_KC):  # BLOCK_KC slots at a time: [BLOCK_T, BLOCK_KC, BLOCK_E] compares
-            slot_mask = row_ok[:, None] & (k0 + slots < K)[None, :]
-            ids_c = tl.load(
-                ids_ptr + rows64[:, None] * stride_it + (k0 + slots)[None, :] * stride_ik, mask=slot_mask, other=-1
-            )
-            hit = ids_c[:, :, None] == cols[None, None, :]
-            sel = sel | (tl.max(hit.to(tl.int32), axis=1) > 0)
-            if HAS_DWEIGHTS:
-                dw_c = tl.load(
-                    dweights_ptr + rows64[:, None] * stride_wt + (k0 + slots)[None, :] * stride_wk,
-                    mask=slot_mask,
-                    other=0.0,
-                )
-                g += tl.sum(tl.where(hit, dw_c.to(tl.float32)[:, :, None], 0.0), axis=1)
+        slot_args = (ids_ptr, dweights_ptr, rows64, cols, row_ok, stride_it, stride_ik, stride_wt, stride_wk)
+        if K <= 4:  # unrolled, so the loads issue early
+            for j in tl.static_range(K):
+                g, sel = _add_slot(g, sel, j, *slot_args, HAS_DWEIGHTS)
+        else:  # unrolling K = 8..64 hoists every slot's loads and spills (up to 6 KB of stack per thread)
+            for j in range(K):
+                g, sel = _add_slot(g, sel, j, *slot_args, HAS_DWEIGHTS)
         if HAS_DDENSE:
             ddense_offs = rows64[:, None] * stride_dt + cols[None, :] * stride_de
             ddense = tl.load(ddense_ptr + ddense_offs, mask=mask, other=0.0).to(tl.float32)
