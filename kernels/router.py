@@ -42,13 +42,13 @@ __all__ = ["topk_route_triton", "topk_route_forward", "topk_route_backward"]
 
 # Elements of the [BLOCK_T, BLOCK_E] tile per program: 16 per thread at 2 warps. Compiled for sm_90 (ptxas of the
 # triton wheel, no GPU) at E = 64, k = 2 this needs 111 (forward) / 122 (backward) registers and no spills, so
-# ~8 programs fit on an SM: more logits in flight per SM than the same tile at 4 warps (148 registers, 3 programs)
-# or 32 per thread (spills). Not yet timed on a GPU: DYLORA_ROUTER_BLOCK_T / DYLORA_ROUTER_NUM_WARPS pin others.
+# ~8 programs and ~8k logits are in flight per SM; 8 per thread (4 warps) allows ~4k, 32 per thread spills.
+# Not yet timed on a GPU: DYLORA_ROUTER_BLOCK_T / DYLORA_ROUTER_NUM_WARPS pin another config.
 _TILE_ELEMENTS = 1024
 _MAX_BLOCK_T = 128
 _NUM_WARPS = 2
 # The statistics kernel: 32 experts per program, [256, 32] partials per step at 8 warps (32 values per thread);
-# at T = 32k, E = 64 that is 2 programs of 4 steps over the 1024 x 64 partials (each step one load latency).
+# at T = 32k, E = 64 that is 2 programs of 8 steps over the 2048 x 64 partials (each step one load latency).
 _STATS_BLOCK_E = 32
 _STATS_TILE_ELEMENTS = 8192
 _STATS_NUM_WARPS = 8
