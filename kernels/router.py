@@ -47,9 +47,9 @@ __all__ = ["topk_route_triton", "topk_route_forward", "topk_route_backward"]
 _TILE_ELEMENTS = 1024
 _MAX_BLOCK_T = 128
 _NUM_WARPS = 2
-# The statistics kernel: 32 experts per program, [256, 32] partials per step at 8 warps (32 values per thread);
-# at T = 32k, E = 64 that is 2 programs of 8 steps over the 2048 x 64 partials (each step one load latency).
-_STATS_BLOCK_E = 32
+# The statistics kernel: 8 experts per program, [1024, 8] partials per step at 8 warps (32 values per thread);
+# at T = 32k, E = 64 that is 8 programs of 2 steps over the 2048 x 64 partials (each step one load latency).
+_STATS_BLOCK_E = 8
 _STATS_TILE_ELEMENTS = 8192
 _STATS_NUM_WARPS = 8
 

@@ -184,7 +184,7 @@ def test_non_contiguous_and_batched_logits(backend):
 
 
 def test_pinned_small_block_spans_many_programs(monkeypatch):
-    """BLOCK_T = 4: eight row blocks, the last one partial; E = 33 gives the statistics kernel a second program."""
+    """BLOCK_T = 4: eight row blocks, the last one partial; E = 33 gives the statistics kernel a masked last program."""
     monkeypatch.setenv("DYLORA_ROUTER_BLOCK_T", "4")
     logits = make_logits(30, 33, torch.float32)
     got = run_with_grads(route_fn("triton", 1.0, False), logits, 2)
