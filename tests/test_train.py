@@ -171,6 +171,19 @@ def test_two_processes_gloo(tmp_path):
 
 
 @pytest.mark.slow
+def test_sequence_routing_runs(tmp_path):
+    # The seed's per-sequence mixture with each sequence's best expert only: routing pass + one batched pass.
+    out = tmp_path / "sequence"
+    args = [*TINY, "--kernel", "eager", "--routing", "sequence", "--sequence_top_k", "1", "--max_steps", "2"]
+    result = train.main([*args, "--output_dir", str(out)])
+    logs = _train_logs(out)
+    assert sorted(logs) == [1, 2]
+    assert math.isclose(logs[2]["util_expert_0"] + logs[2]["util_expert_1"], 1.0, rel_tol=1e-6)
+    assert "routing=sequence" in (out / "summary.md").read_text()
+    assert result["final"]["eval_code_alpaca_loss"] < result["initial"]["eval_code_alpaca_loss"]
+
+
+@pytest.mark.slow
 def test_triton_kernel_under_interpreter(tmp_path):
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
