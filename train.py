@@ -303,9 +303,10 @@ def main(argv=None) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
 
     from dylora_moe.checkpoint import load_checkpoint
+    from dylora_moe.layer import check_kernel
     from dylora_moe.model import DyLoRA_MoE
     from dylora_moe.train_report import write_report
-    from dylora_moe.training import DomainEarlyStopping, MetricsFile, MoETrainer
+    from dylora_moe.training import CheckpointNotFound, DomainEarlyStopping, MetricsFile, MoETrainer
 
     os.makedirs(args.output_dir, exist_ok=True)
     report_to = resolve_report_to(args.report_to, args.output_dir)
@@ -335,7 +336,8 @@ def main(argv=None) -> dict:
         # Experts and gate train in fp32 over a bf16 base, as peft keeps adapters: AdamW steps of lr 2e-5 would
         # round away in bf16 weights. The layers cast them to the activations' dtype in forward.
         param.data = param.data.float()
-    logger.info("kernel %s runs on %s; parameters:\n%s", args.kernel, model._backend, parameter_breakdown(model))
+    backend = check_kernel(args.kernel)
+    logger.info("kernel %s runs on %s; parameters:\n%s", args.kernel, backend, parameter_breakdown(model))
     corpus = build_corpus(splits, tokenizer, args.max_length, args.training_subset, args.eval_subset)
     logger.info(
         "data: %d training rows of %d tokens (%d tokens); eval rows %s",
@@ -401,7 +403,7 @@ def main(argv=None) -> dict:
     if resume == "last":
         resume = get_last_checkpoint(args.output_dir)
         if resume is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint: no complete checkpoint-N folder in {args.output_dir}")
+            raise CheckpointNotFound(f"--resume_from_checkpoint: no complete checkpoint-N folder in {args.output_dir}")
         logger.info("resuming from %s", resume)
     if resume is None and trainer.is_world_process_zero():
         metrics_path.unlink(missing_ok=True)  # a fresh run starts a fresh log; a resumed one appends
@@ -422,7 +424,7 @@ def main(argv=None) -> dict:
             "commit": commit(),
             "command": "python train.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "model": f"{args.model_name}, {args.num_experts} experts, r={args.lora_r}, routing={args.routing}, "
-            f"top_k={args.top_k}, kernel={args.kernel} ({model._backend})",
+            f"top_k={args.top_k}, kernel={args.kernel} ({backend})",
             "training": f"{trainer.state.global_step} optimizer steps, {trainer.state.epoch:.2f} epochs, "
             f"{corpus.train.num_tokens:,} training tokens per epoch, best checkpoint "
             f"{trainer.state.best_model_checkpoint or 'none (no evaluation during training)'}",
@@ -463,9 +465,10 @@ def setup_logging() -> None:
 if __name__ == "__main__":
     from dylora_moe.data import DataError
     from dylora_moe.tiny import ModelLoadError
+    from dylora_moe.training import CheckpointNotFound
 
     setup_logging()
     try:
         main()
-    except (DataError, ModelLoadError, FileNotFoundError) as err:
+    except (DataError, ModelLoadError, CheckpointNotFound) as err:
         sys.exit(f"error: {err}")

@@ -34,6 +34,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 STAGING_PREFIX = ".staging-"
 
 
+class CheckpointNotFound(FileNotFoundError):
+    """Resume was asked for, and the run folder holds no complete checkpoint."""
+
+
 class RoutingStats:
     """Token-weighted sums of a model output's routing statistics between two reads.
 
