@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from dylora_moe.data import DataError, build_corpus, load_domain, pack, subset, training_texts
 from dylora_moe.tiny import ModelLoadError, TinyConfig, load_or_build_tiny, load_pretrained, train_tokenizer
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA_DIR = Path(os.environ.get("DYLORA_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"shared corpora not found at {DATA_DIR}")
 
 

@@ -21,7 +21,7 @@ from dylora_moe.data import DataError
 from dylora_moe.tiny import ModelLoadError
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO.parent / "shared" / "data"
+DATA_DIR = Path(os.environ.get("DYLORA_DATA_DIR") or REPO.parent / "shared" / "data")  # as train.py's default
 pytestmark = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"shared corpora not found at {DATA_DIR}")
 
 TINY = [
