@@ -342,17 +342,21 @@ class DyLoRA_MoE(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         """Activation checkpointing of the base model's layers (routing stays valid in the recompute)."""
-        self.foundation_model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs=gradient_checkpointing_kwargs
-        )
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
-        self.foundation_model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs
-        )
+        base = self.foundation_model
+        # transformers 5.2x calls it activation checkpointing; earlier 5.x releases only have the gradient_ names.
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs
+            )
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
 
     def gradient_checkpointing_disable(self):
-        self.foundation_model.activation_checkpointing_disable()
+        base = self.foundation_model
+        getattr(base, "activation_checkpointing_disable", base.gradient_checkpointing_disable)()
 
     activation_checkpointing_disable = gradient_checkpointing_disable
 

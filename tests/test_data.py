@@ -16,6 +16,11 @@ DATA_DIR = Path(os.environ.get("DYLORA_DATA_DIR") or Path(__file__).resolve().pa
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"shared corpora not found at {DATA_DIR}")
 
 
+def needs_datasets():
+    """The splits and the hub loader use ``datasets`` (the train extra); GPU images may lack it."""
+    pytest.importorskip("datasets", reason="needs the datasets package (pip install -e '.[train]')")
+
+
 def _write_corpora(folder: Path, n_alpaca: int = 40, n_mbpp: int = 30) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     alpaca = [
@@ -36,6 +41,7 @@ def _train_test_split_formula(n: int, test_size: float, seed: int = 42) -> tuple
 
 
 def test_splits_are_the_originals(tmp_path):
+    needs_datasets()
     # The split must equal the original script's (datasets.train_test_split, seed 42) on the same rows.
     folder = _write_corpora(tmp_path / "data")
     alpaca = load_domain(folder, "code_alpaca")
@@ -150,6 +156,7 @@ def test_tiny_model_is_cached_and_reloads_identically(tmp_path):
 
 
 def test_corpus_packs_training_and_eval_sets(tmp_path):
+    needs_datasets()
     folder = _write_corpora(tmp_path / "data")
     splits = [load_domain(folder, d) for d in ("code_alpaca", "mbpp")]
     tok = train_tokenizer(training_texts(splits), vocab_size=300)
@@ -168,6 +175,7 @@ def test_unknown_model_offline_says_hub_unreachable(monkeypatch):
 
 
 def test_hub_source_offline_says_what_to_pass(monkeypatch):
+    needs_datasets()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match=r"could not load google-research-datasets/mbpp from the hub.*pass --data_dir"):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from conftest import DEVICE
 from dylora_moe import MoELoRALinear, Routing, RoutingContext
 from tolerances import assert_close
 
@@ -59,9 +60,11 @@ def test_fresh_layer_equals_base_layer(kind):
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_layer_matches_formula_values_and_grads(backend, kind, k):
-    layer = make_layer(kind, kernel=backend)
-    x = torch.randn(2, 5, 12, requires_grad=True)
-    ids, weights = routing(2, 5, 3, k)
+    device = DEVICE if backend == "triton" else "cpu"
+    layer = make_layer(kind, kernel=backend).to(device)
+    x = torch.randn(2, 5, 12, device=device, requires_grad=True)
+    ids, weights = (t.detach().to(device) for t in routing(2, 5, 3, k))
+    weights.requires_grad_()
     layer.context.set(Routing(ids, weights))
     y = layer(x)
     expected = formula(x, layer.base_layer, layer.lora_A, layer.lora_B, ids, weights, layer.scaling)
@@ -76,9 +79,10 @@ def test_layer_matches_formula_values_and_grads(backend, kind, k):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_mask_is_the_same_on_every_backend(backend):
     """In training the LoRA input is x * mask, mask ~ Bernoulli(1-p)/(1-p), drawn from torch's RNG before the op."""
-    layer = make_layer("linear", dropout=0.5, kernel=backend).train()
-    x = torch.randn(2, 5, 12)
-    ids, weights = routing(2, 5, 3, 2)
+    device = DEVICE if backend == "triton" else "cpu"
+    layer = make_layer("linear", dropout=0.5, kernel=backend).to(device).train()
+    x = torch.randn(2, 5, 12, device=device)
+    ids, weights = (t.to(device) for t in routing(2, 5, 3, 2))
     layer.context.set(Routing(ids, weights))
     torch.manual_seed(7)
     y = layer(x)

@@ -74,9 +74,12 @@ def test_backends_agree_in_half_precision(dtype, arch, routing, backend):
 @pytest.mark.parametrize("backend", ["eager", "reference", "triton"])
 @pytest.mark.parametrize("routing", ["sequence", "token"])
 def test_fresh_model_equals_base_model(routing, backend):
-    base = tiny_llama(layers=1)
-    moe = DyLoRA_MoE(tiny_llama(layers=1), num_experts=2, lora_r=4, lora_alpha=8, kernel=backend, routing=routing)
-    input_ids, mask, _ = batch()
+    device = DEVICE if backend == "triton" else "cpu"
+    base = tiny_llama(layers=1).to(device)
+    moe = DyLoRA_MoE(
+        tiny_llama(layers=1).to(device), num_experts=2, lora_r=4, lora_alpha=8, kernel=backend, routing=routing
+    )
+    input_ids, mask, _ = (t.to(device) for t in batch())
     with torch.no_grad():
         got, want = moe(input_ids, mask).logits, base(input_ids, attention_mask=mask).logits
     if routing == "token":
@@ -161,14 +164,15 @@ def test_gate_gradient_with_k1(routing, weighting, trains):
 def test_every_expert_and_the_gate_train(routing, backend):
     """One AdamW step on a batch whose routing reaches every expert changes every expert's A and B and the gate
     (the original code on current peft changes none of its LoRA weights, DESIGN 2)."""
-    moe = build(num_experts=3, top_k=2, routing=routing, lora_dropout=0.05).train()
+    device = DEVICE if backend == "triton" else "cpu"
+    moe = build(num_experts=3, top_k=2, routing=routing, lora_dropout=0.05, device=device).train()
     moe.set_kernel(backend)
     optimizer = torch.optim.AdamW(moe.trainable_parameters(), lr=1e-2, weight_decay=0.0)
     assert {id(p) for p in optimizer.param_groups[0]["params"]} == {
         id(p) for n, p in moe.named_parameters() if "lora_" in n or n.startswith("router.gate")
     }
     before = {n: p.detach().clone() for n, p in moe.named_parameters() if p.requires_grad}
-    out = moe(*batch(rows=4))
+    out = moe(*(t.to(device) for t in batch(rows=4)))
     assert (out.expert_token_fraction > 0).all(), "the batch must reach every expert"
     out.loss.backward()
     optimizer.step()
@@ -208,7 +212,9 @@ def test_activation_checkpointing_gives_the_same_gradients(routing):
     inputs = batch()
     _, want = run(moe, "eager", inputs)
     moe.gradient_checkpointing_enable()
-    assert moe.foundation_model.is_activation_checkpointing
+    base = moe.foundation_model
+    enabled = getattr(base, "is_activation_checkpointing", None)  # transformers < 5.2x: is_gradient_checkpointing
+    assert enabled if enabled is not None else base.is_gradient_checkpointing
     _, got = run(moe, "eager", inputs)
     for name in want:
         assert_close(got[name], want[name], torch.float32, msg=name)
