@@ -43,9 +43,7 @@ def _fitting(tile_elements, elem_arg: str):
         elem = named_args[elem_arg].element_size()
         block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N", 128))
         fits = [
-            c
-            for c in configs
-            if c.num_stages * tile_elements({"BLOCK_N": block_n, **c.kwargs}) * elem <= _SMEM_BUDGET
+            c for c in configs if c.num_stages * tile_elements({"BLOCK_N": block_n, **c.kwargs}) * elem <= _SMEM_BUDGET
         ]
         fits = fits or configs[-1:]
         return fits if _AUTOTUNE else fits[:1]
