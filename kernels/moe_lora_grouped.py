@@ -85,8 +85,7 @@ def grouped_grad(rank_act, act, mask, meta, num_slots, like, rank_dim):
     return out
 
 
-@torch.library.custom_op("dylora_moe::moe_lora_grouped_fwd", mutates_args=())
-def moe_lora_grouped_fwd(
+def grouped_forward(
     x: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
@@ -100,6 +99,9 @@ def moe_lora_grouped_fwd(
     h, hw = grouped_shrink(x, lora_a, 1, coef.reshape(-1), meta, num_slots, dropout_mask)
     y = grouped_expand(hw, lora_b, 2, meta, num_slots, None)
     return y, h, hw, *meta
+
+
+moe_lora_grouped_fwd = torch.library.custom_op("dylora_moe::moe_lora_grouped_fwd", grouped_forward, mutates_args=())
 
 
 @moe_lora_grouped_fwd.register_fake
@@ -117,8 +119,7 @@ def _(x, lora_a, lora_b, expert_ids, coef, dropout_mask):
     )
 
 
-@torch.library.custom_op("dylora_moe::moe_lora_grouped_bwd", mutates_args=())
-def moe_lora_grouped_bwd(
+def grouped_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -143,6 +144,9 @@ def moe_lora_grouped_bwd(
     return dx, da, db, dcoef
 
 
+moe_lora_grouped_bwd = torch.library.custom_op("dylora_moe::moe_lora_grouped_bwd", grouped_backward, mutates_args=())
+
+
 @moe_lora_grouped_bwd.register_fake
 def _(grad_y, x, lora_a, lora_b, coef, h, hw, pair_of_row, expert_of_block, expert_offsets, dropout_mask):
     return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(coef)
@@ -160,3 +164,18 @@ def _backward(ctx, grad_y, *_unused_grads):
 
 
 moe_lora_grouped_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class GroupedFunction(torch.autograd.Function):
+    """The same forward and backward as the registered ops, without the dispatcher (eager mode)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, expert_ids, coef, dropout_mask):
+        y, h, hw, *sort = grouped_forward(x, lora_a, lora_b, expert_ids, coef, dropout_mask)
+        ctx.save_for_backward(x, lora_a, lora_b, coef, h, hw, *sort, dropout_mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        dx, da, db, dcoef = grouped_backward(grad_y, *ctx.saved_tensors)
+        return dx, da, db, None, dcoef, None

@@ -141,11 +141,12 @@ def rank_grad(rank_act: torch.Tensor, act: torch.Tensor, mask: torch.Tensor | No
     return grad.to(like.dtype).contiguous()
 
 
-# --- compile-safe registration (custom_op + fake; triton_op breaks torch.compile in the interpreter) ---
+# --- forward / backward, registered compile-safe (custom_op + fake; triton_op breaks torch.compile in the
+# interpreter) and wrapped in a plain autograd.Function for eager mode, where the custom-op dispatcher's host
+# cost (hundreds of us per call) would exceed the kernels' own time at small T.
 
 
-@torch.library.custom_op("dylora_moe::moe_lora_fwd", mutates_args=())
-def moe_lora_fwd(
+def stacked_forward(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, gate: torch.Tensor, dropout_mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward launcher: returns (y [T, D_out], S [T, E*R] float32, H = S * G [T, E*R]); S and H feed backward."""
@@ -158,6 +159,9 @@ def moe_lora_fwd(
     return y, s, h
 
 
+moe_lora_fwd = torch.library.custom_op("dylora_moe::moe_lora_fwd", stacked_forward, mutates_args=())
+
+
 @moe_lora_fwd.register_fake
 def _(x, lora_a, lora_b, gate, dropout_mask):
     n = lora_a.shape[0] * lora_a.shape[1]
@@ -168,8 +172,7 @@ def _(x, lora_a, lora_b, gate, dropout_mask):
     )
 
 
-@torch.library.custom_op("dylora_moe::moe_lora_bwd", mutates_args=())
-def moe_lora_bwd(
+def stacked_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -192,6 +195,9 @@ def moe_lora_bwd(
     return dx, da, db, dgate
 
 
+moe_lora_bwd = torch.library.custom_op("dylora_moe::moe_lora_bwd", stacked_backward, mutates_args=())
+
+
 @moe_lora_bwd.register_fake
 def _(grad_y, x, lora_a, lora_b, gate, s, h, dropout_mask):
     return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(gate)
@@ -209,6 +215,21 @@ def _backward(ctx, grad_y, _grad_s, _grad_h):
 
 
 moe_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class StackedFunction(torch.autograd.Function):
+    """The same forward and backward as the registered ops, without the dispatcher (eager mode)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, gate, dropout_mask):
+        y, s, h = stacked_forward(x, lora_a, lora_b, gate, dropout_mask)
+        ctx.save_for_backward(x, lora_a, lora_b, gate, s, h, dropout_mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        dx, da, db, dgate = stacked_backward(grad_y, *ctx.saved_tensors)
+        return dx, da, db, dgate, None
 
 
 # Above this stacked rank width (E * R), with sparse routing, the grouped path computes only the K selected
@@ -245,11 +266,15 @@ def moe_lora_triton(
     num_experts, rank, _ = lora_a.shape
     if path == "auto":
         path = choose_path(num_experts, rank, expert_ids.shape[1])
+    compiling = torch.compiler.is_compiling()
     if path == "grouped" and x.shape[0] > 0:
-        from .moe_lora_grouped import moe_lora_grouped_fwd
+        from .moe_lora_grouped import GroupedFunction, moe_lora_grouped_fwd
 
         coef = expert_weights.float() * scaling
-        return moe_lora_grouped_fwd(x, lora_a, lora_b, expert_ids, coef, dropout_mask)[0]
+        if compiling:
+            return moe_lora_grouped_fwd(x, lora_a, lora_b, expert_ids, coef, dropout_mask)[0]
+        return GroupedFunction.apply(x, lora_a, lora_b, expert_ids, coef, dropout_mask)
     gate = dense_gate(expert_ids, expert_weights, num_experts) * scaling
-    y, _, _ = moe_lora_fwd(x, lora_a, lora_b, gate, dropout_mask)
-    return y
+    if compiling:
+        return moe_lora_fwd(x, lora_a, lora_b, gate, dropout_mask)[0]
+    return StackedFunction.apply(x, lora_a, lora_b, gate, dropout_mask)
