@@ -48,7 +48,12 @@ def sync() -> None:
 
 @functools.cache
 def commit() -> str:
-    """Short hash of HEAD, with ``+dirty`` when tracked files differ from it (figures must name their commit)."""
+    """Short hash of HEAD, with ``+dirty`` when tracked files differ from it (figures must name their commit).
+
+    A copy without .git (a lent GPU machine gets the working tree only) takes it from DYLORA_MOE_COMMIT.
+    """
+    if os.environ.get("DYLORA_MOE_COMMIT"):
+        return os.environ["DYLORA_MOE_COMMIT"]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True

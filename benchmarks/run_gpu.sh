@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/run_gpu.sh [OUT_DIR]          OUT_DIR defaults to benchmarks/results
 #
-# Environment: PYTHON (default python3); SKIP_TESTS=1 skips tests/; TEST_TIMEOUT / OPS_TIMEOUT / STEP_TIMEOUT
+# Environment: PYTHON (default python3); DYLORA_MOE_COMMIT names the commit where the copy has no .git; SKIP_TESTS=1 skips tests/; TEST_TIMEOUT / OPS_TIMEOUT / STEP_TIMEOUT
 # (seconds, defaults 150 / 150 / 240) bound each phase so one that hangs cannot eat the others' time.
 # Exit status: 0 when every phase passed, 1 when a phase failed or timed out (the report still covers what ran),
 # 2 when the set-up is wrong (no CUDA, package not importable).

@@ -1,19 +1,19 @@
 """Host side of the Triton MoE-LoRA op: launchers, compile-safe registration and autograd.
 
 Dataflow (stacked experts, DESIGN 4b; shape letters in moe_lora_kernels.py). The gate
-G[t, e] = scaling * (sum of the routing weights token t gives expert e) is built in PyTorch from the ids
-and weights, so its gradient reaches expert_weights through ordinary autograd (a gather).
+G[t, e] = sum of coef[t, j] over the slots j with ids[t, j] = e (coef = scaling * routing weights) is built
+from the ids on the way in and again in backward; dcoef[t, j] = dG[t, ids[t, j]].
 
   forward   S = x~ A_cat^T, H = S * G       proj    [T, N] float32 and [T, N] activation dtype
             y = H B_cat^T                   expand  [T, D_out]
   backward  U = dy B_cat, V = U * G         proj    [T, N] float32 and [T, N] activation dtype
             dx = (V A_cat) * mask           expand  [T, D_in]
             dA = V^T x~                     grad    [E, R, D_in]   (T split in fixed chunks, summed in order)
-            dB = dy^T H                     grad    [E, D_out, R]
-            dG = per-expert sums of S * U   PyTorch [T, E]
+            dB = dy^T H                     grad    [E, D_out, R]   (H recomputed from S and G)
+            dG = per-expert sums of S * U   PyTorch [T, E], gathered at the ids into dcoef [T, K]
 
 The gate is applied once, in the proj epilogue, so expand and grad stream plain rank-space tiles.
-Saved for backward beyond the inputs: S and H, rank-space (T * E * R each), never T * k * D.
+Saved for backward: S (T * E * R) plus the ids and coefficients (2 T * K): T * (E*R + 2K), never T * K * D.
 """
 
 from __future__ import annotations
@@ -147,29 +147,33 @@ def rank_grad(rank_act: torch.Tensor, act: torch.Tensor, mask: torch.Tensor | No
 
 
 def stacked_forward(
-    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, gate: torch.Tensor, dropout_mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward launcher: returns (y [T, D_out], S [T, E*R] float32, H = S * G [T, E*R]); S and H feed backward."""
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    expert_ids: torch.Tensor,
+    coef: torch.Tensor,
+    dropout_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward launcher: returns (y [T, D_out], S [T, E*R] float32); S is what backward keeps.
+
+    coef [T, K] float32 = scaling * routing weights; the gate G is their scatter over experts.
+    """
     num_experts, rank, _ = lora_a.shape
     if x.shape[0] == 0:
-        n = num_experts * rank
-        return x.new_empty(0, lora_b.shape[1]), x.new_empty(0, n, dtype=torch.float32), x.new_empty(0, n)
+        return x.new_empty(0, lora_b.shape[1]), x.new_empty(0, num_experts * rank, dtype=torch.float32)
+    gate = dense_gate(expert_ids, coef, num_experts)
     s, h = rank_proj(x, lora_a, gate, rank_dim=1, rank=rank, mask=dropout_mask)
     y = rank_expand(h, lora_b, rank_dim=2, rank=rank, mask=None)
-    return y, s, h
+    return y, s
 
 
 moe_lora_fwd = torch.library.custom_op("dylora_moe::moe_lora_fwd", stacked_forward, mutates_args=())
 
 
 @moe_lora_fwd.register_fake
-def _(x, lora_a, lora_b, gate, dropout_mask):
+def _(x, lora_a, lora_b, expert_ids, coef, dropout_mask):
     n = lora_a.shape[0] * lora_a.shape[1]
-    return (
-        x.new_empty(x.shape[0], lora_b.shape[1]),
-        x.new_empty(x.shape[0], n, dtype=torch.float32),
-        x.new_empty(x.shape[0], n),
-    )
+    return x.new_empty(x.shape[0], lora_b.shape[1]), x.new_empty(x.shape[0], n, dtype=torch.float32)
 
 
 def stacked_backward(
@@ -177,41 +181,44 @@ def stacked_backward(
     x: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    gate: torch.Tensor,
+    expert_ids: torch.Tensor,
+    coef: torch.Tensor,
     s: torch.Tensor,
-    h: torch.Tensor,
     dropout_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward launcher: returns (dx, dA, dB, dgate) of the forward above."""
+    """Backward launcher: returns (dx, dA, dB, dcoef) of the forward above."""
     num_experts, rank, _ = lora_a.shape
     if x.shape[0] == 0:
-        return torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b), torch.zeros_like(gate)
+        return torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b), torch.zeros_like(coef)
+    # G and H = S * G are rebuilt (rank space, cheap) rather than saved: the saved extra is S plus the ids and
+    # coefficients, T * (E*R + 2K) elements (DESIGN 4).
+    gate = dense_gate(expert_ids, coef, num_experts)
+    h = (s.view(-1, num_experts, rank) * gate.unsqueeze(-1)).view_as(s).to(x.dtype)
     grad_y = grad_y.to(x.dtype).contiguous()
     u, v = rank_proj(grad_y, lora_b, gate, rank_dim=2, rank=rank, mask=None)
     dx = rank_expand(v, lora_a, rank_dim=1, rank=rank, mask=dropout_mask)
     da = rank_grad(v, x, dropout_mask, lora_a, rank_dim=1)
     db = rank_grad(h, grad_y, None, lora_b, rank_dim=2)
     dgate = (s * u).view(-1, num_experts, rank).sum(-1)
-    return dx, da, db, dgate
+    return dx, da, db, dgate.gather(1, expert_ids.long())
 
 
 moe_lora_bwd = torch.library.custom_op("dylora_moe::moe_lora_bwd", stacked_backward, mutates_args=())
 
 
 @moe_lora_bwd.register_fake
-def _(grad_y, x, lora_a, lora_b, gate, s, h, dropout_mask):
-    return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(gate)
+def _(grad_y, x, lora_a, lora_b, expert_ids, coef, s, dropout_mask):
+    return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(coef)
 
 
 def _setup_context(ctx, inputs, output):
-    x, lora_a, lora_b, gate, dropout_mask = inputs
-    _, s, h = output
-    ctx.save_for_backward(x, lora_a, lora_b, gate, s, h, dropout_mask)
+    x, lora_a, lora_b, expert_ids, coef, dropout_mask = inputs
+    ctx.save_for_backward(x, lora_a, lora_b, expert_ids, coef, output[1], dropout_mask)
 
 
-def _backward(ctx, grad_y, _grad_s, _grad_h):
-    dx, da, db, dgate = moe_lora_bwd(grad_y, *ctx.saved_tensors)
-    return dx, da, db, dgate, None
+def _backward(ctx, grad_y, _grad_s):
+    dx, da, db, dcoef = moe_lora_bwd(grad_y, *ctx.saved_tensors)
+    return dx, da, db, None, dcoef, None
 
 
 moe_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -221,15 +228,15 @@ class StackedFunction(torch.autograd.Function):
     """The same forward and backward as the registered ops, without the dispatcher (eager mode)."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, gate, dropout_mask):
-        y, s, h = stacked_forward(x, lora_a, lora_b, gate, dropout_mask)
-        ctx.save_for_backward(x, lora_a, lora_b, gate, s, h, dropout_mask)
+    def forward(ctx, x, lora_a, lora_b, expert_ids, coef, dropout_mask):
+        y, s = stacked_forward(x, lora_a, lora_b, expert_ids, coef, dropout_mask)
+        ctx.save_for_backward(x, lora_a, lora_b, expert_ids, coef, s, dropout_mask)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        dx, da, db, dgate = stacked_backward(grad_y, *ctx.saved_tensors)
-        return dx, da, db, dgate, None
+        dx, da, db, dcoef = stacked_backward(grad_y, *ctx.saved_tensors)
+        return dx, da, db, None, dcoef, None
 
 
 # Above this stacked rank width (E * R), with sparse routing, the grouped path computes only the K selected
@@ -266,15 +273,14 @@ def moe_lora_triton(
     num_experts, rank, _ = lora_a.shape
     if path == "auto":
         path = choose_path(num_experts, rank, expert_ids.shape[1])
-    compiling = torch.compiler.is_compiling()
+    # Both paths take coef = scaling * weights [T, K] and return its gradient; the ids are not differentiable.
+    coef = expert_weights.float() * scaling
     if path == "grouped" and x.shape[0] > 0:
         from .moe_lora_grouped import GroupedFunction, moe_lora_grouped_fwd
 
-        coef = expert_weights.float() * scaling
-        if compiling:
-            return moe_lora_grouped_fwd(x, lora_a, lora_b, expert_ids, coef, dropout_mask)[0]
-        return GroupedFunction.apply(x, lora_a, lora_b, expert_ids, coef, dropout_mask)
-    gate = dense_gate(expert_ids, expert_weights, num_experts) * scaling
-    if compiling:
-        return moe_lora_fwd(x, lora_a, lora_b, gate, dropout_mask)[0]
-    return StackedFunction.apply(x, lora_a, lora_b, gate, dropout_mask)
+        fused, function = moe_lora_grouped_fwd, GroupedFunction
+    else:
+        fused, function = moe_lora_fwd, StackedFunction
+    if torch.compiler.is_compiling():
+        return fused(x, lora_a, lora_b, expert_ids, coef, dropout_mask)[0]
+    return function.apply(x, lora_a, lora_b, expert_ids, coef, dropout_mask)
