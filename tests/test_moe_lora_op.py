@@ -9,6 +9,7 @@ import torch
 
 import dylora_moe.kernels as ops
 from conftest import DEVICE, HAS_CUDA, requires_gpu
+from dylora_moe.kernels.moe_lora_grouped import BLOCK_M, moe_lora_grouped_bwd, moe_lora_grouped_fwd
 from dylora_moe.kernels.moe_lora_triton import moe_lora_bwd, moe_lora_fwd
 from tolerances import CPU_DTYPES, GPU_DTYPES, assert_close
 
@@ -211,12 +212,20 @@ def test_opcheck_forward_and_backward_ops():
     torch.library.opcheck(moe_lora_bwd, (torch.randn_like(y), *(t.detach() for t in saved), None))
 
 
-def test_torch_compile_traces_without_graph_break():
+def test_opcheck_grouped_ops():
+    x, a, b, ids, w = make_inputs(20, 48, 80, 4, 8, 2, torch.float32)
+    coef = (w.detach() * 2.0).requires_grad_()
+    torch.library.opcheck(moe_lora_grouped_fwd, (x, a, b, ids, coef, None))
+    y, h, hw, *sort = moe_lora_grouped_fwd(x, a, b, ids, coef, None)
+    saved = (x, a, b, coef, h, hw)
+    torch.library.opcheck(moe_lora_grouped_bwd, (torch.randn_like(y), *(t.detach() for t in saved), *sort, None))
+
+
+@pytest.mark.parametrize("path", TRITON_PATHS)
+def test_torch_compile_traces_without_graph_break(path):
     x, a, b, ids, w = make_inputs(16, 48, 80, 4, 8, 2, torch.float32)
     torch._dynamo.reset()
-    fn = torch.compile(
-        lambda *t: ops.moe_lora(*t, 1.0, backend="triton", validate_ids=False), fullgraph=True, backend="aot_eager"
-    )
+    fn = torch.compile(_op("triton", path, 1.0, validate_ids=False), fullgraph=True, backend="aot_eager")
     got = run_with_grads(fn, x, a, b, ids, w)
     want = run_with_grads(lambda *t: per_token_formula(*t, 1.0), x, a, b, ids, w)
     for g, e in zip(got, want):
