@@ -115,11 +115,15 @@ class ReferenceMoE:
 
 
 def _routed_forward(peft_forward, reference: ReferenceMoE):
-    """A peft LoRA layer forward that, under token routing, sums every expert's LoRA output times its weight."""
+    """A peft LoRA layer forward that, under token routing, sums every expert's LoRA output times its weight.
+
+    peft's ``disable_adapter()`` (the routing pass) wins over the routing: the routing set by the previous forward
+    stays in the context (activation checkpointing needs it), and must not leak into the next batch's base pass.
+    """
 
     def forward(self, x, *args, **kwargs):
         routing = reference.context.routing
-        if routing is None:
+        if routing is None or self.disable_adapters:
             return peft_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         k = routing.ids.shape[-1]

@@ -2,6 +2,8 @@
 expert and the gate. Tiny Llama and GPT-2 (Conv1D) models built from configs; the triton backend runs in Triton's
 interpreter on the CPU, so its cases stay 1-layer and a few tokens long."""
 
+import copy
+
 import pytest
 import torch
 from moe_models import BUILDERS, batch, randomize_experts, tiny_llama
@@ -51,6 +53,26 @@ def test_backends_agree(arch, routing, num_experts, top_k, backend):
         assert_close(got_grads[name], want_grads[name], torch.float32, msg=f"grad of {name}")
     if num_experts > 1:
         assert want_grads["router.gate.weight"].abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", ["eager", "reference", "triton"])
+@pytest.mark.parametrize("routing", ["sequence", "token"])
+def test_later_forwards_with_other_shapes(routing, backend):
+    """Forwards with a new batch size and length, then the same shape again, each equal a fresh eager model's first
+    forward on that batch: no routing or shape from the previous batch leaks in (the reference once applied the
+    previous batch's token routing in its routing pass: a shape error, or silently wrong routing when the shapes
+    matched)."""
+    moe = build(num_experts=4, top_k=2, routing=routing, device=DEVICE).train()
+    shapes = [(4, 7, 1), (3, 5, 2), (3, 5, 3)]  # (rows, length, seed)
+    batches = [[t.to(DEVICE) for t in batch(rows, length, seed)] for rows, length, seed in shapes]
+    wants = [run(copy.deepcopy(moe), "eager", inputs) for inputs in batches]
+    for inputs, (want, want_grads) in zip(batches, wants):
+        got, got_grads = run(moe, backend, inputs)
+        assert_close(got.logits, want.logits, torch.float32, msg="logits")
+        assert_close(got.loss, want.loss, torch.float32, msg="loss")
+        assert set(got_grads) == set(want_grads)
+        for name in want_grads:
+            assert_close(got_grads[name], want_grads[name], torch.float32, msg=f"grad of {name}")
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
