@@ -29,8 +29,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .experts import ExpertManager
 from .kernels import resolve_backend
 from .layer import check_kernel
-from .router import DynamicHybridRouter, RouterOutput, balance_loss, router_entropy, z_loss
-from .routing import Routing
+from .router import DynamicHybridRouter, balance_loss, router_entropy, z_loss
+from .routing import Routing, RoutingDecision, decide_routing, sequence_pairs, sequence_weights, token_routing
 from .skills import NoveltyDetector, SkillLibrary
 
 logger = logging.getLogger(__name__)
@@ -56,20 +56,16 @@ class DyLoRAMoEOutput(CausalLMOutputWithPast):
     sequence_weights: torch.FloatTensor | None = None
 
 
-@dataclass
-class RoutingDecision:
-    """The router's output over the real tokens (``route``, None when E = 1) and the mask it came from."""
-
-    route: RouterOutput | None
-    real: torch.Tensor  # [B, S] bool, True on real tokens
-
-
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean shifted cross-entropy in float32 over labels != -100 (HF's ForCausalLMLoss without num_items)."""
+    """Mean shifted cross-entropy in float32 over labels != -100 (HF's ForCausalLMLoss without num_items).
+
+    Summed and divided by max(count, 1): the mean when any label counts, and 0 (with a zero gradient) instead of
+    NaN for a batch without one (all padding), with no host sync either way.
+    """
     vocab = logits.shape[-1]
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100
-    )
+    targets = labels[:, 1:].reshape(-1).to(logits.device)
+    total = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), targets, ignore_index=-100, reduction="sum")
+    return total / (targets != -100).sum().clamp_min(1)
 
 
 def load_base_model(model_name, token=None, torch_dtype=None) -> PreTrainedModel:
@@ -217,42 +213,17 @@ class DyLoRA_MoE(nn.Module):
     # ----- routing ------------------------------------------------------------------------------------------
 
     def decide_routing(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> RoutingDecision:
-        """Route the real tokens of ``hidden`` [B, S, H] (last hidden states of the routing pass)."""
-        real = attention_mask.bool()
-        if self.num_experts == 1:
-            return RoutingDecision(None, real)
-        return RoutingDecision(self.router.route(hidden[real]), real)
+        """Route the real tokens of ``hidden`` [B, S, H] (last hidden states of the routing pass); see
+        :func:`dylora_moe.routing.decide_routing`."""
+        return decide_routing(self.router if self.num_experts > 1 else None, hidden, attention_mask)
 
     def sequence_weights(self, decision: RoutingDecision) -> torch.Tensor:
-        """[B, E] per-sequence weights: routing weights averaged over each sequence's real tokens, normalised to sum
-        to 1 (optionally only its ``sequence_top_k`` best, renormalised)."""
-        real = decision.real
-        batch = real.shape[0]
-        if decision.route is None:
-            return torch.ones(batch, 1, device=real.device)
-        row = torch.arange(batch, device=real.device).unsqueeze(1).expand_as(real)[real]
-        sums = decision.route.dense.new_zeros(batch, self.num_experts).index_add(0, row, decision.route.dense)
-        # Divided by the row's total weight, not its token count: the same mean when every token's weights sum to 1
-        # (dense, or renormalised top-k, as in the original), and the logit mixture stays a convex combination with
-        # unnormalised top-k probabilities too (else the logits would shrink by the sum of the weights).
-        weights = sums / sums.sum(-1, keepdim=True).clamp_min(1e-20)
-        if self.sequence_top_k is not None and self.sequence_top_k < self.num_experts:
-            top, idx = weights.topk(self.sequence_top_k, dim=-1)
-            weights = torch.zeros_like(weights).scatter(1, idx, top / top.sum(-1, keepdim=True).clamp_min(1e-20))
-        return weights
+        """[B, E] per-sequence weights; see :func:`dylora_moe.routing.sequence_weights`."""
+        return sequence_weights(decision, self.num_experts, self.sequence_top_k)
 
     def token_routing(self, decision: RoutingDecision) -> Routing:
-        """[B, S, k] experts of every token (padding: expert 0 with weight 0)."""
-        real = decision.real
-        batch, seq = real.shape
-        if decision.route is None:
-            zeros = torch.zeros(batch, 1, 1, dtype=torch.long, device=real.device)
-            return Routing(zeros, torch.ones(zeros.shape, device=real.device))
-        k = decision.route.ids.shape[-1]
-        flat = real.reshape(-1).nonzero().squeeze(1)
-        ids = torch.zeros(batch * seq, k, dtype=torch.long, device=real.device).index_copy(0, flat, decision.route.ids)
-        weights = decision.route.weights.new_zeros(batch * seq, k).index_copy(0, flat, decision.route.weights)
-        return Routing(ids.view(batch, seq, k), weights.view(batch, seq, k))
+        """[B, S, k] experts of every token; see :func:`dylora_moe.routing.token_routing`."""
+        return token_routing(decision)
 
     # ----- forward ------------------------------------------------------------------------------------------
 
@@ -265,7 +236,10 @@ class DyLoRA_MoE(nn.Module):
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _mixed_logits(self, hidden: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, batch: int):
-        """sum over pairs n of weights[n] * logits(hidden[n]) into row rows[n], never holding N logit tensors."""
+        """sum over pairs n of weights[n] * logits(hidden[n]) into row rows[n], never holding N logit tensors.
+
+        A row without pairs, or whose pairs all have weight 0 (an all-padding row), gets logits 0.
+        """
         head = self.foundation_model.get_output_embeddings()
         w = weights.to(hidden.dtype)
         if (
@@ -281,16 +255,16 @@ class DyLoRA_MoE(nn.Module):
                 total = torch.zeros(batch, device=w.device, dtype=w.dtype).index_add(0, rows, w)
                 logits = logits + (total - 1)[:, None, None] * head.bias
             return logits
-        logits = None
+        vocab = self.foundation_model.config.get_text_config().vocab_size
+        logits = hidden.new_zeros(batch, hidden.shape[1], vocab)
         for n in range(hidden.shape[0]):  # a non-linear head: one pair's logits alive at a time
             part = self.logits_from_hidden(hidden[n : n + 1]) * w[n]
-            logits = part.new_zeros(batch, *part.shape[1:]) if logits is None else logits
             logits = logits.index_add(0, rows[n : n + 1], part)
         return logits
 
     def _routing_pass(self, input_ids, attention_mask) -> RoutingDecision:
         if self.num_experts == 1:
-            return RoutingDecision(None, attention_mask.bool())
+            return self.decide_routing(None, attention_mask)
         with torch.no_grad(), self.handle.adapters_disabled():
             hidden = self._decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return self.decide_routing(hidden.last_hidden_state, attention_mask)
@@ -301,10 +275,15 @@ class DyLoRA_MoE(nn.Module):
             ctx.set(self.token_routing(decision))
             hidden = self._decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             return self.logits_from_hidden(hidden.last_hidden_state)
-        rows, experts = seq_weights.nonzero(as_tuple=True)  # one host sync: the batched pass's row count
+        rows, experts, weights = sequence_pairs(seq_weights, self.sequence_top_k)
         ctx.set(Routing.per_row(experts))
-        hidden = self._decoder()(input_ids=input_ids[rows], attention_mask=attention_mask[rows], use_cache=False)
-        return self._mixed_logits(hidden.last_hidden_state, rows, seq_weights[rows, experts], input_ids.shape[0])
+        if rows.numel() == 0:  # an all-padding batch without sequence_top_k: no pair has weight, no pass to run
+            hidden = self.foundation_model.get_input_embeddings()(input_ids[:0])
+        else:
+            hidden = self._decoder()(
+                input_ids=input_ids[rows], attention_mask=attention_mask[rows], use_cache=False
+            ).last_hidden_state
+        return self._mixed_logits(hidden, rows, weights, input_ids.shape[0])
 
     def forward(self, input_ids=None, attention_mask=None, labels=None) -> DyLoRAMoEOutput:
         if input_ids is None:
@@ -329,9 +308,10 @@ class DyLoRA_MoE(nn.Module):
             out.router_entropy = torch.zeros((), device=logits.device)
             return out
         out.balance_loss = balance_loss(route, self.balance_loss_form)
-        out.z_loss = z_loss(route.logits)
+        out.z_loss = z_loss(route.logits, route.mask)
         out.aux_loss = self.balance_coefficient * out.balance_loss + self.z_loss_coefficient * out.z_loss
-        out.expert_utilization = route.dense.detach().mean(0) if route.dense.shape[0] else route.mean_prob.detach()
+        tokens = max(route.dense.shape[0], 1) if route.mask is None else route.mask.sum().clamp_min(1)
+        out.expert_utilization = route.dense.detach().sum(0) / tokens  # padding has weight 0
         out.expert_token_fraction = route.counts.float() / route.counts.sum().clamp_min(1)
         out.router_entropy = router_entropy(route).detach()
         if lm_loss is not None and self.training:

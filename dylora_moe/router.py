@@ -29,7 +29,9 @@ WEIGHTINGS = ("original", "softmax")
 class RouterOutput:
     """One routing decision for T tokens: ``logits`` [T, E]; ``ids``/``weights`` [T, k] (k = E in dense mode);
     ``dense`` [T, E] the scattered weights; ``counts`` [E] tokens per expert; ``mean_prob`` [E] mean of the tempered
-    softmax (Switch loss); ``dense_mode`` whether the dense (immature) rule was used."""
+    softmax (Switch loss); ``dense_mode`` whether the dense (immature) rule was used; ``mask`` [T] bool, the routed
+    tokens when the router was given a mask (the rest are padding: weight 0, left out of counts, mean_prob and the
+    losses), None when every token was routed."""
 
     logits: torch.Tensor
     ids: torch.Tensor
@@ -38,6 +40,7 @@ class RouterOutput:
     counts: torch.Tensor
     mean_prob: torch.Tensor
     dense_mode: bool
+    mask: torch.Tensor | None = None
 
 
 class DynamicHybridRouter(nn.Module):
@@ -79,29 +82,72 @@ class DynamicHybridRouter(nn.Module):
 
     @property
     def all_mature(self) -> bool:
-        return bool((self.expert_maturity > 0).all())
+        """Whether every expert is mature, from a host-side flag (reading the buffer every step would be a host sync).
 
-    def route(self, x: torch.Tensor) -> RouterOutput:
-        """Route the tokens of ``x`` [..., H] (flattened to [T, H])."""
-        logits = self.gate(x.reshape(-1, x.shape[-1]).to(self.gate.weight.dtype))
+        The flag is refreshed by :meth:`set_expert_maturity` / :meth:`add_expert`, and in eager mode also whenever
+        the ``expert_maturity`` buffer was changed some other way (``fill_``, ``load_state_dict``, ``.to()``: its
+        version counter moved), at the cost of one read then. Under ``torch.compile`` the flag is read as is.
+        """
+        if not torch.compiler.is_compiling():
+            seen = self.__dict__.get("_maturity_seen")
+            buffer = self.expert_maturity
+            if seen is None or seen[0] is not buffer or seen[1] != buffer._version:
+                self._refresh_maturity()
+        return self._all_mature
+
+    def _refresh_maturity(self) -> None:
+        buffer = self.expert_maturity
+        self._all_mature = bool((buffer > 0).all())
+        self._maturity_seen = (buffer, buffer._version)
+
+    def route(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
+        """Route the tokens of ``x`` [..., H] (flattened to [T, H]).
+
+        ``mask`` (optional, bool or 0/1 with the leading dims of ``x``) marks the tokens to route; the others
+        (padding) get weight 0 and are left out of ``counts``, ``mean_prob`` and the auxiliary losses. Routing
+        every position and masking keeps every shape static: no ``x[mask]``, so no host sync.
+        Non-finite logits of routed tokens fail a device-side assert (``torch._assert_async``: no host sync on a
+        GPU, where it aborts the CUDA context; on the CPU it raises a RuntimeError at once).
+        """
+        x = x.reshape(-1, x.shape[-1]).to(self.gate.weight.dtype)
+        keep = None if mask is None else mask.reshape(-1, 1).bool()
+        if keep is not None:
+            # Padding positions route a zero vector: whatever the base model left there (even NaN) cannot reach the
+            # gate's gradient or the statistics.
+            x = torch.where(keep, x, 0.0)
+        logits = self.gate(x)
+        torch._assert_async(
+            torch.isfinite(logits).all(),
+            "router logits contain NaN or Inf; check the gate weights and the hidden states feeding it",
+        )
         dense_mode = not self.all_mature
         if dense_mode:
             # k = E of the tempered softmax without renormalisation is the dense softmax itself.
-            res = topk_route(
-                logits, self.num_experts, temperature=self.temperature, normalize=False, backend=self.backend
-            )
+            k, temperature, normalize = self.num_experts, self.temperature, False
         elif self.weighting == "original":
             # The original, literally: the fused op picks the top-k (of the logits: temperature 1), then the weights
             # are a softmax over the k selected logits, whose gradient is exactly 0 at k = 1.
-            res = topk_route(logits, self.top_k, temperature=1.0, normalize=True, backend=self.backend)
+            k, temperature, normalize = self.top_k, 1.0, True
+        else:
+            k, temperature, normalize = self.top_k, self.temperature, self.renormalize
+        res = topk_route(
+            logits, k, temperature=temperature, normalize=normalize, backend=self.backend, check_finite=False
+        )
+        weights, dense, counts, mean_prob = res.weights, res.dense, res.counts, res.mean_prob
+        if not dense_mode and self.weighting == "original":
             weights = torch.softmax(logits.gather(1, res.ids).float(), dim=-1)
             dense = torch.zeros_like(res.dense).scatter(1, res.ids, weights)
-            return RouterOutput(logits, res.ids, weights, dense, res.counts, res.mean_prob, False)
-        else:
-            res = topk_route(
-                logits, self.top_k, temperature=self.temperature, normalize=self.renormalize, backend=self.backend
-            )
-        return RouterOutput(logits, res.ids, res.weights, res.dense, res.counts, res.mean_prob, dense_mode)
+        if keep is not None:
+            # torch.where, not a product: a padding position's NaN must not leak into its weight 0.
+            weights = torch.where(keep, weights, 0.0)
+            dense = torch.where(keep, dense, 0.0)
+            picks = keep.expand_as(res.ids).to(counts.dtype)
+            counts = torch.zeros_like(counts).scatter_add(0, res.ids.reshape(-1), picks.reshape(-1))
+            probs = torch.where(keep, torch.softmax(logits.float() / temperature, dim=-1), 0.0)
+            mean_prob = probs.sum(0) / keep.sum().clamp_min(1)
+        return RouterOutput(
+            logits, res.ids, weights, dense, counts, mean_prob, dense_mode, None if keep is None else keep[:, 0]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Routing weights with the shape of ``x`` but last dim ``num_experts`` (the original's output)."""
@@ -118,12 +164,14 @@ class DynamicHybridRouter(nn.Module):
         self.gate = new
         self.expert_maturity = torch.cat([self.expert_maturity.to(device), torch.zeros(1, device=device)])
         self.num_experts += 1
+        self._refresh_maturity()
         return self.num_experts - 1
 
     def set_expert_maturity(self, expert_id: int, maturity: float) -> None:
         if not 0 <= expert_id < self.num_experts:
             raise IndexError(f"expert {expert_id} is out of range for {self.num_experts} experts")
         self.expert_maturity[expert_id] = float(maturity)
+        self._refresh_maturity()
 
     def config(self) -> dict:
         return {
@@ -154,8 +202,16 @@ class DynamicHybridRouter(nn.Module):
         return router.to(device) if device is not None else router
 
 
+def _token_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over dim 0 of ``values`` [T, ...] over the routed tokens (``mask`` [T] bool, None: all); 0 if none."""
+    if mask is None:
+        return values.mean(0) if values.shape[0] else values.sum(0) * 0.0
+    keep = mask.reshape(-1, *([1] * (values.dim() - 1)))
+    return torch.where(keep, values, 0.0).sum(0) / mask.sum().clamp_min(1)
+
+
 def balance_loss(route: RouterOutput, form: str = "mse") -> torch.Tensor:
-    """Load-balancing loss over the routed (non-padding) tokens.
+    """Load-balancing loss over the routed (non-padding) tokens; 0 when there are none.
 
     ``"mse"`` (the original): mean over experts of (mean routing weight - 1/E)^2.
     ``"switch"``: E * sum_e f_e * P_e, f_e the fraction of (token, slot) picks of expert e, P_e its mean probability.
@@ -164,21 +220,23 @@ def balance_loss(route: RouterOutput, form: str = "mse") -> torch.Tensor:
     if route.dense.shape[0] == 0:
         return route.dense.sum() * 0.0
     if form == "mse":
-        return ((route.dense.mean(0) - 1.0 / num_experts) ** 2).mean()
+        loss = ((_token_mean(route.dense, route.mask) - 1.0 / num_experts) ** 2).mean()
+        return loss if route.mask is None else torch.where(route.mask.any(), loss, 0.0)
     if form == "switch":
         picks = route.counts.to(route.mean_prob.dtype)
-        return num_experts * (picks / picks.sum() * route.mean_prob).sum()
+        return num_experts * (picks / picks.sum().clamp_min(1) * route.mean_prob).sum()
     raise ValueError(f"unknown balance loss {form!r}; expected 'mse' or 'switch'")
 
 
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2; keeps the gate's logits small."""
+def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean over the routed tokens (``mask`` [T], None: all) of logsumexp(logits)^2."""
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
-    return (torch.logsumexp(logits.float(), dim=-1) ** 2).mean()
+    return _token_mean(torch.logsumexp(logits.float(), dim=-1) ** 2, mask)
 
 
 def router_entropy(route: RouterOutput) -> torch.Tensor:
-    """Mean entropy (nats) of the per-token routing weights: log E for uniform, 0 for one expert."""
-    w = route.dense.clamp_min(1e-12)
-    return -(route.dense * w.log()).sum(-1).mean() if route.dense.shape[0] else w.sum() * 0.0
+    """Mean entropy (nats) of the per-token routing weights over the routed tokens: log E for uniform, 0 for one
+    expert."""
+    entropy = -(route.dense * route.dense.clamp_min(1e-12).log()).sum(-1)
+    return _token_mean(entropy, route.mask)

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .router import DynamicHybridRouter, RouterOutput
 
 
 @dataclass(frozen=True)
@@ -81,3 +85,72 @@ class RoutingContext:
             yield
         finally:
             self.routing = previous
+
+
+# ----- routing decisions: which experts the model routes each token / sequence to ---------------------------------
+#
+# Every function here keeps shapes static: the router routes every position (padding included) and padding gets
+# weight 0, instead of gathering the real tokens with ``hidden[mask]`` / ``nonzero``. So a training step needs no
+# host sync (CUDA graphs, ``torch.compile(fullgraph=True)``); see DyLoRA_MoE's docstring for the one exception.
+
+
+@dataclass
+class RoutingDecision:
+    """The router's output over all B*S positions (``route``, None when E = 1; padding has weight 0 there and is
+    left out of its statistics) and the mask it came from."""
+
+    route: RouterOutput | None
+    real: torch.Tensor  # [B, S] bool, True on real tokens
+
+
+def decide_routing(router: DynamicHybridRouter | None, hidden: torch.Tensor, attention_mask: torch.Tensor):
+    """Route the real tokens of ``hidden`` [B, S, H] (last hidden states of the routing pass); ``router`` None
+    means a single expert (no routing)."""
+    real = attention_mask.bool()
+    if router is None:
+        return RoutingDecision(None, real)
+    return RoutingDecision(router.route(hidden, mask=real), real)
+
+
+def sequence_weights(decision: RoutingDecision, num_experts: int, sequence_top_k: int | None = None) -> torch.Tensor:
+    """[B, E] per-sequence weights: routing weights averaged over each sequence's real tokens, normalised to sum
+    to 1 (optionally only its ``sequence_top_k`` best, renormalised). An all-padding row gets all zeros."""
+    real = decision.real
+    batch = real.shape[0]
+    if decision.route is None:
+        return torch.ones(batch, 1, device=real.device)
+    sums = decision.route.dense.reshape(batch, -1, num_experts).sum(1)  # padding positions have weight 0
+    # Divided by the row's total weight, not its token count: the same mean when every token's weights sum to 1
+    # (dense, or renormalised top-k, as in the original), and the logit mixture stays a convex combination with
+    # unnormalised top-k probabilities too (else the logits would shrink by the sum of the weights).
+    weights = sums / sums.sum(-1, keepdim=True).clamp_min(1e-20)
+    if sequence_top_k is not None and sequence_top_k < num_experts:
+        top, idx = weights.topk(sequence_top_k, dim=-1)
+        weights = torch.zeros_like(weights).scatter(1, idx, top / top.sum(-1, keepdim=True).clamp_min(1e-20))
+    return weights
+
+
+def sequence_pairs(seq_weights: torch.Tensor, sequence_top_k: int | None):
+    """The (sequence, expert) pairs the sequence-routing pass runs: (rows [N], experts [N], weights [N]).
+
+    With ``sequence_top_k`` = k: every row's k best experts, N = B * k, a static size (no host sync; a pair of
+    weight 0, as in an all-padding row, runs and adds nothing). Without it: the pairs of non-zero weight, found
+    with ``nonzero`` (one host sync, and a row count that changes from batch to batch).
+    """
+    if sequence_top_k is None:
+        rows, experts = seq_weights.nonzero(as_tuple=True)
+        return rows, experts, seq_weights[rows, experts]
+    weights, experts = seq_weights.topk(sequence_top_k, dim=-1)
+    rows = torch.arange(seq_weights.shape[0], device=seq_weights.device)[:, None].expand_as(experts)
+    return rows.reshape(-1), experts.reshape(-1), weights.reshape(-1)
+
+
+def token_routing(decision: RoutingDecision) -> Routing:
+    """[B, S, k] experts of every token (padding: the router's pick with weight 0; E = 1: expert 0, weight 1)."""
+    real = decision.real
+    batch, seq = real.shape
+    if decision.route is None:
+        zeros = torch.zeros(batch, 1, 1, dtype=torch.long, device=real.device)
+        return Routing(zeros, torch.ones(zeros.shape, device=real.device))
+    k = decision.route.ids.shape[-1]
+    return Routing(decision.route.ids.view(batch, seq, k), decision.route.weights.view(batch, seq, k))

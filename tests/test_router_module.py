@@ -97,5 +97,63 @@ def test_bad_arguments():
     with pytest.raises(IndexError):
         DynamicHybridRouter(8, 2).set_expert_maturity(2, 1.0)
     router = make_router()
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    # A device-side assert (no host sync on a GPU); on the CPU it raises a RuntimeError at once.
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
         router(torch.full((2, 8), float("nan")))
+    x = torch.randn(2, 3, 8)
+    x[1, 2] = float("nan")  # a NaN on a masked-out (padding) position is not routed and raises nothing
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[1, 2] = False
+    route = router.route(x, mask=mask)
+    assert torch.isfinite(route.dense).all() and route.dense[5].abs().sum() == 0
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        router.route(x, mask=torch.ones(2, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("mature", [True, False])
+@pytest.mark.parametrize("weighting, renormalize", [("softmax", False), ("softmax", True), ("original", True)])
+def test_masked_route_equals_routing_only_the_real_tokens(weighting, renormalize, mature):
+    """route(x, mask) keeps shapes static (padding rows: weight 0) and gives the statistics and losses of routing
+    x[mask] alone: what the model relies on to route padded batches without a host sync."""
+    router = make_router(num_experts=4, top_k=2, mature=mature, weighting=weighting, renormalize=renormalize)
+    x = torch.randn(3, 5, 8)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 2:] = False
+    mask[2, 4] = False
+    full, real = router.route(x, mask=mask), router.route(x[mask])
+    keep = mask.reshape(-1)
+    assert full.dense.shape == (15, 4) and full.dense[~keep].abs().sum() == 0 and full.weights[~keep].abs().sum() == 0
+    torch.testing.assert_close(full.dense[keep], real.dense)
+    torch.testing.assert_close(full.weights[keep], real.weights)
+    assert torch.equal(full.ids[keep], real.ids) and torch.equal(full.counts, real.counts)
+    torch.testing.assert_close(full.mean_prob, real.mean_prob)
+    for form in ("mse", "switch"):
+        torch.testing.assert_close(balance_loss(full, form), balance_loss(real, form))
+    torch.testing.assert_close(z_loss(full.logits, full.mask), z_loss(real.logits))
+    torch.testing.assert_close(router_entropy(full), router_entropy(real))
+
+
+def test_all_padding_route_gives_zero_weights_and_losses():
+    router = make_router(num_experts=4, top_k=2)
+    route = router.route(torch.randn(2, 3, 8), mask=torch.zeros(2, 3, dtype=torch.bool))
+    assert route.dense.abs().sum() == 0 and route.counts.sum() == 0 and route.mean_prob.abs().sum() == 0
+    for value in (balance_loss(route, "mse"), balance_loss(route, "switch"), z_loss(route.logits, route.mask)):
+        assert value.item() == 0.0
+    assert router_entropy(route).item() == 0.0
+
+
+def test_maturity_flag_follows_every_way_the_buffer_changes():
+    """all_mature is a host-side flag (no host sync per step) that still sees fill_, load_state_dict and growth."""
+    router = make_router(mature=False)
+    assert not router.all_mature
+    router.expert_maturity.fill_(1.0)  # direct buffer edit: the version counter moved, the flag follows
+    assert router.all_mature
+    router.set_expert_maturity(2, 0.0)
+    assert not router.all_mature
+    state = make_router(mature=True).state_dict()
+    router.load_state_dict(state)
+    assert router.all_mature
+    router.add_expert()
+    assert not router.all_mature and router._all_mature is False  # refreshed eagerly, for torch.compile's reads
+    router.set_expert_maturity(4, 1.0)
+    assert router._all_mature is True
