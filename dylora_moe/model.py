@@ -285,6 +285,27 @@ class DyLoRA_MoE(nn.Module):
             ).last_hidden_state
         return self._mixed_logits(hidden, rows, weights, input_ids.shape[0])
 
+    def train(self, mode: bool = True) -> DyLoRA_MoE:
+        """nn.Module.train; also refreshes the router's host-side maturity flag (one read, only when the buffer
+        changed) so that a compiled forward never has to read it. Training loops (HF Trainer included) call it
+        before their steps."""
+        super().train(mode)
+        self.router.all_mature  # noqa: B018 (the property refreshes the flag)
+        return self
+
+    def compile(self, *args, fullgraph: bool = True, **kwargs) -> None:
+        """Compile the forward in place with ``torch.compile`` (``fullgraph=True`` by default; other arguments as
+        torch.compile's, e.g. ``mode="reduce-overhead"`` for CUDA graphs on a GPU).
+
+        The step is one graph, forward and backward, with token routing, and with sequence routing when
+        ``sequence_top_k`` is set (without it the number of (sequence, expert) pairs depends on the data). Shapes
+        that change recompile: pad batches to fixed shapes. Not for ``kernel="reference"`` (peft's Python loops).
+        """
+        if self._backend == "reference":
+            raise ValueError("kernel='reference' does not compile; use 'eager', 'triton' or 'auto'")
+        self.router.all_mature  # noqa: B018 (refresh the flag now: the compiled graph cannot read the buffer)
+        super().compile(*args, fullgraph=fullgraph, **kwargs)
+
     def forward(self, input_ids=None, attention_mask=None, labels=None) -> DyLoRAMoEOutput:
         if input_ids is None:
             raise ValueError("input_ids are required")

@@ -84,18 +84,27 @@ class DynamicHybridRouter(nn.Module):
     def all_mature(self) -> bool:
         """Whether every expert is mature, from a host-side flag (reading the buffer every step would be a host sync).
 
-        The flag is refreshed by :meth:`set_expert_maturity` / :meth:`add_expert`, and in eager mode also whenever
-        the ``expert_maturity`` buffer was changed some other way (``fill_``, ``load_state_dict``, ``.to()``: its
-        version counter moved), at the cost of one read then. Under ``torch.compile`` the flag is read as is.
+        The flag is refreshed by :meth:`set_expert_maturity`, :meth:`add_expert` and :meth:`refresh_maturity`, and
+        in eager mode also whenever the ``expert_maturity`` buffer changed some other way (``fill_``,
+        ``load_state_dict``, ``.to()``: its version counter moved), at the cost of one read then. Under
+        ``torch.compile`` the flag is read as it is (the graph can read neither the buffer nor its version): after
+        editing the buffer directly, call :meth:`refresh_maturity` (``DyLoRA_MoE.train()`` and ``.compile()`` do).
         """
-        if not torch.compiler.is_compiling():
-            seen = self.__dict__.get("_maturity_seen")
-            buffer = self.expert_maturity
-            if seen is None or seen[0] is not buffer or seen[1] != buffer._version:
-                self._refresh_maturity()
+        if torch.compiler.is_compiling():
+            if "_all_mature" not in self.__dict__:
+                raise RuntimeError(
+                    "the router's maturity flag was never read; call router.refresh_maturity() (or "
+                    "DyLoRA_MoE.train() / .compile(), which do) before the compiled forward"
+                )
+            return self._all_mature
+        seen = self.__dict__.get("_maturity_seen")
+        buffer = self.expert_maturity
+        if seen is None or seen[0] is not buffer or seen[1] != buffer._version:
+            self.refresh_maturity()
         return self._all_mature
 
-    def _refresh_maturity(self) -> None:
+    def refresh_maturity(self) -> None:
+        """Re-read ``expert_maturity`` into the host-side flag :attr:`all_mature` uses (one host read)."""
         buffer = self.expert_maturity
         self._all_mature = bool((buffer > 0).all())
         self._maturity_seen = (buffer, buffer._version)
@@ -164,14 +173,14 @@ class DynamicHybridRouter(nn.Module):
         self.gate = new
         self.expert_maturity = torch.cat([self.expert_maturity.to(device), torch.zeros(1, device=device)])
         self.num_experts += 1
-        self._refresh_maturity()
+        self.refresh_maturity()
         return self.num_experts - 1
 
     def set_expert_maturity(self, expert_id: int, maturity: float) -> None:
         if not 0 <= expert_id < self.num_experts:
             raise IndexError(f"expert {expert_id} is out of range for {self.num_experts} experts")
         self.expert_maturity[expert_id] = float(maturity)
-        self._refresh_maturity()
+        self.refresh_maturity()
 
     def config(self) -> dict:
         return {

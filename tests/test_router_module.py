@@ -154,6 +154,6 @@ def test_maturity_flag_follows_every_way_the_buffer_changes():
     router.load_state_dict(state)
     assert router.all_mature
     router.add_expert()
-    assert not router.all_mature and router._all_mature is False  # refreshed eagerly, for torch.compile's reads
+    assert not router.all_mature and router._all_mature is False  # refreshed at once, for torch.compile
     router.set_expert_maturity(4, 1.0)
     assert router._all_mature is True
