@@ -335,3 +335,53 @@ def test_triton_without_gpu_or_interpreter_names_the_fix(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         DyLoRA_MoE(tiny_llama(layers=1), num_experts=2, lora_r=4, kernel="triton")
+
+
+ROUTING_MODES = [
+    pytest.param("sequence", {}, id="sequence"),
+    pytest.param("sequence", {"sequence_top_k": 1}, id="sequence-top1"),
+    pytest.param("token", {}, id="token"),
+]
+
+
+@pytest.mark.parametrize("backend", ["eager", "reference", "triton"])
+@pytest.mark.parametrize("routing, kw", ROUTING_MODES)
+@pytest.mark.parametrize("num_experts", [1, 3])
+def test_all_padding_batch_has_a_defined_result(num_experts, routing, kw, backend):
+    """A batch with no real token: finite logits, loss 0 (no label counts), aux losses 0, a backward that runs and
+    gives zero LoRA gradients. (Sequence routing once crashed inside the HF model with a reshape error.)"""
+    if num_experts == 1 and kw:
+        pytest.skip("sequence_top_k needs E > 1")
+    moe = build(num_experts=num_experts, top_k=1, routing=routing, device=DEVICE, **kw).train()
+    moe.set_kernel(backend)
+    input_ids = torch.zeros(2, 5, dtype=torch.long, device=DEVICE)
+    mask = torch.zeros_like(input_ids)
+    out = moe(input_ids, mask, input_ids.masked_fill(mask == 0, -100))
+    assert out.logits.shape == (2, 5, 100) and torch.isfinite(out.logits).all()
+    assert out.loss.item() == 0.0 and out.lm_loss.item() == 0.0
+    out.loss.backward()
+    for name, p in moe.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+            if "lora_" in name:
+                assert p.grad.abs().max() == 0, name
+    if num_experts > 1:
+        assert out.balance_loss.item() == 0.0 and out.z_loss.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ["eager", "reference", "triton"])
+@pytest.mark.parametrize("routing, kw", ROUTING_MODES)
+def test_all_padding_row_changes_nothing_for_the_other_rows(routing, kw, backend):
+    """An all-padding row inside a batch: the other rows' logits, the loss (LM + aux) and every gradient equal
+    those of the batch without it."""
+    moe = build(num_experts=3, top_k=2, routing=routing, device=DEVICE, z_loss_coefficient=1e-2, **kw).train()
+    input_ids, mask, labels = (t.to(DEVICE) for t in batch(rows=3, length=6))
+    with_pad = [torch.cat([t, torch.full_like(t[:1], fill)]) for t, fill in ((input_ids, 0), (mask, 0), (labels, -100))]
+    want, want_grads = run(moe, backend, [input_ids, mask, labels])
+    got, got_grads = run(moe, backend, with_pad)
+    assert torch.isfinite(got.logits).all()
+    assert_close(got.logits[:3], want.logits, torch.float32, msg="logits")
+    assert_close(got.loss, want.loss, torch.float32, msg="loss")
+    assert set(got_grads) == set(want_grads)
+    for name in want_grads:
+        assert_close(got_grads[name], want_grads[name], torch.float32, msg=f"grad of {name}")
