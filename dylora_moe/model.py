@@ -186,15 +186,20 @@ class DyLoRA_MoE(nn.Module):
         return self.expert_manager.handle
 
     def set_kernel(self, name: str) -> None:
-        """Run later forwards on backend ``name`` ("auto" | "triton" | "eager" | "reference"), same weights."""
-        backend = check_kernel(name)
-        if backend == "triton":
+        """Run later forwards on backend ``name`` ("auto" | "triton" | "eager" | "reference"), same weights.
+
+        "auto" is resolved at every forward from the device of the tensors (triton for CUDA tensors, eager
+        otherwise), so a model still on the CPU of a GPU machine (the usual order: build, then ``.to("cuda")``)
+        builds and runs. "triton" is checked now against the model's device, naming the fix.
+        """
+        check_kernel(name)
+        if name == "triton":
             resolve_backend("triton", self.device)  # fail now, naming the fix, rather than in the first forward
         self.handle.set_kernel(name)
-        self.router.backend = "triton" if backend == "triton" else "eager"
+        self.router.backend = name if name in ("auto", "triton") else "eager"
         self.kernel = name
-        self._backend = backend
-        if backend == "reference":
+        self._backend = name
+        if name == "reference":
             self._reference().sync()
 
     def _reference(self):
