@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .experts import ExpertManager
+from .fused_loss import chunked_linear_cross_entropy
 from .kernels import resolve_backend
 from .layer import check_kernel
 from .router import DynamicHybridRouter, balance_loss, router_entropy, z_loss
@@ -36,6 +38,7 @@ from .skills import NoveltyDetector, SkillLibrary
 logger = logging.getLogger(__name__)
 
 ROUTINGS = ("sequence", "token")
+FUSED_LOSS_MODES = (False, True, "auto")
 BALANCE_LOSSES = ("mse", "switch")
 
 
@@ -54,6 +57,14 @@ class DyLoRAMoEOutput(CausalLMOutputWithPast):
     expert_token_fraction: torch.FloatTensor | None = None
     router_entropy: torch.FloatTensor | None = None
     sequence_weights: torch.FloatTensor | None = None
+
+
+class HeadInput(NamedTuple):
+    """What the output head turns into logits: ``hidden`` [B, S, H], and for a sequence mixture ``bias_scale`` [B],
+    the total weight of each row (the head's bias counts that many times), else None."""
+
+    hidden: torch.Tensor
+    bias_scale: torch.Tensor | None
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -98,6 +109,8 @@ class DyLoRA_MoE(nn.Module):
     """
 
     accepts_loss_kwargs = False  # HF Trainer: the loss is a per-token mean; do not pass num_items_in_batch
+    fused_loss: bool | str = False  # see set_fused_loss
+    fused_loss_chunk_rows: int | None = None
 
     def __init__(
         self,
@@ -240,31 +253,41 @@ class DyLoRA_MoE(nn.Module):
         cap = getattr(self.foundation_model.config, "final_logit_softcapping", None)
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def _mixed_logits(self, hidden: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, batch: int):
-        """sum over pairs n of weights[n] * logits(hidden[n]) into row rows[n], never holding N logit tensors.
-
-        A row without pairs, or whose pairs all have weight 0 (an all-padding row), gets logits 0.
-        """
+    def _linear_head(self) -> nn.Linear | None:
+        """The output head when it is a plain nn.Linear (then logits are linear in the hidden states), else None."""
         head = self.foundation_model.get_output_embeddings()
+        return head if isinstance(head, nn.Linear) else None
+
+    def _softcap(self) -> float | None:
+        return getattr(self.foundation_model.config, "final_logit_softcapping", None)
+
+    def _mixed_hidden(self, hidden: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, batch: int) -> HeadInput:
+        """Sequence routing on a linear head: sum over pairs n of weights[n] * hidden[n] into row rows[n] (in
+        float32: one rounding to the model's dtype instead of one per pair); the head then runs once, its bias
+        counted sum(w) times per row. A row without pairs of non-zero weight (an all-padding row) mixes to 0."""
+        mixed = hidden.new_zeros(batch, *hidden.shape[1:], dtype=torch.float32)
+        mixed = mixed.index_add(0, rows, hidden.float() * weights.float()[:, None, None])
+        total = torch.zeros(batch, device=weights.device, dtype=hidden.dtype).index_add(
+            0, rows, weights.to(hidden.dtype)
+        )
+        return HeadInput(mixed.to(hidden.dtype), total)
+
+    def _mixed_logits(self, hidden: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, batch: int):
+        """A non-linear head (soft-capped, or not an nn.Linear): sum over pairs n of weights[n] * logits(hidden[n])
+        into row rows[n], one pair's logits alive at a time. A row without pairs gets logits 0."""
         w = weights.to(hidden.dtype)
-        if (
-            isinstance(head, nn.Linear)
-            and getattr(self.foundation_model.config, "final_logit_softcapping", None) is None
-        ):
-            # The head is linear: mix the hidden states, apply the head once (bias counted sum(w) times).
-            # Summed in float32: one rounding to the model's dtype instead of one per pair.
-            mixed = hidden.new_zeros(batch, *hidden.shape[1:], dtype=torch.float32)
-            mixed = mixed.index_add(0, rows, hidden.float() * weights.float()[:, None, None])
-            logits = head(mixed.to(hidden.dtype))
-            if head.bias is not None:
-                total = torch.zeros(batch, device=w.device, dtype=w.dtype).index_add(0, rows, w)
-                logits = logits + (total - 1)[:, None, None] * head.bias
-            return logits
         vocab = self.foundation_model.config.get_text_config().vocab_size
         logits = hidden.new_zeros(batch, hidden.shape[1], vocab)
-        for n in range(hidden.shape[0]):  # a non-linear head: one pair's logits alive at a time
+        for n in range(hidden.shape[0]):
             part = self.logits_from_hidden(hidden[n : n + 1]) * w[n]
             logits = logits.index_add(0, rows[n : n + 1], part)
+        return logits
+
+    def _head_logits(self, head_input: HeadInput) -> torch.Tensor:
+        logits = self.logits_from_hidden(head_input.hidden)
+        head = self._linear_head()
+        if head_input.bias_scale is not None and head is not None and head.bias is not None:
+            logits = logits + (head_input.bias_scale - 1)[:, None, None] * head.bias
         return logits
 
     def _routing_pass(self, input_ids, attention_mask) -> RoutingDecision:
@@ -274,12 +297,14 @@ class DyLoRA_MoE(nn.Module):
             hidden = self._decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return self.decide_routing(hidden.last_hidden_state, attention_mask)
 
-    def _fast_logits(self, input_ids, attention_mask, decision: RoutingDecision, seq_weights):
+    def _fast_pass(self, input_ids, attention_mask, decision: RoutingDecision, seq_weights):
+        """The adapted pass: a :class:`HeadInput` (the hidden states the head turns into logits) or, for sequence
+        routing on a non-linear head, the mixed logits themselves."""
         ctx = self.handle.context
         if self.routing == "token":
             ctx.set(self.token_routing(decision))
             hidden = self._decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            return self.logits_from_hidden(hidden.last_hidden_state)
+            return HeadInput(hidden.last_hidden_state, None)
         rows, experts, weights = sequence_pairs(seq_weights, self.sequence_top_k)
         ctx.set(Routing.per_row(experts))
         if rows.numel() == 0:  # an all-padding batch without sequence_top_k: no pair has weight, no pass to run
@@ -288,7 +313,45 @@ class DyLoRA_MoE(nn.Module):
             hidden = self._decoder()(
                 input_ids=input_ids[rows], attention_mask=attention_mask[rows], use_cache=False
             ).last_hidden_state
+        if self._linear_head() is not None and self._softcap() is None:
+            return self._mixed_hidden(hidden, rows, weights, input_ids.shape[0])
         return self._mixed_logits(hidden, rows, weights, input_ids.shape[0])
+
+    # ----- fused linear + cross-entropy (large vocabularies) -----------------------------------------------------
+
+    def set_fused_loss(self, mode: bool | str = True, chunk_rows: int | None = None) -> None:
+        """Compute the LM loss without the full [B, S, V] logits (:mod:`dylora_moe.fused_loss`: the head and the
+        cross-entropy in row chunks, gradients in the same pass). ``mode``: False (off, the default) | True (every
+        forward with labels) | "auto" (forwards with labels in training mode). When it applies, the output's
+        ``logits`` is None (call again without labels, or in eval mode with "auto", for logits).
+        Works for token and sequence routing (the mixture is on hidden states); a head that is not an nn.Linear,
+        or sequence routing with soft-capped logits, keeps the plain loss. ``chunk_rows``: rows per chunk
+        (default: logits chunks about the size of the hidden states, Liger's rule)."""
+        if mode not in FUSED_LOSS_MODES:
+            raise ValueError(f"fused_loss must be one of {FUSED_LOSS_MODES}, got {mode!r}")
+        if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+            raise ValueError(f"chunk_rows must be None or a positive int, got {chunk_rows!r}")
+        self.fused_loss, self.fused_loss_chunk_rows = mode, chunk_rows
+
+    def _fused_loss_applies(self, head_input, labels) -> bool:
+        if labels is None or not isinstance(head_input, HeadInput) or self._linear_head() is None:
+            return False
+        return self.fused_loss is True or (self.fused_loss == "auto" and self.training)
+
+    def _fused_lm_loss(self, head_input: HeadInput, labels: torch.Tensor) -> torch.Tensor:
+        """causal_lm_loss(head(hidden), labels) in row chunks (the same value and gradients)."""
+        head = self._linear_head()
+        hidden, scale = head_input.hidden[:, :-1], head_input.bias_scale
+        targets = labels[:, 1:].reshape(-1).to(hidden.device)
+        if scale is not None and head.bias is not None:
+            scale = scale[:, None].expand(hidden.shape[:2]).reshape(-1)
+        else:
+            scale = None
+        total = chunked_linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), head.weight, targets, bias=head.bias, bias_scale=scale,
+            softcap=self._softcap(), chunk_rows=self.fused_loss_chunk_rows,
+        )  # fmt: skip
+        return total / (targets != -100).sum().clamp_min(1)
 
     def train(self, mode: bool = True) -> DyLoRA_MoE:
         """nn.Module.train; also refreshes the router's host-side maturity flag (one read, only when the buffer
@@ -316,22 +379,28 @@ class DyLoRA_MoE(nn.Module):
             raise ValueError("input_ids are required")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        lm_loss = None
         if self._backend == "reference":
             decision, seq_weights, logits = self._reference().forward(input_ids, attention_mask)
         else:
             decision = self._routing_pass(input_ids, attention_mask)
             seq_weights = self.sequence_weights(decision) if self.routing == "sequence" else None
-            logits = self._fast_logits(input_ids, attention_mask, decision, seq_weights)
-        return self._output(logits, labels, decision, seq_weights)
+            head_input = self._fast_pass(input_ids, attention_mask, decision, seq_weights)
+            if self._fused_loss_applies(head_input, labels):
+                logits, lm_loss = None, self._fused_lm_loss(head_input, labels)
+            else:
+                logits = head_input if isinstance(head_input, torch.Tensor) else self._head_logits(head_input)
+        if lm_loss is None and labels is not None:
+            lm_loss = causal_lm_loss(logits, labels)
+        return self._output(logits, lm_loss, decision, seq_weights)
 
-    def _output(self, logits, labels, decision: RoutingDecision, seq_weights) -> DyLoRAMoEOutput:
-        lm_loss = None if labels is None else causal_lm_loss(logits, labels)
+    def _output(self, logits, lm_loss, decision: RoutingDecision, seq_weights) -> DyLoRAMoEOutput:
         route = decision.route
         out = DyLoRAMoEOutput(logits=logits, lm_loss=lm_loss, loss=lm_loss, sequence_weights=seq_weights)
         if route is None:
-            one = torch.ones(1, device=logits.device)
+            one = torch.ones(1, device=decision.real.device)
             out.expert_utilization, out.expert_token_fraction = one, one
-            out.router_entropy = torch.zeros((), device=logits.device)
+            out.router_entropy = torch.zeros((), device=decision.real.device)
             return out
         out.balance_loss = balance_loss(route, self.balance_loss_form)
         out.z_loss = z_loss(route.logits, route.mask)
