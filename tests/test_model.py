@@ -428,3 +428,25 @@ def test_all_padding_row_changes_nothing_for_the_other_rows(routing, kw, backend
     assert set(got_grads) == set(want_grads)
     for name in want_grads:
         assert_close(got_grads[name], want_grads[name], torch.float32, msg=f"grad of {name}")
+
+
+def test_routing_decisions_live_in_the_routing_module():
+    """decide_routing / sequence_weights / sequence_pairs / token_routing / RoutingDecision are in
+    dylora_moe.routing (the model keeps thin methods and the old import path); routing.py imports neither the
+    model nor the router at run time (no import cycle: layers import it)."""
+    import ast
+
+    from dylora_moe import model as model_module
+    from dylora_moe import routing
+
+    assert model_module.RoutingDecision is routing.RoutingDecision
+    tree = ast.parse(open(routing.__file__).read())
+    runtime_imports = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}  # not TYPE_CHECKING's
+    assert not runtime_imports & {"model", "router"}, runtime_imports
+
+    weights = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.0, 0.0], [0.2, 0.0, 0.8]])
+    rows, experts, w = routing.sequence_pairs(weights, sequence_top_k=2)  # static: B * k pairs, zeros included
+    assert rows.tolist() == [0, 0, 1, 1, 2, 2] and experts.tolist()[:2] == [0, 1] and experts.tolist()[4:] == [2, 0]
+    assert torch.equal(w, weights[rows, experts])
+    rows, experts, w = routing.sequence_pairs(weights, sequence_top_k=None)  # the non-zero pairs
+    assert rows.tolist() == [0, 0, 2, 2] and experts.tolist() == [0, 1, 0, 2]
