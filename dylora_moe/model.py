@@ -2,13 +2,19 @@
 
 Every forward (E > 1):
   1. Routing pass: the frozen base model with adapters disabled, under no_grad; the router sees the last hidden
-     state of every real (non-padding) token.
+     state of every position, padding masked out (weight 0, outside every statistic): static shapes, no host sync.
   2. ``routing="sequence"`` (the original): per-(sequence, expert) weights = routing weights averaged over the real
-     tokens of the sequence; ONE batched pass over the (sequence, expert) pairs with non-zero weight, each row using
-     its expert; logits = the weighted sum of the pair logits. The output head is linear, so the mixture is taken
-     on the final hidden states and the head runs once: the E full logit tensors of the original never exist.
+     tokens of the sequence; ONE batched pass over the (sequence, expert) pairs with non-zero weight (with
+     ``sequence_top_k`` = k: each row's k best, B * k pairs), each row using its expert; logits = the weighted sum
+     of the pair logits. The output head is linear, so the mixture is taken on the final hidden states and the head
+     runs once: the E full logit tensors of the original never exist.
      ``routing="token"``: one pass where every LoRA layer mixes each token's top-k experts.
-  3. Loss = shifted cross-entropy (+ in training the balance loss and the optional router z-loss).
+  3. Loss = shifted cross-entropy over the labelled tokens (+ in training the balance loss and the optional router
+     z-loss); with :meth:`DyLoRA_MoE.set_fused_loss`, computed in row chunks from the hidden states, without the
+     [B, S, V] logits.
+
+With token routing, and sequence routing with ``sequence_top_k``, a training step issues no host sync and compiles
+as one graph (:meth:`DyLoRA_MoE.compile`). The routing decisions live in :mod:`dylora_moe.routing`.
 
 ``kernel="reference"`` runs the same routing decision through the original algorithm on peft adapters
 (:mod:`dylora_moe.reference`): one full pass per expert, or a loop over experts in each layer.
