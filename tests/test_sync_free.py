@@ -5,9 +5,12 @@ capture impossible. On the CPU there is no device to wait for, so the test watch
 with a TorchDispatchMode: ops whose output shape or Python value depends on tensor data (nonzero, item, bincount,
 unique, boolean-mask indexing, masked_select, is_nonzero, equal, repeat_interleave without output_size, ...).
 
-One exemption: transformers' own mask builder (``masking_utils._ignore_causal_mask_sdpa``) reads the padding mask
-to decide whether SDPA may skip the mask. It does so only in plain eager mode; under torch.compile and CUDA-graph
-capture it skips the read, so the compiled/captured step stays sync-free. It is outside this package.
+Exemptions (file, function), each a read that never happens as a host sync on a GPU:
+- transformers' mask builder (``masking_utils._ignore_causal_mask_sdpa``) reads the padding mask to decide whether
+  SDPA may skip the mask. It does so only in plain eager mode; under torch.compile and CUDA-graph capture it skips
+  the read, so the compiled/captured step stays sync-free. It is outside this package.
+- the expert-id check of the ops (``routing_meta.check_expert_ids``) reads the id range on CPU tensors only, to
+  raise an IndexError naming it; on CUDA it is a device-side assert (torch._assert_async).
 """
 
 import traceback
@@ -40,6 +43,7 @@ SYNC_OPS = {
 }
 INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 HF_EXEMPT = ("masking_utils.py", "_ignore_causal_mask_sdpa")
+EXEMPT = {HF_EXEMPT, ("routing_meta.py", "check_expert_ids")}
 
 
 def _is_sync(func, args) -> bool:
@@ -60,7 +64,7 @@ class HostSyncRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if _is_sync(func, args):
             frames = traceback.extract_stack()[:-1]
-            if not any(f.filename.endswith(HF_EXEMPT[0]) and f.name == HF_EXEMPT[1] for f in frames):
+            if not any(f.filename.endswith(file) and f.name == name for f in frames for file, name in EXEMPT):
                 ours = [f for f in frames if "/dylora_moe/" in f.filename or "/kernels/" in f.filename]
                 where = ["/".join(f.filename.rsplit("/", 2)[-2:]) + f":{f.lineno} {f.name}" for f in ours]
                 self.syncs.append((func.name(), where))
