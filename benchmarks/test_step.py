@@ -14,8 +14,9 @@ afterwards, so the GPU's peak memory (``peak_mem_bytes``: weights, optimizer sta
 configuration's alone. On the CPU the peak is the extra bytes allocated during one step (see conftest).
 
 ``<backend>+compile`` (E = 4, token routing): the same step with the model wrapped in ``torch.compile`` (what
-``train.py --compile`` does); skipped with the error when compilation fails. ``test_router_kernel_time`` (GPU only)
-times the Triton router at this step's token count, with its CUDA-graph time beside the host-inclusive one.
+``train.py --compile`` does); skipped with the error when compilation fails, and on the CPU unless
+BENCH_COMPILE=1. ``test_router_kernel_time`` (GPU only) times the Triton router at this step's token count, with
+its CUDA-graph time beside the host-inclusive one.
 
 Rows: op ``step`` (provider = backend) and ``router``; x axis ``E`` (experts; peft is E = 1); shape = the model
 shape plus E and routing.
@@ -24,6 +25,7 @@ shape plus E and routing.
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -182,20 +184,6 @@ def test_step_moe(bench, experts, routing, backend, mode):
     bench_step(bench, fn, backend, mode, experts, routing)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_step_compiled(bench, mode):
-    """E = 4, token routing, the fast backend of this device, with the model under ``torch.compile``."""
-    backend = "triton" if HAS_CUDA else "eager"
-    bench.benchmark.group = f"step {mode} E=4 token"
-    model = build_moe(backend, "token", 4)
-    fn = step_fn(torch.compile(model), model.trainable_parameters(), mode)
-    try:
-        fn()  # compiles here: a failure is a skip with its reason, not a benchmark error
-    except Exception as error:  # dynamo/inductor raise many error types
-        pytest.skip(f"torch.compile of the {backend} model failed: {type(error).__name__}: {error}"[:400])
-    bench_step(bench, fn, f"{backend}+compile", mode, 4, "token")
-
-
 @pytest.mark.skipif(not HAS_CUDA, reason="router kernel time is measured with CUDA graphs, on a CUDA GPU only")
 @pytest.mark.parametrize("experts", [4, 8])
 def test_router_kernel_time(bench, experts):
@@ -218,3 +206,21 @@ def test_router_kernel_time(bench, experts):
         kernel_clock=True,
         cudagraph=True,
     )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_step_compiled(bench, mode):
+    """E = 4, token routing, the fast backend of this device, with the model under ``torch.compile``."""
+    if not HAS_CUDA and os.environ.get("BENCH_COMPILE") != "1":
+        pytest.skip(
+            "compiling the CPU model takes minutes (5 min on a loaded 2-core machine); BENCH_COMPILE=1 times it"
+        )
+    backend = "triton" if HAS_CUDA else "eager"
+    bench.benchmark.group = f"step {mode} E=4 token"
+    model = build_moe(backend, "token", 4)
+    fn = step_fn(torch.compile(model), model.trainable_parameters(), mode)
+    try:
+        fn()  # compiles here: a failure is a skip with its reason, not a benchmark error
+    except Exception as error:  # dynamo/inductor raise many error types
+        pytest.skip(f"torch.compile of the {backend} model failed: {type(error).__name__}: {error}"[:400])
+    bench_step(bench, fn, f"{backend}+compile", mode, 4, "token")
