@@ -269,7 +269,7 @@ class Bench:
             make_row(metric=metric, value=value, value_min=low, value_max=high, **common)
             for metric, value, low, high in measured
         ]
-        self.benchmark.extra_info.update(common)
+        self.benchmark.extra_info.update(common, **{f"{metric}_median": value for metric, value, _, _ in measured})
         append_rows(self.path, rows)
 
 

@@ -22,19 +22,35 @@ from benchmarks.records import BENCH_DIR, COMMITTED_CSV, METRICS, read_rows, run
 STANDARD = [
     ("moe_lora", ("kernel_time", "time"), "full", {}),
     ("router", ("cudagraph_time", "kernel_time", "time"), "fwd", {}),
-    ("step", ("time",), "full", {"routing": "token"}),
+    ("step", ("time",), "full", {"routing": ("token", "-")}),  # "-": peft, one adapter
     ("step", ("memory", "memory_extra"), "full", {}),
 ]
 
 
 def select(rows: list[dict], op: str, metric: str, mode: str, where: dict | None = None) -> list[dict]:
+    """Rows of one op, metric and mode whose shape matches ``where`` (a value, or a tuple of accepted values)."""
     where = where or {}
     return [
         r
         for r in rows
         if (r["op"], r["metric"], r["mode"]) == (op, metric, mode)
-        and all(str(r["shape"].get(k)) == str(v) for k, v in where.items())
+        and all(str(r["shape"].get(k)) in (map(str, v) if isinstance(v, tuple) else [str(v)]) for k, v in where.items())
     ]
+
+
+def series_of(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows by series: the provider, plus the shape keys other than the x axis that vary in the rows (the routing
+    when both routings are plotted), so no two rows of a series share an x value."""
+    varying = sorted(
+        k
+        for k in {k for r in rows for k in r["shape"]}
+        if k != rows[0]["x_name"] and len({str(r["shape"].get(k)) for r in rows}) > 1
+    )
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        label = " ".join([r["provider"], *(f"{k}={r['shape'].get(k)}" for k in varying)])
+        series.setdefault(label, []).append(r)
+    return series
 
 
 def plot(rows: list[dict], path: Path, title: str = "") -> Path:
@@ -47,20 +63,20 @@ def plot(rows: list[dict], path: Path, title: str = "") -> Path:
     if not rows:
         raise ValueError("no benchmark rows to plot (check the op, metric, mode and filters)")
     first = rows[0]
-    providers = sorted({r["provider"] for r in rows})
+    series = series_of(rows)
     xs = sorted({r["x_value"] for r in rows}, key=lambda v: (isinstance(v, str), v))
     numeric = all(isinstance(x, float) for x in xs)
-    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(xs) * (1 if numeric else len(providers) / 3)), 5))
-    width = 0.8 / len(providers)
-    for i, provider in enumerate(providers):
-        points = {r["x_value"]: r for r in rows if r["provider"] == provider}  # the last written wins
+    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(xs) * (1 if numeric else len(series) / 3)), 5))
+    width = 0.8 / len(series)
+    for i, (label, members) in enumerate(sorted(series.items())):
+        points = {r["x_value"]: r for r in members}  # the last written wins
         if numeric:
             px = sorted(points)
-            ax.plot(px, [points[x]["value"] for x in px], marker="o", label=provider)
+            ax.plot(px, [points[x]["value"] for x in px], marker="o", label=label)
             ax.fill_between(px, [points[x]["value_min"] for x in px], [points[x]["value_max"] for x in px], alpha=0.2)
         else:
             heights = [points[x]["value"] if x in points else 0.0 for x in xs]
-            ax.bar([j + i * width for j in range(len(xs))], heights, width, label=provider)
+            ax.bar([j + i * width for j in range(len(xs))], heights, width, label=label)
     if not numeric:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(xs))])
         ax.set_xticklabels(xs, fontsize=7, rotation=15)
@@ -88,7 +104,7 @@ def standard_plots(rows: list[dict], folder: Path) -> list[Path]:
         for metric in metrics:
             chosen = select(rows, op, metric, mode, where)
             if chosen:
-                name = slug(rows[0]["device_name"].split(",")[0], op, mode, metric, *map(str, where.values()))
+                name = slug(rows[0]["device_name"].split(",")[0], op, mode, metric, *map(str, where))
                 written.append(plot(chosen, folder / f"{name}.png"))
                 break
     return written

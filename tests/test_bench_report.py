@@ -162,6 +162,12 @@ def test_visualizer_draws_lines_and_bars(tmp_path):
     bars = visualize.plot(visualize.select(rows, "router", "time", "fwd"), tmp_path / "router.png")
     for png in (lines, bars):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    both = steps + roundtrip(tmp_path / "b", [row(provider="eager", value=9.0, E=2, routing="sequence")])
+    assert sorted(visualize.series_of(both)) == [
+        "eager routing=sequence",
+        "eager routing=token",
+        "triton routing=token",
+    ]
     assert visualize.main(["--op", "step", "--data", str(tmp_path / "data.csv"), "--out", str(tmp_path / "cli.png")])
     with pytest.raises(ValueError, match="no benchmark rows"):
         visualize.plot([], tmp_path / "none.png")
@@ -199,8 +205,9 @@ def test_a_benchmark_appends_its_rows(tmp_path):
     out = tmp_path / "rows.csv"
     before = records.COMMITTED_CSV.read_bytes()
     env = {**os.environ, "BENCH_RUN_ID": "test-run", "OMP_NUM_THREADS": "1"}
+    select = "test_moe_lora and lora_dense and fwd and k2"
     command = [sys.executable, "-m", "pytest", "benchmarks/test_ops.py", "--benchmark-only", "-q", "-p",
-               "no:cacheprovider", "-k", "test_moe_lora and lora_dense and fwd", "--bench-csv", str(out)]  # fmt: skip
+               "no:cacheprovider", "-k", select, "--bench-csv", str(out)]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with out.open() as f:
