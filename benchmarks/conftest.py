@@ -33,11 +33,6 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 REPO = Path(__file__).resolve().parent.parent
-requires_gpu = pytest.mark.skipif(
-    not HAS_CUDA, reason="Triton kernels are timed on a CUDA GPU only (the CPU interpreter is not a speed path)"
-)
-
-
 MIB = 2**20
 RUN_ID = os.environ.get("BENCH_RUN_ID") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
