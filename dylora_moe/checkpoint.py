@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .reference import expert_name, lora_config
+from .peft_format import expert_name, lora_config
 from .router import DynamicHybridRouter
 
 CONFIG_NAME = "dylora_moe_config.json"
