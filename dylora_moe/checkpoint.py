@@ -271,9 +271,14 @@ def read_config(save_directory) -> dict:
     if version == FORMAT_VERSION:
         files = section.get("files")
         expected = checkpoint_files(num_experts)
-        if not isinstance(files, dict) or sorted(files) != sorted(expected):
-            listed = sorted(files) if isinstance(files, dict) else files
-            raise CheckpointError(f"{path}: files lists {listed!r}, expected the {len(expected)} files {expected}")
+        if not isinstance(files, dict):
+            raise CheckpointError(f"{path}: 'files' is {files!r}, expected a mapping of file name to size and sha256")
+        missing, unexpected = sorted(set(expected) - set(files)), sorted(set(files) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path}: the files listed do not match a {num_experts}-expert checkpoint: missing "
+                f"{_describe(missing) or 'none'}; unexpected {_describe(unexpected) or 'none'}"
+            )
         for name, entry in files.items():
             ok = isinstance(entry, dict) and isinstance(entry.get("size"), int)
             if not ok or not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256"))):
@@ -302,8 +307,8 @@ def _read_file(directory: Path, name: str, record: dict | None) -> bytes:
     digest = hashlib.sha256(data).hexdigest()
     if digest != record["sha256"]:
         raise CheckpointError(
-            f"{path}: sha256 {digest} does not match the checkpoint's record {record['sha256']}: the file is "
-            "corrupted or was changed after saving"
+            f"{path}: content does not match its checksum (sha256 {digest[:16]}..., the checkpoint recorded "
+            f"{record['sha256'][:16]}...): the file is corrupted or was changed after saving"
         )
     return data
 
@@ -357,7 +362,7 @@ def _read_expert(directory: Path, i: int, layers: dict, records: dict | None) ->
     if saved_r != rank or not isinstance(saved_alpha, (int, float)) or not math.isclose(saved_alpha, alpha):
         raise CheckpointError(
             f"{config_path}: r={saved_r!r}, lora_alpha={saved_alpha!r}, but the model's expert {i} has r={rank}, "
-            f"lora_alpha={alpha:g}"
+            f"lora_alpha={alpha!r}"
         )
     expected = {peft_key(n, ab) for n in layers for ab in ("lora_A", "lora_B")}
     unexpected = sorted(set(tensors) - expected)
@@ -429,11 +434,19 @@ def read_checkpoint(moe, save_directory) -> _StagedCheckpoint:
     if num_experts != moe.num_experts:
         raise CheckpointError(
             f"checkpoint {directory} has {num_experts} experts but the model has {moe.num_experts}; "
-            "build the model with DyLoRA_MoE.from_pretrained(directory, base_model) or grow it first"
+            "build the model from the checkpoint with DyLoRA_MoE.from_pretrained, or grow it first"
         )
     layers = moe.handle.layers
     if sorted(section["layers"]) != sorted(layers):
-        raise CheckpointError(f"checkpoint {directory} targets {sorted(section['layers'])}, the model {sorted(layers)}")
+        only_saved, only_model = (
+            sorted(set(section["layers"]) - set(layers)),
+            sorted(set(layers) - set(section["layers"])),
+        )
+        raise CheckpointError(
+            f"checkpoint {directory} has experts on other layers than the model: only in the checkpoint "
+            f"{_describe(only_saved) or 'none'}; only in the model {_describe(only_model) or 'none'} (build the model "
+            "with the checkpoint's target_modules)"
+        )
     _check_namespace(directory, num_experts)
     experts = [_read_expert(directory, i, layers, records) for i in range(num_experts)]
     return _StagedCheckpoint(experts, _read_router(directory, moe.router, records))
