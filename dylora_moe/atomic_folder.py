@@ -81,6 +81,37 @@ def _is_cwd(path: Path) -> bool:
         return False
 
 
+def _sibling(destination: Path) -> Path:
+    return destination.parent / f"{staging_prefix(destination)}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _fill_in_place(staging: Path, destination: Path, last: str) -> None:
+    """Move the entries of ``staging`` into the empty folder ``destination``, ``last`` at the end; on an error,
+    move back what was moved (the destination is left empty again)."""
+    moved = []
+    try:
+        for entry in sorted(staging.iterdir(), key=lambda p: p.name == last):
+            os.rename(entry, destination / entry.name)
+            moved.append(entry.name)
+    except BaseException:
+        for name in reversed(moved):
+            os.rename(destination / name, staging / name)
+        raise
+    staging.rmdir()
+
+
+def _replace_by_two_renames(staging: Path, destination: Path) -> None:
+    """Without an atomic exchange: old folder aside, new one in (the old one comes back if that fails)."""
+    old = _sibling(destination)
+    os.rename(destination, old)
+    try:
+        os.rename(staging, destination)
+    except BaseException:
+        os.rename(old, destination)
+        raise
+    shutil.rmtree(old)
+
+
 def publish(staging: Path, destination: Path, *, replace: bool, last: str) -> None:
     """Make the complete folder ``staging`` visible as ``destination``.
 
@@ -91,9 +122,7 @@ def publish(staging: Path, destination: Path, *, replace: bool, last: str) -> No
     out and deleted."""
     fsync_path(staging)
     if not replace and _is_cwd(destination):
-        for entry in sorted(staging.iterdir(), key=lambda p: p.name == last):
-            os.rename(entry, destination / entry.name)
-        staging.rmdir()
+        _fill_in_place(staging, destination, last)
     elif not replace:
         os.rename(staging, destination)
     else:
@@ -101,10 +130,7 @@ def publish(staging: Path, destination: Path, *, replace: bool, last: str) -> No
         if exchange(staging, destination):
             shutil.rmtree(staging)  # now holds the old folder
         else:
-            old = destination.parent / f"{staging_prefix(destination)}{os.getpid()}-{secrets.token_hex(4)}"
-            os.rename(destination, old)
-            os.rename(staging, destination)
-            shutil.rmtree(old)
+            _replace_by_two_renames(staging, destination)
         if cwd_inside:  # the old folder is gone: step into its replacement at the same path
             os.chdir(destination)
     fsync_path(destination.parent)
@@ -122,16 +148,37 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_staging(destination: Path, is_ours: Callable[[Path], bool]) -> list[Path]:
-    """Remove the staging folders of ``destination`` left by killed processes whose content ``is_ours`` accepts
-    (anything else is left alone). Returns the folders removed."""
+def stale_staging(destination: Path) -> list[Path]:
+    """Staging folders of ``destination`` whose process is gone (newest first)."""
     prefix = staging_prefix(destination)
-    removed = []
-    for name in sorted(n for n in os.listdir(destination.parent) if n.startswith(prefix)):
+    found = []
+    for name in os.listdir(destination.parent):
         path = destination.parent / name
-        pid = name[len(prefix) :].split("-", 1)[0]
-        if path.is_symlink() or not path.is_dir() or (pid.isdigit() and _pid_alive(int(pid))):
+        if not name.startswith(prefix) or path.is_symlink() or not path.is_dir():
             continue
+        pid = name[len(prefix) :].split("-", 1)[0]  # names of earlier versions (mkdtemp) have no pid: stale
+        if not (pid.isdigit() and _pid_alive(int(pid))):
+            found.append(path)
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def remove_stale_staging(
+    destination: Path, is_ours: Callable[[Path], bool], is_complete: Callable[[Path], bool]
+) -> list[Path]:
+    """Clean up after killed saves to ``destination``; returns the folders removed.
+
+    Where ``destination`` is missing (a process killed between the two renames of the fallback replace), the newest
+    stale folder that ``is_complete`` accepts is renamed back to ``destination`` first. Then the stale folders whose
+    content ``is_ours`` accepts are removed; anything else is left alone."""
+    stale = stale_staging(destination)
+    if not os.path.lexists(destination):
+        for path in stale:
+            if is_complete(path):
+                os.rename(path, destination)
+                stale.remove(path)
+                break
+    removed = []
+    for path in stale:
         if is_ours(path):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)

@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
-from .atomic_folder import fsync_path, new_staging, publish, remove_stale_staging
+from .atomic_folder import fsync_path, new_staging, publish, remove_stale_staging, stale_staging
 from .peft_format import expert_name, lora_config, peft_key
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,11 @@ def _holds_only_checkpoint_files(folder: Path) -> bool:
         return not _foreign_entries(folder)
     except OSError:
         return False
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds a complete checkpoint (its config, and only checkpoint files)."""
+    return (folder / CONFIG_NAME).is_file() and _holds_only_checkpoint_files(folder)
 
 
 def _describe(entries: list[str], limit: int = 5) -> str:
@@ -225,7 +230,7 @@ def save_checkpoint(moe, save_directory) -> Path:
     target = Path(save_directory).resolve()
     replace = _check_destination(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_staging(target, _holds_only_checkpoint_files):
+    for stale in remove_stale_staging(target, _holds_only_checkpoint_files, _is_checkpoint):
         logger.info("removed %s, left by a save that did not finish", stale)
     staging = new_staging(target)
     try:
@@ -246,7 +251,12 @@ def read_config(save_directory) -> dict:
     directory = Path(save_directory)
     path = directory / CONFIG_NAME
     if not directory.is_dir():
-        raise CheckpointFileMissing(f"{directory} is not a folder: not a DyLoRA_MoE checkpoint")
+        hint = ""
+        if not directory.exists() and directory.parent.is_dir():
+            aside = [p for p in stale_staging(directory.absolute()) if _is_checkpoint(p)]
+            if aside:  # see atomic_folder.remove_stale_staging
+                hint = f"; a save to it was interrupted and left a complete checkpoint in {aside[0]}"
+        raise CheckpointFileMissing(f"{directory} is not a folder: not a DyLoRA_MoE checkpoint{hint}")
     if not path.is_file():
         raise CheckpointFileMissing(f"{path} not found: {directory} is not a DyLoRA_MoE checkpoint")
     try:

@@ -269,14 +269,32 @@ _KILL_SCRIPT = textwrap.dedent(
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
+    def die_on_rename_into_place():  # the fallback replace, killed between its two renames
+        atomic_folder.exchange = lambda a, b: False
+        rename = os.rename
+        def patched(src, dst):
+            if Path(src).name.startswith(".ckpt.tmp-") and Path(dst).name == "ckpt":
+                die()
+            rename(src, dst)
+        os.rename = patched
+
     points = {
         "mid_expert_file": lambda: setattr(ckpt, "save_file", lambda t, p, metadata=None: (
             Path(p).write_bytes(b"\\x01" * 64), die())),
         "before_publish": lambda: setattr(ckpt, "publish", die),
         "after_swap": lambda: setattr(atomic_folder.shutil, "rmtree", die),
+        "between_two_renames": die_on_rename_into_place,
     }
     root = Path(sys.argv[1])
     old, new = make_moe(seed=1), make_moe(seed=2)
+
+    def which(target):
+        try:
+            loaded = DyLoRA_MoE.from_pretrained(target, tiny_llama(), kernel="eager")
+        except ckpt.CheckpointError as e:
+            return str(e)
+        return "old" if experts_equal(loaded, old) else "new" if experts_equal(loaded, new) else "other"
+
     report = {}
     for name, patch in points.items():
         target = root / name / "ckpt"
@@ -287,14 +305,13 @@ _KILL_SCRIPT = textwrap.dedent(
             new.save_pretrained(target)
             os._exit(3)  # not reached
         _, status = os.waitpid(pid, 0)
-        loaded = DyLoRA_MoE.from_pretrained(target, tiny_llama(), kernel="eager")
-        leftovers = sorted(p.name for p in target.parent.iterdir() if p.name != "ckpt")
-        new.save_pretrained(target)  # the next save removes the dead process's staging folder
-        report[name] = {
-            "killed": os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL,
-            "loads_old": experts_equal(loaded, old), "loads_new": experts_equal(loaded, new),
-            "leftovers": leftovers, "after_next_save": sorted(p.name for p in target.parent.iterdir()),
-        }
+        result = {"killed": os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, "loads": which(target)}
+        result["leftovers"] = sorted(p.name for p in target.parent.iterdir() if p.name != "ckpt")
+        atomic_folder.remove_stale_staging(target, ckpt._holds_only_checkpoint_files, ckpt._is_checkpoint)
+        result["after_recovery"] = which(target)  # what the next save finds before it writes
+        new.save_pretrained(target)
+        result["after_next_save"] = sorted(p.name for p in target.parent.iterdir())
+        report[name] = result
     print(json.dumps(report))
     """
 )
@@ -303,8 +320,10 @@ _KILL_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_sigkilled_save_leaves_a_loadable_checkpoint(tmp_path):
-    """A real SIGKILL at three points of a save: the previous checkpoint (or, once swapped, the new one) loads, and
-    the dead process's staging folder goes at the next save. One fresh interpreter forks one victim per point."""
+    """A real SIGKILL at four points of a save: the previous checkpoint (or, once swapped, the new one) loads, and
+    the next save cleans up. Where the OS has no atomic exchange, a kill between the two renames leaves no folder
+    at the destination: the load error says where the checkpoint is, and the next save puts it back first. One
+    fresh interpreter forks one victim per point."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path), str(REPO / "tests")],
@@ -312,11 +331,61 @@ def test_sigkilled_save_leaves_a_loadable_checkpoint(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(report) == sorted(["mid_expert_file", "before_publish", "after_swap", "between_two_renames"])
     for name, result in report.items():
         assert result["killed"], name
-        assert result["loads_new"] if name == "after_swap" else result["loads_old"], (name, result)
-        assert len(result["leftovers"]) == 1 and result["leftovers"][0].startswith(".ckpt.tmp-"), (name, result)
         assert result["after_next_save"] == ["ckpt"], (name, result)
+        if name == "between_two_renames":
+            assert "a save to it was interrupted and left a complete checkpoint in" in result["loads"], result
+            assert len(result["leftovers"]) == 2, result  # the old checkpoint set aside, the complete new one
+            assert result["after_recovery"] in ("old", "new"), result
+            continue
+        expected = "new" if name == "after_swap" else "old"
+        assert result["loads"] == result["after_recovery"] == expected, (name, result)
+        assert len(result["leftovers"]) == 1 and result["leftovers"][0].startswith(".ckpt.tmp-"), (name, result)
+
+
+def test_failed_fallback_replace_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    """Two renames where there is no atomic exchange: if the second fails, the first is undone."""
+    target = tmp_path / "ckpt"
+    old = make_moe(seed=1)
+    old.save_pretrained(target)
+    before = tree(tmp_path)
+    monkeypatch.setattr(atomic_folder, "exchange", lambda a, b: False)
+    rename = os.rename
+
+    failed = []
+
+    def failing_rename(src, dst):
+        if Path(dst) == target and not failed:  # the new checkpoint into place (not the undo that follows)
+            failed.append(src)
+            raise OSError("rename failed")
+        rename(src, dst)
+
+    monkeypatch.setattr(atomic_folder.os, "rename", failing_rename)
+    with pytest.raises(OSError, match="rename failed"):
+        make_moe(seed=2).save_pretrained(target)
+    monkeypatch.undo()
+    assert tree(tmp_path) == before
+    assert experts_equal(DyLoRA_MoE.from_pretrained(target, tiny_llama(), kernel="eager"), old)
+
+
+def test_failed_save_into_current_folder_leaves_it_empty(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rename = os.rename
+    calls = []
+
+    def failing_rename(src, dst):
+        if Path(dst).parent == tmp_path.resolve():
+            calls.append(dst)
+            if len(calls) == 3:  # the third entry moved into the folder
+                raise OSError("rename failed")
+        rename(src, dst)
+
+    monkeypatch.setattr(atomic_folder.os, "rename", failing_rename)
+    with pytest.raises(OSError, match="rename failed"):
+        make_moe().save_pretrained(".")
+    assert os.listdir(tmp_path) == []
 
 
 # ----- loads are all-or-nothing ------------------------------------------------------------------------------------
