@@ -2,17 +2,20 @@
 
 A reader of the destination sees the old folder or the new one, never a half-written one. Replacing a folder uses
 Linux's ``renameat2(RENAME_EXCHANGE)`` (old and new swap in one step; there is no moment with neither); where the
-OS or file system lacks it, two renames (a moment with no folder at the destination, never a half one).
+OS or file system lacks it, two renames (a moment with no folder at the destination, never a half one; a failed
+second rename is undone).
 
 Staging folders are named ``.<destination name>.tmp-<pid>-<random>``, are created with the user's umask (not
 ``mkdtemp``'s private 0700), and are removed on any error. A process killed mid-save leaves its staging folder
-behind: :func:`remove_stale_staging` removes those of dead processes.
+behind: :func:`remove_stale_staging` removes those of dead processes (and first puts back a complete folder that a
+kill between the two renames left aside).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import secrets
 import shutil
@@ -27,10 +30,15 @@ def staging_prefix(destination: Path) -> str:
     return f".{destination.name}.tmp-"
 
 
+def _sibling(destination: Path) -> Path:
+    """A fresh staging name beside ``destination``."""
+    return destination.parent / f"{staging_prefix(destination)}{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def new_staging(destination: Path) -> Path:
     """A new empty folder beside ``destination`` (permissions from the umask)."""
     while True:
-        path = destination.parent / f"{staging_prefix(destination)}{os.getpid()}-{secrets.token_hex(4)}"
+        path = _sibling(destination)
         try:
             path.mkdir()
             return path
@@ -50,11 +58,13 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+@functools.lru_cache(maxsize=1)
 def _renameat2():
+    """glibc's renameat2, or None (another C library, another OS)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.renameat2
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     fn.restype = ctypes.c_int
@@ -79,10 +89,6 @@ def _is_cwd(path: Path) -> bool:
         return os.path.samefile(path, os.getcwd())
     except OSError:
         return False
-
-
-def _sibling(destination: Path) -> Path:
-    return destination.parent / f"{staging_prefix(destination)}{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _fill_in_place(staging: Path, destination: Path, last: str) -> None:

@@ -125,6 +125,17 @@ def test_save_into_empty_current_folder_writes_there(tmp_path, monkeypatch):
     assert experts_equal(DyLoRA_MoE.from_pretrained(".", tiny_llama(), kernel="eager"), moe)
 
 
+def test_save_over_an_earlier_checkpoint_in_the_current_folder(tmp_path, monkeypatch):
+    """Replacing the working folder itself: the process ends up in the new checkpoint at the same path."""
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path / "ckpt")
+    make_moe(seed=1).save_pretrained(".")
+    new = make_moe(seed=2)
+    new.save_pretrained(".")
+    assert Path.cwd() == (tmp_path / "ckpt").resolve() and os.listdir(tmp_path) == ["ckpt"]
+    assert experts_equal(DyLoRA_MoE.from_pretrained(".", tiny_llama(), kernel="eager"), new)
+
+
 def test_save_into_empty_folder_and_new_nested_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     moe = make_moe()
