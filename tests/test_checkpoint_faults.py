@@ -36,6 +36,11 @@ def make_moe(seed=0, num_experts=3):
     return moe.eval()
 
 
+def reload(folder):
+    """DyLoRA_MoE.from_pretrained without depending on its argument order (helper "api" changes it)."""
+    return ckpt.load_checkpoint_model(DyLoRA_MoE, folder, tiny_llama(), kernel="eager")
+
+
 def snapshot(moe) -> dict:
     return {k: v.detach().clone() for k, v in moe.state_dict().items()}
 
@@ -122,7 +127,7 @@ def test_save_into_empty_current_folder_writes_there(tmp_path, monkeypatch):
     moe.save_pretrained(".")
     assert os.stat(".").st_ino == inode == os.stat(tmp_path).st_ino
     assert "dylora_moe_config.json" in os.listdir(".")
-    assert experts_equal(DyLoRA_MoE.from_pretrained(".", tiny_llama(), kernel="eager"), moe)
+    assert experts_equal(reload("."), moe)
 
 
 def test_save_over_an_earlier_checkpoint_in_the_current_folder(tmp_path, monkeypatch):
@@ -133,7 +138,7 @@ def test_save_over_an_earlier_checkpoint_in_the_current_folder(tmp_path, monkeyp
     new = make_moe(seed=2)
     new.save_pretrained(".")
     assert Path.cwd() == (tmp_path / "ckpt").resolve() and os.listdir(tmp_path) == ["ckpt"]
-    assert experts_equal(DyLoRA_MoE.from_pretrained(".", tiny_llama(), kernel="eager"), new)
+    assert experts_equal(reload("."), new)
 
 
 def test_save_into_empty_folder_and_new_nested_folder(tmp_path):
@@ -142,7 +147,7 @@ def test_save_into_empty_folder_and_new_nested_folder(tmp_path):
     moe.save_pretrained(tmp_path / "empty")
     moe.save_pretrained(tmp_path / "a" / "b" / "c")
     for folder in (tmp_path / "empty", tmp_path / "a" / "b" / "c"):
-        assert experts_equal(DyLoRA_MoE.from_pretrained(folder, tiny_llama(), kernel="eager"), moe)
+        assert experts_equal(reload(folder), moe)
 
 
 @pytest.mark.parametrize("swap", ["exchange", "two_renames"])
@@ -154,7 +159,7 @@ def test_save_over_an_earlier_checkpoint_replaces_it(tmp_path, monkeypatch, swap
     new = make_moe(seed=2)
     new.save_pretrained(target)
     assert os.listdir(tmp_path) == ["ckpt"]
-    assert experts_equal(DyLoRA_MoE.from_pretrained(target, tiny_llama(), kernel="eager"), new)
+    assert experts_equal(reload(target), new)
 
 
 def test_exchange_swaps_two_folders(tmp_path):
@@ -233,7 +238,7 @@ def test_failed_save_leaves_previous_checkpoint_intact_and_loadable(tmp_path, mo
         monkeypatch.setattr(ckpt, "publish", _raise)
     with pytest.raises(_Killed) if point != "after_swap" else _swap_then_fail(monkeypatch):
         new.save_pretrained(target)
-    loaded = DyLoRA_MoE.from_pretrained(target, tiny_llama(), kernel="eager")
+    loaded = reload(target)
     if point == "after_swap":  # the new checkpoint was complete and published; the error came after
         assert experts_equal(loaded, new)
     else:
@@ -272,9 +277,8 @@ _KILL_SCRIPT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[2])
-    from test_checkpoint_faults import make_moe, experts_equal
-    from moe_models import tiny_llama
-    from dylora_moe import DyLoRA_MoE, atomic_folder
+    from test_checkpoint_faults import make_moe, experts_equal, reload
+    from dylora_moe import atomic_folder
     from dylora_moe import checkpoint as ckpt
 
     def die(*args, **kwargs):
@@ -301,7 +305,7 @@ _KILL_SCRIPT = textwrap.dedent(
 
     def which(target):
         try:
-            loaded = DyLoRA_MoE.from_pretrained(target, tiny_llama(), kernel="eager")
+            loaded = reload(target)
         except ckpt.CheckpointError as e:
             return str(e)
         return "old" if experts_equal(loaded, old) else "new" if experts_equal(loaded, new) else "other"
@@ -378,7 +382,7 @@ def test_failed_fallback_replace_puts_the_old_checkpoint_back(tmp_path, monkeypa
         make_moe(seed=2).save_pretrained(target)
     monkeypatch.undo()
     assert tree(tmp_path) == before
-    assert experts_equal(DyLoRA_MoE.from_pretrained(target, tiny_llama(), kernel="eager"), old)
+    assert experts_equal(reload(target), old)
 
 
 def test_failed_save_into_current_folder_leaves_it_empty(tmp_path, monkeypatch):
@@ -516,7 +520,7 @@ def test_bad_checkpoint_leaves_the_model_unchanged_and_names_the_file(saved, cas
     assert culprit in str(error.value)
     assert_unchanged(target, before)
     with pytest.raises(CheckpointError, match=words):
-        DyLoRA_MoE.from_pretrained(saved, tiny_llama(), kernel="eager")
+        reload(saved)
 
 
 def test_missing_files_are_file_not_found_errors(saved):
@@ -557,7 +561,7 @@ def test_format_1_checkpoint_still_loads(saved):
         del config["checkpoint"]
 
     _write_json(saved / "dylora_moe_config.json", to_v1)
-    loaded = DyLoRA_MoE.from_pretrained(saved, tiny_llama(), kernel="eager")
+    loaded = reload(saved)
     assert experts_equal(loaded, make_moe(seed=1))
     _truncate(saved / "expert_0" / "adapter_model.safetensors")  # no checksum: the parse still names the file
     target = make_moe(seed=5)
@@ -573,7 +577,7 @@ def test_no_pickle_is_ever_loaded(tmp_path, monkeypatch):
     moe = make_moe(seed=1)
     moe.save_pretrained(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "optimizer.pt").write_bytes(b"a Trainer file: never read")
-    assert experts_equal(DyLoRA_MoE.from_pretrained(tmp_path / "ckpt", tiny_llama(), kernel="eager"), moe)
+    assert experts_equal(reload(tmp_path / "ckpt"), moe)
 
 
 def test_config_records_every_file_with_its_checksum(saved):
