@@ -3,6 +3,7 @@
 Every load failure here must leave the target model bitwise unchanged and name the file at fault.
 """
 
+import inspect
 import json
 import os
 import pickle
@@ -18,7 +19,7 @@ import torch
 from moe_models import randomize_experts, tiny_llama
 from safetensors.torch import load_file, save_file
 
-from dylora_moe import DyLoRA_MoE, atomic_folder
+from dylora_moe import DyLoRA_MoE, MoELoRALinear, atomic_folder
 from dylora_moe import checkpoint as ckpt
 from dylora_moe.checkpoint import CheckpointError, CheckpointFileMissing
 
@@ -636,6 +637,45 @@ def test_each_expert_saved_with_its_own_rank_and_loads_alone_in_peft(tmp_path):
     with pytest.raises(CheckpointError, match="expert_1/adapter_config.json: r=2, .* expert 1 has r=4"):
         ckpt.load_checkpoint(uniform, tmp_path / "ckpt")
     assert_unchanged(uniform, before)
+
+
+def _grow(moe, experts):
+    """Add experts of their own (r, alpha) to every layer and the router (INTERFACES 2: layer.add_expert(r, alpha))."""
+    for r, alpha in experts:
+        for layer in moe.handle.layers.values():
+            layer.add_expert(r=r, alpha=alpha)
+        moe.router.add_expert()
+        moe.expert_manager.expert_configs.append({"r": r, "lora_alpha": alpha})
+    return moe
+
+
+@pytest.mark.skipif(
+    "r" not in inspect.signature(MoELoRALinear.add_expert).parameters,
+    reason="needs per-expert ranks in MoELoRALinear.add_expert(r, alpha) (helper kernels' branch)",
+)
+def test_grown_experts_of_other_ranks_round_trip_and_load_alone_in_peft(tmp_path):
+    from peft import PeftModel
+
+    moe = _grow(make_moe(seed=1), [(8, 4.0), (2, 6.0)])  # a larger rank pads the others; a smaller one is padded
+    with torch.no_grad():
+        for layer in moe.handle.layers.values():
+            layer.lora_B[3].normal_()
+            layer.lora_B[4, :, :2].normal_()
+    moe.save_pretrained(tmp_path / "ckpt")
+    input_ids = torch.randint(3, 100, (2, 5))
+    with torch.no_grad():
+        for i, (r, alpha) in enumerate([(4, 8.0)] * 3 + [(8, 4.0), (2, 6.0)]):
+            adapter = json.loads((tmp_path / "ckpt" / f"expert_{i}" / "adapter_config.json").read_text())
+            assert (adapter["r"], adapter["lora_alpha"]) == (r, alpha)
+            if i >= 2:
+                peft_model = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ckpt" / f"expert_{i}")).eval()
+                moe.expert_manager.set_active_expert(i)
+                torch.testing.assert_close(peft_model(input_ids).logits, moe.foundation_model(input_ids).logits)
+    target = _grow(make_moe(seed=7), [(8, 4.0), (2, 6.0)])
+    ckpt.load_checkpoint(target, tmp_path / "ckpt")
+    expected = moe.state_dict()
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, expected[key]), key
 
 
 def test_moe_config_object_is_written_as_the_settings(tmp_path):
