@@ -678,13 +678,20 @@ def test_grown_experts_of_other_ranks_round_trip_and_load_alone_in_peft(tmp_path
         assert torch.equal(value, expected[key]), key
 
 
-def test_moe_config_object_is_written_as_the_settings(tmp_path):
+def test_moe_config_object_is_written_as_the_settings(tmp_path, monkeypatch):
+    """Where the model has ``moe_config`` (helper api's DyLoRAMoEConfig), its ``to_dict()`` is the settings."""
+    if hasattr(DyLoRA_MoE, "moe_config"):  # the real one: a model rebuilt from the checkpoint has the same experts
+        moe = make_moe(seed=1)
+        moe.save_pretrained(tmp_path / "real")
+        assert ckpt.checkpoint_settings(ckpt.read_config(tmp_path / "real")) == moe.moe_config.to_dict()
+        assert experts_equal(reload(tmp_path / "real"), moe)
+
     class FakeConfig:
         def to_dict(self):
             return {"num_experts": 3, "lora_r": 4, "lora_alpha": 8, "kernel": "eager", "note": "from moe_config"}
 
+    monkeypatch.setattr(DyLoRA_MoE, "moe_config", property(lambda self: FakeConfig()), raising=False)
     moe = make_moe(seed=1)
-    moe.moe_config = FakeConfig()
     moe.save_pretrained(tmp_path / "ckpt")
     config = ckpt.read_config(tmp_path / "ckpt")
     assert ckpt.checkpoint_settings(config) == FakeConfig().to_dict()
