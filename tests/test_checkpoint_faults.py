@@ -471,37 +471,45 @@ def _wrong_rank(folder: Path) -> None:
     _reseal(folder, "expert_1/adapter_config.json")
 
 
+def _edit_config(change):
+    return lambda folder: _write_json(folder / "dylora_moe_config.json", change)
+
+
+def _edit_file(name, change):
+    return lambda folder: (folder / name).write_text(change((folder / name).read_text()))
+
+
+def _remove(name):
+    return lambda folder: (folder / name).unlink()
+
+
+CONFIG, ROUTER = "dylora_moe_config.json", "router.safetensors"
 CORRUPTIONS = {
     # name: (damage, file named in the error, words of the error)
     "truncated_last_expert": (lambda f: _truncate(f / "expert_2/adapter_model.safetensors"),
                               "expert_2/adapter_model.safetensors", "truncated"),
     "flipped_byte_in_tensor": (lambda f: _flip_last_byte(f / "expert_1/adapter_model.safetensors"),
                                "expert_1/adapter_model.safetensors", "does not match its checksum .* corrupted"),
-    "flipped_byte_in_router": (lambda f: _flip_last_byte(f / "router.safetensors"), "router.safetensors", "sha256"),
-    "flipped_byte_in_adapter_config": (lambda f: (f / "expert_0/adapter_config.json").write_text(
-        (f / "expert_0/adapter_config.json").read_text().replace('"r": 4', '"r": 5')),
-        "expert_0/adapter_config.json", "sha256"),
-    "missing_expert_file": (lambda f: (f / "expert_1/adapter_model.safetensors").unlink(),
-                            "expert_1/adapter_model.safetensors", "missing"),
-    "missing_router": (lambda f: (f / "router.safetensors").unlink(), "router.safetensors", "missing"),
-    "missing_config": (lambda f: (f / "dylora_moe_config.json").unlink(), "dylora_moe_config.json",
-                       "not a DyLoRA_MoE checkpoint"),
-    "malformed_config": (lambda f: _truncate(f / "dylora_moe_config.json"), "dylora_moe_config.json",
-                         "not valid JSON"),
-    "config_not_an_object": (lambda f: (f / "dylora_moe_config.json").write_text("[1, 2]"), "dylora_moe_config.json",
-                             "expected a JSON object"),
-    "config_lists_other_files": (lambda f: _write_json(f / "dylora_moe_config.json",
-                                                       lambda c: c["checkpoint"]["files"].pop("router.safetensors")),
-                                 "dylora_moe_config.json", "missing router.safetensors; unexpected none"),
-    "zero_experts": (lambda f: _write_json(f / "dylora_moe_config.json",
-                                           lambda c: c["checkpoint"].__setitem__("num_experts", 0)),
-                     "dylora_moe_config.json", "num_experts is 0"),
-    "unknown_format": (lambda f: _write_json(f / "dylora_moe_config.json",
-                                             lambda c: c.__setitem__("format_version", 9)),
-                       "dylora_moe_config.json", "format_version 9"),
+    "flipped_byte_in_router": (lambda f: _flip_last_byte(f / ROUTER), ROUTER, "does not match its checksum"),
+    "edited_adapter_config": (_edit_file("expert_0/adapter_config.json", lambda t: t.replace('"r": 4', '"r": 5')),
+                              "expert_0/adapter_config.json", "does not match its checksum"),
+    "missing_expert_file": (_remove("expert_1/adapter_model.safetensors"), "expert_1/adapter_model.safetensors",
+                            "missing"),
+    "missing_router": (_remove(ROUTER), ROUTER, "missing"),
+    "missing_config": (_remove(CONFIG), CONFIG, "not a DyLoRA_MoE checkpoint"),
+    "malformed_config": (lambda f: _truncate(f / CONFIG), CONFIG, "not valid JSON"),
+    "config_not_an_object": (_edit_file(CONFIG, lambda t: "[1, 2]"), CONFIG, "expected a JSON object"),
+    "config_lists_other_files": (_edit_config(lambda c: c["checkpoint"]["files"].pop(ROUTER)), CONFIG,
+                                 "missing router.safetensors; unexpected none"),
+    "zero_experts": (_edit_config(lambda c: c["checkpoint"].update(num_experts=0)), CONFIG, "num_experts is 0"),
+    "no_layers": (_edit_config(lambda c: c["checkpoint"].update(layers=[])), CONFIG,
+                  "expected a non-empty list of module names"),
+    "bad_checksum_record": (_edit_config(lambda c: c["checkpoint"]["files"][ROUTER].update(sha256="not-hex")),
+                            CONFIG, r"files\['router.safetensors'\] is .* expected \{size, sha256\}"),
+    "unknown_format": (_edit_config(lambda c: c.update(format_version=9)), CONFIG, "format_version 9"),
     "wrong_shape": (_wrong_shape, "expert_2/adapter_model.safetensors", r"has shape \(3, 32\), expected \(4, 32\)"),
     "unexpected_tensor": (_extra_tensor, "expert_1/adapter_model.safetensors", "unexpected tensors"),
-    "integer_tensor": (_integer_tensor, "router.safetensors", "expected a floating-point tensor"),
+    "integer_tensor": (_integer_tensor, ROUTER, "expected a floating-point tensor"),
     "wrong_rank": (_wrong_rank, "expert_1/adapter_config.json",
                    "r=8, lora_alpha=8.0, but the model's expert 1 has r=4, lora_alpha=8.0"),
     "foreign_expert_folder": (lambda f: (f / "expert_3").mkdir(), "expert_3", "does not list"),
