@@ -107,6 +107,8 @@ class DyLoRAMoEConfig:
             raise ValueError(f"growth_rank must be 'same', 'original' or an int >= 1, got {self.growth_rank!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"unknown kernel {self.kernel!r}; expected one of {', '.join(KERNELS)}")
+        if self.kernel == "reference" and self.mixture == "ffn":
+            raise ValueError("kernel='reference' (peft adapters on linear layers) has no mixture='ffn'")
 
     def _check_routing(self) -> None:
         if self.routing not in ROUTINGS:

@@ -240,6 +240,11 @@ class DyLoRA_MoE(nn.Module):
     def set_kernel(self, name: str) -> None:
         """Run later forwards on backend ``name`` ("auto" | "triton" | "eager" | "reference"), same weights."""
         backend = check_kernel(name)
+        if backend == "reference" and self.mixture == "ffn":
+            raise ValueError(
+                "kernel='reference' runs the original algorithm on peft adapters of linear layers; it has no "
+                "FFN-expert mixture (mixture='ffn'): use kernel='eager' or 'triton'"
+            )
         if backend == "triton":
             resolve_backend("triton", self.device)  # fail now, naming the fix, rather than in the first forward
         self.handle.set_kernel(name)
