@@ -245,6 +245,11 @@ class DyLoRA_MoE(nn.Module):
                 "kernel='reference' runs the original algorithm on peft adapters of linear layers; it has no "
                 "FFN-expert mixture (mixture='ffn'): use kernel='eager' or 'triton'"
             )
+        if backend == "reference" and self.moe_config.expert_ranks is not None:
+            raise ValueError(
+                "kernel='reference' builds one peft LoraConfig for all experts; these experts have their own ranks "
+                "or alphas: use kernel='eager' or 'triton'"
+            )
         if backend == "triton":
             resolve_backend("triton", self.device)  # fail now, naming the fix, rather than in the first forward
         self.handle.set_kernel(name)

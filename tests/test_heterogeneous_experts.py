@@ -87,6 +87,8 @@ def test_growth_with_the_original_rank_rule_and_expert_files(tmp_path):
         moe.expert_manager.set_active_expert(1)
         assert_close(moe.foundation_model(input_ids).logits, before, torch.float32)
     assert moe.moe_config.expert_ranks == [4, 4, 8] and moe.expert_manager.expert_configs[2].r == 8
+    with pytest.raises(ValueError, match="their own ranks"):
+        moe.set_kernel("reference")  # one peft LoraConfig for all experts cannot hold them
     randomize_valid_b(moe.expert_manager, seed=4)
     save_lora_experts(moe, tmp_path)
     other = DyLoRA_MoE(tiny_llama(layers=1), config=moe.moe_config)
