@@ -28,7 +28,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .config import BALANCE_LOSSES, ROUTINGS, DyLoRAMoEConfig, original_growth_rank  # noqa: F401 (re-exported)
+from .config import DyLoRAMoEConfig, original_growth_rank
 from .experts import ExpertManager
 from .kernels import resolve_backend
 from .layer import check_kernel
