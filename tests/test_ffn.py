@@ -140,3 +140,17 @@ def test_ffn_mixture_bad_input():
     layer.context.set(Routing(torch.zeros(3, 4, 1, dtype=torch.long), torch.ones(3, 4, 1)))
     with pytest.raises(ValueError, match="does not fit the MLP input"):
         layer(torch.randn(2, 5, 32))
+
+
+@pytest.mark.xfail(reason="needs the checkpoint JSON written from moe_config (ckpt branch)", strict=False)
+def test_ffn_experts_checkpoint_round_trip(tmp_path):
+    moe = DyLoRA_MoE(tiny_llama(), num_experts=2, lora_r=R, lora_alpha=ALPHA, mixture="ffn", kernel="eager").eval()
+    for layer in moe.handle.layers.values():
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    moe.save_pretrained(tmp_path / "ckpt")
+    loaded = DyLoRA_MoE.from_pretrained(tiny_llama(), tmp_path / "ckpt").eval()
+    assert loaded.moe_config.mixture == "ffn"
+    input_ids, mask, _ = batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids, mask).logits, moe(input_ids, mask).logits)
