@@ -648,12 +648,10 @@ def test_each_expert_saved_with_its_own_rank_and_loads_alone_in_peft(tmp_path):
 
 
 def _grow(moe, experts):
-    """Add experts of their own (r, alpha) to every layer and the router (INTERFACES 2: layer.add_expert(r, alpha))."""
+    """Add experts of their own (r, alpha) to every layer and the router."""
     for r, alpha in experts:
-        for layer in moe.handle.layers.values():
-            layer.add_expert(r=r, alpha=alpha)
+        moe.expert_manager.create_expert(r=r, lora_alpha=alpha)
         moe.router.add_expert()
-        moe.expert_manager.expert_configs.append({"r": r, "lora_alpha": alpha})
     return moe
 
 
