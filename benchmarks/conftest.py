@@ -1,10 +1,12 @@
-"""Benchmark set-up: device and dtype, commit, peak memory, and the ``bench`` fixture every benchmark uses.
+"""Benchmark set-up: device and dtype, commit, peak memory, where rows go, and the ``bench`` fixture.
 
 Run the suite with ``pytest benchmarks/ --benchmark-only`` (the normal test run passes ``--benchmark-skip``, so
 nothing here is timed there). The device is CUDA when one is visible (bf16), else the CPU (fp32).
 
-Every benchmark records in ``extra_info``: device, device_name, dtype, commit, torch version, its shapes, and the
-peak memory of one call (see :func:`peak_memory` for what that number is on each device).
+Every benchmark appends its rows (see benchmarks/records.py) to ONE CSV: ``benchmarks/out/all_benchmark_data.csv``
+(untracked) by default, the committed ``benchmarks/data/all_benchmark_data.csv`` with ``--update-results`` (or
+``BENCH_UPDATE_RESULTS=1``), or any file with ``--bench-csv PATH`` (or ``BENCH_CSV``). ``BENCH_RUN_ID`` names the
+run (default: the session's start time), so separate pytest sessions of one suite run share it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import functools
 import os
 import platform
 import subprocess
+import time
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -23,13 +27,31 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+from benchmarks.records import COMMITTED_CSV, LOCAL_CSV, append_rows, make_row  # noqa: E402
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 REPO = Path(__file__).resolve().parent.parent
-requires_gpu = pytest.mark.skipif(
-    not HAS_CUDA, reason="Triton kernels are timed on a CUDA GPU only (the CPU interpreter is not a speed path)"
-)
+MIB = 2**20
+RUN_ID = os.environ.get("BENCH_RUN_ID") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("dylora_moe benchmarks")
+    group.addoption(
+        "--update-results",
+        action="store_true",
+        default=os.environ.get("BENCH_UPDATE_RESULTS") == "1",
+        help=f"append rows to the committed {COMMITTED_CSV.relative_to(REPO)} (default: {LOCAL_CSV.relative_to(REPO)})",
+    )
+    group.addoption("--bench-csv", default=os.environ.get("BENCH_CSV"), help="append rows to this CSV instead")
+
+
+def csv_path(config) -> Path:
+    if config.getoption("--bench-csv"):
+        return Path(config.getoption("--bench-csv"))
+    return COMMITTED_CSV if config.getoption("--update-results") else LOCAL_CSV
 
 
 def pytest_configure(config):
@@ -64,6 +86,14 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
+
+
+@functools.cache
+def triton_version() -> str:
+    try:
+        return metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        return ""
 
 
 @functools.cache
@@ -107,13 +137,13 @@ def _cpu_peak_extra_bytes(fn) -> int | None:
     return peak
 
 
-def peak_memory(fn) -> dict:
-    """Peak memory of one call of ``fn``.
+def peak_memory(fn) -> dict[str, float | None]:
+    """Peak memory of one call of ``fn``, in MiB, by metric name (see benchmarks/records.py).
 
-    CUDA: ``peak_mem_bytes`` is ``torch.cuda.max_memory_allocated`` during the call (everything live: weights,
-    optimizer state, activations), ``peak_extra_bytes`` the same minus what was allocated before the call.
-    CPU: only ``peak_extra_bytes``, from the profiler's allocator events (process RSS would count the Python heap
-    and never goes down, so it cannot tell one provider from another).
+    CUDA: ``memory`` is ``torch.cuda.max_memory_allocated`` during the call (everything live: weights, optimizer
+    state, activations), ``memory_extra`` the same minus what was allocated before the call.
+    CPU: only ``memory_extra``, from the profiler's allocator events (process RSS would count the Python heap and
+    never goes down, so it cannot tell one provider from another).
     """
     if HAS_CUDA:
         sync()
@@ -122,37 +152,61 @@ def peak_memory(fn) -> dict:
         fn()
         sync()
         peak = torch.cuda.max_memory_allocated()
-        return {"peak_mem_bytes": peak, "peak_extra_bytes": peak - before, "mem_method": "cuda max_memory_allocated"}
-    return {"peak_extra_bytes": _cpu_peak_extra_bytes(fn), "mem_method": "profiler allocator events (CPU)"}
+        return {"memory": peak / MIB, "memory_extra": (peak - before) / MIB}
+    extra = _cpu_peak_extra_bytes(fn)
+    return {"memory_extra": None if extra is None else extra / MIB}
+
+
+MEMORY_METHOD = "cuda max_memory_allocated" if HAS_CUDA else "torch profiler allocator events (CPU)"
+
+
+def cudagraph_ms(fn) -> tuple[float | None, str]:
+    """Median ms of ``fn`` replayed as a CUDA graph (``triton.testing.do_bench_cudagraph``): the GPU time without
+    launch cost. A callable that cannot be captured (a host sync inside) gives None and the reason."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, return_mode="median"), ""
+    except Exception as error:  # capture fails with backend-specific errors; the reason goes into the row
+        torch.cuda.synchronize()
+        return None, f"{type(error).__name__}: {error}"[:200]
 
 
 class Bench:
-    """Times one callable with pytest-benchmark and fills ``extra_info``; one instance per test."""
+    """Times one callable with pytest-benchmark and appends its rows to the run's CSV; one instance per test."""
 
-    def __init__(self, benchmark):
+    def __init__(self, benchmark, path: Path):
         self.benchmark = benchmark
+        self.path = path
 
-    def __call__(self, fn, *, rounds: int, warmup_rounds: int, cuda_events: bool = False, **info) -> None:
-        """Time ``fn`` (a GPU sync is appended), after ``warmup_rounds`` untimed calls that absorb JIT compilation and
-        autotuning.
-
-        ``info`` goes to ``extra_info``; when it holds ``lora_bytes`` (bytes the op must move) or ``tokens`` (tokens
-        per call), the achieved GB/s or tokens/s at the median time are added. ``cuda_events`` also records
-        ``triton.testing.do_bench``'s median (CUDA events, L2 flushed between calls, no host sync in the figure),
-        the right clock for kernels of a few microseconds.
+    def __call__(
+        self,
+        fn,
+        *,
+        op: str,
+        provider: str,
+        mode: str,
+        x: tuple[str, object],
+        shape: dict,
+        rounds: int,
+        warmup_rounds: int,
+        kernel_clock: bool = False,
+        cudagraph: bool = False,
+        bytes_moved: int | None = None,
+        tokens: int | None = None,
+        saved_elems: int | None = None,
+        info: dict | None = None,
+    ) -> None:
+        """Time ``fn`` (a GPU sync is appended) after ``warmup_rounds`` untimed calls that absorb JIT compilation
+        and autotuning, and write one row per metric: ``time`` (host median, min, max over ``rounds``), the peak
+        memory of one call, and where asked: ``kernel_time`` (GPU: ``triton.testing.do_bench`` median and 20/80%
+        quantiles, the clock for kernels of a few microseconds), ``cudagraph_time`` (GPU), ``bandwidth`` (from
+        ``bytes_moved`` at the kernel clock if measured, else the host one), ``throughput`` (``tokens`` per
+        call), ``saved_elems``.
         """
         fn()  # warm once before measuring memory, so one-time compilation buffers do not count
         sync()
-        extra = self.benchmark.extra_info
-        extra.update(
-            device=DEVICE.type,
-            device_name=device_name(),
-            dtype=str(DTYPE).removeprefix("torch."),
-            commit=commit(),
-            torch=torch.__version__,
-            **info,
-        )
-        extra.update(peak_memory(fn))
+        memory = peak_memory(fn)
 
         def timed():
             fn()
@@ -160,20 +214,60 @@ class Bench:
 
         self.benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
         stats = getattr(self.benchmark.stats, "stats", None)
-        if stats is None:  # --benchmark-disable: ran once, nothing measured
+        if stats is None:  # --benchmark-disable: ran once, nothing measured, nothing written
             return
-        median = stats.median
-        if cuda_events and HAS_CUDA:
+        info = dict(info or {})
+        measured = [("time", stats.median * 1e3, stats.min * 1e3, stats.max * 1e3)]
+        clock = (stats.median, stats.max, stats.min)  # seconds: median, slowest, fastest
+        if kernel_clock and HAS_CUDA:
             import triton.testing
 
-            median = triton.testing.do_bench(fn, return_mode="median") / 1e3
-            extra["cuda_event_median_s"] = median
-        if "lora_bytes" in info:
-            extra["gbps"] = info["lora_bytes"] / median / 1e9
-        if "tokens" in info:
-            extra["tokens_per_s"] = info["tokens"] / stats.median
+            median, low, high = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+            measured.append(("kernel_time", median, low, high))
+            clock = (median / 1e3, high / 1e3, low / 1e3)
+        if cudagraph and HAS_CUDA:
+            median, error = cudagraph_ms(fn)
+            if median is not None:
+                measured.append(("cudagraph_time", median, median, median))
+            if error:
+                info["cudagraph_error"] = error
+        for name, value in memory.items():
+            if value is not None:
+                measured.append((name, value, value, value))
+                info["memory_method"] = MEMORY_METHOD
+        if bytes_moved is not None:
+            info["bytes_moved"] = bytes_moved
+            measured.append(("bandwidth", *(bytes_moved / seconds / 1e9 for seconds in clock)))
+        if tokens is not None:
+            info["tokens"] = tokens
+            measured.append(("throughput", *(tokens / s for s in (stats.median, stats.max, stats.min))))
+        if saved_elems is not None:
+            measured.append(("saved_elems", saved_elems, saved_elems, saved_elems))
+        common = dict(
+            op=op,
+            provider=provider,
+            mode=mode,
+            x_name=x[0],
+            x_value=x[1],
+            shape=shape,
+            info=info,
+            dtype=str(DTYPE).removeprefix("torch."),
+            device=DEVICE.type,
+            device_name=device_name(),
+            commit=commit(),
+            torch=torch.__version__,
+            triton=triton_version(),
+            run_id=RUN_ID,
+            timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        rows = [
+            make_row(metric=metric, value=value, value_min=low, value_max=high, **common)
+            for metric, value, low, high in measured
+        ]
+        self.benchmark.extra_info.update(common, **{f"{metric}_median": value for metric, value, _, _ in measured})
+        append_rows(self.path, rows)
 
 
 @pytest.fixture
-def bench(benchmark):
-    return Bench(benchmark)
+def bench(benchmark, request):
+    return Bench(benchmark, csv_path(request.config))

@@ -1,22 +1,46 @@
 #!/usr/bin/env bash
-# On a CUDA machine with the package's dependencies installed (torch, triton, transformers, peft, pytest,
-# pytest-benchmark; matplotlib for the plots): run the GPU tests, then the whole benchmark suite, write the JSON and
-# the Markdown report (+ PNG plots) into OUT_DIR, and print the report. About 10 minutes in all.
+# On a CUDA machine with the package's dependencies (torch, triton, transformers, peft, pytest, pytest-benchmark;
+# matplotlib for the plots): the WHOLE test suite, then the op and model-level benchmarks, then the report, all into
+# one output folder.
 #
-#   bash benchmarks/run_gpu.sh [OUT_DIR]          OUT_DIR defaults to benchmarks/results
+#   bash benchmarks/run_gpu.sh [PHASE ...]      PHASE: tests | ops | step | report (default: all four, in order)
 #
-# Environment: PYTHON (default python3); DYLORA_MOE_COMMIT names the commit where the copy has no .git; SKIP_TESTS=1 skips tests/; TEST_TIMEOUT / OPS_TIMEOUT / STEP_TIMEOUT
-# (seconds, defaults 150 / 150 / 240) bound each phase so one that hangs cannot eat the others' time.
+# Output folder OUT_DIR (default benchmarks/out/<gpu>-<UTC date>, untracked): run.log (everything printed, appended
+# by every call), tests.xml (junit), ops.json + step.json (pytest-benchmark), all_benchmark_data.csv (the rows,
+# benchmarks/records.py), report.md and plots/. Phases called separately with the same OUT_DIR share one run id, so
+# a machine that limits each command (10 minutes on a lent one) runs one phase per command:
+#   OUT_DIR=benchmarks/out/gpu bash benchmarks/run_gpu.sh tests
+#   OUT_DIR=benchmarks/out/gpu bash benchmarks/run_gpu.sh ops step report
+# Each phase has its own time limit, under 10 minutes: TESTS_TIMEOUT / OPS_TIMEOUT / STEP_TIMEOUT / REPORT_TIMEOUT
+# (seconds; defaults 540 / 240 / 420 / 120); a phase that hangs cannot eat the others' time.
+# To keep the rows: `python benchmarks/records.py merge OUT_DIR/all_benchmark_data.csv` appends them to the committed
+# benchmarks/data/all_benchmark_data.csv (UPDATE_RESULTS=1 does it here at the end of the report phase).
+# Environment: PYTHON (default python3); DYLORA_MOE_COMMIT names the commit where the copy has no .git; ALLOW_CPU=1
+# runs on a machine without CUDA (a rehearsal of the pipeline, or the CPU figures: there tests/ need TRITON_INTERPRET=1).
 # Exit status: 0 when every phase passed, 1 when a phase failed or timed out (the report still covers what ran),
-# 2 when the set-up is wrong (no CUDA, package not importable).
+# 2 when the set-up is wrong (no CUDA, package not importable, unknown phase).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:-benchmarks/results}"
 PY="${PYTHON:-python3}"
-mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
 die() { echo "run_gpu.sh: ERROR: $*" >&2; exit 2; }
+
+PHASES=("$@")
+[ ${#PHASES[@]} -gt 0 ] || PHASES=(tests ops step report)
+for p in "${PHASES[@]}"; do
+    case "$p" in tests | ops | step | report) ;; *) die "unknown phase '$p' (expected tests, ops, step, report)" ;; esac
+done
+
+if [ "${ALLOW_CPU:-0}" != 1 ]; then
+    "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || die "no CUDA device visible to torch"
+fi
+slug=$("$PY" -c "import re, time, torch
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
+print(re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-') + time.strftime('-%Y-%m-%d', time.gmtime()))")
+OUT="${OUT_DIR:-benchmarks/out/$slug}"
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/run.log") 2>&1
 
 # From the repo root, dylora_moe.kernels imports through the dylora_moe/kernels -> ../kernels link; installs map
 # kernels/ there in pyproject.toml. If neither gives this checkout, install it (editable, no dependency changes).
@@ -35,10 +59,15 @@ if ! this_checkout; then
     IMPORT_LOG=/dev/stderr this_checkout \
         || die "dylora_moe / dylora_moe.kernels do not import from this checkout after pip install -e . (see above)"
 fi
-"$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || die "no CUDA device visible to torch"
+echo "== $(date -u +%FT%TZ) phases: ${PHASES[*]}; output: $OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" -c "import torch, triton, transformers, peft; print('torch', torch.__version__, '| triton', triton.__version__,
 '| transformers', transformers.__version__, '| peft', peft.__version__)"
+
+# One run id for every phase of this output folder: the report compares rows of one run.
+[ -s "$OUT/run_id" ] || date -u +%FT%TZ >"$OUT/run_id"
+export BENCH_RUN_ID
+BENCH_RUN_ID="$(cat "$OUT/run_id")"
 
 status=0
 phase() {  # phase NAME TIMEOUT CMD...: run, report its status, remember a failure
@@ -51,23 +80,47 @@ phase() {  # phase NAME TIMEOUT CMD...: run, report its status, remember a failu
     if [ "$rc" -ne 0 ]; then status=1; fi
 }
 
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    # Tests check values, not speed: pin one kernel config instead of autotuning every test shape.
-    DYLORA_MOE_AUTOTUNE=0 phase "tests (GPU)" "${TEST_TIMEOUT:-150}" "$PY" -m pytest tests/ -q -p no:cacheprovider -rfs
-fi
+# Test files that have never run on a GPU go first (the H100 run of d577555 reached only these, in this order,
+# before its time limit); files added since are new to the GPU too, so they also run early.
+RAN_ON_GPU=(test_bench_report.py test_checkpoint.py test_data.py test_inject.py test_layer.py test_model.py)
+ordered_tests() {
+    local f name seen
+    for f in tests/test_*.py; do
+        name=$(basename "$f")
+        seen=0
+        for r in "${RAN_ON_GPU[@]}"; do [ "$r" = "$name" ] && seen=1; done
+        [ $seen = 0 ] && echo "$f"
+    done
+    for r in "${RAN_ON_GPU[@]}"; do [ -f "tests/$r" ] && echo "tests/$r"; done
+}
 
-stem=$("$PY" -c "import re, time, torch
-print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-') + time.strftime('-%Y-%m-%d', time.gmtime()))")
-# Two sessions, two JSON files: a timeout in the model-level phase still leaves the op-level results.
-phase "op benchmarks" "${OPS_TIMEOUT:-150}" "$PY" -m pytest benchmarks/test_ops.py --benchmark-only -q \
-    -p no:cacheprovider --benchmark-json="$OUT/$stem-ops.json"
-phase "step benchmarks" "${STEP_TIMEOUT:-240}" "$PY" -m pytest benchmarks/test_step.py --benchmark-only -q \
-    -p no:cacheprovider --benchmark-json="$OUT/$stem-step.json"
+bench() {  # bench NAME FILE TIMEOUT
+    phase "$1 benchmarks" "$3" "$PY" -m pytest "$2" --benchmark-only -q -p no:cacheprovider -rs \
+        --benchmark-json="$OUT/$1.json" --bench-csv="$OUT/all_benchmark_data.csv"
+}
 
-jsons=()
-for f in "$OUT/$stem-ops.json" "$OUT/$stem-step.json"; do
-    [ -s "$f" ] && jsons+=("$f")
+for p in "${PHASES[@]}"; do
+    case "$p" in
+    tests)
+        mapfile -t files < <(ordered_tests)
+        # Tests check values, not speed: pin one kernel config instead of autotuning every test shape.
+        DYLORA_MOE_AUTOTUNE=0 phase "tests (GPU)" "${TESTS_TIMEOUT:-540}" "$PY" -m pytest "${files[@]}" -q \
+            -p no:cacheprovider -rfs --durations=15 --junitxml="$OUT/tests.xml"
+        ;;
+    ops) bench ops benchmarks/test_ops.py "${OPS_TIMEOUT:-240}" ;;
+    step) bench step benchmarks/test_step.py "${STEP_TIMEOUT:-420}" ;;
+    report)
+        if [ -s "$OUT/all_benchmark_data.csv" ]; then
+            phase report "${REPORT_TIMEOUT:-120}" "$PY" benchmarks/report.py --data "$OUT/all_benchmark_data.csv" \
+                --run "$BENCH_RUN_ID" --out "$OUT/report.md" --plots "$OUT/plots"
+            if [ "${UPDATE_RESULTS:-0}" = 1 ]; then
+                phase "update benchmarks/data" 60 "$PY" benchmarks/records.py merge "$OUT/all_benchmark_data.csv"
+            fi
+        else
+            echo "== report: no rows in $OUT/all_benchmark_data.csv (run the ops / step phases first)"
+            status=1
+        fi
+        ;;
+    esac
 done
-[ ${#jsons[@]} -gt 0 ] || die "no benchmark JSON was written (see the phases above)"
-"$PY" benchmarks/report.py "${jsons[@]}" --out-dir "$OUT" || status=1
 exit $status

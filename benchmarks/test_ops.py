@@ -1,7 +1,7 @@
 """Op-level benchmarks: the grouped MoE-LoRA op and the fused top-k router, against their baselines (DESIGN 4).
 
-MoE-LoRA providers, per shape and mode (``fwd`` = training forward with inputs that require grad, ``fwd+bwd`` =
-that forward plus ``torch.autograd.grad`` of every differentiable input):
+MoE-LoRA providers, per shape and mode (``fwd`` = training forward with inputs that require grad; ``bwd`` =
+``torch.autograd.grad`` of every differentiable input through one saved forward graph, retained; ``full`` = both):
   - ``triton`` / ``eager`` / ``loop``: ``moe_lora`` on that backend (``loop`` = a Python loop over experts, the
     way most MoE-LoRA code does it);
   - ``lora_dense``: ONE plain LoRA of the same rank (two matmuls, as peft does it), the cost routing must not exceed;
@@ -13,15 +13,18 @@ cost, and leaving it out of ``lora_dense`` too makes that comparison the stricte
 
 LoRA bytes (``lora_bytes``, for the achieved GB/s; DESIGN 4): the activations the LoRA part must move at least,
 b = bytes per element. Forward reads x and read-modify-writes y: ``T * (d_in + 2 * d_out) * b``. Backward reads
-dy and x and read-modify-writes dx: ``T * (d_out + 3 * d_in) * b``. fwd+bwd is the sum,
+dy and x and read-modify-writes dx: ``T * (d_out + 3 * d_in) * b``. full is the sum,
 ``T * (4 * d_in + 3 * d_out) * b``. Weights (E * r * (d_in + d_out) elements) and routing are left out: they are
 under 3% of it at every benchmarked shape.
 
-``saved_extra_elems`` (fwd+bwd): elements the forward saves for backward beyond its inputs, to compare with
+``saved_elems`` (mode full): elements the forward saves for backward beyond its inputs, to compare with
 DESIGN 4's bound of ``T * (E * r + 2 * k)`` per layer.
 
 Router providers (forward, logits without grad, finite-check off so no host sync is timed): ``triton``, ``eager``
-(``topk_route``) and ``torch_seq``, the plain softmax / topk / renormalise / scatter / bincount / mean sequence.
+(``topk_route``) and ``torch_seq``, the plain softmax / topk / renormalise / scatter / bincount / mean sequence. On a
+GPU the Triton router also records its CUDA-graph time (``cudagraph_time``: the kernels without launch cost).
+
+Rows: op ``moe_lora`` / ``router``, x axis ``case`` (the shape label), shape = the OpShape fields (see records.py).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ GPU_SHAPES = [
 CPU_SHAPES = [OpShape(512, 256, 256, 4, 8, 2), OpShape(512, 256, 256, 4, 8, 4)]
 SHAPES = GPU_SHAPES if HAS_CUDA else CPU_SHAPES
 MOE_PROVIDERS = ["triton", "eager", "loop", "lora_dense", "base", "base+moe_lora"]
-MODES = ["fwd", "fwd+bwd"]
+MODES = ["fwd", "bwd", "full"]
 ROUTER_SHAPES = [(32768, 8, 2), (32768, 64, 2)]  # (T, E, k): DESIGN 4's router goal is T = 32k, E <= 64
 ROUTER_PROVIDERS = ["triton", "eager", "torch_seq"]
 # Rounds: GPU calls take ~0.1-5 ms; the CPU ones tens of ms at most. Warm-up covers Triton compile + autotuning.
@@ -73,7 +76,7 @@ SCALING = 2.0  # alpha / r with alpha = 2r
 def lora_bytes(shape: OpShape, mode: str, elem_bytes: int) -> int:
     forward = shape.tokens * (shape.d_in + 2 * shape.d_out)
     backward = shape.tokens * (shape.d_out + 3 * shape.d_in)
-    return (forward if mode == "fwd" else forward + backward) * elem_bytes
+    return {"fwd": forward, "bwd": backward, "full": forward + backward}[mode] * elem_bytes
 
 
 def saved_extra_elems(forward, inputs) -> int:
@@ -134,6 +137,17 @@ def moe_case(provider: str, shape: OpShape) -> OpCase:
     return OpCase(forward, [x, lora_a, lora_b, weights], [ids, base_w], dy)
 
 
+def shape_dict(shape: OpShape) -> dict:
+    return {
+        "T": shape.tokens,
+        "d_in": shape.d_in,
+        "d_out": shape.d_out,
+        "E": shape.experts,
+        "r": shape.rank,
+        "k": shape.top_k,
+    }
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", MOE_PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -142,34 +156,33 @@ def test_moe_lora(bench, shape, provider, mode):
         pytest.skip("backend triton is timed on a CUDA GPU only (the CPU interpreter is not a speed path)")
     bench.benchmark.group = f"moe_lora {shape} {mode}"
     case = moe_case(provider, shape)
-    info = {}
+    saved = None
     if mode == "fwd":
         fn = case.forward
+    elif mode == "bwd":
+        out = case.forward()
+
+        def fn():
+            torch.autograd.grad(out, case.inputs, case.dy, retain_graph=True)
     else:
 
         def fn():
             torch.autograd.grad(case.forward(), case.inputs, case.dy)
 
-        info["saved_extra_elems"] = saved_extra_elems(case.forward, case.inputs + case.frozen)
-        info["saved_bound_elems"] = shape.tokens * (shape.experts * shape.rank + 2 * shape.top_k)
-    if provider not in ("base", "base+moe_lora"):
-        info["lora_bytes"] = lora_bytes(shape, mode, DTYPE.itemsize)
+        saved = saved_extra_elems(case.forward, case.inputs + case.frozen)
+    lora_only = provider not in ("base", "base+moe_lora")
     bench(
         fn,
-        rounds=OP_ROUNDS,
-        warmup_rounds=OP_WARMUP,
-        cuda_events=True,
-        kind="moe_lora",
+        op="moe_lora",
         provider=provider,
         mode=mode,
-        shape=str(shape),
-        T=shape.tokens,
-        d_in=shape.d_in,
-        d_out=shape.d_out,
-        E=shape.experts,
-        r=shape.rank,
-        k=shape.top_k,
-        **info,
+        x=("case", str(shape)),
+        shape=shape_dict(shape),
+        rounds=OP_ROUNDS,
+        warmup_rounds=OP_WARMUP,
+        kernel_clock=True,
+        bytes_moved=lora_bytes(shape, mode, DTYPE.itemsize) if lora_only else None,
+        saved_elems=saved,
     )
 
 
@@ -202,14 +215,13 @@ def test_router(bench, tokens, experts, top_k, provider):
 
     bench(
         fn,
-        rounds=OP_ROUNDS,
-        warmup_rounds=OP_WARMUP,
-        cuda_events=True,
-        kind="router",
+        op="router",
         provider=provider,
         mode="fwd",
-        shape=f"T{tokens}-E{experts}-k{top_k}",
-        T=tokens,
-        E=experts,
-        k=top_k,
+        x=("case", f"T{tokens}-E{experts}-k{top_k}"),
+        shape={"T": tokens, "E": experts, "k": top_k},
+        rounds=OP_ROUNDS,
+        warmup_rounds=OP_WARMUP,
+        kernel_clock=True,
+        cudagraph=provider == "triton",  # the others sync the host (bincount): they cannot be captured
     )

@@ -1,8 +1,8 @@
 """Model-level benchmarks: one step of ``DyLoRA_MoE`` per backend and routing, against a single-adapter peft LoRA.
 
 Modes:
-  - ``train``: zero_grad, forward with labels (LM loss + the balance loss), backward, AdamW step, in train mode
-    (LoRA dropout on);
+  - ``full``: one training step: zero_grad, forward with labels (LM loss + the balance loss), backward, AdamW
+    step, in train mode (LoRA dropout on);
   - ``fwd``: one forward with labels under ``torch.no_grad`` in eval mode (an evaluation step).
 Every configuration uses top_k = 1 and mature experts (sparse routing), LoRA on q/k/v/o_proj, alpha = 2r,
 dropout 0.05, random ids with no padding. ``reference`` is the original algorithm (peft adapters; sequence routing =
@@ -12,11 +12,20 @@ plain peft LoRA adapter on the same base, the ceiling a mixture of experts is co
 Each test builds its base model from a config with a fixed seed (the same weights for every backend) and frees it
 afterwards, so the GPU's peak memory (``peak_mem_bytes``: weights, optimizer state, activations) is this
 configuration's alone. On the CPU the peak is the extra bytes allocated during one step (see conftest).
+
+``<backend>+compile`` (E = 4, token routing): the same step with the model wrapped in ``torch.compile`` (what
+``train.py --compile`` does); skipped with the error when compilation fails, and on the CPU unless
+BENCH_COMPILE=1. ``test_router_kernel_time`` (GPU only) times the Triton router at this step's token count, with
+its CUDA-graph time beside the host-inclusive one.
+
+Rows: op ``step`` (provider = backend) and ``router``; x axis ``E`` (experts; peft is E = 1); shape = the model
+shape plus E and routing.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -57,7 +66,7 @@ SHAPE = StepShape(2048, 4, 16, 32000, 4, 1024, 16) if HAS_CUDA else StepShape(12
 BACKENDS = ["triton", "eager", "reference"]
 ROUTINGS = ["sequence", "token"]
 EXPERTS = [4, 2, 8]  # E = 4 first (and peft before all): the goals need them if a time limit cuts the run
-MODES = ["train", "fwd"]
+MODES = ["full", "fwd"]
 STEP_ROUNDS, STEP_WARMUP = (5, 2) if HAS_CUDA else (7, 1)
 TOP_K = 1
 DROPOUT = 0.05
@@ -104,13 +113,8 @@ def step_fn(model, params, mode: str):
     return train
 
 
-def info(mode: str, backend: str, **extra) -> dict:
+def shape_of(experts: int, routing: str) -> dict:
     return dict(
-        kind="step",
-        mode=mode,
-        backend=backend,
-        shape=str(SHAPE),
-        tokens=SHAPE.batch * SHAPE.seq,
         hidden=SHAPE.hidden,
         layers=SHAPE.layers,
         vocab=SHAPE.vocab,
@@ -118,7 +122,39 @@ def info(mode: str, backend: str, **extra) -> dict:
         seq=SHAPE.seq,
         r=SHAPE.rank,
         top_k=TOP_K,
-        **extra,
+        dropout=DROPOUT,
+        E=experts,
+        routing=routing,
+    )
+
+
+def bench_step(bench, fn, provider: str, mode: str, experts: int, routing: str) -> None:
+    bench(
+        fn,
+        op="step",
+        provider=provider,
+        mode=mode,
+        x=("E", experts),
+        shape=shape_of(experts, routing),
+        rounds=STEP_ROUNDS,
+        warmup_rounds=STEP_WARMUP,
+        tokens=SHAPE.batch * SHAPE.seq,
+    )
+
+
+def build_moe(backend: str, routing: str, experts: int):
+    from dylora_moe import DyLoRA_MoE
+
+    return DyLoRA_MoE(
+        build_base(),
+        num_experts=experts,
+        lora_r=SHAPE.rank,
+        lora_alpha=2 * SHAPE.rank,
+        lora_dropout=DROPOUT,
+        kernel=backend,
+        routing=routing,
+        top_k=TOP_K,
+        target_modules=TARGETS,
     )
 
 
@@ -132,7 +168,7 @@ def test_step_peft(bench, mode):
     )
     model = get_peft_model(build_base(), config)
     fn = step_fn(model, [p for p in model.parameters() if p.requires_grad], mode)
-    bench(fn, rounds=STEP_ROUNDS, warmup_rounds=STEP_WARMUP, **info(mode, "peft", routing="-", E=1))
+    bench_step(bench, fn, "peft", mode, experts=1, routing="-")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -142,19 +178,49 @@ def test_step_peft(bench, mode):
 def test_step_moe(bench, experts, routing, backend, mode):
     if backend == "triton" and not HAS_CUDA:
         pytest.skip("backend triton is timed on a CUDA GPU only (the CPU interpreter is not a speed path)")
-    from dylora_moe import DyLoRA_MoE
-
     bench.benchmark.group = f"step {mode} E={experts} {routing}"
-    model = DyLoRA_MoE(
-        build_base(),
-        num_experts=experts,
-        lora_r=SHAPE.rank,
-        lora_alpha=2 * SHAPE.rank,
-        lora_dropout=DROPOUT,
-        kernel=backend,
-        routing=routing,
-        top_k=TOP_K,
-        target_modules=TARGETS,
-    )
+    model = build_moe(backend, routing, experts)
     fn = step_fn(model, model.trainable_parameters(), mode)
-    bench(fn, rounds=STEP_ROUNDS, warmup_rounds=STEP_WARMUP, **info(mode, backend, routing=routing, E=experts))
+    bench_step(bench, fn, backend, mode, experts, routing)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="router kernel time is measured with CUDA graphs, on a CUDA GPU only")
+@pytest.mark.parametrize("experts", [4, 8])
+def test_router_kernel_time(bench, experts):
+    """The Triton router at this step's token count: host-inclusive time and CUDA-graph (kernel-only) time."""
+    from dylora_moe.kernels import topk_route
+
+    tokens = SHAPE.batch * SHAPE.seq
+    bench.benchmark.group = f"router T{tokens}-E{experts}-k{TOP_K} fwd"
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    logits = torch.randn(tokens, experts, generator=gen, device=DEVICE).to(DTYPE)
+    bench(
+        lambda: topk_route(logits, TOP_K, backend="triton", check_finite=False),
+        op="router",
+        provider="triton",
+        mode="fwd",
+        x=("case", f"T{tokens}-E{experts}-k{TOP_K}"),
+        shape={"T": tokens, "E": experts, "k": TOP_K},
+        rounds=30,
+        warmup_rounds=5,
+        kernel_clock=True,
+        cudagraph=True,
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_step_compiled(bench, mode):
+    """E = 4, token routing, the fast backend of this device, with the model under ``torch.compile``."""
+    if not HAS_CUDA and os.environ.get("BENCH_COMPILE") != "1":
+        pytest.skip(
+            "compiling the CPU model takes minutes (5 min on a loaded 2-core machine); BENCH_COMPILE=1 times it"
+        )
+    backend = "triton" if HAS_CUDA else "eager"
+    bench.benchmark.group = f"step {mode} E=4 token"
+    model = build_moe(backend, "token", 4)
+    fn = step_fn(torch.compile(model), model.trainable_parameters(), mode)
+    try:
+        fn()  # compiles here: a failure is a skip with its reason, not a benchmark error
+    except Exception as error:  # dynamo/inductor raise many error types
+        pytest.skip(f"torch.compile of the {backend} model failed: {type(error).__name__}: {error}"[:400])
+    bench_step(bench, fn, f"{backend}+compile", mode, 4, "token")

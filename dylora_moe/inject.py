@@ -1,36 +1,88 @@
-"""inject_moe_lora: turn the attention projections of any HF causal LM into MoE-LoRA layers, in place.
+"""inject_moe_lora: turn the attention projections (or the MLPs) of any HF causal LM into MoE-LoRA layers, in place.
 
 The drop-in entry point for other MoE-LoRA projects::
 
     handle = inject_moe_lora(model, num_experts=4, r=8, alpha=16, dropout=0.05)
     handle.set_routing(ids, weights)          # [B, S, k] each, from your router
     loss = model(input_ids, labels=labels).loss
+
+``mixture="ffn"`` makes each expert a LoRA on the gate/up/down projections of every MLP, the top-k experts' whole
+MLP outputs mixed after the nonlinearity (MixLoRA's model; :class:`~dylora_moe.ffn.MoELoRAMLP`).
 """
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .ffn import MoELoRAMLP, is_gated_mlp
 from .layer import MoELoRALinear, check_kernel
 from .routing import Routing, RoutingContext
 
 # The original DyLoRA-MoE's automatic targets (attention projections of Llama/Gemma, GPT-NeoX/Falcon, GPT-2, MPT).
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "query_key_value", "c_attn", "Wqkv")
+ORIGINAL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "query_key_value", "c_attn", "Wqkv")
+# Fused attention projections that neither the original's list nor peft 0.21's map names for every architecture
+# using them (Phi-3 ``qkv_proj`` is absent from peft's map; Baichuan ``W_pack``).
+FUSED_TARGETS = ("qkv_proj", "W_pack")
+DEFAULT_TARGETS = ORIGINAL_TARGETS + FUSED_TARGETS
+MIXTURES = ("linear", "ffn")
 
 
 def _linear_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
 
 
-def find_targets(model: nn.Module, target_modules=None) -> list[str]:
-    """Full names of the nn.Linear / Conv1D modules whose last name component is in ``target_modules``
-    (default: :data:`DEFAULT_TARGETS`). Raises a ValueError listing the linear layers found when none match."""
-    wanted = set(DEFAULT_TARGETS if target_modules is None else target_modules)
-    if not wanted:
-        raise ValueError("target_modules is empty")
+def _model_types(model: nn.Module) -> list[str]:
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    types = [getattr(config, "model_type", None)]
+    if hasattr(config, "get_text_config"):
+        types.append(getattr(config.get_text_config(), "model_type", None))
+    return [t for t in types if t]
+
+
+def peft_default_targets(model: nn.Module) -> list[str] | str | None:
+    """peft's LoRA targets for ``model``'s architecture (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``): a
+    list of names, a regex over full module names, or None when peft has no entry (or is not installed)."""
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
+    except ImportError:
+        return None
+    for model_type in _model_types(model):
+        if model_type in mapping:
+            return mapping[model_type]
+    return None
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Full names of the linear layers LoRA experts go on by default: those named in :data:`DEFAULT_TARGETS` (the
+    original's list plus fused projections such as Phi-3's ``qkv_proj``) or in peft's per-architecture map."""
     names = _linear_names(model)
-    targets = [name for name in names if name.rsplit(".", 1)[-1] in wanted or name in wanted]
+    peft_targets = peft_default_targets(model)
+    wanted = set(DEFAULT_TARGETS)
+    pattern = None
+    if isinstance(peft_targets, str):
+        pattern = re.compile(peft_targets)
+    elif peft_targets:
+        wanted |= set(peft_targets)
+    return [n for n in names if n.rsplit(".", 1)[-1] in wanted or (pattern is not None and pattern.fullmatch(n))]
+
+
+def find_targets(model: nn.Module, target_modules=None) -> list[str]:
+    """Full names of the nn.Linear / Conv1D modules whose last name component (or full name) is in
+    ``target_modules``; default: :func:`default_targets`. Raises a ValueError listing the linear layers found when
+    none match."""
+    names = _linear_names(model)
+    if target_modules is None:
+        targets, wanted = default_targets(model), set(DEFAULT_TARGETS)
+    else:
+        wanted = set(target_modules)
+        if not wanted:
+            raise ValueError("target_modules is empty")
+        targets = [name for name in names if name.rsplit(".", 1)[-1] in wanted or name in wanted]
     if not targets:
         found = sorted({name.rsplit(".", 1)[-1] for name in names})
         raise ValueError(
@@ -38,6 +90,22 @@ def find_targets(model: nn.Module, target_modules=None) -> list[str]:
             f"{found}: pass target_modules= with some of these"
         )
     return targets
+
+
+def find_mlp_targets(model: nn.Module, target_modules=None) -> list[str]:
+    """Full names of the gated MLPs (``gate_proj``/``up_proj``/``down_proj`` + ``act_fn``: Llama, Mistral, Gemma,
+    Qwen) for ``mixture="ffn"``; ``target_modules`` filters them by last name component or full name."""
+    mlps = [name for name, m in model.named_modules() if name and is_gated_mlp(m)]
+    if target_modules is not None:
+        wanted = set(target_modules)
+        mlps = [name for name in mlps if name.rsplit(".", 1)[-1] in wanted or name in wanted]
+    if not mlps:
+        raise ValueError(
+            f"mixture='ffn' found no gated MLP (a module with gate_proj, up_proj, down_proj linear layers and an "
+            f"act_fn) in {type(model).__name__}"
+            + ("" if target_modules is None else f" among target_modules={sorted(set(target_modules))}")
+        )
+    return mlps
 
 
 class MoELoRAHandle:
@@ -78,9 +146,19 @@ class MoELoRAHandle:
         for layer in self.layers.values():
             layer.set_kernel(kernel)
 
-    def add_expert(self) -> int:
-        """Grow every injected layer by one expert (B = 0, so outputs of the others are unchanged); returns its id."""
-        ids = {layer.add_expert() for layer in self.layers.values()}
+    def add_expert(self, r: int | None = None, alpha: float | None = None) -> int:
+        """Grow every injected layer by one expert (B = 0, so outputs of the others are unchanged); returns its id.
+
+        ``r`` / ``alpha``: this expert's own rank and alpha (default: the layers' ``r`` / ``alpha``); a larger rank
+        zero-pads the stacked weights of the other experts, which is exact (see MoELoRALinear.add_expert)."""
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise ValueError(f"expert rank r must be an int >= 1, got {r!r}")
+        if alpha is not None and not alpha > 0:
+            raise ValueError(f"expert lora_alpha must be > 0, got {alpha!r}")
+        if r is None and alpha is None:
+            ids = {layer.add_expert() for layer in self.layers.values()}
+        else:
+            ids = {layer.add_expert(r=r, alpha=alpha) for layer in self.layers.values()}
         return ids.pop()
 
     def lora_parameters(self):
@@ -98,25 +176,35 @@ def inject_moe_lora(
     dropout: float = 0.0,
     target_modules=None,
     kernel: str = "auto",
+    mixture: str = "linear",
 ) -> MoELoRAHandle:
-    """Replace the target linear layers of ``model`` in place by :class:`MoELoRALinear` and freeze everything else.
+    """Replace the target layers of ``model`` in place by MoE-LoRA layers and freeze everything else.
 
-    ``target_modules``: last name components (``"q_proj"``) or full module names; default: the original's list
-    (:data:`DEFAULT_TARGETS`). Returns a :class:`MoELoRAHandle` to set routing and list the injected layers.
+    ``mixture="linear"`` (default): each target linear layer becomes a :class:`MoELoRALinear` mixing the token's
+    experts inside it; ``target_modules``: last name components (``"q_proj"``) or full module names, default
+    :func:`default_targets`. ``mixture="ffn"``: each gated MLP becomes a :class:`~dylora_moe.ffn.MoELoRAMLP` (experts
+    = LoRA on gate/up/down, whole MLP outputs mixed); ``target_modules`` then selects MLP modules (default: all).
+    Returns a :class:`MoELoRAHandle` to set routing and list the injected linear layers.
     """
     if num_experts < 0:
         raise ValueError(f"num_experts must be >= 0, got {num_experts}")
+    if mixture not in MIXTURES:
+        raise ValueError(f"unknown mixture {mixture!r}; expected one of {', '.join(MIXTURES)}")
     check_kernel(kernel)
     if any(isinstance(m, MoELoRALinear) for m in model.modules()):
         raise ValueError("model already has MoE-LoRA layers; inject once and grow with handle.add_expert()")
-    targets = find_targets(model, target_modules)
+    targets = find_targets(model, target_modules) if mixture == "linear" else find_mlp_targets(model, target_modules)
     model.requires_grad_(False)
     context = RoutingContext()
     layers = {}
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = MoELoRALinear(getattr(parent, child), num_experts, r, alpha, dropout, kernel, context)
+        if mixture == "linear":
+            layer = MoELoRALinear(getattr(parent, child), num_experts, r, alpha, dropout, kernel, context)
+            layers[name] = layer
+        else:
+            layer = MoELoRAMLP(getattr(parent, child), num_experts, r, alpha, dropout, kernel, context)
+            layers.update({f"{name}.{proj}": getattr(layer, proj) for proj in MoELoRAMLP.PROJECTIONS})
         setattr(parent, child, layer)
-        layers[name] = layer
     return MoELoRAHandle(model, layers, context)

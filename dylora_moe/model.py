@@ -23,6 +23,8 @@ as one graph (:meth:`DyLoRA_MoE.compile`). The routing decisions live in :mod:`d
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -33,6 +35,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .config import DyLoRAMoEConfig, original_growth_rank
 from .experts import ExpertManager
 from .fused_loss import chunked_linear_cross_entropy
 from .kernels import resolve_backend
@@ -43,9 +46,7 @@ from .skills import NoveltyDetector, SkillLibrary
 
 logger = logging.getLogger(__name__)
 
-ROUTINGS = ("sequence", "token")
 FUSED_LOSS_MODES = (False, True, "auto")
-BALANCE_LOSSES = ("mse", "switch")
 
 
 @dataclass
@@ -97,21 +98,37 @@ def load_base_model(model_name, token=None, torch_dtype=None) -> PreTrainedModel
     raise TypeError(f"model_name must be a hub id, a local path or a PreTrainedModel; got {type(model_name).__name__}")
 
 
+class _FromConfig:
+    """Default of DyLoRA_MoE's setting arguments: the value comes from ``config`` (or DyLoRAMoEConfig's default)."""
+
+    def __repr__(self) -> str:
+        return "<from config>"
+
+
+FROM_CONFIG = _FromConfig()
+
+
 class DyLoRA_MoE(nn.Module):
     """A frozen causal LM with E LoRA experts and a router (the original DyLoRA-MoE API, DESIGN 2).
 
-    Original arguments: ``model_name`` (hub id, local path or a built PreTrainedModel), ``num_experts``,
-    ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``token``, ``allow_expert_growth``. Keywords:
+    Original arguments: ``model_name`` (hub id, local path or a built PreTrainedModel), ``num_experts`` (1),
+    ``lora_r`` (16), ``lora_alpha`` (32), ``lora_dropout`` (0.05), ``token``, ``allow_expert_growth`` (True).
+    ``config``: a :class:`~dylora_moe.config.DyLoRAMoEConfig` with every setting; setting arguments passed beside it
+    override its values. Every setting of the config is also a keyword here (defaults: the config's):
 
     - ``kernel``: "auto" | "triton" | "eager" | "reference" (switch later with :meth:`set_kernel`).
-    - ``routing``: "sequence" (the original) | "token"; ``top_k`` experts per token; ``sequence_top_k``: keep only
-      each sequence's top experts (renormalised) in sequence routing; ``temperature`` of the router softmax.
+    - ``routing``: "sequence" (the original's model) | "token"; ``top_k`` experts per token; ``sequence_top_k``: keep
+      only each sequence's top experts (renormalised) in sequence routing; ``temperature`` of the router softmax.
     - ``router_weighting``: "softmax" (default: tempered softmax probabilities of the top-k, which trains the gate
       at k = 1) or "original" (softmax over the k selected logits); ``renormalize`` the k probabilities.
+      ``DyLoRAMoEConfig.original()`` is the preset reproducing the original.
     - ``balance_loss`` "mse" (the original) | "switch", ``balance_coefficient``, ``z_loss_coefficient``.
-    - ``mature_experts``: mark the initial experts mature so top-k applies (the original's training script did;
-      experts added later start immature, which makes routing dense until they are marked mature).
-    - ``target_modules``: LoRA targets (default: q/k/v/o_proj, query_key_value, c_attn, Wqkv).
+    - ``mature_experts``: mark the initial experts mature so top-k applies (the original did; experts added later
+      start immature, which makes routing dense until they are marked mature).
+    - ``target_modules`` (default: :func:`~dylora_moe.inject.default_targets`), ``mixture`` ("linear" | "ffn"),
+      ``expert_ranks`` / ``expert_alphas`` (per initial expert), ``growth_rank`` ("same" | "original" | int).
+
+    ``torch_dtype`` is the base model's load dtype (not a setting). ``moe_config`` gives the current settings back.
     """
 
     accepts_loss_kwargs = False  # HF Trainer: the loss is a per-token mean; do not pass num_items_in_batch
@@ -121,72 +138,104 @@ class DyLoRA_MoE(nn.Module):
     def __init__(
         self,
         model_name,
-        num_experts: int = 1,
-        lora_r: int = 16,
-        lora_alpha: float = 32,
-        lora_dropout: float = 0.05,
+        num_experts: int = FROM_CONFIG,
+        lora_r: int = FROM_CONFIG,
+        lora_alpha: float = FROM_CONFIG,
+        lora_dropout: float = FROM_CONFIG,
         token=None,
-        allow_expert_growth: bool = True,
+        allow_expert_growth: bool = FROM_CONFIG,
         *,
-        kernel: str = "auto",
-        routing: str = "sequence",
-        top_k: int = 1,
-        temperature: float = 2.0,
-        router_weighting: str = "softmax",
-        renormalize: bool = False,
-        sequence_top_k: int | None = None,
-        balance_loss: str = "mse",
-        balance_coefficient: float = 0.01,
-        z_loss_coefficient: float = 0.0,
-        mature_experts: bool = True,
-        target_modules=None,
+        config: DyLoRAMoEConfig | None = None,
+        kernel: str = FROM_CONFIG,
+        routing: str = FROM_CONFIG,
+        top_k: int = FROM_CONFIG,
+        temperature: float = FROM_CONFIG,
+        router_weighting: str = FROM_CONFIG,
+        renormalize: bool = FROM_CONFIG,
+        sequence_top_k: int | None = FROM_CONFIG,
+        balance_loss: str = FROM_CONFIG,
+        balance_coefficient: float = FROM_CONFIG,
+        z_loss_coefficient: float = FROM_CONFIG,
+        mature_experts: bool = FROM_CONFIG,
+        target_modules=FROM_CONFIG,
+        mixture: str = FROM_CONFIG,
+        expert_ranks=FROM_CONFIG,
+        expert_alphas=FROM_CONFIG,
+        growth_rank=FROM_CONFIG,
         torch_dtype=None,
     ):
         super().__init__()
-        if not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
-        if routing not in ROUTINGS:
-            raise ValueError(f"unknown routing {routing!r}; expected one of {', '.join(ROUTINGS)}")
-        if balance_loss not in BALANCE_LOSSES:
-            raise ValueError(f"unknown balance_loss {balance_loss!r}; expected one of {', '.join(BALANCE_LOSSES)}")
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-        self._check_sequence_top_k(sequence_top_k, num_experts)
-        check_kernel(kernel)
-        self.routing = routing
-        self.sequence_top_k = sequence_top_k
-        self.balance_loss_form = balance_loss
-        self.balance_coefficient = float(balance_coefficient)
-        self.z_loss_coefficient = float(z_loss_coefficient)
-        self.allow_expert_growth = allow_expert_growth
-        self.lora_r, self.lora_alpha, self.lora_dropout = lora_r, lora_alpha, lora_dropout
+        given = dict(
+            num_experts=num_experts, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            allow_expert_growth=allow_expert_growth, kernel=kernel, routing=routing, top_k=top_k,
+            temperature=temperature, router_weighting=router_weighting, renormalize=renormalize,
+            sequence_top_k=sequence_top_k, balance_loss=balance_loss, balance_coefficient=balance_coefficient,
+            z_loss_coefficient=z_loss_coefficient, mature_experts=mature_experts, target_modules=target_modules,
+            mixture=mixture, expert_ranks=expert_ranks, expert_alphas=expert_alphas, growth_rank=growth_rank,
+        )  # fmt: skip
+        if config is not None and not isinstance(config, DyLoRAMoEConfig):
+            raise TypeError(f"config must be a DyLoRAMoEConfig, got {type(config).__name__}")
+        cfg = (config or DyLoRAMoEConfig()).replace(**{k: v for k, v in given.items() if v is not FROM_CONFIG})
+        self._apply_settings(cfg)
 
         self.foundation_model = load_base_model(model_name, token, torch_dtype)
         self.expert_manager = ExpertManager(
-            self.foundation_model, lora_r, lora_alpha, lora_dropout, target_modules=target_modules, kernel=kernel
-        )
-        for _ in range(num_experts):
-            self.expert_manager.create_expert()
+            self.foundation_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+            target_modules=cfg.target_modules, kernel=cfg.kernel, mixture=cfg.mixture,
+        )  # fmt: skip
+        for i in range(cfg.num_experts):
+            self.expert_manager.create_expert(
+                r=None if cfg.expert_ranks is None else cfg.expert_ranks[i],
+                lora_alpha=None if cfg.expert_alphas is None else cfg.expert_alphas[i],
+            )
+        self.expert_manager.set_active_expert(0)  # as the original: expert 0 is the current expert after construction
         hidden = self.foundation_model.config.get_text_config().hidden_size
         self.router = DynamicHybridRouter(
-            hidden, num_experts, top_k, temperature, weighting=router_weighting, renormalize=renormalize
-        ).to(self.foundation_model.device)
-        if mature_experts:
+            hidden, cfg.num_experts, cfg.top_k, cfg.temperature, weighting=cfg.router_weighting,
+            renormalize=cfg.renormalize,
+        ).to(self.foundation_model.device)  # fmt: skip
+        if cfg.mature_experts:
             self.router.expert_maturity.fill_(1.0)
         self.skill_library = SkillLibrary(hidden)
         self.novelty_detector = NoveltyDetector(self.skill_library)
         self._reference_model = None  # built on demand by set_kernel("reference"); not a registered submodule
-        self.kernel = kernel
-        self.set_kernel(kernel)
+        self.kernel = cfg.kernel
+        self.set_kernel(cfg.kernel)
 
     # ----- configuration -------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _check_sequence_top_k(sequence_top_k, num_experts):
-        if sequence_top_k is not None and (
-            not isinstance(sequence_top_k, int) or not 1 <= sequence_top_k <= num_experts
-        ):
-            raise ValueError(f"sequence_top_k must be None or an int in [1, {num_experts}], got {sequence_top_k!r}")
+    def _apply_settings(self, cfg: DyLoRAMoEConfig) -> None:
+        """The settings the model keeps as attributes (the router and experts keep theirs)."""
+        self.routing = cfg.routing
+        self.sequence_top_k = cfg.sequence_top_k
+        self.balance_loss_form = cfg.balance_loss
+        self.balance_coefficient = float(cfg.balance_coefficient)
+        self.z_loss_coefficient = float(cfg.z_loss_coefficient)
+        self.allow_expert_growth = cfg.allow_expert_growth
+        self.lora_r, self.lora_alpha, self.lora_dropout = cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout
+        self.mixture = cfg.mixture
+        self.growth_rank = cfg.growth_rank
+        self.mature_experts = cfg.mature_experts
+
+    @property
+    def moe_config(self) -> DyLoRAMoEConfig:
+        """The model's current settings (after growth, ``set_kernel``, ...) as a validated config; target modules
+        are the injected modules' full names, so a model rebuilt from it has exactly these layers."""
+        settings = self.expert_manager.expert_settings
+        uniform = all((s.r, s.lora_alpha) == (self.lora_r, self.lora_alpha) for s in settings)
+        layers = list(self.handle.layers)
+        targets = layers if self.mixture == "linear" else list(dict.fromkeys(n.rsplit(".", 1)[0] for n in layers))
+        return DyLoRAMoEConfig(
+            num_experts=self.num_experts, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout, allow_expert_growth=self.allow_expert_growth, target_modules=targets,
+            mixture=self.mixture, expert_ranks=None if uniform else [s.r for s in settings],
+            expert_alphas=None if uniform else [s.lora_alpha for s in settings], growth_rank=self.growth_rank,
+            kernel=self.kernel, routing=self.routing, top_k=self.router.top_k, temperature=self.router.temperature,
+            router_weighting=self.router.weighting, renormalize=self.router.renormalize,
+            sequence_top_k=self.sequence_top_k, balance_loss=self.balance_loss_form,
+            balance_coefficient=self.balance_coefficient, z_loss_coefficient=self.z_loss_coefficient,
+            mature_experts=self.mature_experts,
+        )  # fmt: skip
 
     @property
     def num_experts(self) -> int:
@@ -212,6 +261,16 @@ class DyLoRA_MoE(nn.Module):
         builds and runs. "triton" is checked now against the model's device, naming the fix.
         """
         check_kernel(name)
+        if name == "reference" and self.mixture == "ffn":
+            raise ValueError(
+                "kernel='reference' runs the original algorithm on peft adapters of linear layers; it has no "
+                "FFN-expert mixture (mixture='ffn'): use kernel='eager' or 'triton'"
+            )
+        if name == "reference" and self.moe_config.expert_ranks is not None:
+            raise ValueError(
+                "kernel='reference' builds one peft LoraConfig for all experts; these experts have their own ranks "
+                "or alphas: use kernel='eager' or 'triton'"
+            )
         if name == "triton":
             resolve_backend("triton", self.device)  # fail now, naming the fix, rather than in the first forward
         self.handle.set_kernel(name)
@@ -441,9 +500,19 @@ class DyLoRA_MoE(nn.Module):
 
     activation_checkpointing_disable = gradient_checkpointing_disable
 
+    def growth_rank_for_next_expert(self) -> int:
+        """Rank of the next expert :meth:`add_new_skill` creates: ``growth_rank`` "same" = ``lora_r``, "original" =
+        the original's ``min(2 * lora_r, 32)`` (``lora_r`` while there is no expert), or the int itself."""
+        if self.growth_rank == "same":
+            return self.lora_r
+        if self.growth_rank == "original":
+            return original_growth_rank(self.lora_r, self.num_experts)
+        return int(self.growth_rank)
+
     def _grow(self) -> int:
-        expert_id = self.expert_manager.create_expert()
+        expert_id = self.expert_manager.create_expert(r=self.growth_rank_for_next_expert())
         self.router.add_expert()
+        self.expert_manager.set_active_expert(expert_id)  # as the original: the new expert becomes the current one
         return expert_id
 
     @torch.no_grad()
@@ -465,9 +534,11 @@ class DyLoRA_MoE(nn.Module):
 
     def add_new_skill(self, skill_data=None, force: bool = False, batch_size: int = 16, warmup_steps: int = 50) -> bool:
         """Grow by one expert when ``force``, or when ``skill_data`` is novel to the skill library and growth is
-        allowed; returns whether an expert was added. The new expert starts immature (routing is dense until it is
-        marked mature with ``router.set_expert_maturity``) and trains with the others; ``warmup_steps`` is kept for
-        the original's signature and is not used (this model has no separate warm-up loop)."""
+        allowed; returns whether an expert was added. The new expert (rank: :meth:`growth_rank_for_next_expert`,
+        alpha ``lora_alpha``) starts immature (routing is dense until it is marked mature with
+        ``router.set_expert_maturity``), becomes ``expert_manager.current_expert_id`` and trains with the others;
+        the skill embedding is stored under its id whenever ``skill_data`` is given (the original skipped that when
+        forced). ``warmup_steps`` is kept for the original's signature and is not used (no separate warm-up loop)."""
         if not force and (not self.allow_expert_growth or skill_data is None):
             return False
         embedding = None if skill_data is None else self.skill_embedding(skill_data, batch_size)
@@ -475,7 +546,7 @@ class DyLoRA_MoE(nn.Module):
             return False
         expert_id = self._grow()
         if embedding is not None:
-            self.skill_library.add_skill(embedding, expert_id)
+            self.skill_library.add_skill(expert_id, embedding)
         return True
 
     @torch.no_grad()
@@ -500,8 +571,32 @@ class DyLoRA_MoE(nn.Module):
         save_checkpoint(self, save_directory)
 
     @classmethod
-    def from_pretrained(cls, save_directory, base_model, **overrides) -> DyLoRA_MoE:
-        """Rebuild a saved model on ``base_model`` (a PreTrainedModel, local path or hub id)."""
+    def from_pretrained(cls, base_model, save_directory, **overrides) -> DyLoRA_MoE:
+        """Rebuild a saved model on ``base_model`` (a PreTrainedModel, local path or hub id), in peft's argument
+        order: ``DyLoRA_MoE.from_pretrained(base_model, save_directory)``. The former order
+        ``(save_directory, base_model)`` still works, with a DeprecationWarning (told apart by which argument is a
+        built model or a checkpoint directory). ``overrides``: settings to change (e.g. ``kernel="eager"``)."""
         from .checkpoint import load_checkpoint_model
 
+        old_order = isinstance(save_directory, nn.Module) or (
+            is_checkpoint_dir(base_model) and not is_checkpoint_dir(save_directory)
+        )
+        if old_order:
+            warnings.warn(
+                "DyLoRA_MoE.from_pretrained(save_directory, base_model) is deprecated: pass the base model first, as "
+                "peft does: DyLoRA_MoE.from_pretrained(base_model, save_directory)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            base_model, save_directory = save_directory, base_model
         return load_checkpoint_model(cls, save_directory, base_model, **overrides)
+
+
+def is_checkpoint_dir(path) -> bool:
+    """True for a directory holding a DyLoRA_MoE checkpoint (its JSON config or a first expert adapter)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return False
+    from .checkpoint import CONFIG_NAME
+
+    path = Path(path)
+    return (path / CONFIG_NAME).is_file() or (path / "expert_0" / "adapter_config.json").is_file()

@@ -20,29 +20,11 @@ import types
 import warnings
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers.pytorch_utils import Conv1D
+from peft import get_peft_model
 
 from .kernels.routing_meta import dense_gate
+from .peft_format import expert_name, lora_config
 from .routing import RoutingContext
-
-
-def expert_name(i: int) -> str:
-    return f"expert_{i}"
-
-
-def lora_config(moe, target_names) -> LoraConfig:
-    """peft LoraConfig matching ``moe``'s experts (full module names, fan_in_fan_out for GPT-2 Conv1D)."""
-    conv = any(isinstance(layer.base_layer, Conv1D) for layer in moe.handle.layers.values())
-    return LoraConfig(
-        r=moe.lora_r,
-        lora_alpha=moe.lora_alpha,
-        lora_dropout=moe.lora_dropout,
-        target_modules=list(target_names),
-        fan_in_fan_out=conv,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
 
 
 def _tie_to_stack(linear: torch.nn.Linear, layer, which: str, i: int) -> None:

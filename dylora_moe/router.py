@@ -21,8 +21,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .kernels import topk_route
+from .original_files import is_safetensors_file, load_torch_file, require_keys
 
 WEIGHTINGS = ("original", "softmax")
+ORIGINAL_ROUTER_KEYS = ("gate_state_dict", "expert_maturity", "num_experts", "input_size", "top_k", "temperature")
 
 
 @dataclass
@@ -46,8 +48,9 @@ class RouterOutput:
 class DynamicHybridRouter(nn.Module):
     """Gate ``nn.Linear(input_size, num_experts)`` with per-expert maturity; dense while any expert is new, top-k after.
 
-    Extra keywords: ``weighting`` ("original" | "softmax"), ``renormalize`` (for "softmax"), ``backend`` of the
-    fused router op ("auto" | "triton" | "eager").
+    Extra keywords: ``weighting`` ("softmax", the default | "original"), ``renormalize`` (for "softmax"),
+    ``backend`` of the fused router op ("auto" | "triton" | "eager"). The original's sparse rule, whose k = 1 weight
+    gives the gate no gradient, is ``weighting="original"`` (see the module docstring).
     """
 
     def __init__(
@@ -57,7 +60,7 @@ class DynamicHybridRouter(nn.Module):
         top_k: int = 1,
         temperature: float = 2.0,
         *,
-        weighting: str = "original",
+        weighting: str = "softmax",
         renormalize: bool = False,
         backend: str = "auto",
     ):
@@ -192,23 +195,67 @@ class DynamicHybridRouter(nn.Module):
             "renormalize": self.renormalize,
         }
 
-    def save(self, path) -> None:
-        """One safetensors file: gate weight/bias and maturity, with the constructor arguments in its metadata."""
+    def save(self, path, original_format: bool = False) -> None:
+        """One safetensors file: gate weight/bias and maturity, with the constructor arguments in its metadata.
+
+        ``original_format=True`` writes the original's ``torch.save`` dict instead (readable by the original code;
+        it has no field for ``weighting``/``renormalize``, which the original did not have)."""
+        if original_format:
+            torch.save(self._original_state(), str(path))
+            return
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, str(path), metadata={"config": json.dumps(self.config())})
 
+    def _original_state(self) -> dict:
+        gate = {k: v.detach().cpu() for k, v in self.gate.state_dict().items()}
+        return {
+            "gate_state_dict": gate,
+            "expert_maturity": self.expert_maturity.detach().cpu(),
+            "num_experts": self.num_experts,
+            "input_size": self.input_size,
+            "top_k": self.top_k,
+            "temperature": self.temperature,
+        }
+
     @classmethod
     def load(cls, path, device=None) -> DynamicHybridRouter:
+        """Read a router saved by :meth:`save` (safetensors) or by the original (a ``torch.save`` dict, read with
+        ``weights_only=True``; the router then uses ``weighting="original"``). The file format is told by content."""
+        router = cls._load_safetensors(path) if is_safetensors_file(path) else cls._load_original(path)
+        return router.to(device) if device is not None else router
+
+    @classmethod
+    def _load_safetensors(cls, path) -> DynamicHybridRouter:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if "config" not in meta:
             raise ValueError(f"{path} is not a DynamicHybridRouter file (no 'config' in its safetensors metadata)")
-        config = json.loads(meta["config"])
-        router = cls(**config)
+        router = cls(**json.loads(meta["config"]))
         router.load_state_dict(load_file(str(path)))
-        return router.to(device) if device is not None else router
+        return router
+
+    @classmethod
+    def _load_original(cls, path) -> DynamicHybridRouter:
+        state = load_torch_file(path)
+        require_keys(state, ORIGINAL_ROUTER_KEYS, path, "DynamicHybridRouter (original torch.save)")
+        router = cls(
+            int(state["input_size"]), int(state["num_experts"]), int(state["top_k"]), float(state["temperature"]),
+            weighting="original",
+        )  # fmt: skip
+        gate = state["gate_state_dict"]
+        require_keys(gate, ("weight", "bias"), path, "DynamicHybridRouter gate_state_dict")
+        maturity = torch.as_tensor(state["expert_maturity"], dtype=torch.float32).reshape(-1)
+        expected = (router.num_experts, router.input_size)
+        if tuple(gate["weight"].shape) != expected or maturity.numel() != router.num_experts:
+            raise ValueError(
+                f"{path}: gate weight {tuple(gate['weight'].shape)} and maturity of {maturity.numel()} experts do not "
+                f"match num_experts={router.num_experts}, input_size={router.input_size} (expected {expected})"
+            )
+        router.gate.load_state_dict({"weight": gate["weight"], "bias": gate["bias"]})
+        router.expert_maturity.copy_(maturity)
+        return router
 
 
 def _token_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -44,10 +44,13 @@ def test_save_load_same_outputs_and_peft_loads_each_expert(tmp_path, build):
 def test_expert_weights_round_trip_and_count_mismatch(tmp_path):
     moe = trained_like(tiny_llama)
     weights = moe.expert_manager.get_expert_weights(1)
-    assert set(weights) == {f"{n}.lora_{ab}.weight" for n in moe.handle.layers for ab in "AB"}
-    moe.expert_manager.load_expert_weights(0, weights)
-    assert torch.equal(moe.expert_manager.get_expert_weights(0)["model.layers.0.self_attn.q_proj.lora_B.weight"],
-                       weights["model.layers.0.self_attn.q_proj.lora_B.weight"])  # fmt: skip
+    # the original's keys: peft parameter names with the adapter name
+    assert set(weights) == {f"base_model.model.{n}.lora_{ab}.expert_1.weight" for n in moe.handle.layers for ab in "AB"}
+    short = {k.replace("base_model.model.", "").replace(".expert_1", ""): v for k, v in weights.items()}
+    moe.expert_manager.load_expert_weights(0, short)  # short keys (no adapter name) load into any expert
+    key = "model.layers.0.self_attn.q_proj.lora_B"
+    assert torch.equal(moe.expert_manager.get_expert_weights(0)[f"base_model.model.{key}.expert_0.weight"],
+                       weights[f"base_model.model.{key}.expert_1.weight"])  # fmt: skip
     moe.save_pretrained(tmp_path / "ckpt")
     other = DyLoRA_MoE(tiny_llama(), num_experts=2, lora_r=4, lora_alpha=8, kernel="eager")
     with pytest.raises(ValueError, match="has 3 experts but the model has 2"):

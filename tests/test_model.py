@@ -304,8 +304,8 @@ def test_bad_input():
     moe = DyLoRA_MoE(tiny_llama(layers=1), num_experts=2, lora_r=4, kernel="eager")
     with pytest.raises(ValueError, match="unknown kernel"):
         moe.set_kernel("fast")
-    with pytest.raises(ValueError, match="per-expert LoRA settings"):
-        moe.expert_manager.create_expert(r=8)
+    with pytest.raises(ValueError, match="lora_dropout=0.5 differs"):
+        moe.expert_manager.create_expert(lora_dropout=0.5)
     with pytest.raises(IndexError, match="does not exist"):
         moe.expert_manager.set_active_expert(2)
 

@@ -1,0 +1,6 @@
+"""The original's module name for :class:`~dylora_moe.skills.NoveltyDetector` (``from dylora_moe.novelty_detector
+import NoveltyDetector`` works as ``from dylo_moe.novelty_detector import NoveltyDetector`` did)."""
+
+from .skills import NoveltyDetector
+
+__all__ = ["NoveltyDetector"]
