@@ -95,3 +95,18 @@ def test_reference_backend_refuses_to_compile():
     moe.set_kernel("reference")
     with pytest.raises(ValueError, match="reference"):
         moe.compile()
+
+
+def test_fullgraph_compile_with_the_fused_loss():
+    """The chunked linear + cross-entropy compiles into the same graph: same loss and gradients as eager."""
+    moe = build("token", "eager")
+    moe.set_fused_loss(True, chunk_rows=8)
+    params = dict(moe.named_parameters())
+    inputs = padded_batch()
+    want, want_grads = loss_and_grads(moe, params, inputs)
+    torch._dynamo.reset()
+    got, got_grads = loss_and_grads(torch.compile(moe, fullgraph=True, backend="aot_eager"), params, inputs)
+    assert got.logits is None and want.logits is None
+    assert_close(got.loss, want.loss, torch.float32, msg="loss")
+    for name in want_grads:
+        assert_close(got_grads[name], want_grads[name], torch.float32, msg=f"grad of {name}")
