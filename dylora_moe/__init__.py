@@ -5,13 +5,39 @@ Public API (the original DyLoRA-MoE names, plus the drop-in layer):
 ``MoELoRALinear``, ``inject_moe_lora``, ``Routing``.
 """
 
-from .experts import ExpertManager
-from .inject import DEFAULT_TARGETS, MoELoRAHandle, find_targets, inject_moe_lora
-from .layer import MoELoRALinear
-from .model import DyLoRA_MoE, DyLoRAMoEOutput
-from .router import DynamicHybridRouter, balance_loss, z_loss
-from .routing import Routing, RoutingContext
-from .skills import NoveltyDetector, SkillLibrary
+from importlib import import_module
+
+# Names load on first use (PEP 562), so `import dylora_moe.data` or `python train.py --help` does not pay for torch.
+_EXPORTS = {
+    "ExpertManager": ".experts",
+    "DEFAULT_TARGETS": ".inject",
+    "MoELoRAHandle": ".inject",
+    "find_targets": ".inject",
+    "inject_moe_lora": ".inject",
+    "MoELoRALinear": ".layer",
+    "DyLoRA_MoE": ".model",
+    "DyLoRAMoEOutput": ".model",
+    "DynamicHybridRouter": ".router",
+    "balance_loss": ".router",
+    "z_loss": ".router",
+    "Routing": ".routing",
+    "RoutingContext": ".routing",
+    "NoveltyDetector": ".skills",
+    "SkillLibrary": ".skills",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dylora_moe' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "DEFAULT_TARGETS",

@@ -31,11 +31,11 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .runs import CheckpointNotFound, read_metrics
+
+__all__ = ["CheckpointNotFound", "DomainEarlyStopping", "MetricsFile", "MoETrainer", "RunIdentity", "RoutingStats"]
+
 STAGING_PREFIX = ".staging-"
-
-
-class CheckpointNotFound(FileNotFoundError):
-    """Resume was asked for, and the run folder holds no complete checkpoint."""
 
 
 class RoutingStats:
@@ -106,16 +106,37 @@ def peak_memory_mb() -> float:
 
 
 class MetricsFile(TrainerCallback):
-    """Appends every log (training and evaluation) to ``<output_dir>/metrics.jsonl``, from the main process only."""
+    """Appends every log (training and evaluation) to ``<output_dir>/metrics.jsonl``, from the main process only,
+    one JSON object a line tagged with the run id. A log the file already holds from before this process started
+    (same step, same keys: the baseline evaluation of a resumed run) is not written twice."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, run_id: str | None = None):
+        self.path, self.run_id = Path(path), run_id
+        self.logged_before = {_log_key(row) for row in read_metrics(self.path)[0]}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not (state.is_world_process_zero and logs):
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), "run_id": self.run_id, **logs}
+        if _log_key(record) in self.logged_before:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _log_key(row: dict) -> tuple:
+    return row.get("step"), frozenset(k for k in row if k not in ("step", "epoch", "time", "run_id"))
+
+
+class RunIdentity(TrainerCallback, ExportableState):  # runs.IDENTITY_CALLBACK is this class's name
+    """Records the run id and model flags in every checkpoint's ``trainer_state.json`` (the Trainer saves the state
+    of stateful callbacks), so a resume can tell this run's checkpoints from another run's."""
+
+    def __init__(self, run_id: str, fingerprint: dict):
+        self.run_id, self.fingerprint = run_id, dict(fingerprint)
+
+    def state(self) -> dict:
+        return {"args": {"run_id": self.run_id, "fingerprint": self.fingerprint}, "attributes": {}}
 
 
 class StepClock(TrainerCallback):
@@ -192,7 +213,7 @@ class MoETrainer(Trainer):
     # ----- saving and loading ------------------------------------------------------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Experts (peft format) + router + config through the model's ``save_pretrained``; tokenizer; args.
+        """Experts (peft format) + router + config through the model's ``save_pretrained``; tokenizer; arguments.
 
         ``save_pretrained`` replaces its folder whole, so with no folder given this writes ``<output_dir>/final``,
         never the run folder itself (which holds the checkpoints and metrics)."""
@@ -203,7 +224,7 @@ class MoETrainer(Trainer):
         self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        Path(output_dir, "training_args.json").write_text(self.args.to_json_string())  # JSON: nothing to unpickle
 
     def _barrier(self) -> None:
         if dist.is_available() and dist.is_initialized():
