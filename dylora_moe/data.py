@@ -24,6 +24,10 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 DOMAINS = ("code_alpaca", "mbpp")
 SPLIT_SEED = 42
