@@ -232,7 +232,7 @@ def test_help_lists_every_original_flag():
     ):  # fmt: skip
         assert flag in text, flag
     original = train.parse_args(["--model_name", "google/codegemma-2b"])
-    assert (original.num_epochs, original.learning_rate, original.batch_size) == (10, 2e-5, 4)
+    assert (original.num_train_epochs, original.learning_rate, original.per_device_train_batch_size) == (10, 2e-5, 4)
     assert (original.gradient_accumulation_steps, original.max_length) == (8, 512)
     assert (original.num_experts, original.lora_r, original.lora_alpha, original.lora_dropout) == (4, 16, 32, 0.05)
 
@@ -272,7 +272,7 @@ def test_triton_without_gpu_fails_at_startup(monkeypatch, capsys):
 
 def test_other_bad_flags(capsys):
     for argv, message in (
-        (["--top_k", "3", "--num_experts", "2"], "--top_k must be in [1, --num_experts=2]"),
+        (["--top_k", "3", "--num_experts", "2"], "argument --top_k: expected an integer in [1, --num_experts=2]"),
         (["--fp16", "--bf16"], "exclude each other"),
     ):
         with pytest.raises(SystemExit):
