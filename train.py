@@ -432,6 +432,15 @@ def trainer_arguments(argv, args: argparse.Namespace, report_to: list[str]):
         parser.error(str(err).strip().splitlines()[0])
 
 
+def finished_at(checkpoint: str, max_steps: int) -> bool:
+    """Whether ``checkpoint`` is the last step of the training asked for (``--max_steps``, else its own plan)."""
+    from dylora_moe.runs import TRAINER_STATE, read_json
+
+    state = read_json(Path(checkpoint) / TRAINER_STATE) or {}
+    step, planned = state.get("global_step", 0), state.get("max_steps", 0)
+    return step >= (max_steps if max_steps > 0 else planned) > 0
+
+
 def model_fingerprint(args: argparse.Namespace) -> dict:
     """The flags that shape the trained weights: a resume must agree with the run on each."""
     keys = ["model_name", "num_experts", "lora_r", "lora_alpha", "routing", "top_k", "sequence_top_k"]
@@ -551,7 +560,7 @@ def main(argv=None) -> dict:
         start_run(plan)  # the first write: staging leftovers go, run.json, metrics.jsonl cut to the checkpoint
 
     import torch
-    from transformers import set_seed
+    from transformers import TrainerState, set_seed
 
     from dylora_moe.checkpoint import load_checkpoint
     from dylora_moe.layer import check_kernel
@@ -617,7 +626,17 @@ def main(argv=None) -> dict:
 
     # Before training: the fresh experts (B = 0) are the base model, so this is the baseline even when resuming.
     initial = trainer.evaluate()
-    trainer.train(resume_from_checkpoint=plan.resume_from)
+    if plan.resume_from and finished_at(plan.resume_from, args.max_steps):
+        # The checkpoint is the run's last step (killed while writing final/ or the report): the Trainer would train
+        # one step past it, so take its state and its best model as they are and go on to final/.
+        trainer.state = TrainerState.load_from_json(os.path.join(plan.resume_from, "trainer_state.json"))
+        best = trainer.state.best_model_checkpoint
+        if training_args.load_best_model_at_end and best and os.path.isdir(best):
+            trainer._load_best_model()
+        else:
+            trainer._load_from_checkpoint(plan.resume_from)
+    else:
+        trainer.train(resume_from_checkpoint=plan.resume_from)
     final = trainer.evaluate()  # the best checkpoint by Code Alpaca eval loss, reloaded at the end of train()
     trainer.save_model(os.path.join(args.output_dir, "final"))
 

@@ -36,6 +36,24 @@ from .runs import CheckpointNotFound, read_metrics
 __all__ = ["CheckpointNotFound", "DomainEarlyStopping", "MetricsFile", "MoETrainer", "RunIdentity", "RoutingStats"]
 
 STAGING_PREFIX = ".staging-"
+TRAINING_ARGS_FILE = "training_args.json"
+
+
+def _args_file(folder: str) -> str:
+    return os.path.join(folder, TRAINING_ARGS_FILE)
+
+
+def _publish(staging: str, target: str) -> None:
+    """Rename ``staging`` to ``target``, replacing an earlier ``target`` whole (kept aside until the rename)."""
+    if not os.path.exists(target):
+        os.rename(staging, target)
+        return
+    parent, name = os.path.split(target)
+    old = os.path.join(parent, f"{STAGING_PREFIX}{name}-old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(target, old)
+    os.rename(staging, target)
+    shutil.rmtree(old)
 
 
 class RoutingStats:
@@ -215,16 +233,30 @@ class MoETrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Experts (peft format) + router + config through the model's ``save_pretrained``; tokenizer; arguments.
 
-        ``save_pretrained`` replaces its folder whole, so with no folder given this writes ``<output_dir>/final``,
-        never the run folder itself (which holds the checkpoints and metrics)."""
+        A checkpoint's files go straight into its staging folder (:meth:`_save_checkpoint` publishes it). Any other
+        folder (``final/`` by default, never the run folder itself) is written under a staging name beside it and
+        swapped in whole, so a kill leaves the previous version or the new one, never half of one."""
         if not self.args.should_save:
             return
-        output_dir = output_dir or os.path.join(self.args.output_dir, "final")
-        os.makedirs(output_dir, exist_ok=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        output_dir = os.path.abspath(output_dir or os.path.join(self.args.output_dir, "final"))
+        parent, name = os.path.split(output_dir)
+        if name.startswith(STAGING_PREFIX):
+            self._write_model(output_dir)
+            return
+        if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(_args_file(output_dir)):
+            raise FileExistsError(
+                f"{output_dir} exists and was not written by save_model (no {TRAINING_ARGS_FILE}): not replacing it"
+            )
+        staging = os.path.join(parent, STAGING_PREFIX + name)
+        shutil.rmtree(staging, ignore_errors=True)
+        self._write_model(staging)
+        _publish(staging, output_dir)
+
+    def _write_model(self, folder: str) -> None:
+        self.accelerator.unwrap_model(self.model).save_pretrained(folder)
         if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        Path(output_dir, "training_args.json").write_text(self.args.to_json_string())  # JSON: nothing to unpickle
+            self.processing_class.save_pretrained(folder)
+        Path(_args_file(folder)).write_text(self.args.to_json_string())  # JSON: nothing to unpickle at load
 
     def _barrier(self) -> None:
         if dist.is_available() and dist.is_initialized():
@@ -259,9 +291,7 @@ class MoETrainer(Trainer):
             self.state.save_to_json(os.path.join(staging, "trainer_state.json"))
         self._barrier()  # every process has written its part
         if self.args.should_save:
-            if os.path.isdir(final):  # a checkpoint of the same step from an earlier run: replace it whole
-                shutil.rmtree(final)
-            os.rename(staging, final)
+            _publish(staging, final)  # a checkpoint of the same step (an abandoned segment of the run): replaced
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
