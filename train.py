@@ -457,6 +457,7 @@ def resolve_report_to(choice: str, output_dir: str) -> list[str]:
         logger.info("wandb is not installed: metrics go to metrics.jsonl only")
         return []
     os.environ.setdefault("WANDB_PROJECT", "dylora-moe")
+    os.environ.setdefault("WANDB_SILENT", "true")  # its banner and sync lines would interleave with the metric lines
     os.environ.setdefault("WANDB_DIR", output_dir)
     if os.environ.get("WANDB_MODE"):
         logger.info("wandb: WANDB_MODE=%s", os.environ["WANDB_MODE"])
@@ -560,14 +561,17 @@ def main(argv=None) -> dict:
         start_run(plan)  # the first write: staging leftovers go, run.json, metrics.jsonl cut to the checkpoint
 
     import torch
-    from transformers import TrainerState, set_seed
+    from transformers import PrinterCallback, ProgressCallback, TrainerState, set_seed
+    from transformers.utils import logging as hf_logging
 
     from dylora_moe.checkpoint import load_checkpoint
+    from dylora_moe.console import Console
     from dylora_moe.layer import check_kernel
     from dylora_moe.model import DyLoRA_MoE
     from dylora_moe.train_report import write_report
     from dylora_moe.training import DomainEarlyStopping, MetricsFile, MoETrainer, RunIdentity
 
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar per load (base model, each checkpoint reload)
     dtype = torch.bfloat16 if args.bf16 and torch.cuda.is_available() else None
     base, tokenizer = load_model_and_tokenizer(args, splits, dtype)
     set_seed(args.seed)  # the expert init; the tiny base is seeded on its own, the Trainer seeds dropout and data order
@@ -621,6 +625,9 @@ def main(argv=None) -> dict:
         ],
         load_weights=load_checkpoint,
     )
+    trainer.remove_callback(ProgressCallback)  # nested dict-printing bars; Console prints one line per log
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(Console())
     if plan.resume_from:
         logger.info("resuming run %s from %s", plan.run_id, plan.resume_from)
 
