@@ -18,7 +18,9 @@ block of a split is padded, and padding is masked out of the attention and of th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -84,6 +86,17 @@ def _datasets():
     return datasets
 
 
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    log = logging.getLogger(logger_name)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _texts(table, domain: str, where) -> list[str]:
     """The texts of a ``datasets.Dataset`` (column-wise: no per-row Python dict); ``where(i)`` names row i."""
     columns = {name: table[name] for name in ("instruction", "output", "text", "prompt") if name in table.column_names}
@@ -133,7 +146,8 @@ def _local_texts(path: Path, domain: str) -> list[str]:
     try:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: no rows")
-        table = _datasets().load_dataset("json", data_files=str(path), split="train")
+        with _quiet("datasets"):  # its own ERROR line would precede ours, which names the line
+            table = _datasets().load_dataset("json", data_files=str(path), split="train")
         if len(table) == 0:
             raise DataError(f"{path}: no rows")
         return _texts(table, domain, lambda i: f"{path} row {i}")

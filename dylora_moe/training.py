@@ -8,9 +8,11 @@ What the stock Trainer (transformers 5) does not do for this model, and this mod
   ``metrics.jsonl`` (integrations such as wandb get the same dict through ``Trainer.log``).
 - Evaluation: the same routing statistics per evaluation set, plus perplexity (``eval_<domain>_ppl``).
 - Saving: ``DyLoRA_MoE`` is not a PreTrainedModel, so the stock Trainer would write its whole state dict (the frozen
-  base included, which fails on tied embeddings); :meth:`MoETrainer._save` writes experts + router through
-  ``save_pretrained`` instead, and checkpoints are staged under a temporary name and renamed when complete, so a
-  save cut short never leaves a ``checkpoint-N`` that resume would load.
+  base included, which fails on tied embeddings); :meth:`MoETrainer._save` (the Trainer's extension point for the
+  model files) writes experts + router through ``save_pretrained`` instead. The rest of a checkpoint is the stock
+  ``Trainer._save_checkpoint``, pointed at a staging folder and published by one rename when complete, so a save
+  cut short never leaves a ``checkpoint-N`` that resume would load. Every checkpoint records the run id
+  (:class:`RunIdentity`, a stateful callback) and every ``metrics.jsonl`` row too (:class:`MetricsFile`).
 - Resume and best-model reload read those files back into the live model.
 """
 
@@ -233,14 +235,15 @@ class MoETrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Experts (peft format) + router + config through the model's ``save_pretrained``; tokenizer; arguments.
 
-        A checkpoint's files go straight into its staging folder (:meth:`_save_checkpoint` publishes it). Any other
-        folder (``final/`` by default, never the run folder itself) is written under a staging name beside it and
-        swapped in whole, so a kill leaves the previous version or the new one, never half of one."""
+        A checkpoint's files go straight into its folder inside the staging folder (:meth:`_save_checkpoint`
+        publishes it). Any other folder (``final/`` by default, never the run folder itself) is written under a
+        staging name beside it and swapped in whole, so a kill leaves the previous version or the new one, never
+        half of one."""
         if not self.args.should_save:
             return
         output_dir = os.path.abspath(output_dir or os.path.join(self.args.output_dir, "final"))
         parent, name = os.path.split(output_dir)
-        if name.startswith(STAGING_PREFIX):
+        if name.startswith(STAGING_PREFIX) or os.path.basename(parent).startswith(STAGING_PREFIX):
             self._write_model(output_dir)
             return
         if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(_args_file(output_dir)):
@@ -263,35 +266,30 @@ class MoETrainer(Trainer):
             dist.barrier()
 
     def _save_checkpoint(self, model, trial) -> None:
-        """The stock checkpoint (model, optimizer, scheduler, RNG, trainer state), staged then renamed."""
+        """The stock checkpoint (model through :meth:`_save`, optimizer, scheduler, scaler, RNG per process, trainer
+        state with the stateful callbacks), written by ``Trainer._save_checkpoint`` into a staging folder, then
+        published by one rename and rotated: a save cut short never leaves a ``checkpoint-N`` a resume would take."""
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        final, staging = os.path.join(run_dir, name), os.path.join(run_dir, STAGING_PREFIX + name)
+        staging_root = os.path.join(run_dir, STAGING_PREFIX + name)
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
         if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-        self.store_flos()
-        self.save_model(staging, _internal_call=True)  # main process; replaces the folder whole, so it goes first
+            shutil.rmtree(staging_root, ignore_errors=True)
         self._barrier()
-        if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(staging)
-            self._save_scaler(staging)
-            self._save_rng_state(staging)  # one file per process
-        best_step = self.state.best_global_step
-        if best_step:
-            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")
-            if best_step == self.state.global_step or os.path.isdir(best):
-                self.state.best_model_checkpoint = best
-        if self.args.should_save:
-            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
-                name_cb = cb.__class__.__name__
-                if isinstance(self.state.stateful_callbacks.get(name_cb), list):
-                    self.state.stateful_callbacks[name_cb].append(cb.state())
-                else:
-                    self.state.stateful_callbacks[name_cb] = cb.state()
-            self.state.save_to_json(os.path.join(staging, "trainer_state.json"))
+        self._staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)  # writes <staging_root>/checkpoint-N
+        finally:
+            self._staging_root = None
+        best = self.state.best_model_checkpoint
+        if best and os.path.dirname(best) == staging_root:  # this step is the best: point at where it will be
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
         self._barrier()  # every process has written its part
         if self.args.should_save:
-            _publish(staging, final)  # a checkpoint of the same step (an abandoned segment of the run): replaced
+            _publish(staged, final)  # a checkpoint of the same step (an abandoned segment of the run): replaced
+            shutil.rmtree(staging_root)
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
@@ -299,6 +297,10 @@ class MoETrainer(Trainer):
                 use_mtime=True,
             )
         self._barrier()
+
+    def _get_output_dir(self, trial) -> str:
+        """The staging folder while :meth:`_save_checkpoint` runs the stock save, else the stock run folder."""
+        return getattr(self, "_staging_root", None) or super()._get_output_dir(trial=trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self.load_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)

@@ -132,7 +132,9 @@ def test_resume_after_interrupted_save_matches_straight_run(straight_run, tmp_pa
     with pytest.raises(_Interrupt):
         train.main(args)
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
-    assert (out / ".staging-checkpoint-4" / "expert_0").is_dir() and not (out / "checkpoint-4").exists()
+    assert (out / ".staging-checkpoint-4" / "checkpoint-4" / "expert_0").is_dir() and not (
+        out / "checkpoint-4"
+    ).exists()
 
     monkeypatch.setattr(MoETrainer, "_save_optimizer_and_scheduler", stock)
     train.main([*args, "--resume_from_checkpoint"])  # the last COMPLETE checkpoint: 2
