@@ -295,3 +295,15 @@ def test_report_to_auto_picks_wandb_offline_without_a_key(tmp_path, monkeypatch)
     assert train.resolve_report_to("auto", str(tmp_path)) == ["wandb"] and os.environ["WANDB_MODE"] == "disabled"
     assert train.resolve_report_to("none", str(tmp_path)) == []
     assert train.resolve_report_to("wandb,tensorboard", str(tmp_path)) == ["wandb", "tensorboard"]
+
+
+@pytest.mark.slow
+def test_compile_flag_on_the_cpu(tmp_path):
+    # --compile is TrainingArguments' torch_compile; on the CPU the eager backend checks the capture without a compiler.
+    small = [a if a != "5" else "1" for a in TINY]  # eval_subset 1%
+    args = [*small, "--kernel", "eager", "--max_steps", "1", "--compile", "--torch_compile_backend", "eager"]
+    result = train.main([*args, "--output_dir", str(tmp_path / "compiled")])
+    trainer = result["trainer"]
+    assert trainer.args.torch_compile and trainer.args.torch_compile_backend == "eager"
+    assert sorted(_train_logs(tmp_path / "compiled")) == [1]
+    assert math.isfinite(result["final"]["eval_code_alpaca_loss"])
