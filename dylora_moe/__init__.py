@@ -29,7 +29,10 @@ _EXPORTS = {
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'dylora_moe' has no attribute {name!r}")
+        try:  # a submodule, as `dylora_moe.kernels` was reachable after `import dylora_moe` before
+            return import_module(f".{name}", __name__)
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'dylora_moe' has no attribute {name!r}") from None
     value = getattr(import_module(_EXPORTS[name], __name__), name)
     globals()[name] = value
     return value
