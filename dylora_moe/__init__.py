@@ -31,7 +31,9 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         try:  # a submodule, as `dylora_moe.kernels` was reachable after `import dylora_moe` before
             return import_module(f".{name}", __name__)
-        except ModuleNotFoundError:
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":  # the submodule exists, a dependency of it is missing
+                raise
             raise AttributeError(f"module 'dylora_moe' has no attribute {name!r}") from None
     value = getattr(import_module(_EXPORTS[name], __name__), name)
     globals()[name] = value
