@@ -387,7 +387,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The project's flags, resolved and validated (exit 2 on a bad value). Trainer-only flags are left for
     :func:`trainer_arguments`; ``--help_trainer`` prints the full parser's help."""
     parser = build_parser()
-    args, _ = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    args.trainer_only = unknown  # TrainingArguments flags (or typos): the full parser checks them
     if args.help_trainer:
         _full_parser().print_help()
         parser.exit(0)
@@ -412,9 +413,9 @@ def _full_parser():
     return parser
 
 
-def trainer_arguments(argv, args: argparse.Namespace, report_to: list[str]):
+def trainer_arguments(argv, report_to: list[str]):
     """The Trainer's arguments from the full command line (exit 2 on an unknown flag or a value the Trainer
-    refuses), with this script's defaults and the values :func:`parse_args` resolved."""
+    refuses), with this script's defaults resolved as :func:`parse_args` resolves them."""
     import torch
 
     parser = _full_parser()
@@ -550,13 +551,13 @@ def main(argv=None) -> dict:
     # ----- data (errors show before the heavy imports), then the Trainer's arguments ------------------------------
     from dylora_moe.data import DOMAINS, build_corpus, load_domain
 
-    splits = [load_domain(args.data_dir, domain) for domain in DOMAINS]
     report_to = resolve_report_to(args.report_to, args.output_dir)
-    training_args = trainer_arguments(argv, args, report_to)
-    logger.info(
-        "arguments: %s",
-        {k: v for k, v in vars(args).items() if k != "help_trainer"} | {"token": "***" if args.token else None},
-    )
+    # Flags only the Trainer knows (or typos) are checked first; without any, the data is read before the import.
+    training_args = trainer_arguments(argv, report_to) if args.trainer_only else None
+    splits = [load_domain(args.data_dir, domain) for domain in DOMAINS]
+    training_args = training_args or trainer_arguments(argv, report_to)
+    shown = {k: v for k, v in vars(args).items() if k not in ("help_trainer", "trainer_only")}
+    logger.info("arguments: %s", shown | {"token": "***" if args.token else None})
     if is_main:
         start_run(plan)  # the first write: staging leftovers go, run.json, metrics.jsonl cut to the checkpoint
 

@@ -159,8 +159,8 @@ def test_original_flags_keep_their_meaning():
 def test_trainer_arguments_take_every_trainer_flag(tmp_path):
     argv = ["--num_epochs", "2", "--batch_size", "3", "--optim", "adafactor", "--max_grad_norm", "0.5", "--compile"]
     argv += ["--output_dir", str(tmp_path), "--disable_tqdm", "true", "--torch_compile_backend", "eager"]
-    args = train.parse_args(argv)
-    targs = train.trainer_arguments(argv, args, report_to=[])
+    train.parse_args(argv)
+    targs = train.trainer_arguments(argv, report_to=[])
     assert (targs.num_train_epochs, targs.per_device_train_batch_size, targs.per_device_eval_batch_size) == (2, 3, 3)
     assert (targs.optim.value, targs.max_grad_norm, targs.torch_compile, targs.disable_tqdm) == (
         "adafactor",
@@ -176,10 +176,10 @@ def test_trainer_arguments_take_every_trainer_flag(tmp_path):
 def test_unknown_trainer_value_exits_2(tmp_path, capsys):
     argv = ["--optim", "no-such-optimizer", "--output_dir", str(tmp_path)]
     with pytest.raises(SystemExit) as exit_info:
-        train.trainer_arguments(argv, train.parse_args(argv), report_to=[])
+        train.trainer_arguments(argv, report_to=[])
     assert exit_info.value.code == 2 and "--optim" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        train.trainer_arguments(["--no_such_flag", "1"], train.parse_args([]), report_to=[])
+        train.trainer_arguments(["--no_such_flag", "1"], report_to=[])
     assert exit_info.value.code == 2
 
 
