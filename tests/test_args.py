@@ -205,3 +205,12 @@ def test_help_and_bad_flags_import_nothing_heavy(tmp_path):
     missing = _cli("--data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out"))
     assert missing.returncode == 1 and "heavy: []" in missing.stdout and "Traceback" not in missing.stderr
     assert not (tmp_path / "out").exists()  # a data error writes nothing either
+
+
+def test_unknown_flag_is_refused_before_the_data_is_read(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--no_such_flag", "1", "--data_dir", str(tmp_path / "nowhere"), "--output_dir", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)  # the typo is named, not the missing data folder
+    assert exit_info.value.code == 2 and "unrecognized arguments: --no_such_flag 1" in capsys.readouterr().err
+    assert not out.exists()
