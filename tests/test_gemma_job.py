@@ -71,7 +71,7 @@ def test_train_py_on_a_local_gemma_folder(tmp_path):
 
     from dylora_moe.model import DyLoRA_MoE
 
-    reloaded = DyLoRA_MoE.from_pretrained(out / "final", AutoModelForCausalLM.from_pretrained(model_dir)).eval()
+    reloaded = DyLoRA_MoE.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / "final").eval()
     batch = result["trainer"].eval_dataset["mbpp"][0]
     with torch.no_grad():
         loss = reloaded(**{k: v[None] for k, v in batch.items()}).loss
