@@ -129,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--balance_loss", choices=("mse", "switch"), default="mse", help="load-balancing loss form")
     g.add_argument("--balance_coefficient", type=float, default=0.01, help="weight of the load-balancing loss")
     g.add_argument("--z_loss_coefficient", type=float, default=0.0, help="weight of the router z-loss")
+    # spec: the three flags of issue 12 (INTERFACES 6: plain fields of the experts/routing dataclass)
+    g.add_argument("--freeze_router", action="store_true", help="keep the gate at its initial weights; experts train")
+    g.add_argument(
+        "--strict_gradients",
+        action="store_true",
+        help="stop with an error (not a warning) when, after the first optimizer step, an expert that received "
+        "tokens has a zero gradient in some adapted layer, or a trainable gate has none",
+    )
+    g.add_argument(
+        "--sweep",
+        default=None,
+        help='grid of train.py flags, e.g. "num_experts=2,4,8 top_k=1,2 temperature=1,2": one run per '
+        "configuration in its own sub-folder of --output_dir, then sweep.md, sweep.png and a wandb sweep YAML",
+    )
 
     g = p.add_argument_group("data")
     g.add_argument(
@@ -263,14 +277,18 @@ def parameter_breakdown(model) -> str:
     if trainable_lora == 0:
         raise RuntimeError("no trainable LoRA parameter: the experts would not learn (were the adapters frozen?)")
     router = sum(p.numel() for n, p in model.named_parameters() if n.startswith("router.") and p.requires_grad)
+    router_frozen = sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith("router.") and not p.requires_grad
+    )
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     per_expert = trainable_lora // model.num_experts
     total = trainable_lora + router + frozen
     lines = [
         f"LoRA:   {trainable_lora:>12,} trainable ({model.num_experts} experts x {per_expert:,}, "
         f"{len(lora) // 2} adapted linears, r={model.lora_r})",
-        f"router: {router:>12,} trainable",
-        f"frozen: {frozen:>12,} (base model)",
+        f"router: {router:>12,} trainable" + (f" ({router_frozen:,} frozen: --freeze_router)" if router_frozen else ""),
+        f"frozen: {frozen:>12,} (base model"
+        + (" + router)" if router_frozen else ")"),  # spec: says the gate is frozen
         f"total:  {total:>12,} ({100 * (trainable_lora + router) / total:.2f}% trainable)",
     ]
     return "\n".join(lines)
@@ -303,6 +321,7 @@ def main(argv=None) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
 
     from dylora_moe.checkpoint import load_checkpoint
+    from dylora_moe.coverage import GradientCoverage  # spec:
     from dylora_moe.layer import check_kernel
     from dylora_moe.model import DyLoRA_MoE
     from dylora_moe.train_report import write_report
@@ -331,6 +350,7 @@ def main(argv=None) -> dict:
         balance_coefficient=args.balance_coefficient,
         z_loss_coefficient=args.z_loss_coefficient,
         mature_experts=True,
+        freeze_router=args.freeze_router,  # spec:
     )
     for param in model.trainable_parameters():
         # Experts and gate train in fp32 over a bf16 base, as peft keeps adapters: AdamW steps of lr 2e-5 would
@@ -395,6 +415,7 @@ def main(argv=None) -> dict:
         callbacks=[
             MetricsFile(metrics_path),
             DomainEarlyStopping(early_stopping_patience=args.early_stopping_patience),
+            GradientCoverage(strict=args.strict_gradients),  # spec: checks the first optimizer step's gradients
         ],
         load_weights=load_checkpoint,
     )
@@ -424,7 +445,8 @@ def main(argv=None) -> dict:
             "commit": commit(),
             "command": "python train.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "model": f"{args.model_name}, {args.num_experts} experts, r={args.lora_r}, routing={args.routing}, "
-            f"top_k={args.top_k}, kernel={args.kernel} ({backend})",
+            f"top_k={args.top_k}, kernel={args.kernel} ({backend})"
+            + (", router frozen (--freeze_router)" if args.freeze_router else ""),  # spec:
             "training": f"{trainer.state.global_step} optimizer steps, {trainer.state.epoch:.2f} epochs, "
             f"{corpus.train.num_tokens:,} training tokens per epoch, best checkpoint "
             f"{trainer.state.best_model_checkpoint or 'none (no evaluation during training)'}",
@@ -463,6 +485,7 @@ def setup_logging() -> None:
 
 
 if __name__ == "__main__":
+    from dylora_moe.coverage import GradientCoverageError  # spec:
     from dylora_moe.data import DataError
     from dylora_moe.tiny import ModelLoadError
     from dylora_moe.training import CheckpointNotFound
@@ -470,5 +493,5 @@ if __name__ == "__main__":
     setup_logging()
     try:
         main()
-    except (DataError, ModelLoadError, CheckpointNotFound) as err:
+    except (DataError, ModelLoadError, CheckpointNotFound, GradientCoverageError) as err:  # spec: + coverage
         sys.exit(f"error: {err}")

@@ -99,6 +99,7 @@ class DyLoRA_MoE(nn.Module):
     - ``mature_experts``: mark the initial experts mature so top-k applies (the original's training script did;
       experts added later start immature, which makes routing dense until they are marked mature).
     - ``target_modules``: LoRA targets (default: q/k/v/o_proj, query_key_value, c_attn, Wqkv).
+    - ``freeze_router``: keep the gate at its initial weights (no gradient, not in ``trainable_parameters``).
     """
 
     accepts_loss_kwargs = False  # HF Trainer: the loss is a per-token mean; do not pass num_items_in_batch
@@ -126,6 +127,7 @@ class DyLoRA_MoE(nn.Module):
         mature_experts: bool = True,
         target_modules=None,
         torch_dtype=None,
+        freeze_router: bool = False,
     ):
         super().__init__()
         if not isinstance(num_experts, int) or num_experts < 1:
@@ -158,6 +160,7 @@ class DyLoRA_MoE(nn.Module):
         ).to(self.foundation_model.device)
         if mature_experts:
             self.router.expert_maturity.fill_(1.0)
+        self.router.gate.requires_grad_(not freeze_router)
         self.skill_library = SkillLibrary(hidden)
         self.novelty_detector = NoveltyDetector(self.skill_library)
         self._reference_model = None  # built on demand by set_kernel("reference"); not a registered submodule
