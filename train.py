@@ -324,7 +324,8 @@ def main(argv=None) -> dict:
     from dylora_moe.coverage import GradientCoverage  # spec:
     from dylora_moe.layer import check_kernel
     from dylora_moe.model import DyLoRA_MoE
-    from dylora_moe.train_report import write_report
+    from dylora_moe.specialisation import SpecialisationCallback  # spec:
+    from dylora_moe.train_report import format_duration, write_report  # spec: + format_duration
     from dylora_moe.training import CheckpointNotFound, DomainEarlyStopping, MetricsFile, MoETrainer
 
     os.makedirs(args.output_dir, exist_ok=True)
@@ -419,6 +420,7 @@ def main(argv=None) -> dict:
         ],
         load_weights=load_checkpoint,
     )
+    specialisation = SpecialisationCallback.attach(trainer)  # spec: eval_spec_* metrics at every evaluation
 
     resume = args.resume_from_checkpoint
     if resume == "last":
@@ -450,7 +452,7 @@ def main(argv=None) -> dict:
             "training": f"{trainer.state.global_step} optimizer steps, {trainer.state.epoch:.2f} epochs, "
             f"{corpus.train.num_tokens:,} training tokens per epoch, best checkpoint "
             f"{trainer.state.best_model_checkpoint or 'none (no evaluation during training)'}",
-            "wall time": f"{(time.time() - started) / 60:.1f} min",
+            "wall time": format_duration(time.time() - started),  # spec: seconds for a short run
         }
         summary = write_report(
             args.output_dir,
@@ -459,6 +461,8 @@ def main(argv=None) -> dict:
             domains=list(DOMAINS),
             num_experts=args.num_experts,
             run_info=run_info,
+            specialisation=specialisation.latest,  # spec: the final evaluation's routing
+            tokenizer=tokenizer,  # spec:
         )
         for domain in DOMAINS:
             a, b = initial[f"eval_{domain}_loss"], final[f"eval_{domain}_loss"]
