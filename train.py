@@ -5,6 +5,7 @@ Reads top to bottom: arguments -> base model and tokenizer -> DyLoRA_MoE -> data
     python train.py                                     # offline: the tiny model, ../shared/data, CPU, minutes
     python train.py --kernel triton --bf16 --model_name google/codegemma-2b          # the real job on a GPU
     python train.py --resume_from_checkpoint            # continue from the last complete checkpoint of --output_dir
+    python train.py --sweep "num_experts=2,4 top_k=1,2" # one run per configuration, compared in sweep.md
     torchrun --standalone --nproc_per_node 2 train.py   # DDP through the Trainer (gloo on CPU, nccl on GPU)
 
 Outputs in --output_dir: checkpoint-N/ (experts as peft adapters + router + optimizer state), final/ (the model
@@ -310,6 +311,12 @@ def commit() -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.sweep:  # spec: one train.py process per configuration of the grid, then sweep.md (dylora_moe/sweep.py)
+        from dylora_moe.sweep import run_sweep
+
+        argv = sys.argv[1:] if argv is None else list(argv)
+        flags = build_parser()._option_string_actions  # the option strings (argparse keeps no public list)
+        return {"sweep": run_sweep(args.sweep, argv, args.output_dir, known_flags=flags)}
     started = time.time()
     from dylora_moe.data import DOMAINS, build_corpus, load_domain
 
@@ -491,11 +498,12 @@ def setup_logging() -> None:
 if __name__ == "__main__":
     from dylora_moe.coverage import GradientCoverageError  # spec:
     from dylora_moe.data import DataError
+    from dylora_moe.sweep import SweepError  # spec:
     from dylora_moe.tiny import ModelLoadError
     from dylora_moe.training import CheckpointNotFound
 
     setup_logging()
     try:
         main()
-    except (DataError, ModelLoadError, CheckpointNotFound, GradientCoverageError) as err:  # spec: + coverage
+    except (DataError, ModelLoadError, CheckpointNotFound, GradientCoverageError, SweepError) as err:  # spec: + 2
         sys.exit(f"error: {err}")
