@@ -9,8 +9,10 @@ Reads top to bottom: arguments -> base model and tokenizer -> DyLoRA_MoE -> data
     torchrun --standalone --nproc_per_node 2 train.py   # DDP through the Trainer (gloo on CPU, nccl on GPU)
 
 Outputs in --output_dir: checkpoint-N/ (experts as peft adapters + router + optimizer state), final/ (the model
-kept at the end), metrics.jsonl (every log), summary.md (per-domain table, expert utilisation per domain) and
-loss.png / utilization.png; with --model_name tiny also the tiny base model and its tokenizer (tiny-<hash>/).
+kept at the end), metrics.jsonl (every log), summary.md (per-domain table, expert utilisation per domain, the
+specialisation section) and loss.png / utilization.png / specialisation.png / routing_examples.png (+ .html); with
+--model_name tiny also the tiny base model and its tokenizer (tiny-<hash>/). With --sweep: one sub-folder per
+configuration, sweep.md, sweep.png and sweep_wandb.yaml.
 """
 
 from __future__ import annotations
