@@ -219,18 +219,21 @@ class SpecialisationStats:
     examples: list[Example]
 
     @classmethod
-    def from_tallies(cls, tallies: dict[str, Tally], routing: str, reduce: bool = True) -> SpecialisationStats:
+    def from_tallies(
+        cls, tallies: dict[str, Tally], routing: str, reduce: bool = True, shape: tuple[int, int] | None = None
+    ) -> SpecialisationStats:
         """Combine per-domain tallies; with ``reduce`` and torch.distributed initialised, sum them over processes
-        (every process must call this; the examples stay the main process's)."""
+        (every process must call this, with the same ``shape`` (V, E) so that a process that saw no token still
+        contributes; the examples stay each process's own)."""
         masses = [t.token_mass for t in tallies.values() if t.token_mass is not None]
-        if not masses:
-            raise ValueError("no evaluation token was recorded: was the model run in eval mode?")
-        width = max(m.shape[1] for m in masses)
+        vocab, width = shape if shape is not None else (masses[0].shape[0] if masses else 0, 0)
+        width = max([width, *(m.shape[1] for m in masses)])
+        device = masses[0].device if masses else torch.device("cpu")
         stacked = torch.stack(
             [
                 torch.nn.functional.pad(t.token_mass, (0, width - t.token_mass.shape[1]))
                 if t.token_mass is not None
-                else masses[0].new_zeros(masses[0].shape[0], width)
+                else torch.zeros(vocab, width, dtype=torch.float64, device=device)
                 for t in tallies.values()
             ]
         )  # [D, V, E]
@@ -239,6 +242,8 @@ class SpecialisationStats:
             stacked = stacked.to(device)
             dist.all_reduce(stacked)
         stacked = stacked.cpu().numpy()  # the one host sync of an evaluation's statistics
+        if stacked.sum() <= 0:
+            raise ValueError("no evaluation token was recorded: was the model run in eval mode?")
         examples = [
             Example(domain, ids.tolist(), np.pad(mass.numpy(), ((0, 0), (0, width - mass.shape[1]))))
             for domain, tally in tallies.items()
@@ -318,5 +323,6 @@ class SpecialisationCallback(TrainerCallback):
         self.tallies[done] = self.recorder.take()
         if done == self.domains[-1]:
             tallies, self.tallies = {d: self.tallies.get(d, Tally()) for d in self.domains}, {}
-            self.latest = SpecialisationStats.from_tallies(tallies, self.model.routing)
+            shape = (self.recorder.vocab, self.model.num_experts)
+            self.latest = SpecialisationStats.from_tallies(tallies, self.model.routing, shape=shape)
             self.trainer.log(self.latest.metrics())
