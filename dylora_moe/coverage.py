@@ -10,9 +10,9 @@ just before the first optimizer step(s), and names what is missing:
 - the gate has a non-zero gradient when it is trainable (and the model has more than one expert).
 
 :func:`find_gradient_gaps` is the check itself (any training loop can call it after ``backward``);
-:class:`GradientCoverage` runs it in the HF Trainer: it counts the tokens each expert received in the micro-batches
-of the step (a forward hook on the model's output) and checks in ``on_pre_optimizer_step``, where the step's
-gradients are complete and not yet cleared. A gap is a warning, or a :class:`GradientCoverageError` when ``strict``.
+:class:`GradientCoverage` runs it in the HF Trainer: it counts, per expert, the micro-batches of the step that sent
+it tokens (a forward hook on the model's output) and checks in ``on_pre_optimizer_step``, where the step's gradients
+are complete and not yet cleared. A gap is a warning, or a :class:`GradientCoverageError` when ``strict``.
 """
 
 from __future__ import annotations
@@ -46,10 +46,11 @@ def _has_gradient(param: torch.Tensor, expert: int | None = None) -> bool:
 
 
 def find_gradient_gaps(model, received: torch.Tensor) -> list[str]:
-    """What lacks a gradient in ``model`` (a DyLoRA_MoE after ``backward``), given ``received`` [E] (bool, or token
-    counts): one line per expert with its layers that have an all-zero gradient, and one for a trainable gate without
-    a gradient. Empty when everything that should learn has a gradient. Layers whose LoRA weights are not trainable
-    are not checked (freezing them is a choice, and the parameter breakdown shows it)."""
+    """What lacks a gradient in ``model`` (a DyLoRA_MoE after ``backward``), given ``received`` [E] (bool, or the
+    number of micro-batches in which each expert received tokens): one line per expert with the layers where its
+    gradient is all zero, and one for a trainable gate without a gradient. Empty when everything that should learn
+    has a gradient. Layers whose LoRA weights are not trainable are not checked (freezing them is a choice, and the
+    parameter breakdown shows it)."""
     gaps = []
     layers = model.handle.layers
     for expert in torch.nonzero(received.reshape(-1) > 0).flatten().tolist():
@@ -60,10 +61,10 @@ def find_gradient_gaps(model, received: torch.Tensor) -> list[str]:
             and not (_has_gradient(layer.lora_A, expert) or _has_gradient(layer.lora_B, expert))
         ]
         if missing:
-            count = received.reshape(-1)[expert]
-            tokens = "" if received.dtype == torch.bool else f" ({int(count)} tokens)"
+            count = int(received.reshape(-1)[expert])
+            where = "" if received.dtype == torch.bool else f" in {count} micro-batch{'es' if count > 1 else ''}"
             gaps.append(
-                f"expert {expert} received tokens{tokens} but has a zero gradient in {len(missing)} of {len(layers)} "
+                f"expert {expert} received tokens{where} but has a zero gradient in {len(missing)} of {len(layers)} "
                 f"adapted layers: {', '.join(missing)}"
             )
     gate = model.router.gate
@@ -85,7 +86,7 @@ class GradientCoverage(TrainerCallback):
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.strict, self.steps = strict, steps
         self.checked = 0
-        self.received: torch.Tensor | None = None  # [E] tokens per expert in the current step (bool per forward)
+        self.received: torch.Tensor | None = None  # [E] forwards of the current step that sent the expert tokens
         self.gaps: list[str] = []  # every gap found, kept for callers and tests
         self._hook = None
 
