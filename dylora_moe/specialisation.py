@@ -295,7 +295,8 @@ def collect_specialisation(model, eval_datasets: dict, batch_size: int = 8, num_
 class SpecialisationCallback(TrainerCallback):
     """Records routing masses during ``Trainer.evaluate`` on a dict of evaluation sets; after the last domain of each
     evaluation, logs :meth:`SpecialisationStats.metrics` through ``trainer.log`` (so metrics.jsonl and wandb get
-    them) and keeps the stats in :attr:`latest` (the report uses the final evaluation's)."""
+    them) and keeps the stats in :attr:`latest` (the report uses the final evaluation's). Its recorder stays on the
+    model (evaluations after ``train()`` are recorded too) until :meth:`close`."""
 
     def __init__(self, trainer, num_examples: int = 2):
         self.trainer = trainer
@@ -312,6 +313,10 @@ class SpecialisationCallback(TrainerCallback):
         callback = cls(trainer, num_examples)
         trainer.add_callback(callback)
         return callback
+
+    def close(self) -> None:
+        """Take the recorder off the model (hook and ``router.route`` spy)."""
+        self.recorder.close()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         metrics = metrics or {}
