@@ -142,7 +142,9 @@ def read_run(result: RunResult) -> RunResult:
     for r in records:
         for key, value in r.items():
             match = re.fullmatch(r"eval_(.+)_loss", key)
-            if match and not match.group(1).startswith("spec"):
+            # A domain's evaluation record has eval_<domain>_runtime (the Trainer's); eval_<domain>_balance_loss does
+            # not make "<domain>_balance" a domain.
+            if match and f"eval_{match.group(1)}_runtime" in r:
                 result.losses[match.group(1)] = value
                 entropies[match.group(1)] = r.get(f"eval_{match.group(1)}_router_entropy", math.nan)
         if "eval_spec_nmi" in r:
@@ -312,7 +314,11 @@ def run_sweep(
         else:
             logger.warning("sweep %d/%d failed (exit %d): %s", i, len(configs), result.returncode, result.error)
         results.append(result)
+    return write_sweep(output_dir, grid, axes, base, results)
 
+
+def write_sweep(output_dir: Path, grid: str, axes: dict[str, list[str]], base: list[str], results: list[RunResult]):
+    """sweep.png, sweep_wandb.yaml and sweep.md (returned) from the runs' results."""
     plot_sweep(output_dir / SWEEP_PLOT, results)
     domains = [d for r in results for d in r.losses]
     metric = f"eval/{'code_alpaca' if 'code_alpaca' in domains else (domains or ['code_alpaca'])[0]}_loss"

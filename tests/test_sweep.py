@@ -60,9 +60,11 @@ if top_k > 2:
 records = [
     {"step": 1, "loss": 3.0, "tokens_per_s": 100.0 * top_k},
     {"step": 1, "tokens_per_s": 300.0 * top_k, "loss": 2.5},
-    {"step": 1, "eval_mbpp_loss": 9.0, "eval_mbpp_router_entropy": 9.0},
-    {"step": 1, "eval_mbpp_loss": 2.0 / top_k, "eval_mbpp_router_entropy": 0.5},
-    {"step": 1, "eval_code_alpaca_loss": 1.0 / top_k, "eval_code_alpaca_router_entropy": 0.25},
+    {"step": 1, "eval_mbpp_loss": 9.0, "eval_mbpp_router_entropy": 9.0, "eval_mbpp_runtime": 1},
+    {"step": 1, "eval_mbpp_loss": 2.0 / top_k, "eval_mbpp_router_entropy": 0.5, "eval_mbpp_runtime": 1,
+     "eval_mbpp_balance_loss": 0.01},  # not a domain called "mbpp_balance"
+    {"step": 1, "eval_code_alpaca_loss": 1.0 / top_k, "eval_code_alpaca_router_entropy": 0.25,
+     "eval_code_alpaca_runtime": 1},
     {"step": 1, "eval_spec_nmi": 0.1 * top_k, "eval_spec_load_max_over_mean": 1.5},
 ]
 open(out + "/metrics.jsonl", "w").write("\\n".join(json.dumps(r) for r in records))
@@ -80,6 +82,7 @@ def test_failed_configuration_is_reported_not_fatal(tmp_path):
     assert "- configurations: 3 (2 finished, 1 failed)" in text
     assert "- other flags: `--max_steps 1`" in text
     # final numbers: the last evaluation per domain, the mean training speed, the mean router entropy of the domains
+    assert "| configuration | status | code_alpaca loss | mbpp loss | MI (norm.) |" in text
     assert "| top_k=1 | ok | 1.0000 | 2.0000 | 0.100 | 0.375 | 1.50 | 200 |" in text
     assert "| top_k=2 | ok | 0.5000 | 1.0000 | 0.200 | 0.375 | 1.50 | 400 |" in text
     assert "| top_k=3 | failed (1) | — | — | — | — | — | — |" in text
