@@ -206,14 +206,14 @@ def specialisation_section(
     rows.append(all_row + ([""] if final_metrics is not None else []))
     header = ["domain", *(f"expert {e}" for e in range(stats.num_experts)), "effective experts"]
     header += ["router entropy (nats/token)"] if final_metrics is not None else []
-    e = stats.num_experts
+    n_experts = stats.num_experts
     return f"""## Specialisation (final model, evaluation splits)
 
 Routing mass per token: {how}.
 
 - **domain-expert mutual information: {nmi:.3f} (normalised; {mi:.4f} nats)**. 0: every domain spreads over the
   experts alike; 1: each expert serves one domain only.
-- load: largest expert share x E = {load["load_max_over_mean"]:.2f} (1 = balanced, {e} = one expert takes all),
+- load: largest expert share x E = {load["load_max_over_mean"]:.2f} (1 = balanced, {n_experts} = one expert takes all),
   entropy of the expert shares = {load["expert_entropy"]:.3f} of log E (1 = balanced).
 
 {_table(header, rows)}
