@@ -6,6 +6,7 @@ Trainer -> report.
     python train.py                                     # offline: the tiny model, ../shared/data, CPU, minutes
     python train.py --kernel triton --bf16 --model_name google/codegemma-2b          # the real job on a GPU
     python train.py --resume_from_checkpoint            # continue the run of --output_dir from its last checkpoint
+    python train.py --sweep "num_experts=2,4 top_k=1,2" # one run per configuration, compared in sweep.md
     torchrun --standalone --nproc_per_node 2 train.py   # DDP through the Trainer (gloo on CPU, nccl on GPU)
 
 Arguments are four dataclasses parsed by transformers' ``HfArgumentParser``: :class:`ModelArguments`,
@@ -16,8 +17,9 @@ are torch and transformers imported.
 
 Outputs in --output_dir: run.json (the run id and model flags), checkpoint-N/ (experts as peft adapters + router +
 optimizer state), final/ (the model kept at the end), metrics.jsonl (every log), summary.md (per-domain table,
-expert utilisation per domain) and loss.png / utilization.png; with --model_name tiny also the tiny base model and
-its tokenizer (tiny-<hash>/).
+expert utilisation per domain, the specialisation section) and loss.png / utilization.png / specialisation.png /
+routing_examples.png (+ .html); with --model_name tiny also the tiny base model and its tokenizer (tiny-<hash>/).
+With --sweep: one sub-folder per configuration, sweep.md, sweep.png and sweep_wandb.yaml.
 """
 
 import argparse
@@ -505,14 +507,17 @@ def parameter_breakdown(model) -> str:
     if trainable_lora == 0:
         raise RuntimeError("no trainable LoRA parameter: the experts would not learn (were the adapters frozen?)")
     router = sum(p.numel() for n, p in model.named_parameters() if n.startswith("router.") and p.requires_grad)
+    router_frozen = sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith("router.") and not p.requires_grad
+    )
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     per_expert = trainable_lora // model.num_experts
     total = trainable_lora + router + frozen
     lines = [
         f"LoRA:   {trainable_lora:>12,} trainable ({model.num_experts} experts x {per_expert:,}, "
         f"{len(lora) // 2} adapted linears, r={model.lora_r})",
-        f"router: {router:>12,} trainable",
-        f"frozen: {frozen:>12,} (base model)",
+        f"router: {router:>12,} trainable" + (f" ({router_frozen:,} frozen: --freeze_router)" if router_frozen else ""),
+        f"frozen: {frozen:>12,} (base model" + (" + router)" if router_frozen else ")"),
         f"total:  {total:>12,} ({100 * (trainable_lora + router) / total:.2f}% trainable)",
     ]
     return "\n".join(lines)
@@ -536,6 +541,12 @@ def commit() -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.sweep:  # one train.py process per configuration of the grid, then sweep.md (dylora_moe/sweep.py)
+        from dylora_moe.sweep import run_sweep
+
+        argv = sys.argv[1:] if argv is None else list(argv)
+        flags = set(build_parser()._option_string_actions) | set(_full_parser()._option_string_actions)
+        return {"sweep": run_sweep(args.sweep, argv, args.output_dir, known_flags=flags)}
     started = time.time()
     from dylora_moe.runs import plan_run, start_run
 
@@ -567,16 +578,17 @@ def main(argv=None) -> dict:
 
     from dylora_moe.checkpoint import load_checkpoint
     from dylora_moe.console import Console
+    from dylora_moe.coverage import GradientCoverage
     from dylora_moe.layer import check_kernel
     from dylora_moe.model import DyLoRA_MoE
-    from dylora_moe.train_report import write_report
+    from dylora_moe.specialisation import SpecialisationCallback
+    from dylora_moe.train_report import format_duration, write_report
     from dylora_moe.training import DomainEarlyStopping, MetricsFile, MoETrainer, RunIdentity
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar per load (base model, each checkpoint reload)
     dtype = torch.bfloat16 if args.bf16 and torch.cuda.is_available() else None
     base, tokenizer = load_model_and_tokenizer(args, splits, dtype)
     set_seed(args.seed)  # the expert init; the tiny base is seeded on its own, the Trainer seeds dropout and data order
-    optional = {"freeze_router": True} if args.freeze_router else {}  # the keyword is only passed when used
     model = DyLoRA_MoE(
         base,
         args.num_experts,
@@ -595,7 +607,7 @@ def main(argv=None) -> dict:
         balance_coefficient=args.balance_coefficient,
         z_loss_coefficient=args.z_loss_coefficient,
         mature_experts=True,
-        **optional,
+        freeze_router=args.freeze_router,
     )
     for param in model.trainable_parameters():
         # Experts and gate train in fp32 over a bf16 base, as peft keeps adapters: AdamW steps of lr 2e-5 would
@@ -623,9 +635,11 @@ def main(argv=None) -> dict:
             RunIdentity(plan.run_id, plan.fingerprint),
             MetricsFile(Path(args.output_dir) / "metrics.jsonl", plan.run_id),
             DomainEarlyStopping(early_stopping_patience=args.early_stopping_patience),
+            GradientCoverage(strict=args.strict_gradients),  # checks the first optimizer step's gradients
         ],
         load_weights=load_checkpoint,
     )
+    specialisation = SpecialisationCallback.attach(trainer)  # eval_spec_* metrics at every evaluation
     trainer.remove_callback(ProgressCallback)  # nested dict-printing bars; Console prints one line per log
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(Console())
@@ -659,11 +673,12 @@ def main(argv=None) -> dict:
             "run id": plan.run_id,
             "command": "python train.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "model": f"{args.model_name}, {args.num_experts} experts, r={args.lora_r}, routing={args.routing}, "
-            f"top_k={args.top_k}, kernel={args.kernel} ({backend})",
+            f"top_k={args.top_k}, kernel={args.kernel} ({backend})"
+            + (", router frozen (--freeze_router)" if args.freeze_router else ""),
             "training": f"{trainer.state.global_step} optimizer steps, {trainer.state.epoch:.2f} epochs, "
             f"{corpus.train.num_tokens:,} training tokens per epoch, best checkpoint "
             f"{trainer.state.best_model_checkpoint or 'none (no evaluation during training)'}",
-            "wall time": f"{(time.time() - started) / 60:.1f} min",
+            "wall time": format_duration(time.time() - started),
         }
         summary = write_report(
             args.output_dir,
@@ -672,6 +687,8 @@ def main(argv=None) -> dict:
             domains=list(DOMAINS),
             num_experts=args.num_experts,
             run_info=run_info,
+            specialisation=specialisation.latest,  # the final evaluation's routing
+            tokenizer=tokenizer,
         )
         for domain in DOMAINS:
             a, b = initial[f"eval_{domain}_loss"], final[f"eval_{domain}_loss"]
@@ -706,10 +723,14 @@ def cli() -> None:
         if isinstance(err, RunConflict):
             sys.exit(print(f"train.py: error: {err}", file=sys.stderr) or 2)
         known = [CheckpointNotFound]
-        if "dylora_moe.data" in sys.modules:
-            known.append(sys.modules["dylora_moe.data"].DataError)
-        if "dylora_moe.tiny" in sys.modules:
-            known.append(sys.modules["dylora_moe.tiny"].ModelLoadError)
+        for module, name in (
+            ("dylora_moe.data", "DataError"),
+            ("dylora_moe.tiny", "ModelLoadError"),
+            ("dylora_moe.coverage", "GradientCoverageError"),
+            ("dylora_moe.sweep", "SweepError"),
+        ):
+            if module in sys.modules:
+                known.append(getattr(sys.modules[module], name))
         if isinstance(err, tuple(known)):
             sys.exit(f"error: {err}")
         raise
