@@ -23,8 +23,12 @@ BACKENDS = ("auto", "triton", "eager", "loop")
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton runs its CPU interpreter (read once: TRITON_INTERPRET must be set before triton's import)."""
+    return _INTERPRET
 
 
 def deterministic_mode() -> bool:
@@ -64,10 +68,14 @@ def dot_flags(dtype: torch.dtype) -> dict:
     Weights of any dtype (fp32 masters under bf16/fp16 activations) are cast to DOT_DTYPE on load. The
     interpreter has no bf16 arithmetic, so there everything is fp32. fp32 dots follow torch's TF32 switch.
     """
-    interpret = interpreter_enabled()
+    return _dot_flags(dtype, torch.backends.cuda.matmul.allow_tf32, interpreter_enabled())
+
+
+@functools.lru_cache(maxsize=16)
+def _dot_flags(dtype: torch.dtype, allow_tf32: bool, interpret: bool) -> dict:
     upcast = interpret and dtype == torch.bfloat16
     dot_dtype = tl.float32 if upcast or dtype == torch.float32 else {torch.float16: tl.float16}.get(dtype, tl.bfloat16)
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpret
+    tf32 = dtype == torch.float32 and allow_tf32 and not interpret
     return dict(DOT_DTYPE=dot_dtype, DOT_PRECISION="tf32" if tf32 else "ieee")
 
 

@@ -1,0 +1,52 @@
+"""Issue 8's budget per MoE-LoRA layer forward + backward with the step's routing already set: at most 4 Triton
+launches (counted at the launch point) and at most 8 ATen compute ops beyond the frozen base layer's own
+(a counting TorchDispatchMode; views and allocations not counted)."""
+
+import pytest
+import torch
+from launch_budget import count_step, make_layer
+
+MAX_LAUNCHES = 4
+MAX_EXTRA_OPS = 8
+HOST_SYNC_OPS = {"nonzero", "bincount", "item", "_local_scalar_dense", "unique", "_unique2", "masked_select"}
+
+
+def _extra(ops: list[str], base: list[str]) -> list[str]:
+    extra = list(ops)
+    for op in base:
+        if op in extra:
+            extra.remove(op)
+    return extra
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["p0", "dropout"])
+def test_triton_layer_stays_within_the_launch_and_op_budget(dropout):
+    layer, x = make_layer("triton", dropout=dropout)
+    layer.train()
+    ops, base, launches = count_step(layer, x)
+    extra = _extra(ops, base)
+    assert len(launches) <= MAX_LAUNCHES, launches
+    assert len(extra) <= MAX_EXTRA_OPS, extra
+    # The forward is one launch that adds into the base output: no separate `out + delta`, no casts of the
+    # fp32 weights, no [T, d_in] dropout mask, no rebuilt gate.
+    assert launches[0] == "_stacked_fwd_kernel" and launches.count("_stacked_fwd_kernel") == 1
+    assert not {"_to_copy", "scatter_add", "bernoulli_", "copy_", "clone"} & set(extra), extra
+    assert not HOST_SYNC_OPS & set(ops)
+
+
+def test_half_precision_layer_reads_fp32_masters_without_casts():
+    layer, x = make_layer("triton")
+    layer.base_layer.half()
+    x = x.detach().half().requires_grad_()
+    ops, base, launches = count_step(layer, x)
+    assert layer.lora_A.grad.dtype == torch.float32
+    assert len(launches) <= MAX_LAUNCHES
+    extra = _extra(ops, base)
+    assert "_to_copy" not in extra and len(extra) <= MAX_EXTRA_OPS, extra
+
+
+def test_eager_layer_does_not_rebuild_routing_or_sync():
+    layer, x = make_layer("eager")
+    ops, _, launches = count_step(layer, x)
+    assert launches == []
+    assert "scatter_add" not in ops and not HOST_SYNC_OPS & set(ops)
