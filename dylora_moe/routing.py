@@ -55,12 +55,12 @@ class Routing:
     def meta(self, lead: tuple[int, ...], num_experts: int) -> RoutingMeta:
         """The per-step metadata for layer inputs with leading dims ``lead`` over ``num_experts`` experts, built
         once (ids checked against [0, E) then, with a device-side assert off the CPU) and cached on this routing."""
-        key = (tuple(lead), num_experts)
+        key = (*lead, num_experts)
         if key not in self._meta:
             ids, weights = self.token_routing(tuple(lead))
             k = ids.shape[-1]
-            self._meta[key] = RoutingMeta(ids.reshape(-1, k), weights.reshape(-1, k), num_experts)
-        return self._meta[key]
+            self._meta[key] = RoutingMeta(ids.reshape(-1, k), weights.reshape(-1, k), num_experts).store
+        return RoutingMeta.from_store(self._meta[key])
 
     @classmethod
     def per_row(cls, expert_of_row: torch.Tensor, weight_of_row: torch.Tensor | None = None) -> Routing:

@@ -26,6 +26,21 @@ def dense_gate(expert_ids: torch.Tensor, expert_weights: torch.Tensor, num_exper
     return gate.scatter_add(1, expert_ids.long(), expert_weights.to(dtype))
 
 
+class _SharedGate(torch.autograd.Function):
+    """dense_gate for the per-step cache. The ids are kept on ctx rather than saved with save_for_backward: the gate
+    is built inside whichever layer runs first, possibly in an activation-checkpointed region, whose recomputation
+    finds it cached and must see the same saved tensors as the original forward (none from this op)."""
+
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+        ctx.ids, ctx.weights_dtype = ids.long(), weights.dtype
+        return dense_gate(ids, weights.detach(), num_experts)
+
+    @staticmethod
+    def backward(ctx, grad_gate: torch.Tensor):
+        return None, grad_gate.gather(1, ctx.ids).to(ctx.weights_dtype), None
+
+
 def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[E] int64: how many (token, slot) pairs picked each expert (a scatter_add, no host sync like bincount)."""
     flat = expert_ids.reshape(-1).long()
@@ -102,6 +117,9 @@ class RoutingMeta:
     ``gate`` [T, E] float32: the dense scatter of the weights (differentiable: its gradient from every layer
     flows back to ``weights`` through one scatter). ``counts`` [E]: pairs per expert. ``blocks(block)``: the
     grouped path's padded sort. The ids are checked against [0, E) once, when the metadata is built.
+
+    The cache is a plain dict (``store``) so that torch.compile can keep it on an object that outlives the
+    compiled region (dylora_moe.routing.Routing); :meth:`from_store` wraps an existing one.
     """
 
     def __init__(self, ids: torch.Tensor, weights: torch.Tensor, num_experts: int, check_ids: bool = True):
@@ -109,10 +127,25 @@ class RoutingMeta:
             raise ValueError(f"routing ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must both be [T, K]")
         if check_ids:
             check_expert_ids(ids, num_experts)
-        self.ids, self.weights, self.num_experts = ids, weights, num_experts
-        self._gate: torch.Tensor | None = None
-        self._counts: torch.Tensor | None = None
-        self._blocks: dict[int, ExpertBlocks] = {}
+        self.store = {"ids": ids, "weights": weights, "num_experts": num_experts}
+
+    @classmethod
+    def from_store(cls, store: dict) -> RoutingMeta:
+        meta = cls.__new__(cls)
+        meta.store = store
+        return meta
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.store["ids"]
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return self.store["weights"]
+
+    @property
+    def num_experts(self) -> int:
+        return self.store["num_experts"]
 
     @property
     def num_tokens(self) -> int:
@@ -120,17 +153,18 @@ class RoutingMeta:
 
     @property
     def gate(self) -> torch.Tensor:
-        if self._gate is None:
-            self._gate = dense_gate(self.ids, self.weights, self.num_experts)
-        return self._gate
+        if "gate" not in self.store:
+            self.store["gate"] = _SharedGate.apply(self.ids, self.weights, self.num_experts)
+        return self.store["gate"]
 
     @property
     def counts(self) -> torch.Tensor:
-        if self._counts is None:
-            self._counts = expert_counts(self.ids, self.num_experts)
-        return self._counts
+        if "counts" not in self.store:
+            self.store["counts"] = expert_counts(self.ids, self.num_experts)
+        return self.store["counts"]
 
     def blocks(self, block: int) -> ExpertBlocks:
-        if block not in self._blocks:
-            self._blocks[block] = group_by_expert(self.ids, self.num_experts, block, self.counts)
-        return self._blocks[block]
+        key = f"blocks_{block}"
+        if key not in self.store:
+            self.store[key] = tuple(group_by_expert(self.ids, self.num_experts, block, self.counts))
+        return ExpertBlocks(*self.store[key])

@@ -269,8 +269,32 @@ def test_routing_metadata_is_built_once_per_step_for_every_layer():
     for layer in layers:
         h = layer(h)
     assert len(route._meta) == 1
-    meta = next(iter(route._meta.values()))
-    gate = meta.gate
-    assert meta.gate is gate and gate.grad_fn is not None
+    store = next(iter(route._meta.values()))
+    gate = store["gate"]
+    assert route.meta((2, 5), 3).gate is gate and gate.grad_fn is not None
     h.sum().backward()
     assert weights.grad is not None and weights.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_layer_compiles_fullgraph_with_the_same_values_and_grads(backend):
+    device = DEVICE if backend == "triton" else "cpu"
+    layer = make_layer("linear", kernel=backend).to(device)
+    x = torch.randn(2, 5, 12, device=device, requires_grad=True)
+    ids, weights = (t.detach().to(device) for t in routing(2, 5, 3, 2))
+    weights.requires_grad_()
+
+    def step(x, weights):
+        layer.context.set(Routing(ids, weights))
+        return layer(x)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got_y = compiled(x, weights)
+    want_y = step(x, weights)
+    assert_close(got_y, want_y, torch.float32)
+    grad_out = torch.randn_like(got_y)
+    got = torch.autograd.grad(got_y, (x, layer.lora_A, layer.lora_B, weights), grad_out)
+    want = torch.autograd.grad(want_y, (x, layer.lora_A, layer.lora_B, weights), grad_out)
+    for name, g, w in zip(("x", "A", "B", "weights"), got, want):
+        assert_close(g, w, torch.float32, msg=f"d{name} ({backend})")
