@@ -23,12 +23,9 @@ BACKENDS = ("auto", "triton", "eager", "loop")
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def interpreter_enabled() -> bool:
-    """Whether Triton runs its CPU interpreter (read once: TRITON_INTERPRET must be set before triton's import)."""
-    return _INTERPRET
+    """Whether Triton runs its CPU interpreter (TRITON_INTERPRET=1, set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def deterministic_mode() -> bool:
