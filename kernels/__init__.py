@@ -24,7 +24,7 @@ import torch
 
 from . import eager
 from ._launch import resolve_backend
-from .routing_meta import RoutingMeta, dense_gate
+from .routing_meta import RoutingMeta, check_expert_ids, dense_gate
 
 __all__ = ["moe_lora", "topk_route", "RouteResult", "RoutingMeta", "resolve_backend", "dense_gate"]
 
@@ -135,8 +135,9 @@ def moe_lora(
         scaling: c = alpha / r, a float, or a tensor [E] of per-expert alpha_e / r_e.
         dropout_mask: optional [..., d_in] multiplier on x for the LoRA input (already scaled by 1/(1-p)).
         backend: "auto" | "triton" | "eager" | "loop" (see the module docstring).
-        validate_ids: check ids are in [0, E): an IndexError on the CPU, a device-side assert elsewhere (no host
-            sync). Ignored when ``routing`` is given (its ids were checked when it was built).
+        validate_ids: check ids are in [0, E): an IndexError naming the values found on the CPU, a device-side
+            assert elsewhere (no host sync). Ignored when ``routing`` is given (its ids were checked, device-side,
+            when it was built).
         triton_path: "auto" | "stacked" | "grouped": the Triton formulation (see grouped.choose_path).
         routing: per-step metadata of these ids/weights (flattened to [T, k]); layers share one per step so the
             gate and sort are not rebuilt (dylora_moe.routing.Routing.meta builds it).
@@ -163,7 +164,9 @@ def moe_lora(
     x2 = x.reshape(-1, d_in)
     if routing is None:
         k = expert_ids.shape[-1]
-        routing = RoutingMeta(expert_ids.reshape(-1, k), expert_weights.reshape(-1, k), num_experts, validate_ids)
+        if validate_ids:
+            check_expert_ids(expert_ids, num_experts)
+        routing = RoutingMeta(expert_ids.reshape(-1, k), expert_weights.reshape(-1, k), num_experts, check_ids=False)
     elif routing.num_tokens != x2.shape[0] or routing.num_experts != num_experts:
         raise ValueError(
             f"routing metadata is for {routing.num_tokens} tokens and {routing.num_experts} experts; "
@@ -201,8 +204,9 @@ def topk_route(
     Tempered softmax ``p = softmax(logits / temperature)``, the top-k of p (ties: the lowest expert id wins),
     weights = the k probabilities, renormalised to sum to 1 when ``normalize``. Differentiable in ``logits``
     through ``weights``, ``dense`` and ``mean_prob``. ``backend``: "auto" | "triton" | "eager" | "loop" ("loop"
-    is the eager router: there is no per-expert loop to run). Non-finite logits raise when ``check_finite``: a
-    ValueError on the CPU, a device-side assert on a GPU (no host sync); otherwise they propagate NaN.
+    is the eager router: there is no per-expert loop to run). Non-finite logits fail a device-side assert when
+    ``check_finite`` (a RuntimeError naming the problem, with no host sync: a CUDA graph or a sync-free step keeps
+    it); otherwise they propagate NaN.
     """
     if logits.dim() < 1 or not logits.dtype.is_floating_point:
         raise ValueError(f"logits must be a floating tensor [..., E]; got {logits.dtype} {tuple(logits.shape)}")
@@ -217,11 +221,7 @@ def topk_route(
     logits2 = logits.reshape(-1, num_experts)
     if check_finite and logits2.numel() > 0:
         message = "router logits contain NaN or Inf; check the gate weights and the hidden states feeding it"
-        if logits2.device.type == "cpu" and not torch.compiler.is_compiling():
-            if not bool(torch.isfinite(logits2).all()):
-                raise ValueError(message)
-        else:
-            torch._assert_async(torch.isfinite(logits2).all(), message)
+        torch._assert_async(torch.isfinite(logits2).all(), message)
     backend = resolve_backend(backend, logits.device)
     if backend == "triton":
         from .router import topk_route_triton

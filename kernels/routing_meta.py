@@ -47,16 +47,17 @@ def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def check_expert_ids(expert_ids: torch.Tensor, num_experts: int) -> None:
-    """Refuse ids outside [0, E) on every backend without a host sync on a GPU.
+def check_expert_ids(expert_ids: torch.Tensor, num_experts: int, sync_free: bool = False) -> None:
+    """Refuse ids outside [0, E) on every backend.
 
-    CPU tensors in eager mode get an IndexError naming the range found; elsewhere (CUDA, torch.compile) a
-    device-side assert fails the step with the same message.
+    CPU tensors in eager mode get an IndexError naming the range found, unless ``sync_free``; elsewhere (CUDA,
+    torch.compile, ``sync_free``) a device-side assert (torch._assert_async) fails with the same message as a
+    RuntimeError, without a host sync.
     """
     if expert_ids.numel() == 0:
         return
     message = f"expert_ids must be in [0, {num_experts}) (the number of experts)"
-    if expert_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+    if expert_ids.device.type == "cpu" and not sync_free and not torch.compiler.is_compiling():
         lo, hi = int(expert_ids.min()), int(expert_ids.max())
         if lo < 0 or hi >= num_experts:
             raise IndexError(f"{message}; found values in [{lo}, {hi}]")
@@ -116,7 +117,8 @@ class RoutingMeta:
 
     ``gate`` [T, E] float32: the dense scatter of the weights (differentiable: its gradient from every layer
     flows back to ``weights`` through one scatter). ``counts`` [E]: pairs per expert. ``blocks(block)``: the
-    grouped path's padded sort. The ids are checked against [0, E) once, when the metadata is built.
+    grouped path's padded sort. The ids are checked against [0, E) once, when the metadata is built, by a
+    device-side assert (a RuntimeError; no host sync, so a training step stays sync-free on every device).
 
     The cache is a plain dict (``store``) so that torch.compile can keep it on an object that outlives the
     compiled region (dylora_moe.routing.Routing); :meth:`from_store` wraps an existing one.
@@ -126,7 +128,7 @@ class RoutingMeta:
         if ids.dim() != 2 or ids.shape != weights.shape:
             raise ValueError(f"routing ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must both be [T, K]")
         if check_ids:
-            check_expert_ids(ids, num_experts)
+            check_expert_ids(ids, num_experts, sync_free=True)
         self.store = {"ids": ids, "weights": weights, "num_experts": num_experts}
 
     @classmethod

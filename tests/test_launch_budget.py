@@ -50,3 +50,28 @@ def test_eager_layer_does_not_rebuild_routing_or_sync():
     ops, _, launches = count_step(layer, x)
     assert launches == []
     assert "scatter_add" not in ops and not HOST_SYNC_OPS & set(ops)
+
+
+class _FailOnHostSync(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        assert name not in HOST_SYNC_OPS | {"is_nonzero", "equal"}, f"host sync: {name}"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kernel", ["eager", "triton"])
+@pytest.mark.parametrize("per_row", [False, True], ids=["token", "sequence"])
+def test_layer_step_with_fresh_routing_never_syncs_with_the_host(kernel, per_row):
+    """Building the step's metadata (gate, id check) and the layer forward + backward issue no host sync: the id
+    range check is a device-side assert, counts are a scatter_add (the launches' own interpreter ops are hidden)."""
+    from dylora_moe import Routing
+    from dylora_moe.kernels import _launch
+
+    layer, x = make_layer(kernel, dropout=0.1)
+    layer.train()
+    ids = torch.randint(0, 4, (2, 1 if per_row else x.shape[1], 2))
+    weights = torch.rand(ids.shape, requires_grad=True)
+    layer.context.set(Routing(ids, weights))
+    with _FailOnHostSync(), _launch.count_launches():
+        layer(x).sum().backward()
+    assert weights.grad is not None
