@@ -5,16 +5,15 @@ every token. The (token, slot) pairs sorted by expert come from the step's routi
 (routing_meta.RoutingMeta.blocks: built once per step, shared by every layer). Shape letters in grouped_kernels.py;
 coef = routing weight * the expert's scaling, per pair.
 
-  forward   h = x~[t_p] A[e_p]^T, hw = h * coef      shrink   [P, R] float32 and activation dtype
-            y_pairs = hw B[e_p]^T; y = sum over K     expand   [P, D_out] -> [T, D_out]
-  backward  u = dy[t_p] B[e_p], uw = u * coef         shrink   [P, R]
-            dx = sum over K of (uw A[e_p]) * mask     expand   [P, D_in] -> [T, D_in]
-            dA[e] = sum over e's pairs of uw^T x~     grad     one program per (expert, D tile)
-            dB[e] = sum over e's pairs of dy^T hw     grad
-            dcoef = sum_r h * u                       PyTorch  [T, K]
+  forward   1 launch   per block of one expert's pairs: h = x~[t_p] A[e]^T, hw = h * coef (registers),
+                       y_pairs = hw B[e]^T [P, D_out]; then y = sum over K (a view when K = 1)
+  backward  1 launch   dy pass per block: u = dy[t_p] B[e], dcoef = sum_r h * u, uw = u * coef,
+                       dx_pairs = (uw A[e]) * mask [P, D_in]; then dx = sum over K
+            1 launch   weights pass, one program per (expert, D tile): dA[e] = sum of uw^T x~ (D_in tiles),
+                       dB[e] = sum of dy^T (h * coef) (D_out tiles), pairs in sorted order
 
-Saved for backward beyond the inputs: h and hw (rank space, P * R each); the sort is an input (shared).
-The per-pair outputs [P, D] are transient, summed over K in a fixed order (a view when K = 1).
+Saved for backward beyond the inputs: h (rank space, P * R float32); the sort is an input (shared per step).
+The per-pair outputs are transient, summed over K in a fixed order. Dropout is drawn in-kernel (Philox).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import torch
 from . import grouped_kernels as GK
 from ._launch import ACTIVATION_DTYPES, FusedOp, cdiv, device_guard, dot_flags, interpreter_enabled, launch, next_pow2
 from ._launch import strides3 as _weight_view
-from .routing_meta import ExpertBlocks, RoutingMeta, padded_rows
+from .routing_meta import RoutingMeta, padded_rows
 
 BLOCK_M = 16 if interpreter_enabled() else 64
 BLOCK_D = 32 if interpreter_enabled() else 128
@@ -50,56 +49,10 @@ def _dropout_args(mask, seed, like):
     return (like if mask is None else mask), (like if seed is None else seed)
 
 
-def grouped_shrink(inp, weight, rank_dim, coef, meta, num_slots, mask, seed, p):
-    """Per-pair rank-space activations [P, R] float32 and the same times coef in inp's dtype."""
-    rank = weight.shape[rank_dim]
-    num_pairs = coef.numel()
-    out = torch.empty(num_pairs, rank, device=inp.device, dtype=torch.float32)
-    gated = torch.empty(num_pairs, rank, device=inp.device, dtype=inp.dtype)
-    mask_t, seed_t = _dropout_args(mask, seed, inp)
-    launch(
-        GK._grouped_shrink_kernel, (meta.expert_of_block.numel(),),
-        inp, mask_t, seed_t, weight, coef, meta.pair_of_row, meta.expert_of_block, out, gated,
-        inp.shape[1], rank, num_slots, inp.stride(0), inp.stride(1), mask_t.stride(0), mask_t.stride(1),
-        *_weight_view(weight, rank_dim), p,
-        HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None,
-        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank), BLOCK_D=BLOCK_D, **dot_flags(inp.dtype),
-    )  # fmt: skip
-    return out, gated
-
-
-def grouped_expand(rank_act, weight, rank_dim, meta, num_slots, mask, seed, p):
-    """[P, R] x W[e_p] -> [T, D]: per-pair outputs, then each token's K rows summed in order."""
-    num_pairs, rank = rank_act.shape
-    D = weight.shape[3 - rank_dim]
-    # Rows of padding-only blocks are never written (those blocks exit at once) and every real pair row is.
-    out = torch.empty(num_pairs, D, device=rank_act.device, dtype=rank_act.dtype)
-    mask_t, seed_t = _dropout_args(mask, seed, out)
-    launch(
-        GK._grouped_expand_kernel, (meta.expert_of_block.numel(), cdiv(D, BLOCK_D)),
-        rank_act, weight, mask_t, seed_t, meta.pair_of_row, meta.expert_of_block, out, D, rank, num_slots,
-        *_weight_view(weight, rank_dim), mask_t.stride(0), mask_t.stride(1), p,
-        HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None,
-        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank), BLOCK_D=BLOCK_D, **dot_flags(rank_act.dtype),
-    )  # fmt: skip
-    out = out.view(-1, num_slots, D)
-    return out[:, 0] if num_slots == 1 else out.sum(1)
-
-
-def grouped_grad(rank_act, act, meta, num_slots, like, rank_dim, mask, seed, p):
-    """Weight gradient (float32) shaped like ``like``: per expert, the sum over its pairs of rank_act^T act."""
-    rank = like.shape[rank_dim]
-    D = act.shape[1]
-    out = torch.empty(like.shape, device=like.device, dtype=torch.float32)
-    mask_t, seed_t = _dropout_args(mask, seed, act)
-    launch(
-        GK._grouped_grad_kernel, (like.shape[0], cdiv(D, BLOCK_D)),
-        rank_act, act, mask_t, seed_t, meta.pair_of_row, meta.expert_offsets, out, D, rank, num_slots,
-        act.stride(0), act.stride(1), mask_t.stride(0), mask_t.stride(1), *_weight_view(out, rank_dim), p,
-        HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None,
-        BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank), BLOCK_D=BLOCK_D, **dot_flags(act.dtype),
-    )  # fmt: skip
-    return out
+def _sum_slots(per_pair: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """[P, D] per-pair rows -> [T, D]: each token's K rows summed in a fixed order (a view when K = 1)."""
+    per_pair = per_pair.view(-1, num_slots, per_pair.shape[1])
+    return per_pair[:, 0] if num_slots == 1 else per_pair.sum(1)
 
 
 def grouped_forward(
@@ -115,28 +68,34 @@ def grouped_forward(
     p: float,
     *,
     inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward on flat x [T, D_in]: (y [T, D_out], h [P, R] float32, hw [P, R]); coef [T, K] float32."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on flat x [T, D_in], one launch: (y [T, D_out], h [P, R] float32); coef [T, K] float32."""
     num_slots = coef.shape[1]
+    num_experts, rank, d_in = lora_a.shape
+    d_out = lora_b.shape[1]
+    num_pairs = coef.numel()
+    h = torch.empty(num_pairs, rank, device=x.device, dtype=torch.float32)
     if x.shape[0] == 0:
-        rank = lora_a.shape[1]
-        return x.new_empty(0, lora_b.shape[1]), x.new_empty(0, rank, dtype=torch.float32), x.new_empty(0, rank)
-    meta = ExpertBlocks(pair_of_row, expert_of_block, expert_offsets)
+        return x.new_empty(0, d_out), h
+    # Rows of padding-only blocks are never written (those blocks exit at once) and every real pair row is.
+    per_pair = torch.empty(num_pairs, d_out, device=x.device, dtype=x.dtype)
+    mask_t, seed_t = _dropout_args(mask, seed, x)
     with device_guard(x):
-        h, hw = grouped_shrink(x, lora_a, 1, coef.reshape(-1), meta, num_slots, mask, seed, p)
-        y = grouped_expand(hw, lora_b, 2, meta, num_slots, None, None, p)
-    return y, h, hw
+        launch(
+            GK._grouped_fwd_kernel, (expert_of_block.numel(),),
+            x, mask_t, seed_t, lora_a, lora_b, coef, pair_of_row, expert_of_block, h, per_pair,
+            d_in, d_out, rank, num_slots, *x.stride(), *mask_t.stride(), *_weight_view(lora_a, 1),
+            lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), p,
+            HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None,
+            BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank), BLOCK_D=BLOCK_D, **dot_flags(x.dtype),
+        )  # fmt: skip
+    return _sum_slots(per_pair, num_slots), h
 
 
 def _fake_forward(
     x, lora_a, lora_b, coef, pair_of_row, expert_of_block, expert_offsets, mask, seed, p, *, inplace=False
 ):
-    rank = lora_a.shape[1]
-    return (
-        x.new_empty(x.shape[0], lora_b.shape[1]),
-        x.new_empty(coef.numel(), rank, dtype=torch.float32),
-        x.new_empty(coef.numel(), rank),
-    )
+    return x.new_empty(x.shape[0], lora_b.shape[1]), x.new_empty(coef.numel(), lora_a.shape[1], dtype=torch.float32)
 
 
 def grouped_backward(
@@ -146,7 +105,6 @@ def grouped_backward(
     lora_b: torch.Tensor,
     coef: torch.Tensor,
     h: torch.Tensor,
-    hw: torch.Tensor,
     pair_of_row: torch.Tensor,
     expert_of_block: torch.Tensor,
     expert_offsets: torch.Tensor,
@@ -156,25 +114,50 @@ def grouped_backward(
     *,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dA, dB, dcoef) of the grouped forward, reusing the shared sort; skips what ``needs`` says is unused."""
+    """(dx, dA, dB, dcoef) of the grouped forward in two launches (dy pass, weights pass), reusing the shared
+    sort; skips what ``needs`` says is unused. dA and dB come out in the weights' dtype (fp32 for fp32 masters)."""
+    need_x, need_a, need_b, need_coef = needs[0], needs[1], needs[2], needs[3]
     num_slots = coef.shape[1]
+    num_experts, rank, d_in = lora_a.shape
+    d_out = lora_b.shape[1]
     if x.shape[0] == 0:
         return torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b), torch.zeros_like(coef)
-    meta = ExpertBlocks(pair_of_row, expert_of_block, expert_offsets)
-    grad_y = grad_y.to(x.dtype).contiguous()
-    dx, da, db, dcoef = torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(coef)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    num_pairs = coef.numel()
+    flags = dot_flags(x.dtype)
+    mask_t, seed_t = _dropout_args(mask, seed, x)
+    dx, dcoef = torch.empty_like(x), torch.empty(num_pairs, **f32)
+    uw = torch.empty(num_pairs, rank, **f32)
+    da = db = None
     with device_guard(x):
-        if needs[0] or needs[1] or needs[3]:
-            u, uw = grouped_shrink(grad_y, lora_b, 2, coef.reshape(-1), meta, num_slots, None, None, p)
-            if needs[0]:
-                dx = grouped_expand(uw, lora_a, 1, meta, num_slots, mask, seed, p)
-            if needs[1]:
-                da = grouped_grad(uw, x, meta, num_slots, lora_a, 1, mask, seed, p).to(lora_a.dtype)
-            if needs[3]:
-                dcoef = (h * u).sum(-1).view_as(coef)
-        if needs[2]:
-            db = grouped_grad(hw, grad_y, meta, num_slots, lora_b, 2, None, None, p).to(lora_b.dtype)
-    return dx, da, db, dcoef
+        if need_x or need_a or need_coef:
+            dx_pairs = torch.empty(num_pairs if need_x else 0, d_in, device=x.device, dtype=x.dtype)
+            launch(
+                GK._grouped_dy_kernel, (expert_of_block.numel(),),
+                grad_y, mask_t, seed_t, lora_a, lora_b, coef, pair_of_row, expert_of_block, h, uw, dcoef, dx_pairs,
+                d_in, d_out, rank, num_slots, *grad_y.stride(), *mask_t.stride(), *_weight_view(lora_a, 1),
+                lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), p,
+                HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None, COMPUTE_DX=need_x,
+                BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank), BLOCK_D=BLOCK_D, **flags,
+            )  # fmt: skip
+            if need_x:
+                dx = _sum_slots(dx_pairs, num_slots)
+        in_tiles = cdiv(d_in, BLOCK_D) if need_a else 0
+        out_tiles = cdiv(d_out, BLOCK_D) if need_b else 0
+        if in_tiles + out_tiles:
+            da = torch.empty(num_experts, rank, d_in, **f32)
+            db = torch.empty(num_experts, d_out, rank, **f32)
+            launch(
+                GK._grouped_weights_kernel, (num_experts, in_tiles + out_tiles),
+                x, mask_t, seed_t, grad_y, uw, h, coef, pair_of_row, expert_offsets, da, db,
+                d_in, d_out, rank, num_slots, in_tiles, *x.stride(), *mask_t.stride(), *grad_y.stride(),
+                *da.stride(), *db.stride(), p,
+                HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None,
+                BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank), BLOCK_D=BLOCK_D, **flags,
+            )  # fmt: skip
+    da = torch.empty_like(lora_a) if da is None else da.to(lora_a.dtype)
+    db = torch.empty_like(lora_b) if db is None else db.to(lora_b.dtype)
+    return dx, da, db, dcoef.view_as(coef)
 
 
 def _fake_backward(grad_y, x, lora_a, lora_b, coef, *rest, needs):
@@ -183,8 +166,7 @@ def _fake_backward(grad_y, x, lora_a, lora_b, coef, *rest, needs):
 
 def _save(inputs, outputs):
     x, lora_a, lora_b, coef, pair_of_row, expert_of_block, expert_offsets, mask, seed, p = inputs
-    _, h, hw = outputs
-    return x, lora_a, lora_b, coef, h, hw, pair_of_row, expert_of_block, expert_offsets, mask, seed, p
+    return x, lora_a, lora_b, coef, outputs[1], pair_of_row, expert_of_block, expert_offsets, mask, seed, p
 
 
 def _to_input_grads(grad_y, grads, needs):

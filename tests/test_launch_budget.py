@@ -75,3 +75,27 @@ def test_layer_step_with_fresh_routing_never_syncs_with_the_host(kernel, per_row
     with _FailOnHostSync(), _launch.count_launches():
         layer(x).sum().backward()
     assert weights.grad is not None
+
+
+def test_grouped_path_uses_three_launches_and_the_shared_sort():
+    """Grouped path with the step's sort already built: 1 forward launch, 2 backward launches, no re-sort."""
+    from launch_budget import CountOps
+
+    import dylora_moe.kernels as ops
+    from dylora_moe.kernels import _launch
+    from dylora_moe.kernels.grouped import BLOCK_M
+    from dylora_moe.kernels.routing_meta import RoutingMeta
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 32, generator=gen, requires_grad=True)
+    a = torch.randn(6, 4, 32, generator=gen, requires_grad=True)
+    b = torch.randn(6, 24, 4, generator=gen, requires_grad=True)
+    ids = torch.rand(40, 6, generator=gen).argsort(1)[:, :2]
+    w = torch.rand(40, 2, generator=gen, requires_grad=True)
+    meta = RoutingMeta(ids, w, 6)
+    meta.blocks(BLOCK_M)
+    with CountOps() as counted, _launch.count_launches() as launches:
+        ops.moe_lora(x, a, b, ids, w, 0.5, backend="triton", triton_path="grouped", routing=meta).sum().backward()
+    assert launches == ["_grouped_fwd_kernel", "_grouped_dy_kernel", "_grouped_weights_kernel"]
+    assert not {"sort", "argsort", "cumsum", "searchsorted"} & set(counted.ops), counted.ops
+    assert not HOST_SYNC_OPS & set(counted.ops)
