@@ -48,18 +48,21 @@ class StackedConfig(NamedTuple):
     block_n: int
     block_d: int
     num_warps: int
+    num_stages: int
 
 
 @functools.lru_cache(maxsize=256)
 def stacked_config(t_bucket: int, n: int, dtype: torch.dtype, device_type: str) -> StackedConfig:
     """Launch config per (T bucket, rank width, dtype, device), chosen once and cached: no autotuner on the hot
-    path. The rank width is one register tile; BLOCK_T shrinks as it grows. A first estimate from tile sizes
-    (not yet timed on a GPU); it depends only on its key, so it is the same in every process."""
+    path. The rank width is one register tile; BLOCK_T and BLOCK_D shrink as it grows so a weight tile
+    [BLOCK_N, BLOCK_D] (loaded as fp32 masters) stays <= 32 KiB per pipeline stage. A first estimate from tile
+    sizes, never timed on a GPU; it depends only on its key, so it is the same in every process."""
     block_n = max(16, next_pow2(n))
     if device_type != "cuda":  # the interpreter: few, small programs
-        return StackedConfig(min(32, max(16, next_pow2(t_bucket))), block_n, 32, 4)
+        return StackedConfig(min(32, max(16, next_pow2(t_bucket))), block_n, 32, 4, 1)
     block_t = max(16, min(64, 8192 // block_n))
-    return StackedConfig(block_t, block_n, 64 if dtype == torch.float32 else 128, 4 if block_n <= 128 else 8)
+    block_d = max(16, min(128, 8192 // block_n))
+    return StackedConfig(block_t, block_n, block_d, 4 if block_n <= 128 else 8, 2)
 
 
 def grad_splits(num_tokens: int, d_tiles: int, device: torch.device) -> int:
@@ -122,7 +125,8 @@ def stacked_forward(
             lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), *gate.stride(), *base2.stride(), *y2.stride(),
             scale_c, p,
             HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None, HAS_SCALE_VEC=has_vec, HAS_BASE=base is not None,
-            BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+            BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **dot_flags(x.dtype),
         )  # fmt: skip
     return y, s
@@ -173,7 +177,7 @@ def stacked_backward(
                 T, d_out, N, rank, num_experts if need_gate else 0, *dy.stride(),
                 lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), *gate.stride(), scale_c,
                 HAS_SCALE_VEC=has_vec, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                num_warps=cfg.num_warps, **flags,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
             )  # fmt: skip
         in_tiles = cdiv(d_in, cfg.block_d) if (need_x or need_a) else 0
         out_tiles = cdiv(d_out, cfg.block_d) if need_b else 0
@@ -197,7 +201,8 @@ def stacked_backward(
                 split_stride, rank * d_in, d_in, 1, split_stride, d_out * rank, rank, 1,
                 scale_c, p,
                 HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None, HAS_SCALE_VEC=has_vec, COMPUTE_DX=need_x,
-                BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, **flags,
+                BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
             )  # fmt: skip
             if splits > 1:  # a fixed-order sum: deterministic
                 total = partial.sum(0)
