@@ -23,7 +23,7 @@ import torch
 from . import grouped_kernels as GK
 from ._launch import ACTIVATION_DTYPES, FusedOp, cdiv, device_guard, dot_flags, interpreter_enabled, launch, next_pow2
 from ._launch import strides3 as _weight_view
-from .routing_meta import RoutingMeta, padded_rows
+from .routing_meta import RoutingMeta
 
 BLOCK_M = 16 if interpreter_enabled() else 64
 BLOCK_D = 32 if interpreter_enabled() else 128
@@ -221,8 +221,3 @@ def moe_lora_triton(
     blocks = routing.blocks(BLOCK_M)
     y = grouped_op(x2, lora_a, lora_b, coef, *blocks, mask2, seed, p).reshape(*lead, lora_b.shape[1])
     return y if base_output is None else base_output + y.to(base_output.dtype)
-
-
-def padded_sort_rows(num_pairs: int, num_experts: int) -> int:
-    """Rows of the shared sort for this path's block size (tests of the saved-memory bound)."""
-    return padded_rows(num_pairs, num_experts, BLOCK_M)
