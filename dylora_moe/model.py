@@ -257,7 +257,7 @@ class DyLoRA_MoE(nn.Module):
         if backend == "triton":
             resolve_backend("triton", self.device)  # fail now, naming the fix, rather than in the first forward
         self.handle.set_kernel(name)
-        self.router.backend = "triton" if backend == "triton" else "eager"
+        self.router.backend = backend if backend in ("triton", "auto") else "eager"  # "auto": per input device
         self.kernel = name
         self._backend = backend
         if backend == "reference":
