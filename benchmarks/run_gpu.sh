@@ -103,8 +103,8 @@ for p in "${PHASES[@]}"; do
     case "$p" in
     tests)
         mapfile -t files < <(ordered_tests)
-        # Tests check values, not speed: pin one kernel config instead of autotuning every test shape.
-        DYLORA_MOE_AUTOTUNE=0 phase "tests (GPU)" "${TESTS_TIMEOUT:-540}" "$PY" -m pytest "${files[@]}" -q \
+        # Tests check values, not speed: deterministic mode pins the kernel configs and the weight-gradient splits.
+        DYLORA_MOE_DETERMINISTIC=1 phase "tests (GPU)" "${TESTS_TIMEOUT:-540}" "$PY" -m pytest "${files[@]}" -q \
             -p no:cacheprovider -rfs --durations=15 --junitxml="$OUT/tests.xml"
         ;;
     ops) bench ops benchmarks/test_ops.py "${OPS_TIMEOUT:-240}" ;;

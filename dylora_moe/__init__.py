@@ -7,23 +7,54 @@ the original's submodule names ``scheduler``, ``utils``, ``skill_library``, ``no
 settings object ``DyLoRAMoEConfig``, and the drop-in layers ``MoELoRALinear``, ``MoELoRAMLP``, ``inject_moe_lora``.
 """
 
-from .config import DyLoRAMoEConfig
-from .experts import ExpertManager
-from .ffn import MoELoRAMLP
-from .inject import DEFAULT_TARGETS, MoELoRAHandle, default_targets, find_targets, inject_moe_lora
-from .layer import MoELoRALinear
-from .model import DyLoRA_MoE, DyLoRAMoEOutput
-from .router import DynamicHybridRouter, balance_loss, z_loss
-from .routing import Routing, RoutingContext
-from .scheduler import TwoPhaseLRScheduler, two_phase_lr_lambda
-from .skills import NoveltyDetector, SkillLibrary
-from .utils import (
-    load_dylo_moe_state,
-    load_lora_experts,
-    print_trainable_parameters,
-    save_dylo_moe_state,
-    save_lora_experts,
-)
+from importlib import import_module
+
+# Names load on first use (PEP 562), so `import dylora_moe.data` or `python train.py --help` does not pay for torch.
+_EXPORTS = {
+    "DyLoRAMoEConfig": ".config",
+    "ExpertManager": ".experts",
+    "MoELoRAMLP": ".ffn",
+    "default_targets": ".inject",
+    "DEFAULT_TARGETS": ".inject",
+    "MoELoRAHandle": ".inject",
+    "find_targets": ".inject",
+    "inject_moe_lora": ".inject",
+    "MoELoRALinear": ".layer",
+    "DyLoRA_MoE": ".model",
+    "DyLoRAMoEOutput": ".model",
+    "DynamicHybridRouter": ".router",
+    "balance_loss": ".router",
+    "z_loss": ".router",
+    "Routing": ".routing",
+    "RoutingContext": ".routing",
+    "NoveltyDetector": ".skills",
+    "SkillLibrary": ".skills",
+    "TwoPhaseLRScheduler": ".scheduler",
+    "two_phase_lr_lambda": ".scheduler",
+    "load_dylo_moe_state": ".utils",
+    "load_lora_experts": ".utils",
+    "print_trainable_parameters": ".utils",
+    "save_dylo_moe_state": ".utils",
+    "save_lora_experts": ".utils",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        try:  # a submodule, as `dylora_moe.kernels` was reachable after `import dylora_moe` before
+            return import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":  # the submodule exists, a dependency of it is missing
+                raise
+            raise AttributeError(f"module 'dylora_moe' has no attribute {name!r}") from None
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "DEFAULT_TARGETS",

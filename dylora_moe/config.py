@@ -44,7 +44,8 @@ class DyLoRAMoEConfig:
     initial expert; None: ``lora_r`` / ``lora_alpha`` for all), ``growth_rank`` (rank of experts added by
     ``add_new_skill``: "same" = ``lora_r``, "original" = the original's rule ``min(2 * lora_r, 32)``, or an int).
     Routing: ``routing`` ("sequence" | "token"), ``top_k``, ``temperature``, ``router_weighting`` ("softmax" |
-    "original"), ``renormalize``, ``sequence_top_k``, ``mature_experts``. Losses: ``balance_loss`` ("mse" |
+    "original"), ``renormalize``, ``sequence_top_k``, ``mature_experts``, ``freeze_router`` (keep the gate at its
+    initial weights: no gradient, not trained). Losses: ``balance_loss`` ("mse" |
     "switch"), ``balance_coefficient``, ``z_loss_coefficient``. Backend: ``kernel``.
     """
 
@@ -69,6 +70,7 @@ class DyLoRAMoEConfig:
     balance_coefficient: float = 0.01
     z_loss_coefficient: float = 0.0
     mature_experts: bool = True
+    freeze_router: bool = False
 
     def __post_init__(self):
         self._check_experts()
@@ -127,7 +129,7 @@ class DyLoRAMoEConfig:
             raise ValueError(
                 f"sequence_top_k must be None or an int in [1, {self.num_experts}], got {self.sequence_top_k!r}"
             )
-        for name in ("renormalize", "mature_experts"):
+        for name in ("renormalize", "mature_experts", "freeze_router"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if (

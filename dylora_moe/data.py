@@ -8,20 +8,28 @@ problem statement (``text``, or ``prompt`` in the hub's ``sanitized`` config). S
 ``datasets.Dataset.train_test_split`` and seed 42, so they match a run of the original on the same rows: Code Alpaca
 90/10 (train/validation), MBPP 80/10/10 (train/validation/test).
 
+Files are read with ``datasets`` (``load_dataset("json", data_files=...)``: a JSON array of objects or JSON lines);
+when it cannot read one, the file is scanned line by line to name the line and the problem. ``datasets`` and torch
+are imported on first use, so a missing folder or file is reported at once.
+
 Rows are tokenised, each followed by EOS, concatenated and cut into ``max_length`` blocks ("packing"); only the last
 block of a split is padded, and padding is masked out of the attention and of the loss (label -100).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DOMAINS = ("code_alpaca", "mbpp")
 SPLIT_SEED = 42
@@ -46,6 +54,9 @@ class Splits:
     texts: dict[str, list[str]]
 
 
+REQUIRED = {"code_alpaca": "instruction, output", "mbpp": "text (or prompt)"}
+
+
 def code_alpaca_text(row: dict, where: str) -> str:
     """``instruction + "\\n" + output``: the original script's text (its ``input`` field is not used)."""
     for field in ("instruction", "output"):
@@ -64,9 +75,38 @@ def mbpp_text(row: dict, where: str) -> str:
     raise DataError(f"{where}: missing string field 'text' (or 'prompt') with the MBPP problem statement")
 
 
-def _read_json_rows(path: Path) -> list[dict]:
-    """A JSON array of objects, or JSON lines (one object a line); errors name the file and the line."""
-    raw = path.read_text(encoding="utf-8")
+TO_TEXT = {"code_alpaca": code_alpaca_text, "mbpp": mbpp_text}
+
+
+def _datasets():
+    """The ``datasets`` module, its progress bars off (a training log gets one bar per phase, not per file)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    log = logging.getLogger(logger_name)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _texts(table, domain: str, where) -> list[str]:
+    """The texts of a ``datasets.Dataset`` (column-wise: no per-row Python dict); ``where(i)`` names row i."""
+    columns = {name: table[name] for name in ("instruction", "output", "text", "prompt") if name in table.column_names}
+    to_text = TO_TEXT[domain]
+    return [to_text({name: values[i] for name, values in columns.items()}, where(i)) for i in range(len(table))]
+
+
+def _scan_json_rows(path: Path, domain: str) -> None:
+    """Read ``path`` with the standard library and raise a DataError naming the first bad line, row or field."""
+    raw = path.read_text(encoding="utf-8", errors="replace")
     if raw.lstrip().startswith("["):
         try:
             rows = json.loads(raw)
@@ -88,7 +128,7 @@ def _read_json_rows(path: Path) -> list[dict]:
     for row, at in zip(rows, where):
         if not isinstance(row, dict):
             raise DataError(f"{at}: expected a JSON object, got {type(row).__name__}")
-    return [dict(row, _where=at) for row, at in zip(rows, where)]
+        TO_TEXT[domain](row, at)
 
 
 def _local_file(data_dir: Path, domain: str) -> Path:
@@ -101,20 +141,46 @@ def _local_file(data_dir: Path, domain: str) -> Path:
     )
 
 
-def _load_rows(source: str | Path, domain: str) -> list[dict]:
-    if str(source) == HUB_SOURCE:
-        import datasets
+def _local_texts(path: Path, domain: str) -> list[str]:
+    """A local JSON / JSON-lines file through ``load_dataset("json")``; any problem is named by a line scan."""
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: no rows")
+        with _quiet("datasets"):  # its own ERROR line would precede ours, which names the line
+            table = _datasets().load_dataset("json", data_files=str(path), split="train")
+        if len(table) == 0:
+            raise DataError(f"{path}: no rows")
+        return _texts(table, domain, lambda i: f"{path} row {i}")
+    except DataError:
+        _scan_json_rows(path, domain)  # names the line when the row numbering of the table is not the file's
+        raise
+    except Exception as err:  # datasets / pyarrow raise many types for a malformed file
+        _scan_json_rows(path, domain)
+        raise DataError(
+            f"{path}: cannot be read as JSON lines or a JSON array of objects ({type(err).__name__}: {err})"
+        ) from err
 
-        name, config = HUB_IDS[domain]
-        try:
-            parts = datasets.load_dataset(name, config)
-        except Exception as err:  # the hub raises many types (ConnectionError, OfflineModeIsEnabled, ...)
-            raise DataError(
-                f"could not load {name} from the hub ({type(err).__name__}: {err}); without a hub, pass "
-                f"--data_dir with a local copy ({' + '.join(names[0] for names in LOCAL_FILES.values())})"
-            ) from err
-        # MBPP `full` ships train/test/validation/prompt splits: pool them, then split 80/10/10 as the original did.
-        return [dict(row, _where=f"{name}[{split}] row {i}") for split in parts for i, row in enumerate(parts[split])]
+
+def _hub_texts(domain: str) -> list[str]:
+    datasets = _datasets()
+    name, config = HUB_IDS[domain]
+    try:
+        parts = datasets.load_dataset(name, config)
+    except Exception as err:  # the hub raises many types (ConnectionError, OfflineModeIsEnabled, ...)
+        raise DataError(
+            f"could not load {name} from the hub ({type(err).__name__}: {err}); without a hub, pass "
+            f"--data_dir with a local copy ({' + '.join(names[0] for names in LOCAL_FILES.values())})"
+        ) from err
+    # MBPP `full` ships train/test/validation/prompt splits: pool them, then split 80/10/10 as the original did.
+    texts = []
+    for split in parts:
+        texts += _texts(parts[split], domain, lambda i, split=split: f"{name}[{split}] row {i}")
+    return texts
+
+
+def _load_texts(source: str | Path, domain: str) -> list[str]:
+    if str(source) == HUB_SOURCE:
+        return _hub_texts(domain)
     data_dir = Path(source)
     if not data_dir.is_dir():
         raise DataError(
@@ -122,14 +188,12 @@ def _load_rows(source: str | Path, domain: str) -> list[dict]:
             f"{' and '.join(names[0] for names in LOCAL_FILES.values())} (set --data_dir or DYLORA_DATA_DIR, "
             f"or --data_dir {HUB_SOURCE} to download from the hub)"
         )
-    return _read_json_rows(_local_file(data_dir, domain))
+    return _local_texts(_local_file(data_dir, domain), domain)
 
 
 def _split(texts: list[str], test_size: float) -> tuple[list[str], list[str]]:
     """``datasets``' ``train_test_split(test_size, seed=42)``: the original's split of the same rows."""
-    import datasets
-
-    parts = datasets.Dataset.from_dict({"text": texts}).train_test_split(test_size=test_size, seed=SPLIT_SEED)
+    parts = _datasets().Dataset.from_dict({"text": texts}).train_test_split(test_size=test_size, seed=SPLIT_SEED)
     return list(parts["train"]["text"]), list(parts["test"]["text"])
 
 
@@ -137,9 +201,7 @@ def load_domain(source: str | Path, domain: str) -> Splits:
     """Read one domain and split it: Code Alpaca 90/10, MBPP 80/10/10 (seed 42)."""
     if domain not in DOMAINS:
         raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
-    rows = _load_rows(source, domain)
-    to_text = code_alpaca_text if domain == "code_alpaca" else mbpp_text
-    texts = [to_text(row, row["_where"]) for row in rows]
+    texts = _load_texts(source, domain)
     if domain == "code_alpaca":
         train, validation = _split(texts, 0.1)
         return Splits(domain, {"train": train, "validation": validation})
@@ -155,8 +217,9 @@ def subset(texts: list[str], percent: float) -> list[str]:
     return texts[: max(1, math.ceil(len(texts) * percent / 100))]
 
 
-class PackedDataset(torch.utils.data.Dataset):
-    """Rows of ``max_length`` tokens: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding)."""
+class PackedDataset:
+    """Rows of ``max_length`` tokens: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding).
+    A map-style dataset (``len`` and indexing), as ``torch.utils.data.DataLoader`` and the Trainer take it."""
 
     def __init__(self, input_ids: torch.Tensor, lengths: torch.Tensor, pad_id: int):
         self.input_ids, self.lengths, self.pad_id = input_ids, lengths, pad_id
@@ -164,7 +227,9 @@ class PackedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict:
+        import torch
+
         ids = self.input_ids[index]
         mask = (torch.arange(ids.shape[0]) < self.lengths[index]).long()
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
@@ -176,6 +241,8 @@ class PackedDataset(torch.utils.data.Dataset):
 
 def pack(texts: Sequence[str], tokenizer, max_length: int) -> PackedDataset:
     """Tokenise ``texts`` (each followed by EOS), concatenate, cut into ``max_length`` rows; pad only the last."""
+    import torch
+
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2; got {max_length}")
     if not texts:

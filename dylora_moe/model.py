@@ -127,6 +127,7 @@ class DyLoRA_MoE(nn.Module):
       start immature, which makes routing dense until they are marked mature).
     - ``target_modules`` (default: :func:`~dylora_moe.inject.default_targets`), ``mixture`` ("linear" | "ffn"),
       ``expert_ranks`` / ``expert_alphas`` (per initial expert), ``growth_rank`` ("same" | "original" | int).
+    - ``freeze_router``: keep the gate at its initial weights (no gradient, not in ``trainable_parameters``).
 
     ``torch_dtype`` is the base model's load dtype (not a setting). ``moe_config`` gives the current settings back.
     """
@@ -162,6 +163,7 @@ class DyLoRA_MoE(nn.Module):
         expert_ranks=FROM_CONFIG,
         expert_alphas=FROM_CONFIG,
         growth_rank=FROM_CONFIG,
+        freeze_router: bool = FROM_CONFIG,
         torch_dtype=None,
     ):
         super().__init__()
@@ -172,6 +174,7 @@ class DyLoRA_MoE(nn.Module):
             sequence_top_k=sequence_top_k, balance_loss=balance_loss, balance_coefficient=balance_coefficient,
             z_loss_coefficient=z_loss_coefficient, mature_experts=mature_experts, target_modules=target_modules,
             mixture=mixture, expert_ranks=expert_ranks, expert_alphas=expert_alphas, growth_rank=growth_rank,
+            freeze_router=freeze_router,
         )  # fmt: skip
         if config is not None and not isinstance(config, DyLoRAMoEConfig):
             raise TypeError(f"config must be a DyLoRAMoEConfig, got {type(config).__name__}")
@@ -196,6 +199,7 @@ class DyLoRA_MoE(nn.Module):
         ).to(self.foundation_model.device)  # fmt: skip
         if cfg.mature_experts:
             self.router.expert_maturity.fill_(1.0)
+        self.router.gate.requires_grad_(not cfg.freeze_router)
         self.skill_library = SkillLibrary(hidden)
         self.novelty_detector = NoveltyDetector(self.skill_library)
         self._reference_model = None  # built on demand by set_kernel("reference"); not a registered submodule
@@ -234,7 +238,7 @@ class DyLoRA_MoE(nn.Module):
             router_weighting=self.router.weighting, renormalize=self.router.renormalize,
             sequence_top_k=self.sequence_top_k, balance_loss=self.balance_loss_form,
             balance_coefficient=self.balance_coefficient, z_loss_coefficient=self.z_loss_coefficient,
-            mature_experts=self.mature_experts,
+            mature_experts=self.mature_experts, freeze_router=not self.router.gate.weight.requires_grad,
         )  # fmt: skip
 
     @property

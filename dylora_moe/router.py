@@ -173,6 +173,7 @@ class DynamicHybridRouter(nn.Module):
         new = nn.Linear(self.input_size, self.num_experts + 1, device=device, dtype=old.weight.dtype)
         new.weight[: self.num_experts].copy_(old.weight)
         new.bias[: self.num_experts].copy_(old.bias)
+        new.requires_grad_(old.weight.requires_grad)  # a frozen gate stays frozen as it grows
         self.gate = new
         self.expert_maturity = torch.cat([self.expert_maturity.to(device), torch.zeros(1, device=device)])
         self.num_experts += 1

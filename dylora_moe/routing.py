@@ -11,10 +11,12 @@ layer forwards during backward, after the model's forward has returned, and they
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+
+from .kernels.routing_meta import RoutingMeta
 
 if TYPE_CHECKING:
     from .router import DynamicHybridRouter, RouterOutput
@@ -26,16 +28,43 @@ class Routing:
 
     S may be 1 to give every position of a row the same experts (sequence routing, decoding); the layer broadcasts
     it over the input's sequence length.
+
+    Everything the ops derive from the routing (the dense gate, counts, the grouped path's sort) is built by
+    :meth:`meta` on first use and cached here, so all MoE-LoRA layers of one forward, and their backward, share it.
     """
 
     ids: torch.Tensor
     weights: torch.Tensor
+    _meta: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.ids.shape != self.weights.shape or self.ids.dim() != 3:
             raise ValueError(
                 f"routing ids {tuple(self.ids.shape)} and weights {tuple(self.weights.shape)} must both be [B, S, k]"
             )
+
+    def token_routing(self, lead: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ids and weights [..., k] for a layer input with leading dims ``lead`` ([B, S] or [B * S])."""
+        ids, weights = self.ids, self.weights
+        if len(lead) == 2 and ids.shape[0] == lead[0] and ids.shape[1] in (1, lead[1]):
+            shape = (*lead, ids.shape[-1])
+            return ids.expand(shape), weights.expand(shape)
+        if len(lead) == 1 and ids.shape[0] * ids.shape[1] == lead[0]:
+            return ids.reshape(lead[0], -1), weights.reshape(lead[0], -1)
+        raise ValueError(
+            f"routing [B, S, k] = {tuple(ids.shape)} does not fit the layer input {tuple(lead)} + (d_in,); the model "
+            "must set one routing per batch row (S = 1) or per token"
+        )
+
+    def meta(self, lead: tuple[int, ...], num_experts: int) -> RoutingMeta:
+        """The per-step metadata for layer inputs with leading dims ``lead`` over ``num_experts`` experts, built
+        once (ids checked against [0, E) then, with a device-side assert off the CPU) and cached on this routing."""
+        key = (*lead, num_experts)
+        if key not in self._meta:
+            ids, weights = self.token_routing(tuple(lead))
+            k = ids.shape[-1]
+            self._meta[key] = RoutingMeta(ids.reshape(-1, k), weights.reshape(-1, k), num_experts).store
+        return RoutingMeta.from_store(self._meta[key])
 
     @classmethod
     def per_row(cls, expert_of_row: torch.Tensor, weight_of_row: torch.Tensor | None = None) -> Routing:
@@ -57,6 +86,7 @@ class RoutingContext:
         self.routing: Routing | None = None
         self.active_expert: int = 0
         self.adapters_enabled: bool = True
+        self._active_routing: dict = {}
 
     def set(self, routing: Routing | None) -> None:
         self.routing = routing
@@ -65,6 +95,17 @@ class RoutingContext:
         """Route every token to ``expert_id`` alone (clears any per-token routing)."""
         self.active_expert = int(expert_id)
         self.routing = None
+        self._active_routing = {}
+
+    def active_routing(self, lead: tuple[int, ...], device: torch.device) -> Routing:
+        """The routing of ``active_expert`` alone with weight 1 for inputs of leading dims ``lead`` (cached, so
+        layers share it and its metadata)."""
+        key = (tuple(lead), device)
+        if key not in self._active_routing:
+            ids = torch.full((*lead, 1), self.active_expert, dtype=torch.long, device=device)
+            ids = ids.view(-1, 1, 1) if len(lead) != 2 else ids
+            self._active_routing[key] = Routing(ids, torch.ones(ids.shape, device=device))
+        return self._active_routing[key]
 
     @contextlib.contextmanager
     def adapters_disabled(self):

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -98,24 +99,39 @@ def tiny_dir(cache_dir: str | Path, texts: Sequence[str], config: TinyConfig) ->
 def load_or_build_tiny(cache_dir: str | Path, texts: Sequence[str], config: TinyConfig = TinyConfig()):
     """(model, tokenizer, folder): loaded from the cache folder, or built, saved atomically, and returned.
 
-    Several processes may build at once (torchrun): each writes its own temporary folder and the first rename wins;
-    the others load the winner's files so every process holds identical weights and vocabulary.
+    Under torchrun the local main process builds (the tokenizer is trained once) and the others wait for its folder,
+    so every process loads the same files; a folder is published by one rename, so it is complete or absent.
     """
     folder = tiny_dir(cache_dir, texts, config)
     if not (folder / "config.json").is_file():
-        tokenizer = train_tokenizer(texts, config.vocab_size)
-        model = build_tiny_model(config, tokenizer)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-        staging.chmod(0o755)  # mkdtemp makes it private; the renamed folder is a normal model folder
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            os.rename(staging, folder)
-        except OSError:  # another process renamed first: keep its copy
-            shutil.rmtree(staging, ignore_errors=True)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            _build_tiny(folder, texts, config)
+        else:
+            _wait_for(folder / "config.json")
     model, tokenizer = load_pretrained(str(folder))
     return model, tokenizer, folder
+
+
+def _build_tiny(folder: Path, texts: Sequence[str], config: TinyConfig) -> None:
+    tokenizer = train_tokenizer(texts, config.vocab_size)
+    model = build_tiny_model(config, tokenizer)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the renamed folder is a normal model folder
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        os.rename(staging, folder)
+    except OSError:  # another run built it first (a second job on the same output folder): keep its copy
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _wait_for(path: Path, timeout_s: float = 1800.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise ModelLoadError(f"waited {timeout_s:.0f} s for the local main process to build {path.parent}")
+        time.sleep(0.2)
 
 
 def load_pretrained(name_or_path: str, *, token: str | None = None, dtype: torch.dtype | None = None):

@@ -11,6 +11,9 @@ import json
 import math
 from pathlib import Path
 
+from .specialisation import SpecialisationStats
+from .specialisation_report import specialisation_section
+
 LOSS_PLOT, UTIL_PLOT = "loss.png", "utilization.png"
 
 
@@ -87,15 +90,31 @@ def training_table(logs: list[dict], num_experts: int, max_rows: int = 12) -> st
     return _table(header, rows)
 
 
+def _marker(xs: list) -> str | None:
+    """A marker when a curve has too few points to show as a line (one point alone is invisible without it)."""
+    return "o" if len(xs) < 3 else None
+
+
+def format_duration(seconds: float) -> str:
+    """Wall time for the summary: seconds for a short run ("42 s"), minutes beyond two ("7.5 min"), hours beyond
+    two hours ("3.1 h")."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def plot_losses(path: Path, logs: list[dict], evals: dict[str, list[tuple[int, float]]]) -> None:
-    """Training LM loss per logged step, and each domain's eval loss at each evaluation."""
+    """Training LM loss per logged step, and each domain's eval loss at each evaluation; returns the figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.plot([r["step"] for r in logs], [r.get("lm_loss", r["loss"]) for r in logs], label="train (LM loss)")
+    steps = [r["step"] for r in logs]
+    ax.plot(steps, [r.get("lm_loss", r["loss"]) for r in logs], marker=_marker(steps), label="train (LM loss)")
     for domain, points in evals.items():
         ax.plot([s for s, _ in points], [v for _, v in points], "o--", label=f"eval {domain}")
     ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title="Loss")
@@ -103,10 +122,12 @@ def plot_losses(path: Path, logs: list[dict], evals: dict[str, list[tuple[int, f
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
+    return fig
 
 
 def plot_utilization(path: Path, final: dict[str, dict], logs: list[dict], num_experts: int) -> None:
-    """Left: each expert's share of routed tokens per domain (final model). Right: shares over training."""
+    """Left: each expert's share of routed tokens per domain (final model). Right: shares over training. Returns the
+    figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -119,16 +140,17 @@ def plot_utilization(path: Path, final: dict[str, dict], logs: list[dict], num_e
     left.set(xlabel="expert", ylabel="share of routed tokens", title="Expert utilisation per domain (final)")
     left.set_xticks(range(num_experts))
     left.legend()
+    steps = [r["step"] for r in logs]
     for e in range(num_experts):
-        right.plot(
-            [r["step"] for r in logs], [r.get(f"util_expert_{e}", float("nan")) for r in logs], label=f"expert {e}"
-        )
+        shares = [r.get(f"util_expert_{e}", float("nan")) for r in logs]
+        right.plot(steps, shares, marker=_marker(steps), label=f"expert {e}")
     right.set(xlabel="optimizer step", ylabel="share of routed tokens", title="Expert utilisation in training")
     right.legend()
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
+    return fig
 
 
 def eval_history(records: list[dict], domains: list[str]) -> dict[str, list[tuple[int, float]]]:
@@ -149,14 +171,23 @@ def write_report(
     domains: list[str],
     num_experts: int,
     run_info: dict[str, str],
+    specialisation: SpecialisationStats | None = None,
+    tokenizer=None,
 ) -> Path:
-    """Write ``summary.md``, ``loss.png`` and ``utilization.png`` into ``output_dir``; returns the summary's path."""
+    """Write ``summary.md``, ``loss.png`` and ``utilization.png`` into ``output_dir``; returns the summary's path.
+    With ``specialisation`` (the final evaluation's routing masses) also the specialisation section and its pictures
+    (:func:`~dylora_moe.specialisation_report.specialisation_section`; ``tokenizer`` prints the tokens)."""
     output_dir = Path(output_dir)
     records = read_metrics(output_dir / "metrics.jsonl") if (output_dir / "metrics.jsonl").is_file() else []
     logs = training_logs(records)
     first, last = domain_metrics(initial, domains, num_experts), domain_metrics(final, domains, num_experts)
     plot_losses(output_dir / LOSS_PLOT, logs, eval_history(records, domains))
     plot_utilization(output_dir / UTIL_PLOT, last, logs, num_experts)
+    spec_text = (
+        ""
+        if specialisation is None
+        else specialisation_section(specialisation, tokenizer, output_dir, records, final_metrics=final) + "\n"
+    )
     info = "\n".join(f"- {key}: {value}" for key, value in run_info.items())
     text = f"""# DyLoRA-MoE training summary
 
@@ -170,7 +201,7 @@ def write_report(
 
 {utilization_table(last)}
 
-## Training (logged steps)
+{spec_text}## Training (logged steps)
 
 {training_table(logs, num_experts) if logs else "No training step was logged."}
 

@@ -8,9 +8,11 @@ What the stock Trainer (transformers 5) does not do for this model, and this mod
   ``metrics.jsonl`` (integrations such as wandb get the same dict through ``Trainer.log``).
 - Evaluation: the same routing statistics per evaluation set, plus perplexity (``eval_<domain>_ppl``).
 - Saving: ``DyLoRA_MoE`` is not a PreTrainedModel, so the stock Trainer would write its whole state dict (the frozen
-  base included, which fails on tied embeddings); :meth:`MoETrainer._save` writes experts + router through
-  ``save_pretrained`` instead, and checkpoints are staged under a temporary name and renamed when complete, so a
-  save cut short never leaves a ``checkpoint-N`` that resume would load.
+  base included, which fails on tied embeddings); :meth:`MoETrainer._save` (the Trainer's extension point for the
+  model files) writes experts + router through ``save_pretrained`` instead. The rest of a checkpoint is the stock
+  ``Trainer._save_checkpoint``, pointed at a staging folder and published by one rename when complete, so a save
+  cut short never leaves a ``checkpoint-N`` that resume would load. Every checkpoint records the run id
+  (:class:`RunIdentity`, a stateful callback) and every ``metrics.jsonl`` row too (:class:`MetricsFile`).
 - Resume and best-model reload read those files back into the live model.
 """
 
@@ -31,11 +33,29 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .runs import CheckpointNotFound, read_metrics
+
+__all__ = ["CheckpointNotFound", "DomainEarlyStopping", "MetricsFile", "MoETrainer", "RunIdentity", "RoutingStats"]
+
 STAGING_PREFIX = ".staging-"
+TRAINING_ARGS_FILE = "training_args.json"
 
 
-class CheckpointNotFound(FileNotFoundError):
-    """Resume was asked for, and the run folder holds no complete checkpoint."""
+def _args_file(folder: str) -> str:
+    return os.path.join(folder, TRAINING_ARGS_FILE)
+
+
+def _publish(staging: str, target: str) -> None:
+    """Rename ``staging`` to ``target``, replacing an earlier ``target`` whole (kept aside until the rename)."""
+    if not os.path.exists(target):
+        os.rename(staging, target)
+        return
+    parent, name = os.path.split(target)
+    old = os.path.join(parent, f"{STAGING_PREFIX}{name}-old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(target, old)
+    os.rename(staging, target)
+    shutil.rmtree(old)
 
 
 class RoutingStats:
@@ -106,16 +126,37 @@ def peak_memory_mb() -> float:
 
 
 class MetricsFile(TrainerCallback):
-    """Appends every log (training and evaluation) to ``<output_dir>/metrics.jsonl``, from the main process only."""
+    """Appends every log (training and evaluation) to ``<output_dir>/metrics.jsonl``, from the main process only,
+    one JSON object a line tagged with the run id. A log the file already holds from before this process started
+    (same step, same keys: the baseline evaluation of a resumed run) is not written twice."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, run_id: str | None = None):
+        self.path, self.run_id = Path(path), run_id
+        self.logged_before = {_log_key(row) for row in read_metrics(self.path)[0]}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not (state.is_world_process_zero and logs):
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), "run_id": self.run_id, **logs}
+        if _log_key(record) in self.logged_before:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _log_key(row: dict) -> tuple:
+    return row.get("step"), frozenset(k for k in row if k not in ("step", "epoch", "time", "run_id"))
+
+
+class RunIdentity(TrainerCallback, ExportableState):  # runs.IDENTITY_CALLBACK is this class's name
+    """Records the run id and model flags in every checkpoint's ``trainer_state.json`` (the Trainer saves the state
+    of stateful callbacks), so a resume can tell this run's checkpoints from another run's."""
+
+    def __init__(self, run_id: str, fingerprint: dict):
+        self.run_id, self.fingerprint = run_id, dict(fingerprint)
+
+    def state(self) -> dict:
+        return {"args": {"run_id": self.run_id, "fingerprint": self.fingerprint}, "attributes": {}}
 
 
 class StepClock(TrainerCallback):
@@ -192,55 +233,63 @@ class MoETrainer(Trainer):
     # ----- saving and loading ------------------------------------------------------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Experts (peft format) + router + config through the model's ``save_pretrained``; tokenizer; args.
+        """Experts (peft format) + router + config through the model's ``save_pretrained``; tokenizer; arguments.
 
-        ``save_pretrained`` replaces its folder whole, so with no folder given this writes ``<output_dir>/final``,
-        never the run folder itself (which holds the checkpoints and metrics)."""
+        A checkpoint's files go straight into its folder inside the staging folder (:meth:`_save_checkpoint`
+        publishes it). Any other folder (``final/`` by default, never the run folder itself) is written under a
+        staging name beside it and swapped in whole, so a kill leaves the previous version or the new one, never
+        half of one."""
         if not self.args.should_save:
             return
-        output_dir = output_dir or os.path.join(self.args.output_dir, "final")
-        os.makedirs(output_dir, exist_ok=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        output_dir = os.path.abspath(output_dir or os.path.join(self.args.output_dir, "final"))
+        parent, name = os.path.split(output_dir)
+        if name.startswith(STAGING_PREFIX) or os.path.basename(parent).startswith(STAGING_PREFIX):
+            self._write_model(output_dir)
+            return
+        if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(_args_file(output_dir)):
+            raise FileExistsError(
+                f"{output_dir} exists and was not written by save_model (no {TRAINING_ARGS_FILE}): not replacing it"
+            )
+        staging = os.path.join(parent, STAGING_PREFIX + name)
+        shutil.rmtree(staging, ignore_errors=True)
+        self._write_model(staging)
+        _publish(staging, output_dir)
+
+    def _write_model(self, folder: str) -> None:
+        self.accelerator.unwrap_model(self.model).save_pretrained(folder)
         if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            self.processing_class.save_pretrained(folder)
+        Path(_args_file(folder)).write_text(self.args.to_json_string())  # JSON: nothing to unpickle at load
 
     def _barrier(self) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
 
     def _save_checkpoint(self, model, trial) -> None:
-        """The stock checkpoint (model, optimizer, scheduler, RNG, trainer state), staged then renamed."""
+        """The stock checkpoint (model through :meth:`_save`, optimizer, scheduler, scaler, RNG per process, trainer
+        state with the stateful callbacks), written by ``Trainer._save_checkpoint`` into a staging folder, then
+        published by one rename and rotated: a save cut short never leaves a ``checkpoint-N`` a resume would take."""
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        final, staging = os.path.join(run_dir, name), os.path.join(run_dir, STAGING_PREFIX + name)
+        staging_root = os.path.join(run_dir, STAGING_PREFIX + name)
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
         if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-        self.store_flos()
-        self.save_model(staging, _internal_call=True)  # main process; replaces the folder whole, so it goes first
+            shutil.rmtree(staging_root, ignore_errors=True)
         self._barrier()
-        if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(staging)
-            self._save_scaler(staging)
-            self._save_rng_state(staging)  # one file per process
-        best_step = self.state.best_global_step
-        if best_step:
-            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")
-            if best_step == self.state.global_step or os.path.isdir(best):
-                self.state.best_model_checkpoint = best
-        if self.args.should_save:
-            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
-                name_cb = cb.__class__.__name__
-                if isinstance(self.state.stateful_callbacks.get(name_cb), list):
-                    self.state.stateful_callbacks[name_cb].append(cb.state())
-                else:
-                    self.state.stateful_callbacks[name_cb] = cb.state()
-            self.state.save_to_json(os.path.join(staging, "trainer_state.json"))
+        self._staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)  # writes <staging_root>/checkpoint-N
+        finally:
+            self._staging_root = None
+        best = self.state.best_model_checkpoint
+        if best and os.path.dirname(best) == staging_root:  # this step is the best: point at where it will be
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
         self._barrier()  # every process has written its part
         if self.args.should_save:
-            if os.path.isdir(final):  # a checkpoint of the same step from an earlier run: replace it whole
-                shutil.rmtree(final)
-            os.rename(staging, final)
+            _publish(staged, final)  # a checkpoint of the same step (an abandoned segment of the run): replaced
+            shutil.rmtree(staging_root)
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
@@ -248,6 +297,10 @@ class MoETrainer(Trainer):
                 use_mtime=True,
             )
         self._barrier()
+
+    def _get_output_dir(self, trial) -> str:
+        """The staging folder while :meth:`_save_checkpoint` runs the stock save, else the stock run folder."""
+        return getattr(self, "_staging_root", None) or super()._get_output_dir(trial=trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self.load_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)

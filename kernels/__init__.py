@@ -7,28 +7,31 @@ This module is the one dispatch point between backends; it knows nothing of mode
 Backends:
   - ``"triton"``: the Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
   - ``"eager"``: vectorised PyTorch of the same math (the CPU path, the benchmark baseline, the test oracle).
-  - ``"loop"`` (moe_lora only): a Python loop over experts, the way most MoE-LoRA code does it (benchmarks).
-  - ``"auto"``: triton for CUDA tensors, eager otherwise.
+  - ``"loop"``: for moe_lora a Python loop over experts, the way most MoE-LoRA code does it (benchmarks); for
+    topk_route the eager router (one vocabulary for both ops).
+  - ``"auto"``: triton for CUDA tensors, eager otherwise, decided from the tensors' device at each call.
+
+Files: stacked.py / stacked_kernels.py (all experts as one rank space), grouped.py / grouped_kernels.py (pairs
+sorted by expert), router.py (the fused top-k router), eager.py (the PyTorch twins), routing_meta.py (gate, counts
+and sort built once per step), _launch.py (launch point, configs, the one op registration helper).
 """
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 
 from . import eager
-from .routing_meta import dense_gate
+from ._launch import resolve_backend
+from .routing_meta import RoutingMeta, check_expert_ids, dense_gate
 
-__all__ = ["moe_lora", "topk_route", "RouteResult", "resolve_backend", "dense_gate"]
-
-_BACKENDS = ("auto", "triton", "eager")
+__all__ = ["moe_lora", "topk_route", "RouteResult", "RoutingMeta", "resolve_backend", "dense_gate"]
 
 
 class RouteResult(NamedTuple):
-    """Output of :func:`topk_route`. ``weights``/``ids`` are [T, K]; ``dense`` is [T, E] (the scatter of
-    ``weights``); ``counts`` [E] is how many tokens picked each expert; ``mean_prob`` [E] is the mean of the full
+    """Output of :func:`topk_route`. ``weights``/``ids`` are [..., K] and ``dense`` [..., E] with the leading dims
+    of the logits; ``counts`` [E] is how many tokens picked each expert; ``mean_prob`` [E] is the mean of the full
     tempered softmax over tokens (for load-balancing losses)."""
 
     weights: torch.Tensor
@@ -38,38 +41,34 @@ class RouteResult(NamedTuple):
     mean_prob: torch.Tensor
 
 
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _check_scaling(scaling, num_experts: int) -> None:
+    if isinstance(scaling, torch.Tensor):
+        if scaling.shape != (num_experts,) or not scaling.dtype.is_floating_point:
+            raise ValueError(
+                f"scaling must be a float or a floating tensor [E={num_experts}] (alpha_e / r_e per expert); "
+                f"got a {scaling.dtype} tensor of shape {tuple(scaling.shape)}"
+            )
+    elif not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a float or a tensor [E]; got {type(scaling).__name__}")
 
 
-def resolve_backend(backend: str, device: torch.device, extra: tuple[str, ...] = ()) -> str:
-    """Map ``backend`` to the one that runs on ``device``; raise a ValueError/RuntimeError naming the fix."""
-    if backend not in _BACKENDS + extra:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(_BACKENDS + extra)}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "eager"
-    if backend == "triton" and device.type != "cuda" and not interpreter_enabled():
-        raise RuntimeError(
-            f"backend='triton' got tensors on {device.type}, and Triton kernels need a CUDA GPU. "
-            "Use backend='eager' (or 'auto') on the CPU, or set TRITON_INTERPRET=1 before triton is imported "
-            "to run the kernels in Triton's (slow) interpreter."
-        )
-    return backend
-
-
-def _check_moe_lora_inputs(x, lora_a, lora_b, expert_ids, expert_weights, dropout_mask, validate_ids):
+def _check_moe_lora_inputs(x, lora_a, lora_b, expert_ids, expert_weights, scaling, dropout_mask, base_output):
     if lora_a.dim() != 3 or lora_b.dim() != 3:
         raise ValueError(
             f"lora_a must be [E, r, d_in] and lora_b [E, d_out, r]; got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}"
         )
     num_experts, rank, d_in = lora_a.shape
+    if x.shape[-1] != d_in:
+        hint = " (did you pass lora_a transposed, [E, d_in, r] instead of [E, r, d_in]?)" if rank == x.shape[-1] else ""
+        raise ValueError(f"x has last dim {x.shape[-1]} but lora_a {tuple(lora_a.shape)} expects d_in={d_in}{hint}")
     if lora_b.shape[0] != num_experts or lora_b.shape[2] != rank:
+        hint = ""
+        if lora_b.shape[0] == num_experts and lora_b.shape[1] == rank:
+            hint = " (did you pass lora_b transposed, [E, r, d_out] instead of [E, d_out, r]?)"
         raise ValueError(
             f"lora_b {tuple(lora_b.shape)} does not match lora_a {tuple(lora_a.shape)}: expected [E={num_experts}, "
-            f"d_out, r={rank}]"
+            f"d_out, r={rank}]{hint}"
         )
-    if x.shape[-1] != d_in:
-        raise ValueError(f"x has last dim {x.shape[-1]} but lora_a expects d_in={d_in}")
     if expert_ids.shape != expert_weights.shape:
         raise ValueError(
             f"expert_ids {tuple(expert_ids.shape)} and expert_weights {tuple(expert_weights.shape)} "
@@ -77,27 +76,35 @@ def _check_moe_lora_inputs(x, lora_a, lora_b, expert_ids, expert_weights, dropou
         )
     if expert_ids.dim() < 1 or expert_ids.shape[:-1] != x.shape[:-1]:
         raise ValueError(
-            f"expert_ids {tuple(expert_ids.shape)} must be [..., k] with the leading dims of x {tuple(x.shape)}"
+            f"expert_ids {tuple(expert_ids.shape)} must be [..., k] with the leading dims of x {tuple(x.shape)}; "
+            f"expected [{', '.join(map(str, x.shape[:-1]))}, k]"
         )
     if expert_ids.dtype.is_floating_point or expert_ids.dtype == torch.bool:
         raise TypeError(f"expert_ids must be an integer tensor, got {expert_ids.dtype}")
-    if not (x.dtype == lora_a.dtype == lora_b.dtype):
-        raise TypeError(f"x, lora_a, lora_b must share a dtype; got {x.dtype}, {lora_a.dtype}, {lora_b.dtype}")
-    if not x.dtype.is_floating_point or not expert_weights.dtype.is_floating_point:
-        raise TypeError(f"x and expert_weights must be floating point; got {x.dtype} and {expert_weights.dtype}")
+    for name, t in (("x", x), ("lora_a", lora_a), ("lora_b", lora_b), ("expert_weights", expert_weights)):
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be floating point; got {t.dtype}")
+    if x.dtype == torch.float64 and lora_a.dtype != torch.float64:
+        raise TypeError(
+            f"x is float64 but lora_a/lora_b are {lora_a.dtype}/{lora_b.dtype}: float64 needs float64 weights "
+            "(weights may be float32 masters under float16/bfloat16/float32 activations)"
+        )
+    _check_scaling(scaling, num_experts)
     tensors = {"x": x, "lora_a": lora_a, "lora_b": lora_b, "expert_ids": expert_ids, "expert_weights": expert_weights}
     if dropout_mask is not None:
         if dropout_mask.shape != x.shape:
             raise ValueError(f"dropout_mask {tuple(dropout_mask.shape)} must have the shape of x {tuple(x.shape)}")
         tensors["dropout_mask"] = dropout_mask
+    if base_output is not None:
+        expected = (*x.shape[:-1], lora_b.shape[1])
+        if base_output.shape != expected:
+            raise ValueError(f"base_output {tuple(base_output.shape)} must be [..., d_out] = {expected}")
+        tensors["base_output"] = base_output
+    if isinstance(scaling, torch.Tensor):
+        tensors["scaling"] = scaling
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         raise ValueError(f"all inputs must be on one device; got {devices}")
-    if validate_ids and expert_ids.numel() > 0:
-        # One host sync; modules that build ids with topk_route pass validate_ids=False.
-        lo, hi = int(expert_ids.min()), int(expert_ids.max())
-        if lo < 0 or hi >= num_experts:
-            raise IndexError(f"expert_ids must be in [0, {num_experts}); found values in [{lo}, {hi}]")
 
 
 def moe_lora(
@@ -106,45 +113,81 @@ def moe_lora(
     lora_b: torch.Tensor,
     expert_ids: torch.Tensor,
     expert_weights: torch.Tensor,
-    scaling: float,
+    scaling: float | torch.Tensor,
     *,
     dropout_mask: torch.Tensor | None = None,
     backend: str = "auto",
     validate_ids: bool = True,
     triton_path: str = "auto",
+    routing: RoutingMeta | None = None,
+    base_output: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """LoRA delta of a mixture of experts: ``y[t] = scaling * sum_j w[t,j] * B[e[t,j]] A[e[t,j]] x~[t]``.
+    """LoRA delta of a mixture of experts: ``y[t] = sum_j w[t,j] * c[e] * B[e] A[e] x~[t]`` with e = ids[t,j].
 
     Args:
         x: [..., d_in]; leading dims are flattened by the op and restored on the output.
-        lora_a: [E, r, d_in] stacked expert A matrices. lora_b: [E, d_out, r] stacked B matrices.
+        lora_a: [E, r, d_in] stacked expert A matrices. lora_b: [E, d_out, r] stacked B matrices. They may be
+            float32 masters under float16/bfloat16 x (read directly by the kernels; gradients stay float32).
         expert_ids: [..., k] integer expert of each routing slot (k = E is dense routing).
         expert_weights: [..., k] weight of each slot (differentiable; feeds the router).
-        scaling: alpha / r.
+        scaling: c = alpha / r, a float, or a tensor [E] of per-expert alpha_e / r_e.
         dropout_mask: optional [..., d_in] multiplier on x for the LoRA input (already scaled by 1/(1-p)).
         backend: "auto" | "triton" | "eager" | "loop" (see the module docstring).
-        validate_ids: check ids are in [0, E) (one host sync on a GPU).
-        triton_path: "auto" | "stacked" | "grouped": the Triton formulation (see moe_lora_triton.choose_path).
+        validate_ids: check ids are in [0, E): an IndexError naming the values found on the CPU, a device-side
+            assert elsewhere (no host sync). Ignored when ``routing`` is given (its ids were checked, device-side,
+            when it was built).
+        triton_path: "auto" | "stacked" | "grouped": the Triton formulation (see grouped.choose_path).
+        routing: per-step metadata of these ids/weights (flattened to [T, k]); layers share one per step so the
+            gate and sort are not rebuilt (dylora_moe.routing.Routing.meta builds it).
+        base_output: [..., d_out] output of the frozen layer: returns base_output + delta. On the Triton stacked
+            path in eager mode the delta is accumulated into ``base_output`` in place (one pass, no extra add), so
+            do not reuse its old value.
+        dropout_p, dropout_seed: LoRA dropout drawn inside the kernels from a Philox stream keyed by the int64
+            ``dropout_seed`` tensor (no [T, d_in] mask is built or saved on the stacked path). The eager and loop
+            backends draw the same mask (eager.philox_dropout_mask). Exclusive with ``dropout_mask``.
 
-    Returns the delta [..., d_out] in x's dtype; add it to the base layer's output.
-    Gradients flow to x, lora_a, lora_b and expert_weights (DESIGN 3); deterministic on every backend.
+    Returns the delta (or base_output + delta) [..., d_out] in x's dtype (base_output's dtype when given).
+    Gradients flow to x, lora_a, lora_b, expert_weights and base_output (DESIGN 3); deterministic on every backend.
     """
-    _check_moe_lora_inputs(x, lora_a, lora_b, expert_ids, expert_weights, dropout_mask, validate_ids)
-    backend = resolve_backend(backend, x.device, extra=("loop",))
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    ids2 = expert_ids.reshape(-1, expert_ids.shape[-1])
-    w2 = expert_weights.reshape(-1, expert_weights.shape[-1])
-    mask2 = None if dropout_mask is None else dropout_mask.reshape(-1, x.shape[-1])
+    _check_moe_lora_inputs(x, lora_a, lora_b, expert_ids, expert_weights, scaling, dropout_mask, base_output)
+    if dropout_p and dropout_mask is not None:
+        raise ValueError("pass either dropout_mask or dropout_p/dropout_seed, not both")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
+    if dropout_p and dropout_seed is None:
+        raise ValueError("dropout_p > 0 needs dropout_seed: an int64 tensor with one element on x's device")
+    backend = resolve_backend(backend, x.device)
+    num_experts = lora_a.shape[0]
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, d_in)
+    if routing is None:
+        k = expert_ids.shape[-1]
+        if validate_ids:
+            check_expert_ids(expert_ids, num_experts)
+        routing = RoutingMeta(expert_ids.reshape(-1, k), expert_weights.reshape(-1, k), num_experts, check_ids=False)
+    elif routing.num_tokens != x2.shape[0] or routing.num_experts != num_experts:
+        raise ValueError(
+            f"routing metadata is for {routing.num_tokens} tokens and {routing.num_experts} experts; "
+            f"expected {x2.shape[0]} tokens and {num_experts} experts"
+        )
+    seed = dropout_seed.reshape(1) if dropout_p else None
     if backend == "triton":
-        from .moe_lora_triton import moe_lora_triton
+        from .grouped import moe_lora_triton
 
-        out = moe_lora_triton(x2, lora_a, lora_b, ids2, w2, float(scaling), mask2, path=triton_path)
-    elif backend == "loop":
-        out = eager.moe_lora_loop(x2, lora_a, lora_b, ids2, w2, scaling, mask2)
+        return moe_lora_triton(
+            x, lora_a, lora_b, routing, scaling, dropout_mask, seed, dropout_p, base_output, triton_path
+        )
+    mask2 = None if dropout_mask is None else dropout_mask.reshape(-1, d_in)
+    if seed is not None:
+        mask2 = eager.philox_dropout_mask(seed, tuple(x2.shape), dropout_p, x.dtype)
+    if backend == "loop":
+        out = eager.moe_lora_loop(x2, lora_a, lora_b, routing.ids, routing.weights, scaling, mask2)
     else:
-        out = eager.moe_lora_eager(x2, lora_a, lora_b, ids2, w2, scaling, mask2)
-    return out.reshape(*lead, lora_b.shape[1])
+        out = eager.moe_lora_eager(x2, lora_a, lora_b, routing.gate, scaling, mask2)
+    out = out.reshape(*lead, lora_b.shape[1])
+    return out if base_output is None else base_output + out.to(base_output.dtype)
 
 
 def topk_route(
@@ -156,12 +199,14 @@ def topk_route(
     backend: str = "auto",
     check_finite: bool = True,
 ) -> RouteResult:
-    """Fused top-k router over ``logits`` [T, E] (leading dims are flattened).
+    """Fused top-k router over ``logits`` [..., E]; weights/ids [..., K] and dense [..., E] keep the leading dims.
 
     Tempered softmax ``p = softmax(logits / temperature)``, the top-k of p (ties: the lowest expert id wins),
     weights = the k probabilities, renormalised to sum to 1 when ``normalize``. Differentiable in ``logits``
-    through ``weights``, ``dense`` and ``mean_prob``. Non-finite logits raise a ValueError when ``check_finite``
-    (one host sync on a GPU); otherwise they propagate NaN.
+    through ``weights``, ``dense`` and ``mean_prob``. ``backend``: "auto" | "triton" | "eager" | "loop" ("loop"
+    is the eager router: there is no per-expert loop to run). Non-finite logits fail a device-side assert when
+    ``check_finite`` (a RuntimeError naming the problem, with no host sync: a CUDA graph or a sync-free step keeps
+    it); otherwise they propagate NaN.
     """
     if logits.dim() < 1 or not logits.dtype.is_floating_point:
         raise ValueError(f"logits must be a floating tensor [..., E]; got {logits.dtype} {tuple(logits.shape)}")
@@ -172,12 +217,19 @@ def topk_route(
         raise ValueError(f"top_k must be an int in [1, {num_experts}] (the number of experts); got {top_k!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature!r}")
+    lead = logits.shape[:-1]
     logits2 = logits.reshape(-1, num_experts)
-    if check_finite and logits2.numel() > 0 and not bool(torch.isfinite(logits2).all()):
-        raise ValueError("router logits contain NaN or Inf; check the gate weights and the hidden states feeding it")
+    if check_finite and logits2.numel() > 0:
+        message = "router logits contain NaN or Inf; check the gate weights and the hidden states feeding it"
+        torch._assert_async(torch.isfinite(logits2).all(), message)
     backend = resolve_backend(backend, logits.device)
     if backend == "triton":
         from .router import topk_route_triton
 
-        return RouteResult(*topk_route_triton(logits2, top_k, float(temperature), bool(normalize)))
-    return RouteResult(*eager.topk_route_eager(logits2, top_k, temperature, normalize))
+        result = topk_route_triton(logits2, top_k, float(temperature), bool(normalize))
+    else:
+        result = eager.topk_route_eager(logits2, top_k, temperature, normalize)
+    weights, ids, dense, counts, mean_prob = result
+    return RouteResult(
+        weights.reshape(*lead, top_k), ids.reshape(*lead, top_k), dense.reshape(*lead, num_experts), counts, mean_prob
+    )

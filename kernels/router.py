@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import resolve_backend
+from ._launch import launch, resolve_backend
 
 __all__ = ["topk_route_triton", "topk_route_forward", "topk_route_backward"]
 
@@ -283,7 +283,8 @@ def topk_route_forward(logits: torch.Tensor, top_k: int, temperature: float, nor
     part_counts = torch.empty(num_blocks, num_experts, device=logits.device, dtype=torch.int32)
     part_probs = torch.empty(num_blocks, num_experts, **f32)
     with _device_guard(logits):
-        _topk_route_fwd_kernel[(num_blocks,)](
+        launch(
+            _topk_route_fwd_kernel, (num_blocks,),
             logits, weights, ids, dense, part_counts, part_probs,
             num_tokens, num_experts, logits.stride(0), logits.stride(1), float(temperature),
             K=top_k, NORMALIZE=bool(normalize),
@@ -291,7 +292,8 @@ def topk_route_forward(logits: torch.Tensor, top_k: int, temperature: float, nor
             num_warps=num_warps,
         )  # fmt: skip
         stats_block_e = min(block_e, _STATS_BLOCK_E)
-        _route_stats_kernel[(triton.cdiv(num_experts, stats_block_e),)](
+        launch(
+            _route_stats_kernel, (triton.cdiv(num_experts, stats_block_e),),
             part_counts, part_probs, counts, mean_prob, num_blocks, num_experts, num_tokens,
             BLOCK_N=min(_STATS_TILE_ELEMENTS // stats_block_e, triton.next_power_of_2(num_blocks)),
             BLOCK_E=stats_block_e, num_warps=_STATS_NUM_WARPS,
@@ -309,7 +311,8 @@ def topk_route_backward(logits, ids, dweights, ddense, dmean, temperature: float
         return dlogits
     block_t, block_e, num_warps = _launch_config(num_tokens, num_experts)
     with _device_guard(logits):
-        _topk_route_bwd_kernel[(triton.cdiv(num_tokens, block_t),)](
+        launch(
+            _topk_route_bwd_kernel, (triton.cdiv(num_tokens, block_t),),
             logits, ids, _or_dummy(dweights, logits), _or_dummy(ddense, logits), _or_dummy(dmean, logits), dlogits,
             num_tokens, num_experts, *logits.stride(), *ids.stride(),
             *_strides(dweights, 2), *_strides(ddense, 2), *_strides(dmean, 1),

@@ -30,7 +30,7 @@ def test_save_load_same_outputs_and_peft_loads_each_expert(tmp_path, build):
     experts = [f"expert_{i}/{n}" for i in range(3) for n in ("adapter_config.json", "adapter_model.safetensors")]
     assert files == sorted(experts + ["dylora_moe_config.json", "router.safetensors"])
 
-    loaded = DyLoRA_MoE.from_pretrained(tmp_path / "ckpt", build(), kernel="eager").eval()
+    loaded = DyLoRA_MoE.from_pretrained(build(), tmp_path / "ckpt", kernel="eager").eval()
     assert (loaded.routing, loaded.router.top_k, loaded.z_loss_coefficient) == ("token", 2, 1e-3)
     assert loaded.router.expert_maturity.tolist() == [1.0, 1.0, 0.0]
     with torch.no_grad():
@@ -56,7 +56,7 @@ def test_expert_weights_round_trip_and_count_mismatch(tmp_path):
     with pytest.raises(ValueError, match="has 3 experts but the model has 2"):
         ckpt.load_checkpoint(other, tmp_path / "ckpt")
     with pytest.raises(FileNotFoundError, match="not a DyLoRA_MoE checkpoint"):
-        DyLoRA_MoE.from_pretrained(tmp_path, tiny_llama())
+        DyLoRA_MoE.from_pretrained(tiny_llama(), tmp_path)
     with pytest.raises(KeyError, match="missing"):
         moe.expert_manager.load_expert_weights(0, {})
 

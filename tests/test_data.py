@@ -180,3 +180,33 @@ def test_hub_source_offline_says_what_to_pass(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match=r"could not load google-research-datasets/mbpp from the hub.*pass --data_dir"):
         load_domain("hub", "mbpp")
+
+
+def test_local_files_are_read_through_datasets(tmp_path, monkeypatch):
+    needs_datasets()
+    import datasets
+
+    folder = _write_corpora(tmp_path / "data")
+    calls = []
+    real = datasets.load_dataset
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    mbpp = load_domain(folder, "mbpp")
+    assert calls == [(("json",), {"data_files": str(folder / "mbpp.jsonl"), "split": "train"})]
+    assert sorted(mbpp.texts["train"] + mbpp.texts["validation"] + mbpp.texts["test"]) == sorted(
+        f"Write a function number {i}." for i in range(30)
+    )
+
+
+def test_json_lines_missing_field_names_the_line(tmp_path):
+    needs_datasets()
+    folder = _write_corpora(tmp_path / "data")
+    lines = (folder / "mbpp.jsonl").read_text().splitlines()
+    lines[11] = json.dumps({"task_id": 11, "code": "pass"})  # no problem statement
+    (folder / "mbpp.jsonl").write_text("\n".join(lines[:5] + [""] + lines[5:]) + "\n")  # a blank line shifts rows
+    with pytest.raises(DataError, match=r"mbpp.jsonl line 13: missing string field 'text'"):
+        load_domain(folder, "mbpp")

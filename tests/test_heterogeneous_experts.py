@@ -10,9 +10,6 @@ from moe_models import batch, tiny_llama
 from dylora_moe import DyLoRA_MoE, ExpertManager, load_lora_experts, save_lora_experts
 from tolerances import assert_close
 
-# Remove this mark once MoELoRALinear.add_expert(r=None, alpha=None) (helper "kernels") is merged.
-pytestmark = pytest.mark.xfail(reason="needs per-expert rank in MoELoRALinear (kernels branch)", strict=False)
-
 RANKS, ALPHAS = [2, 6, 4], [4.0, 3.0, 16.0]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -99,7 +96,6 @@ def test_growth_with_the_original_rank_rule_and_expert_files(tmp_path):
         assert torch.equal(other.eval()(input_ids, mask).logits, moe(input_ids, mask).logits)
 
 
-@pytest.mark.xfail(reason="also needs per-expert r/alpha adapters in checkpoint.py (ckpt branch)", strict=False)
 def test_checkpoint_of_heterogeneous_experts_round_trips(tmp_path):
     moe = DyLoRA_MoE(tiny_llama(layers=1), config=None, num_experts=3, lora_r=4, lora_alpha=8, expert_ranks=[4, 2, 8],
                      expert_alphas=[8, 2, 32], kernel="eager").eval()  # fmt: skip

@@ -9,6 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import DEVICE
 from dylora_moe import MoELoRALinear, Routing, RoutingContext
+from dylora_moe.kernels.eager import philox_dropout_mask
 from tolerances import assert_close
 
 BACKENDS = ("eager", "reference", "triton")
@@ -77,8 +78,10 @@ def test_layer_matches_formula_values_and_grads(backend, kind, k):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dropout_mask_is_the_same_on_every_backend(backend):
-    """In training the LoRA input is x * mask, mask ~ Bernoulli(1-p)/(1-p), drawn from torch's RNG before the op."""
+def test_dropout_mask_is_the_one_each_backend_draws(backend):
+    """In training the LoRA input is x * mask, mask in {0, 1/(1-p)}. Eager and reference draw it with torch's
+    RNG (bernoulli); triton draws it inside the kernels from a Philox seed the layer takes from torch's RNG, and
+    eager.philox_dropout_mask regenerates exactly that mask from the same seed."""
     device = DEVICE if backend == "triton" else "cpu"
     layer = make_layer("linear", dropout=0.5, kernel=backend).to(device).train()
     x = torch.randn(2, 5, 12, device=device)
@@ -87,7 +90,12 @@ def test_dropout_mask_is_the_same_on_every_backend(backend):
     torch.manual_seed(7)
     y = layer(x)
     torch.manual_seed(7)
-    mask = torch.empty_like(x).bernoulli_(0.5).div_(0.5)
+    if backend == "triton":
+        seed = torch.randint(0, 2**31 - 1, (1,), device=device)
+        mask = philox_dropout_mask(seed, (10, 12), 0.5).view(2, 5, 12)
+    else:
+        mask = torch.empty_like(x).bernoulli_(0.5).div_(0.5)
+    assert 0 < int((mask == 0).sum()) < mask.numel()
     expected = formula(x, layer.base_layer, layer.lora_A, layer.lora_B, ids, weights, layer.scaling, mask)
     assert_close(y, expected, torch.float32)
     layer.eval()
@@ -137,6 +145,11 @@ def test_bad_input():
     layer.context.set_active_expert(5)
     with pytest.raises(IndexError, match="out of range"):
         layer(torch.randn(2, 6, 12))
+    layer.context.set(Routing(torch.full((2, 6, 1), 3), torch.ones(2, 6, 1)))  # expert 3 of 3: a device-side assert
+    with pytest.raises(RuntimeError, match=r"\[0, 3\)"):
+        layer(torch.randn(2, 6, 12))
+    with pytest.raises(ValueError, match="one value per expert"):
+        MoELoRALinear(make_base("linear"), 2, 4, 8.0, expert_ranks=[4])
     with pytest.raises(ValueError, match=r"\[B, S, k\]"):
         Routing(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3))
 
@@ -157,3 +170,131 @@ def test_half_precision_base_keeps_float32_experts():
     assert y.dtype == torch.float16
     y.float().sum().backward()
     assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_half_precision_activations_get_float32_weight_grads_of_the_formula():
+    """fp16 activations over fp32 master weights: the ops read the fp32 weights directly, and the weight
+    gradients are fp32 and match the float64 formula (no rounding of the weights or their gradients to fp16)."""
+    for backend in ("eager", "triton"):
+        device = DEVICE if backend == "triton" else "cpu"
+        layer = MoELoRALinear(nn.Linear(12, 10).half(), 3, 4, 8.0, kernel=backend).to(device)
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        assert layer.lora_A.dtype == torch.float32
+        x = torch.randn(2, 5, 12, device=device).half()
+        ids, weights = (t.detach().to(device) for t in routing(2, 5, 3, 2))
+        layer.context.set(Routing(ids, weights))
+        y = layer(x)
+        assert y.dtype == torch.float16
+        grad_out = torch.randn(y.shape, device=device).half()
+        da, db = torch.autograd.grad(y, (layer.lora_A, layer.lora_B), grad_out)
+        assert da.dtype == db.dtype == torch.float32
+        a64, b64 = layer.lora_A.detach().double().requires_grad_(), layer.lora_B.detach().double().requires_grad_()
+        base64 = nn.Linear(12, 10).double().to(device)
+        base64.load_state_dict({k: v.double() for k, v in layer.base_layer.state_dict().items()})
+        ref = formula(x.double(), base64, a64, b64, ids, weights.double(), layer.scaling)
+        want = torch.autograd.grad(ref, (a64, b64), grad_out.double())
+        assert_close(y, ref, torch.float16)
+        for name, g, w in zip(("A", "B"), (da, db), want):
+            assert_close(g, w, torch.float16, msg=f"d{name} {backend}")
+
+
+def per_expert_formula(x, base, layer, ids, weights):
+    """Each expert a separate LoRA of its own rank r_e and scaling alpha_e / r_e (sliced, no padding)."""
+    y = base(x)
+    for j in range(ids.shape[-1]):
+        for e in range(layer.num_experts):
+            r, s = layer.expert_ranks[e], layer.expert_alphas[e] / layer.expert_ranks[e]
+            lora = (x @ layer.lora_A[e, :r].t()) @ layer.lora_B[e, :, :r].t() * s
+            y = y + ((ids[..., j] == e).to(x.dtype) * weights[..., j]).unsqueeze(-1) * lora
+    return y
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_expert_ranks_are_exact_and_padding_gets_zero_gradient(backend):
+    device = DEVICE if backend == "triton" else "cpu"
+    layer = MoELoRALinear(
+        make_base("linear"), 2, 4, 8.0, kernel=backend, expert_ranks=[2, 4], expert_alphas=[4.0, 16.0]
+    )
+    assert layer.add_expert(r=6, alpha=3.0) == 2 and layer.add_expert() == 3
+    assert layer.expert_ranks == [2, 4, 6, 4] and layer.expert_alphas == [4.0, 16.0, 3.0, 8.0]
+    assert layer.lora_A.shape == (4, 6, 12) and layer.lora_B.shape == (4, 10, 6)
+    assert torch.equal(layer.expert_scaling, torch.tensor([2.0, 4.0, 0.5, 2.0]))
+    assert torch.count_nonzero(layer.lora_A[0, 2:]) == 0 and torch.count_nonzero(layer.lora_A[2]) > 0
+    with torch.no_grad():  # B nonzero only inside each expert's rank
+        for e, r in enumerate(layer.expert_ranks):
+            layer.lora_B[e, :, :r].normal_()
+    layer.to(device)
+    x = torch.randn(2, 5, 12, device=device, requires_grad=True)
+    ids, weights = (t.detach().to(device) for t in routing(2, 5, 4, 2))
+    weights.requires_grad_()
+    layer.context.set(Routing(ids, weights))
+    y = layer(x)
+    expected = per_expert_formula(x, layer.base_layer, layer, ids, weights)
+    assert_close(y, expected, torch.float32)
+    grad_out = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B, weights), grad_out)
+    want = torch.autograd.grad(expected, (x, layer.lora_A, layer.lora_B, weights), grad_out, allow_unused=True)
+    for name, g, w in zip(("x", "A", "B", "weights"), got, want):
+        assert_close(g, w, torch.float32, msg=f"d{name} ({backend})")
+    for e, r in enumerate(layer.expert_ranks):  # the padding stays exactly zero under any optimizer
+        assert torch.count_nonzero(got[1][e, r:]) == 0 and torch.count_nonzero(got[2][e, :, r:]) == 0
+
+
+def test_auto_kernel_follows_the_input_device(monkeypatch):
+    """kernel="auto" on a machine with CUDA: a model still on the CPU runs eager (no error at construction)."""
+    import dylora_moe.kernels as ops
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    layer = make_layer("linear", kernel="auto")
+    calls = []
+    real = ops.eager.moe_lora_eager
+    monkeypatch.setattr(ops.eager, "moe_lora_eager", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer.context.set(Routing(*routing(2, 5, 3, 2)))
+    layer(torch.randn(2, 5, 12))
+    assert calls == [1]
+    assert ops.resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+def test_routing_metadata_is_built_once_per_step_for_every_layer():
+    """Layers sharing a context share one gate (built once, forward and backward) and one metadata object."""
+    context = RoutingContext()
+    layers = [MoELoRALinear(make_base("linear", 12, 12), 3, 4, 8.0, kernel="eager", context=context) for _ in range(3)]
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B)
+    ids, weights = routing(2, 5, 3, 2)
+    route = Routing(ids, weights)
+    context.set(route)
+    h = torch.randn(2, 5, 12, requires_grad=True)
+    for layer in layers:
+        h = layer(h)
+    assert len(route._meta) == 1
+    store = next(iter(route._meta.values()))
+    gate = store["gate"]
+    assert route.meta((2, 5), 3).gate is gate and gate.grad_fn is not None
+    h.sum().backward()
+    assert weights.grad is not None and weights.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_layer_compiles_fullgraph_with_the_same_values_and_grads(backend):
+    device = DEVICE if backend == "triton" else "cpu"
+    layer = make_layer("linear", kernel=backend).to(device)
+    x = torch.randn(2, 5, 12, device=device, requires_grad=True)
+    ids, weights = (t.detach().to(device) for t in routing(2, 5, 3, 2))
+    weights.requires_grad_()
+
+    def step(x, weights):
+        layer.context.set(Routing(ids, weights))
+        return layer(x)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got_y = compiled(x, weights)
+    want_y = step(x, weights)
+    assert_close(got_y, want_y, torch.float32)
+    grad_out = torch.randn_like(got_y)
+    got = torch.autograd.grad(got_y, (x, layer.lora_A, layer.lora_B, weights), grad_out)
+    want = torch.autograd.grad(want_y, (x, layer.lora_A, layer.lora_B, weights), grad_out)
+    for name, g, w in zip(("x", "A", "B", "weights"), got, want):
+        assert_close(g, w, torch.float32, msg=f"d{name} ({backend})")

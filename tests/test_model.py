@@ -364,13 +364,9 @@ def test_auto_kernel_on_a_cpu_model_of_a_gpu_machine_builds(cpu_model_on_a_gpu_m
     assert route.ids.shape == (3, 1)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="layer side: helper 'kernels' makes MoELoRALinear resolve kernel='auto' from x's device per forward; "
-    "until merged, the layer resolves it from torch.cuda.is_available() and runs triton on CPU tensors",
-)
 @pytest.mark.parametrize("routing", ["sequence", "token"])
 def test_auto_kernel_on_a_cpu_model_of_a_gpu_machine_runs_eager(cpu_model_on_a_gpu_machine, routing):
+    """The forward of such a model resolves "auto" from the CPU tensors: eager's results bit for bit."""
     moe = build(num_experts=3, top_k=2, routing=routing).train()
     inputs = batch(rows=3, length=6)
     want, want_grads = run(moe, "eager", inputs)

@@ -9,8 +9,10 @@ import torch
 
 import dylora_moe.kernels as ops
 from conftest import DEVICE, HAS_CUDA, requires_gpu
-from dylora_moe.kernels.moe_lora_grouped import BLOCK_M, moe_lora_grouped_bwd, moe_lora_grouped_fwd
-from dylora_moe.kernels.moe_lora_triton import moe_lora_bwd, moe_lora_fwd
+from dylora_moe.kernels import _launch
+from dylora_moe.kernels.grouped import BLOCK_M, grouped_op
+from dylora_moe.kernels.routing_meta import RoutingMeta
+from dylora_moe.kernels.stacked import stacked_op
 from tolerances import CPU_DTYPES, GPU_DTYPES, assert_close
 
 DTYPES = GPU_DTYPES if HAS_CUDA else CPU_DTYPES
@@ -203,22 +205,25 @@ def test_bf16_triton_error_is_within_twice_eager_error(path):
 # --- compile safety -------------------------------------------------------------------------------------------
 
 
-def test_opcheck_forward_and_backward_ops():
+def test_opcheck_stacked_ops():
     x, a, b, ids, w = make_inputs(20, 48, 80, 4, 8, 2, torch.float32)
-    coef = (w.detach() * 2.0).requires_grad_()
-    torch.library.opcheck(moe_lora_fwd, (x, a, b, ids, coef, None))
-    y, s = moe_lora_fwd(x, a, b, ids, coef, None)
-    saved = (x, a, b, ids, coef, s)
-    torch.library.opcheck(moe_lora_bwd, (torch.randn_like(y), *(t.detach() for t in saved), None))
+    gate = RoutingMeta(ids, w.detach(), 4).gate.requires_grad_()
+    scale = torch.tensor([2.0, 1.0, 0.5, 3.0])
+    base = torch.randn(20, 80)
+    torch.library.opcheck(stacked_op.fwd_op, (x, a, b, gate, scale, base, None, None, 1.0, 0.0))
+    y, s = stacked_op.fwd_op(x, a, b, gate, scale, base, None, None, 1.0, 0.0)
+    saved = (x.detach(), a.detach(), b.detach(), gate.detach(), scale, None, None, s.detach(), 1.0, 0.0)
+    torch.library.opcheck(stacked_op.bwd_op, (torch.randn_like(y.detach()), *saved), dict(needs=[True] * 10))
 
 
 def test_opcheck_grouped_ops():
     x, a, b, ids, w = make_inputs(20, 48, 80, 4, 8, 2, torch.float32)
     coef = (w.detach() * 2.0).requires_grad_()
-    torch.library.opcheck(moe_lora_grouped_fwd, (x, a, b, ids, coef, None))
-    y, h, hw, *sort = moe_lora_grouped_fwd(x, a, b, ids, coef, None)
-    saved = (x, a, b, coef, h, hw)
-    torch.library.opcheck(moe_lora_grouped_bwd, (torch.randn_like(y), *(t.detach() for t in saved), *sort, None))
+    sort = RoutingMeta(ids, w.detach(), 4).blocks(BLOCK_M)
+    torch.library.opcheck(grouped_op.fwd_op, (x, a, b, coef, *sort, None, None, 0.0))
+    y, h = grouped_op.fwd_op(x, a, b, coef, *sort, None, None, 0.0)
+    saved = (x.detach(), a.detach(), b.detach(), coef.detach(), h.detach(), *sort, None, None, 0.0)
+    torch.library.opcheck(grouped_op.bwd_op, (torch.randn_like(y.detach()), *saved), dict(needs=[True] * 10))
 
 
 @pytest.mark.parametrize("path", TRITON_PATHS)
@@ -252,7 +257,10 @@ def _good():
         (dict(expert_ids=torch.full((5, 2), 3)), IndexError, r"\[0, 3\)"),
         (dict(expert_ids=torch.full((5, 2), -1)), IndexError, r"\[0, 3\)"),
         (dict(expert_ids=torch.zeros(5, 2)), TypeError, "integer"),
-        (dict(x=torch.zeros(5, 8, dtype=torch.float64)), TypeError, "share a dtype"),
+        (dict(x=torch.zeros(5, 8, dtype=torch.float64)), TypeError, "float64 needs float64 weights"),
+        (dict(lora_b=torch.zeros(3, 4, 6)), ValueError, "did you pass lora_b transposed"),
+        (dict(lora_a=torch.zeros(3, 8, 4)), ValueError, "did you pass lora_a transposed"),
+        (dict(scaling=torch.ones(4)), ValueError, r"scaling must be a float or a floating tensor \[E=3\]"),
         (dict(x=torch.zeros(5, 8, device="meta")), ValueError, "one device"),
     ],
 )
@@ -268,7 +276,7 @@ def test_unknown_backend_is_rejected():
 
 
 def test_triton_on_cpu_without_interpreter_names_the_fix(monkeypatch):
-    monkeypatch.setattr(ops, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(_launch, "interpreter_enabled", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         ops.moe_lora(**_good(), backend="triton")
 
@@ -284,42 +292,126 @@ def test_unknown_triton_path_is_rejected():
 
 
 def test_auto_path_groups_only_sparse_routing_over_many_experts():
-    from dylora_moe.kernels.moe_lora_triton import choose_path
+    from dylora_moe.kernels.grouped import choose_path
 
     assert choose_path(num_experts=8, rank=16, top_k=2) == "stacked"  # DESIGN 4 reference case: E * R = 128
     assert choose_path(num_experts=64, rank=16, top_k=2) == "grouped"
     assert choose_path(num_experts=64, rank=16, top_k=64) == "stacked"  # dense routing uses every expert anyway
 
 
-def test_config_pruning_keeps_fp32_tiles_inside_shared_memory():
-    import triton
-
-    from dylora_moe.kernels import moe_lora_kernels as K
-
-    configs = [
-        triton.Config({"BLOCK_T": 64, "BLOCK_D": 128}, num_stages=4),  # 192 KiB of bf16 tiles, 384 KiB in fp32
-        triton.Config({"BLOCK_T": 32, "BLOCK_D": 64}, num_stages=2),
-    ]
-    prune = K._fitting(lambda c: c["BLOCK_D"] * (c["BLOCK_T"] + c["BLOCK_N"]), "in_ptr")
-    fp32 = prune(configs, {"in_ptr": torch.empty(1)}, BLOCK_N=128)
-    bf16 = prune(configs, {"in_ptr": torch.empty(1, dtype=torch.bfloat16)}, BLOCK_N=128)
-    assert fp32 == configs[1:]
-    assert bf16[0] is configs[0]
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["p0", "dropout"])
+@pytest.mark.parametrize("path", TRITON_PATHS)
+def test_triton_saves_only_rank_space_for_backward(path, dropout):
+    """DESIGN 4: beyond x, the weights and the step's shared routing metadata, backward keeps at most
+    T * (E*R + 2K) elements, never T * K * D, and that holds with LoRA dropout on (the mask is never stored)."""
+    T, E, r, k = 40, 4, 8, 2
+    x, a, b, ids, w = make_inputs(T, 48, 80, E, r, k, torch.float32)
+    meta = RoutingMeta(ids, w, E)
+    shared = [meta.gate, *meta.blocks(BLOCK_M), ids, w]  # built once per step for every layer
+    seed = torch.tensor([1234])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ops.moe_lora(
+            x, a, b, ids, w, 1.0, backend="triton", triton_path=path, routing=meta,
+            dropout_p=dropout, dropout_seed=seed if dropout else None,
+        )  # fmt: skip
+    inputs = {t.data_ptr() for t in (x, a, b, *shared)}
+    extra = sum(t.numel() for t in saved if t.data_ptr() not in inputs)
+    if path == "stacked":  # S [T, E*R] (and the one-element seed)
+        bound = T * (E * r + 2 * k)
+    else:  # h [P, R] per (token, slot) pair and coef [P] (and the seed)
+        bound = T * k * (r + 1) + 1
+    assert 0 < extra <= bound
+    assert all(t.numel() < T * 48 for t in saved if t.data_ptr() not in inputs)  # no [T, d_in] mask
 
 
 @pytest.mark.parametrize("path", TRITON_PATHS)
-def test_triton_saves_only_rank_space_for_backward(path):
-    """DESIGN 4: beyond x and the weights, backward keeps at most T * (E*R + 2K) elements, never T * K * D."""
-    T, E, r, k = 40, 4, 8, 2
-    x, a, b, ids, w = make_inputs(T, 48, 80, E, r, k, torch.float32)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        _op("triton", path, 1.0)(x, a, b, ids, w)
-    inputs = {t.data_ptr() for t in (x, a, b)}
-    extra = sum(t.numel() for t in saved if t.data_ptr() not in inputs)
-    if path == "stacked":  # S [T, E*R] plus the ids and coefficients [T, K]
-        bound = T * (E * r + 2 * k)
-    else:  # h and h * coef [P, R] per (token, slot) pair, ids and coef [P], the padded sort (rows, blocks, offsets)
-        rows = T * k + E * BLOCK_M
-        bound = T * k * (2 * r + 2) + rows + rows // BLOCK_M + E + 1
-    assert 0 < extra <= bound
+def test_in_kernel_dropout_is_the_philox_mask_of_the_eager_twin(path):
+    """Triton draws dropout in-register; eager.philox_dropout_mask regenerates the same mask from the seed, and
+    the eager backend given the same seed draws it too: values and gradients agree with the formula."""
+    from dylora_moe.kernels.eager import philox_dropout_mask
+
+    x, a, b, ids, w = make_inputs(33, 48, 80, 4, 8, 2, torch.float32)
+    seed = torch.tensor([987654321])
+    mask = philox_dropout_mask(seed, (33, 48), 0.25)
+    assert 0.6 < float((mask > 0).float().mean()) < 0.9 and torch.equal(mask.unique(), torch.tensor([0.0, 1 / 0.75]))
+    kw = dict(dropout_p=0.25, dropout_seed=seed)
+    want = run_with_grads(lambda *t: per_token_formula(*t, 0.5, mask=mask), x, a, b, ids, w)
+    for backend, p in (("triton", path), ("eager", "auto")):
+        got = run_with_grads(_op(backend, p, 0.5, **kw), x, a, b, ids, w)
+        for name, g, e in zip(("y", "dx", "dA", "dB", "dw"), got, want):
+            assert_close(g, e, torch.float32, scale=2, msg=f"{backend} {name}")
+
+
+def test_philox_twin_matches_triton_rand_bit_for_bit():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rand_kernel(seed_ptr, out_ptr, N):
+        offs = tl.arange(0, 64)
+        tl.store(out_ptr + offs, tl.rand(tl.load(seed_ptr), offs.to(tl.int64) + N), mask=offs < 64)
+
+    from dylora_moe.kernels.eager import philox_uniform
+
+    for seed_value, start in ((0, 0), (2**31 - 5, 3), (12345, 2**33 + 7)):
+        seed = torch.tensor([seed_value])
+        out = torch.empty(64)
+        _rand_kernel[(1,)](seed, out, start)
+        assert torch.equal(out, philox_uniform(seed, torch.arange(64) + start))
+
+
+def test_per_expert_scaling_and_mixed_dtypes_match_the_formula():
+    """scaling as a tensor [E] (alpha_e / r_e) and fp32 weights under fp16 activations on every backend."""
+    x, a, b, ids, w = make_inputs(29, 48, 80, 4, 8, 2, torch.float32)
+    scale = torch.tensor([0.5, 2.0, 1.0, 3.0], device=DEVICE)
+    x16 = x.detach().half().requires_grad_()
+
+    def formula(x_, a_, b_, ids_, w_):
+        return per_token_formula(x_, a_, b_, ids_, w_ * scale.double()[ids_], 1.0)
+
+    want = run_with_grads(formula, x16, a, b, ids, w)
+    for backend, path in BACKENDS + [("loop", "auto")]:
+        got = run_with_grads(_op(backend, path, scale), x16, a, b, ids, w)
+        assert got[0].dtype == torch.float16 and got[2].dtype == got[3].dtype == torch.float32
+        for name, g, e in zip(("y", "dx", "dA", "dB", "dw"), got, want):
+            assert_close(g, e, torch.float16, scale=2, msg=f"{backend}-{path} {name}")
+
+
+def test_float64_stays_float64_in_eager():
+    x, a, b, ids, w = make_inputs(9, 12, 10, 3, 4, 2, torch.float64, device="cpu")
+    y = ops.moe_lora(x, a, b, ids, w.double(), 1.5, backend="eager")
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, per_token_formula(x, a, b, ids, w, 1.5), rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="float64"):
+        ops.moe_lora(x.cpu(), a, b, ids, w, 1.5, backend="triton")
+
+
+def test_base_output_is_accumulated_on_every_backend():
+    x, a, b, ids, w = make_inputs(17, 48, 80, 4, 8, 2, torch.float32)
+    base = torch.randn(17, 80, device=DEVICE)
+    want = base + per_token_formula(x, a, b, ids, w, 1.0)
+    for backend, path in BACKENDS:
+        got = ops.moe_lora(x, a, b, ids, w, 1.0, backend=backend, triton_path=path, base_output=base.clone())
+        assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("backend,path", BACKENDS + [("loop", "auto")], ids=BACKEND_IDS + ["loop"])
+def test_out_of_range_ids_raise_on_every_backend(backend, path):
+    x, a, b, ids, w = make_inputs(6, 12, 10, 3, 4, 1, torch.float32)
+    for bad in (3, -1):
+        with pytest.raises(IndexError, match=r"\[0, 3\)"):
+            ops.moe_lora(x, a, b, torch.full_like(ids, bad), w, 1.0, backend=backend, triton_path=path)
+        with pytest.raises(RuntimeError, match=r"\[0, 3\)"):  # the per-step metadata: device-side, sync-free
+            RoutingMeta(torch.full_like(ids, bad), w, 3)
+
+
+def test_device_side_id_check_runs_under_compile():
+    """Off the CPU (and under torch.compile) the id check is torch._assert_async: no host sync, still an error."""
+    from dylora_moe.kernels.routing_meta import check_expert_ids
+
+    fn = torch.compile(lambda ids: check_expert_ids(ids, 3) or ids + 1, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    assert torch.equal(fn(torch.tensor([0, 2])), torch.tensor([1, 3]))
+    with pytest.raises(RuntimeError, match=r"expert_ids must be in \[0, 3\)"):
+        fn(torch.tensor([0, 3]))

@@ -11,6 +11,7 @@ import torch
 
 import dylora_moe.kernels as ops
 from conftest import DEVICE, HAS_CUDA, requires_gpu
+from dylora_moe.kernels import _launch
 from dylora_moe.kernels.router import _route_stats_kernel, topk_route_triton
 from tolerances import CPU_DTYPES, GPU_DTYPES, assert_close
 
@@ -167,7 +168,7 @@ def test_empty_input_returns_empty_result(backend):
     assert logits.grad.shape == (0, 5)
 
 
-@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("backend", ["eager", "triton", "loop"])
 def test_non_contiguous_and_batched_logits(backend):
     base = torch.randn(6, 2, 40, device=DEVICE)
     logits = base[:, :, ::2].transpose(0, 2)  # [20, 2, 6], no unit stride anywhere
@@ -175,7 +176,9 @@ def test_non_contiguous_and_batched_logits(backend):
     out = ops.topk_route(logits, 2, backend=backend)
     dense = logits.detach().contiguous().requires_grad_()
     want = ops.topk_route(dense, 2, backend="eager")
-    assert out.weights.shape == (40, 2) and out.dense.shape == (40, 6)
+    # The leading dims of the logits are kept, so ids fit moe_lora's x [20, 2, d_in] directly.
+    assert out.weights.shape == out.ids.shape == (20, 2, 2) and out.dense.shape == (20, 2, 6)
+    assert out.counts.shape == out.mean_prob.shape == (6,)
     assert torch.equal(out.ids, want.ids)
     assert_close(out.dense, want.dense, torch.float32)
     (g,) = torch.autograd.grad((out.dense * torch.arange(6.0, device=DEVICE)).sum(), logits)
@@ -226,7 +229,8 @@ def test_bad_inputs_raise_clear_errors(backend):
     for bad in (float("nan"), float("inf"), -float("inf")):
         poisoned = logits.clone()
         poisoned[2, 1] = bad
-        with pytest.raises(ValueError, match="NaN or Inf"):
+        # A device-side assert (no host sync, on the CPU too): a RuntimeError with the message.
+        with pytest.raises(RuntimeError, match="NaN or Inf"):
             ops.topk_route(poisoned, 1, backend=backend)
     if backend == "triton":  # the custom op checks too, for callers that skip topk_route
         with pytest.raises(ValueError, match="1 <= top_k <= E"):
@@ -242,7 +246,7 @@ def test_nan_rows_without_the_check_keep_ids_in_range():
 
 
 def test_triton_on_cpu_without_interpreter_names_the_fix(monkeypatch):
-    monkeypatch.setattr(ops, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(_launch, "interpreter_enabled", lambda: False)
     logits = torch.randn(4, 3)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         ops.topk_route(logits, 1, backend="triton")

@@ -49,3 +49,28 @@ def test_expert_without_pairs_has_an_empty_segment():
     ids = torch.tensor([[0, 2], [2, 0]])
     meta = group_by_expert(ids, 3, 4)
     assert meta.expert_offsets.tolist() == [0, 4, 4, 8]
+
+
+def test_routing_meta_builds_each_piece_once_and_matches_the_plain_formulas():
+    from dylora_moe.kernels.routing_meta import RoutingMeta, dense_gate
+
+    ids = torch.tensor([[0, 2], [2, 2], [1, 0]])
+    weights = torch.tensor([[0.5, 0.25], [0.125, 1.0], [2.0, 4.0]], requires_grad=True)
+    meta = RoutingMeta(ids, weights, 4)
+    assert meta.counts.tolist() == torch.bincount(ids.flatten(), minlength=4).tolist() == [2, 1, 3, 0]
+    assert meta.gate is meta.gate and meta.blocks(4) == meta.blocks(4)
+    torch.testing.assert_close(meta.gate, dense_gate(ids, weights, 4))
+    assert meta.gate[1].tolist() == [0.0, 0.0, 1.125, 0.0]  # a repeated id adds its weights
+    (meta.gate * torch.arange(4.0)).sum().backward()
+    assert weights.grad.tolist() == [[0.0, 2.0], [2.0, 2.0], [1.0, 0.0]]
+    again = RoutingMeta.from_store(meta.store)
+    assert again.gate is meta.gate and again.num_experts == 4
+
+
+def test_routing_meta_rejects_bad_shapes_and_ids_without_a_host_sync():
+    from dylora_moe.kernels.routing_meta import RoutingMeta
+
+    with pytest.raises(ValueError, match=r"\[T, K\]"):
+        RoutingMeta(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 1), 2)
+    with pytest.raises(RuntimeError, match=r"expert_ids must be in \[0, 2\)"):
+        RoutingMeta(torch.tensor([[0, 2]]), torch.ones(1, 2), 2)

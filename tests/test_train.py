@@ -11,49 +11,17 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_support import DATA_DIR, TINY
 
 from dylora_moe.data import DataError
 from dylora_moe.tiny import ModelLoadError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _corpora_dir() -> Path:
-    """The shared corpora (``$DYLORA_DATA_DIR`` or ../shared/data, as train.py's default). A clone with neither
-    gets a synthetic pair of files in the same formats and sizes, so these tests run everywhere."""
-    shared = Path(os.environ.get("DYLORA_DATA_DIR") or REPO.parent / "shared" / "data")
-    if shared.is_dir():
-        return shared
-    folder = Path(tempfile.mkdtemp(prefix="dylora-corpora-"))
-    alpaca = [
-        {"instruction": f"Write a function that adds {i} to a number.", "input": "" if i % 2 else f"x = {i}",
-         "output": f"def add_{i}(x):\n    return x + {i}"}
-        for i in range(2017)
-    ]  # fmt: skip
-    (folder / "code_alpaca_2k.json").write_text(json.dumps(alpaca))
-    mbpp = [
-        {"task_id": i, "text": f"Write a python function to multiply a number by {i}.",
-         "code": f"def mul_{i}(x):\r\n    return x * {i}", "test_list": [f"assert mul_{i}(1) == {i}"],
-         "test_setup_code": ""}
-        for i in range(2, 429)
-    ]  # fmt: skip
-    (folder / "mbpp.jsonl").write_text("\n".join(json.dumps(row) for row in mbpp) + "\n")
-    return folder
-
-
-DATA_DIR = _corpora_dir()
-
-TINY = [
-    "--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--tiny_vocab_size", "300", "--max_length", "64",
-    "--num_experts", "2", "--training_subset", "3", "--eval_subset", "5", "--batch_size", "4",
-    "--learning_rate", "1e-2", "--logging_steps", "1", "--report_to", "none", "--data_dir", str(DATA_DIR),
-]  # fmt: skip
 
 
 def _load_train_module():
@@ -131,7 +99,7 @@ def test_end_to_end_metrics_report_and_reload(straight_run):
 
     trainer = result["trainer"]
     base = AutoModelForCausalLM.from_pretrained(next(out.glob("tiny-*")))
-    reloaded = DyLoRA_MoE.from_pretrained(out / "final", base).eval()
+    reloaded = DyLoRA_MoE.from_pretrained(base, out / "final").eval()
     dataset = trainer.eval_dataset["code_alpaca"]
     total, rows = 0.0, 0
     with torch.no_grad():
@@ -164,7 +132,9 @@ def test_resume_after_interrupted_save_matches_straight_run(straight_run, tmp_pa
     with pytest.raises(_Interrupt):
         train.main(args)
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
-    assert (out / ".staging-checkpoint-4" / "expert_0").is_dir() and not (out / "checkpoint-4").exists()
+    assert (out / ".staging-checkpoint-4" / "checkpoint-4" / "expert_0").is_dir() and not (
+        out / "checkpoint-4"
+    ).exists()
 
     monkeypatch.setattr(MoETrainer, "_save_optimizer_and_scheduler", stock)
     train.main([*args, "--resume_from_checkpoint"])  # the last COMPLETE checkpoint: 2
@@ -232,7 +202,7 @@ def test_help_lists_every_original_flag():
     ):  # fmt: skip
         assert flag in text, flag
     original = train.parse_args(["--model_name", "google/codegemma-2b"])
-    assert (original.num_epochs, original.learning_rate, original.batch_size) == (10, 2e-5, 4)
+    assert (original.num_train_epochs, original.learning_rate, original.per_device_train_batch_size) == (10, 2e-5, 4)
     assert (original.gradient_accumulation_steps, original.max_length) == (8, 512)
     assert (original.num_experts, original.lora_r, original.lora_alpha, original.lora_dropout) == (4, 16, 32, 0.05)
 
@@ -272,7 +242,7 @@ def test_triton_without_gpu_fails_at_startup(monkeypatch, capsys):
 
 def test_other_bad_flags(capsys):
     for argv, message in (
-        (["--top_k", "3", "--num_experts", "2"], "--top_k must be in [1, --num_experts=2]"),
+        (["--top_k", "3", "--num_experts", "2"], "argument --top_k: expected an integer in [1, --num_experts=2]"),
         (["--fp16", "--bf16"], "exclude each other"),
     ):
         with pytest.raises(SystemExit):
@@ -325,3 +295,15 @@ def test_report_to_auto_picks_wandb_offline_without_a_key(tmp_path, monkeypatch)
     assert train.resolve_report_to("auto", str(tmp_path)) == ["wandb"] and os.environ["WANDB_MODE"] == "disabled"
     assert train.resolve_report_to("none", str(tmp_path)) == []
     assert train.resolve_report_to("wandb,tensorboard", str(tmp_path)) == ["wandb", "tensorboard"]
+
+
+@pytest.mark.slow
+def test_compile_flag_on_the_cpu(tmp_path):
+    # --compile is TrainingArguments' torch_compile; on the CPU the eager backend checks the capture without a compiler.
+    small = [a if a != "5" else "1" for a in TINY]  # eval_subset 1%
+    args = [*small, "--kernel", "eager", "--max_steps", "1", "--compile", "--torch_compile_backend", "eager"]
+    result = train.main([*args, "--output_dir", str(tmp_path / "compiled")])
+    trainer = result["trainer"]
+    assert trainer.args.torch_compile and trainer.args.torch_compile_backend == "eager"
+    assert sorted(_train_logs(tmp_path / "compiled")) == [1]
+    assert math.isfinite(result["final"]["eval_code_alpaca_loss"])

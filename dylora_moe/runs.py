@@ -1,0 +1,230 @@
+"""Run identity of train.py's output folder: one run per folder, resume only from that run's checkpoints.
+
+A fresh run writes ``run.json`` (a random run id and the flags that shape the model) into ``--output_dir``; each
+checkpoint carries the same id in its ``trainer_state.json`` (through :class:`~dylora_moe.training.RunIdentity`, a
+stateful Trainer callback) and each ``metrics.jsonl`` row carries it too. Before anything is written:
+
+- a fresh run into a folder that holds a run is refused (``--resume_from_checkpoint`` continues it,
+  ``--overwrite_output_dir`` replaces it);
+- a resume picks the newest complete checkpoint of the folder's run, and refuses when the model flags differ.
+
+Standard library only: these checks run before the heavy imports, so a refused run answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+TRAINER_STATE = "trainer_state.json"
+IDENTITY_CALLBACK = "RunIdentity"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Staging folders of saves cut short: ours (".staging-checkpoint-N", ".staging-final") and the ones the checkpoint
+# writer stages beside them ("..staging-checkpoint-N.tmp-*", ".final.tmp-*").
+STAGING = re.compile(r"^\.(\.?staging-.*|final\.tmp-.*)$")
+# What a run writes at the top of its folder (besides checkpoint-N); the tiny base model cache (tiny-*) is kept.
+RUN_OUTPUTS = (RUN_FILE, METRICS_FILE, "final", "summary.md", "loss.png", "utilization.png", "wandb")
+
+
+class RunConflict(ValueError):
+    """The output folder and the flags disagree (another run, other model flags); nothing was written."""
+
+
+class CheckpointNotFound(FileNotFoundError):
+    """Resume was asked for, and the run folder holds no complete checkpoint of its run."""
+
+
+@dataclass
+class RunPlan:
+    """What train.py will do with its output folder, decided before anything is written."""
+
+    output_dir: Path
+    run_id: str
+    fingerprint: dict
+    resume_from: str | None = None  # a checkpoint folder
+    resume_step: int = 0
+    fresh: bool = True
+    remove: list[Path] = field(default_factory=list)  # an earlier run's outputs, with --overwrite_output_dir
+
+
+def checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the checkpoint-N folders, oldest first (staging folders never match)."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def checkpoint_identity(checkpoint: Path) -> dict | None:
+    """``{"run_id", "fingerprint"}`` recorded in a checkpoint's trainer state; None for a foreign or incomplete one."""
+    state = read_json(checkpoint / TRAINER_STATE)
+    if state is None:
+        return None
+    identity = state.get("stateful_callbacks", {}).get(IDENTITY_CALLBACK)
+    if isinstance(identity, list):  # the Trainer keeps a list when a callback class is registered twice
+        identity = identity[-1] if identity else None
+    args = identity.get("args") if isinstance(identity, dict) else None
+    return args if isinstance(args, dict) and "run_id" in args else None
+
+
+def fingerprint_mismatch(recorded: dict, current: dict) -> str | None:
+    """``--flag A (this command) vs B (the run)`` for each model flag that differs, or None."""
+    diffs = [
+        f"--{key} {current.get(key)!r} here vs {recorded.get(key)!r} in the run"
+        for key in sorted(set(recorded) | set(current))
+        if recorded.get(key) != current.get(key)
+    ]
+    return "; ".join(diffs) or None
+
+
+def _outputs_of_a_run(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    found = [folder / name for name in RUN_OUTPUTS if (folder / name).exists()]
+    return found + [p for _, p in checkpoints(folder)]
+
+
+def plan_run(
+    output_dir: str | Path,
+    fingerprint: dict,
+    *,
+    resume: str | None,
+    overwrite: bool,
+    check_conflicts: bool = True,
+) -> RunPlan:
+    """Decide fresh / resume / overwrite for ``output_dir``; raise before anything is written when they conflict.
+
+    ``resume`` is None (fresh), ``"last"`` (the newest checkpoint of the folder's run) or a checkpoint folder.
+    ``check_conflicts=False`` (processes other than the main one) skips the refusals the main process makes.
+    """
+    folder = Path(output_dir)
+    run = read_json(folder / RUN_FILE)
+    existing = _outputs_of_a_run(folder)
+
+    if resume is None:
+        if existing and check_conflicts and not overwrite:
+            names = ", ".join(sorted(p.name for p in existing)[:6])
+            raise RunConflict(
+                f"--output_dir {folder} already holds a run ({names}); pass --resume_from_checkpoint to continue "
+                "it, --overwrite_output_dir to replace it (checkpoints, final/, metrics.jsonl and the report), or "
+                "another --output_dir"
+            )
+        return RunPlan(folder, uuid.uuid4().hex[:12], fingerprint, remove=existing if overwrite else [])
+
+    if overwrite and resume == "last":
+        raise RunConflict("--overwrite_output_dir and a bare --resume_from_checkpoint exclude each other")
+    if resume == "last":
+        if run is None:
+            if checkpoints(folder) and check_conflicts:
+                raise RunConflict(
+                    f"{folder} has checkpoints but no {RUN_FILE} (a run of an older train.py, or not a run): pass "
+                    "the checkpoint folder itself, --resume_from_checkpoint <dir>/checkpoint-N"
+                )
+            raise CheckpointNotFound(f"--resume_from_checkpoint: no complete checkpoint-N folder in {folder}")
+        mismatch = fingerprint_mismatch(run.get("fingerprint", {}), fingerprint)
+        if mismatch:
+            raise RunConflict(f"--resume_from_checkpoint: the flags differ from the run in {folder}: {mismatch}")
+        own = [
+            (step, p)
+            for step, p in checkpoints(folder)
+            if (checkpoint_identity(p) or {}).get("run_id") == run["run_id"]
+        ]
+        if not own:
+            raise CheckpointNotFound(
+                f"--resume_from_checkpoint: no complete checkpoint-N folder of run {run['run_id']} in {folder}"
+            )
+        step, path = own[-1]
+        return RunPlan(folder, run["run_id"], fingerprint, resume_from=str(path), resume_step=step, fresh=False)
+
+    path = Path(resume)
+    state = read_json(path / TRAINER_STATE)
+    if not path.is_dir() or state is None:
+        raise CheckpointNotFound(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {TRAINER_STATE})")
+    identity = checkpoint_identity(path)
+    if identity is not None:
+        mismatch = fingerprint_mismatch(identity.get("fingerprint", {}), fingerprint)
+        if mismatch:
+            raise RunConflict(f"--resume_from_checkpoint {path}: the flags differ from its run: {mismatch}")
+    else:
+        logger.warning("%s records no run id (an older train.py): resuming without checking the model flags", path)
+    run_id = (identity or {}).get("run_id") or uuid.uuid4().hex[:12]
+    if run is not None and run.get("run_id") != run_id and check_conflicts and not overwrite:
+        raise RunConflict(
+            f"--output_dir {folder} holds run {run.get('run_id')}, not the run of {path} ({run_id}): pass another "
+            "--output_dir, or --overwrite_output_dir to replace the run there"
+        )
+    remove = [p for p in existing if p.resolve() != path.resolve()] if overwrite else []
+    step = int(state.get("global_step", 0))
+    return RunPlan(folder, run_id, fingerprint, resume_from=str(path), resume_step=step, fresh=False, remove=remove)
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict], int]:
+    """The valid rows of a ``metrics.jsonl`` and the number of lines dropped (a torn last line from a kill)."""
+    path = Path(path)
+    if not path.is_file():
+        return [], 0
+    rows, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            dropped += 1
+    return rows, dropped
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def start_run(plan: RunPlan) -> None:
+    """The writes of a planned run, main process only: leftover staging folders go, an overwritten run's outputs go,
+    a fresh run records ``run.json``, a resumed run's ``metrics.jsonl`` keeps its valid rows up to the checkpoint."""
+    folder = plan.output_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.iterdir():
+        if STAGING.match(leftover.name) and leftover.is_dir():
+            logger.info("removing %s (a save cut short)", leftover.name)
+            shutil.rmtree(leftover, ignore_errors=True)
+    for path in plan.remove:
+        logger.info("--overwrite_output_dir: removing %s", path)
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    if plan.fresh:
+        record = {"run_id": plan.run_id, "fingerprint": plan.fingerprint}
+        _write_atomic(folder / RUN_FILE, json.dumps(record, indent=2) + "\n")
+        return
+    if not (folder / RUN_FILE).is_file():  # resuming from a checkpoint elsewhere: this folder continues that run
+        _write_atomic(folder / RUN_FILE, json.dumps({"run_id": plan.run_id, "fingerprint": plan.fingerprint}) + "\n")
+    metrics = folder / METRICS_FILE
+    rows, dropped = read_metrics(metrics)
+    if dropped:
+        logger.warning("%s: dropped %d unreadable line(s) (a write cut short by a kill)", metrics, dropped)
+    kept = [r for r in rows if r.get("run_id", plan.run_id) == plan.run_id and r.get("step", 0) <= plan.resume_step]
+    if metrics.is_file() and (dropped or len(kept) != len(rows)):
+        _write_atomic(metrics, "".join(json.dumps(r) + "\n" for r in kept))

@@ -1,0 +1,260 @@
+"""Host side of the stacked Triton MoE-LoRA path: launch configs, the three launches, registration.
+
+All E experts form one rank space of width N = E * R (DESIGN 4b), for small E * R or dense routing. Per layer and
+step, with the routing gate G [T, E] built once per step (routing_meta.RoutingMeta) and c [E] the per-expert
+scaling (alpha_e / r_e):
+
+  forward   1 launch   S = x~ A^T; H = S * G * c in registers; y = base + H B^T written into the base output
+  backward  1 launch   dy pass: U = dy B, V = U * G * c, dG = c * per-expert sums of S * U
+            1 launch   weights pass: dx = (V A) * mask and dA partials = V^T x~ (D_in tiles), dB partials =
+                       dy^T H with H recomputed from S (D_out tiles)
+            0-1 op     the fixed-order sum of the partials over splits of T (none when one split suffices)
+
+Dropout is applied inside the kernels (Philox, regenerated in backward), so no [T, D_in] mask exists. LoRA
+weights of any float dtype (fp32 masters) are read directly and cast per tile; weight gradients come out fp32.
+Saved for backward beyond the inputs: S (T * E * R float32) and the seed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+from . import stacked_kernels as SK
+from ._launch import (
+    FusedOp,
+    cdiv,
+    deterministic_mode,
+    device_guard,
+    dot_flags,
+    interpreter_enabled,
+    launch,
+    next_pow2,
+    num_sms,
+    strides3,
+)
+
+# Each split of T in the weights pass is a multiple of this (and of every BLOCK_T).
+GRAD_SPLIT_ALIGN = 64 if interpreter_enabled() else 256
+# Fixed stand-in for the SM count in deterministic mode: the split of T (hence the summation order) is then the
+# same on every GPU model.
+_DETERMINISTIC_SMS = 132
+
+
+class StackedConfig(NamedTuple):
+    block_t: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=256)
+def stacked_config(t_bucket: int, n: int, dtype: torch.dtype, device_type: str) -> StackedConfig:
+    """Launch config per (T bucket, rank width, dtype, device), chosen once and cached: no autotuner on the hot
+    path. The rank width is one register tile; BLOCK_T and BLOCK_D shrink as it grows so a weight tile
+    [BLOCK_N, BLOCK_D] (loaded as fp32 masters) stays <= 32 KiB per pipeline stage. A first estimate from tile
+    sizes, never timed on a GPU; it depends only on its key, so it is the same in every process."""
+    block_n = max(16, next_pow2(n))
+    if device_type != "cuda":  # the interpreter: few, small programs
+        return StackedConfig(min(32, max(16, next_pow2(t_bucket))), block_n, 32, 4, 1)
+    block_t = max(16, min(64, 8192 // block_n))
+    block_d = max(16, min(128, 8192 // block_n))
+    return StackedConfig(block_t, block_n, block_d, 4 if block_n <= 128 else 8, 2)
+
+
+def grad_splits(num_tokens: int, d_tiles: int, device: torch.device) -> int:
+    """Tokens per split of the weights pass: about one program per SM."""
+    if device.type == "cuda":
+        sms = _DETERMINISTIC_SMS if deterministic_mode() else num_sms(device.index or 0)
+    else:
+        sms = 8
+    splits = max(1, min(cdiv(sms, d_tiles), cdiv(num_tokens, GRAD_SPLIT_ALIGN)))
+    return cdiv(cdiv(num_tokens, splits), GRAD_SPLIT_ALIGN) * GRAD_SPLIT_ALIGN
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _scale_args(scale: torch.Tensor | None, scale_const: float, like: torch.Tensor):
+    return (like if scale is None else scale), scale_const, scale is not None
+
+
+def stacked_forward(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    gate: torch.Tensor,
+    scale: torch.Tensor | None,
+    base: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    scale_const: float,
+    p: float,
+    *,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [..., D_out], S [T, E*R] float32). y = base + delta (written into ``base`` when ``inplace``), or the
+    delta alone when ``base`` is None; x [..., D_in] with T = prod of the leading dims; gate [T, E]."""
+    num_experts, rank, d_in = lora_a.shape
+    d_out = lora_b.shape[1]
+    x2 = _flat(x)
+    T, N = x2.shape[0], num_experts * rank
+    s = torch.empty(T, N, device=x.device, dtype=torch.float32)
+    out_shape = (*x.shape[:-1], d_out)
+    inplace = inplace and base is not None and _writable_in_place(base)
+    if inplace:
+        y = base
+    else:
+        y = torch.empty(out_shape, device=x.device, dtype=x.dtype if base is None else base.dtype)
+    if T == 0:
+        return y, s
+    y2 = y.view(T, d_out)
+    base2 = y2 if base is None or inplace else _flat(base)
+    mask2 = x2 if mask is None else _flat(mask)
+    scale_t, scale_c, has_vec = _scale_args(scale, scale_const, gate)
+    cfg = stacked_config(next_pow2(T), N, x.dtype, x.device.type)
+    with device_guard(x):
+        launch(
+            SK._stacked_fwd_kernel, (cdiv(T, cfg.block_t),),
+            x2, mask2, x2 if seed is None else seed, lora_a, lora_b, gate, scale_t, base2, y2, s,
+            T, d_in, d_out, N, rank, *x2.stride(), *mask2.stride(), *strides3(lora_a, 1),
+            lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), *gate.stride(), *base2.stride(), *y2.stride(),
+            scale_c, p,
+            HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None, HAS_SCALE_VEC=has_vec, HAS_BASE=base is not None,
+            BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **dot_flags(x.dtype),
+        )  # fmt: skip
+    return y, s
+
+
+def _fake_forward(x, lora_a, lora_b, gate, scale, base, mask, seed, scale_const, p, *, inplace=False):
+    num_tokens = x.numel() // x.shape[-1]
+    y = x.new_empty(*x.shape[:-1], lora_b.shape[1], dtype=x.dtype if base is None else base.dtype)
+    return y, x.new_empty(num_tokens, lora_a.shape[0] * lora_a.shape[1], dtype=torch.float32)
+
+
+def stacked_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    gate: torch.Tensor,
+    scale: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    s: torch.Tensor,
+    scale_const: float,
+    p: float,
+    *,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB, dG) of :func:`stacked_forward`; ``needs`` is ctx.needs_input_grad (a gradient that is not
+    needed is an uninitialised placeholder and its work is skipped). dA, dB come out in the weights' dtype."""
+    need_x, need_a, need_b, need_gate = needs[0], needs[1], needs[2], needs[3]
+    num_experts, rank, d_in = lora_a.shape
+    d_out = lora_b.shape[1]
+    x2, dy = _flat(x), _flat(grad_y)
+    T, N = x2.shape[0], num_experts * rank
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    dgate = torch.empty(T, num_experts, **f32) if need_gate or T == 0 else torch.empty(0, num_experts, **f32)
+    if T == 0:
+        return dx, torch.zeros_like(lora_a), torch.zeros_like(lora_b), dgate
+    cfg = stacked_config(next_pow2(T), N, x.dtype, x.device.type)
+    flags = dot_flags(x.dtype)
+    scale_t, scale_c, has_vec = _scale_args(scale, scale_const, gate)
+    v = torch.empty(T, N, **f32)
+    with device_guard(x):
+        if need_x or need_a or need_gate:
+            launch(
+                SK._stacked_dy_kernel, (cdiv(T, cfg.block_t),),
+                dy, lora_b, s, gate, scale_t, v, dgate if need_gate else v,
+                T, d_out, N, rank, num_experts if need_gate else 0, *dy.stride(),
+                lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), *gate.stride(), scale_c,
+                HAS_SCALE_VEC=has_vec, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+            )  # fmt: skip
+        in_tiles = cdiv(d_in, cfg.block_d) if (need_x or need_a) else 0
+        out_tiles = cdiv(d_out, cfg.block_d) if need_b else 0
+        if in_tiles + out_tiles > 0:
+            t_per_split = grad_splits(T, in_tiles + out_tiles, x.device)
+            splits = cdiv(T, t_per_split)
+            size_a, size_b = lora_a.numel(), lora_b.numel()
+            if splits == 1:
+                da = torch.empty(num_experts, rank, d_in, **f32)
+                db = torch.empty(num_experts, d_out, rank, **f32)
+                da_slab, db_slab, split_stride = da, db, 0
+            else:
+                partial = torch.empty(splits, size_a + size_b, **f32)
+                da_slab, db_slab, split_stride = partial, partial[:, size_a:], size_a + size_b
+            mask2 = x2 if mask is None else _flat(mask)
+            launch(
+                SK._stacked_weights_kernel, (in_tiles + out_tiles, splits),
+                x2, mask2, x2 if seed is None else seed, lora_a, v, dx, dy, s, gate, scale_t, da_slab, db_slab,
+                T, d_in, d_out, N, rank, t_per_split, in_tiles, *x2.stride(), *mask2.stride(), *strides3(lora_a, 1),
+                *dy.stride(), *gate.stride(),
+                split_stride, rank * d_in, d_in, 1, split_stride, d_out * rank, rank, 1,
+                scale_c, p,
+                HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None, HAS_SCALE_VEC=has_vec, COMPUTE_DX=need_x,
+                BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+            )  # fmt: skip
+            if splits > 1:  # a fixed-order sum: deterministic
+                total = partial.sum(0)
+                da = total[:size_a].view(num_experts, rank, d_in)
+                db = total[size_a:].view(num_experts, d_out, rank)
+        else:
+            da = db = None
+    da = torch.empty_like(lora_a) if da is None else da.to(lora_a.dtype)
+    db = torch.empty_like(lora_b) if db is None else db.to(lora_b.dtype)
+    return dx, da, db, dgate
+
+
+def _fake_backward(grad_y, x, lora_a, lora_b, gate, scale, mask, seed, s, scale_const, p, *, needs):
+    num_tokens = x.numel() // x.shape[-1]
+    rows = num_tokens if needs[3] or num_tokens == 0 else 0
+    return (
+        torch.empty_like(x),
+        torch.empty_like(lora_a),
+        torch.empty_like(lora_b),
+        x.new_empty(rows, lora_a.shape[0], dtype=torch.float32),
+    )
+
+
+def _save(inputs, outputs):
+    x, lora_a, lora_b, gate, scale, _base, mask, seed, scale_const, p = inputs
+    return x, lora_a, lora_b, gate, scale, mask, seed, outputs[1], scale_const, p
+
+
+def _to_input_grads(grad_y, grads, needs):
+    dx, da, db, dgate = grads
+    return dx, da, db, dgate, None, grad_y if needs[5] else None, None, None, None, None
+
+
+stacked_op = FusedOp(
+    "moe_lora_stacked",
+    stacked_forward,
+    _fake_forward,
+    stacked_backward,
+    _fake_backward,
+    _save,
+    _to_input_grads,
+    dirty=lambda inputs: inputs[5],
+)
+
+
+def moe_lora_stacked(x, lora_a, lora_b, gate, scale, scale_const, base=None, mask=None, seed=None, p=0.0):
+    """The stacked path: base + delta (in place into ``base`` in eager mode where it can be) or the delta when base
+    is None. Either way one forward launch: the kernel reads ``base`` and writes the sum."""
+    return stacked_op(x, lora_a, lora_b, gate, scale, base, mask, seed, scale_const, p)
+
+
+def _writable_in_place(base: torch.Tensor) -> bool:
+    """In place only into a tensor that is not a view (autograd would rebase a view's history through extra
+    copies) and has a flat [T, D_out] view."""
+    return not base._is_view() and base.is_contiguous()
