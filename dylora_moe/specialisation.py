@@ -172,8 +172,8 @@ class RoutingRecorder:
         router = model.router
         route = router.route
 
-        def spy(x):
-            out = route(x)
+        def spy(x, mask=None):
+            out = route(x, mask=mask)
             if not router.training:
                 self._route = out
             return out
@@ -196,6 +196,8 @@ class RoutingRecorder:
             mass = output.sequence_weights.detach()[rows]
         elif self._route is not None and module.num_experts > 1:
             dense = self._route.dense.detach().float()
+            if self._route.mask is not None:  # the router saw every position (padding masked): keep the real tokens
+                dense = dense[self._route.mask]
             mass = dense / dense.sum(-1, keepdim=True).clamp_min(1e-20)
         else:  # one expert: the router is not consulted
             mass = torch.ones(int(real.sum()), 1, device=ids.device)
