@@ -127,6 +127,11 @@ class ExpertArguments:
     balance_coefficient: float = _arg(0.01, "weight of the load-balancing loss, >= 0")
     z_loss_coefficient: float = _arg(0.0, "weight of the router z-loss, >= 0")
     freeze_router: bool = _arg(False, "keep the gate at its initial weights; experts train")
+    fused_loss: Literal["off", "on", "auto"] = _arg(
+        "off",
+        "the LM loss in row chunks from the hidden states, never the full [batch, length, vocabulary] logits "
+        "(for large vocabularies such as CodeGemma's 256k); auto: in training only, evaluation keeps the logits",
+    )
     strict_gradients: bool = _arg(
         False,
         "stop with an error (not a warning) when, after the first optimizer step, an expert that received "
@@ -608,6 +613,7 @@ def main(argv=None) -> dict:
         z_loss_coefficient=args.z_loss_coefficient,
         mature_experts=True,
         freeze_router=args.freeze_router,
+        fused_loss={"off": False, "on": True, "auto": "auto"}[args.fused_loss],
     )
     for param in model.trainable_parameters():
         # Experts and gate train in fp32 over a bf16 base, as peft keeps adapters: AdamW steps of lr 2e-5 would

@@ -61,7 +61,7 @@ def main() -> None:
 
             step()  # warm-up
             moe.zero_grad(set_to_none=True)
-            peak = peak_memory(step)["peak_extra_bytes"]
+            peak_mib = peak_memory(step).get("memory_extra")
             times = []
             for _ in range(args.repeats):
                 sync()
@@ -70,7 +70,7 @@ def main() -> None:
                 sync()
                 times.append(time.perf_counter() - start)
             name = "fused (chunked)" if fused else "plain"
-            mib = "n/a" if peak is None else f"{peak / 2**20:.0f}"
+            mib = "n/a" if peak_mib is None else f"{peak_mib:.0f}"
             print(f"| {routing} | {name} | {mib} | {statistics.median(times):.2f} |")
 
 

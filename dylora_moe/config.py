@@ -45,8 +45,9 @@ class DyLoRAMoEConfig:
     ``add_new_skill``: "same" = ``lora_r``, "original" = the original's rule ``min(2 * lora_r, 32)``, or an int).
     Routing: ``routing`` ("sequence" | "token"), ``top_k``, ``temperature``, ``router_weighting`` ("softmax" |
     "original"), ``renormalize``, ``sequence_top_k``, ``mature_experts``, ``freeze_router`` (keep the gate at its
-    initial weights: no gradient, not trained). Losses: ``balance_loss`` ("mse" |
-    "switch"), ``balance_coefficient``, ``z_loss_coefficient``. Backend: ``kernel``.
+    initial weights: no gradient, not trained). Losses: ``balance_loss`` ("mse" | "switch"), ``balance_coefficient``,
+    ``z_loss_coefficient``, ``fused_loss`` (False | True | "auto": the LM loss in row chunks without the full
+    logits, see ``DyLoRA_MoE.set_fused_loss``). Backend: ``kernel``.
     """
 
     num_experts: int = 1
@@ -71,6 +72,7 @@ class DyLoRAMoEConfig:
     z_loss_coefficient: float = 0.0
     mature_experts: bool = True
     freeze_router: bool = False
+    fused_loss: bool | str = False
 
     def __post_init__(self):
         self._check_experts()
@@ -113,6 +115,8 @@ class DyLoRAMoEConfig:
             raise ValueError("kernel='reference' (peft adapters on linear layers) has no mixture='ffn'")
 
     def _check_routing(self) -> None:
+        if not (isinstance(self.fused_loss, bool) or self.fused_loss == "auto"):  # 1 == True: no plain `in`
+            raise ValueError(f"fused_loss must be False, True or 'auto', got {self.fused_loss!r}")
         if self.routing not in ROUTINGS:
             raise ValueError(f"unknown routing {self.routing!r}; expected one of {', '.join(ROUTINGS)}")
         if not _is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts:

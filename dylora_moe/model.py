@@ -46,8 +46,6 @@ from .skills import NoveltyDetector, SkillLibrary
 
 logger = logging.getLogger(__name__)
 
-FUSED_LOSS_MODES = (False, True, "auto")
-
 
 @dataclass
 class DyLoRAMoEOutput(CausalLMOutputWithPast):
@@ -128,6 +126,7 @@ class DyLoRA_MoE(nn.Module):
     - ``target_modules`` (default: :func:`~dylora_moe.inject.default_targets`), ``mixture`` ("linear" | "ffn"),
       ``expert_ranks`` / ``expert_alphas`` (per initial expert), ``growth_rank`` ("same" | "original" | int).
     - ``freeze_router``: keep the gate at its initial weights (no gradient, not in ``trainable_parameters``).
+    - ``fused_loss``: False | True | "auto" (see :meth:`set_fused_loss`).
 
     ``torch_dtype`` is the base model's load dtype (not a setting). ``moe_config`` gives the current settings back.
     """
@@ -164,6 +163,7 @@ class DyLoRA_MoE(nn.Module):
         expert_alphas=FROM_CONFIG,
         growth_rank=FROM_CONFIG,
         freeze_router: bool = FROM_CONFIG,
+        fused_loss: bool | str = FROM_CONFIG,
         torch_dtype=None,
     ):
         super().__init__()
@@ -174,7 +174,7 @@ class DyLoRA_MoE(nn.Module):
             sequence_top_k=sequence_top_k, balance_loss=balance_loss, balance_coefficient=balance_coefficient,
             z_loss_coefficient=z_loss_coefficient, mature_experts=mature_experts, target_modules=target_modules,
             mixture=mixture, expert_ranks=expert_ranks, expert_alphas=expert_alphas, growth_rank=growth_rank,
-            freeze_router=freeze_router,
+            freeze_router=freeze_router, fused_loss=fused_loss,
         )  # fmt: skip
         if config is not None and not isinstance(config, DyLoRAMoEConfig):
             raise TypeError(f"config must be a DyLoRAMoEConfig, got {type(config).__name__}")
@@ -220,6 +220,7 @@ class DyLoRA_MoE(nn.Module):
         self.mixture = cfg.mixture
         self.growth_rank = cfg.growth_rank
         self.mature_experts = cfg.mature_experts
+        self.set_fused_loss(cfg.fused_loss)
 
     @property
     def moe_config(self) -> DyLoRAMoEConfig:
@@ -239,6 +240,7 @@ class DyLoRA_MoE(nn.Module):
             sequence_top_k=self.sequence_top_k, balance_loss=self.balance_loss_form,
             balance_coefficient=self.balance_coefficient, z_loss_coefficient=self.z_loss_coefficient,
             mature_experts=self.mature_experts, freeze_router=not self.router.gate.weight.requires_grad,
+            fused_loss=self.fused_loss,
         )  # fmt: skip
 
     @property
@@ -333,13 +335,14 @@ class DyLoRA_MoE(nn.Module):
     def _mixed_hidden(self, hidden: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, batch: int) -> HeadInput:
         """Sequence routing on a linear head: sum over pairs n of weights[n] * hidden[n] into row rows[n] (in
         float32: one rounding to the model's dtype instead of one per pair); the head then runs once, its bias
-        counted sum(w) times per row. A row without pairs of non-zero weight (an all-padding row) mixes to 0."""
-        mixed = hidden.new_zeros(batch, *hidden.shape[1:], dtype=torch.float32)
-        mixed = mixed.index_add(0, rows, hidden.float() * weights.float()[:, None, None])
-        total = torch.zeros(batch, device=weights.device, dtype=hidden.dtype).index_add(
-            0, rows, weights.to(hidden.dtype)
-        )
-        return HeadInput(mixed.to(hidden.dtype), total)
+        counted sum(w) times per row. A row without pairs of non-zero weight (an all-padding row) mixes to 0.
+
+        The sum is a matmul with the [B, N] mixing matrix, not an index_add: rows repeat (one per expert of a
+        sequence), and index_add with repeated rows uses atomics on CUDA, so its result would vary run to run."""
+        row_ids = torch.arange(batch, device=rows.device)[:, None]
+        mixing = (row_ids == rows[None, :]).float() * weights.float()  # [B, N]: weights[n] at (rows[n], n)
+        mixed = torch.einsum("bn,nsh->bsh", mixing, hidden.float())
+        return HeadInput(mixed.to(hidden.dtype), mixing.sum(1).to(hidden.dtype))
 
     def _mixed_logits(self, hidden: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, batch: int):
         """A non-linear head (soft-capped, or not an nn.Linear): sum over pairs n of weights[n] * logits(hidden[n])
@@ -396,8 +399,8 @@ class DyLoRA_MoE(nn.Module):
         Works for token and sequence routing (the mixture is on hidden states); a head that is not an nn.Linear,
         or sequence routing with soft-capped logits, keeps the plain loss. ``chunk_rows``: rows per chunk
         (default: logits chunks about the size of the hidden states, Liger's rule)."""
-        if mode not in FUSED_LOSS_MODES:
-            raise ValueError(f"fused_loss must be one of {FUSED_LOSS_MODES}, got {mode!r}")
+        if not (isinstance(mode, bool) or mode == "auto"):
+            raise ValueError(f"fused_loss must be False, True or 'auto', got {mode!r}")
         if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
             raise ValueError(f"chunk_rows must be None or a positive int, got {chunk_rows!r}")
         self.fused_loss, self.fused_loss_chunk_rows = mode, chunk_rows

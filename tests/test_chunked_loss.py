@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from moe_models import batch, randomize_experts, tiny_llama
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dylora_moe import DyLoRA_MoE
+from dylora_moe import DyLoRA_MoE, DyLoRAMoEConfig
 from dylora_moe.fused_loss import chunked_linear_cross_entropy, default_chunk_rows
 
 
@@ -170,7 +170,19 @@ def test_soft_capped_head_token_routing_fuses_sequence_routing_keeps_the_plain_l
 
 def test_bad_fused_loss_arguments():
     moe = build("token")
-    with pytest.raises(ValueError, match="fused_loss must be one of"):
+    with pytest.raises(ValueError, match="fused_loss must be False, True or 'auto'"):
         moe.set_fused_loss("yes")
+    with pytest.raises(ValueError, match="fused_loss must be False, True or 'auto'"):
+        DyLoRAMoEConfig(fused_loss=1)
     with pytest.raises(ValueError, match="chunk_rows"):
         moe.set_fused_loss(True, chunk_rows=0)
+
+
+def test_fused_loss_is_a_setting_kept_by_the_config():
+    """DyLoRA_MoE(fused_loss=...) and DyLoRAMoEConfig(fused_loss=...) set the mode; moe_config gives it back."""
+    moe = build("token", fused_loss="auto")
+    assert moe.fused_loss == "auto" and moe.moe_config.fused_loss == "auto"
+    input_ids, mask, labels = batch(rows=2, length=5)
+    assert moe(input_ids, mask, labels).logits is None
+    from_config = DyLoRA_MoE(tiny_llama(layers=1), config=DyLoRAMoEConfig(num_experts=2, fused_loss=True))
+    assert from_config.fused_loss is True and from_config.moe_config.fused_loss is True

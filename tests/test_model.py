@@ -446,3 +446,23 @@ def test_routing_decisions_live_in_the_routing_module():
     assert torch.equal(w, weights[rows, experts])
     rows, experts, w = routing.sequence_pairs(weights, sequence_top_k=None)  # the non-zero pairs
     assert rows.tolist() == [0, 0, 2, 2] and experts.tolist() == [0, 1, 0, 2]
+
+
+def test_sequence_mixture_sums_repeated_rows_in_a_fixed_order():
+    """The (sequence, expert) pairs of one row are summed by a matmul with the mixing matrix (no index_add, whose
+    repeated rows use atomics on CUDA): equal to the float64 sum, a row without pairs mixes to 0, and the bias
+    count is the row's total weight."""
+    moe = build(routing="sequence", num_experts=3)
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(5, 4, 32, generator=gen)
+    rows = torch.tensor([0, 0, 0, 2, 2])  # row 1 has no pair; rows 0 and 2 repeat
+    weights = torch.rand(5, generator=gen)
+    got = moe._mixed_hidden(hidden, rows, weights, batch=3)
+    want = torch.zeros(3, 4, 32, dtype=torch.float64)
+    for n in range(5):
+        want[rows[n]] += weights[n].double() * hidden[n].double()
+    assert_close(got.hidden, want.float(), torch.float32)
+    assert torch.equal(got.hidden[1], torch.zeros(4, 32))
+    torch.testing.assert_close(
+        got.bias_scale, torch.stack([weights[:3].sum(), weights.new_zeros(()), weights[3:].sum()])
+    )

@@ -167,10 +167,12 @@ def test_two_processes_gloo(tmp_path):
 
 @pytest.mark.slow
 def test_sequence_routing_runs(tmp_path):
-    # The seed's per-sequence mixture with each sequence's best expert only: routing pass + one batched pass.
+    # The seed's per-sequence mixture with each sequence's best expert only: routing pass + one batched pass; the
+    # training loss in row chunks (--fused_loss auto), the evaluation with the full logits.
     out = tmp_path / "sequence"
     args = [*TINY, "--kernel", "eager", "--routing", "sequence", "--sequence_top_k", "1", "--max_steps", "2"]
-    result = train.main([*args, "--output_dir", str(out)])
+    result = train.main([*args, "--fused_loss", "auto", "--output_dir", str(out)])
+    assert result["trainer"].model.fused_loss == "auto"
     logs = _train_logs(out)
     assert sorted(logs) == [1, 2]
     assert math.isclose(logs[2]["util_expert_0"] + logs[2]["util_expert_1"], 1.0, rel_tol=1e-6)
