@@ -78,9 +78,19 @@ def mbpp_text(row: dict, where: str) -> str:
 TO_TEXT = {"code_alpaca": code_alpaca_text, "mbpp": mbpp_text}
 
 
+class MissingDatasetsError(DataError):
+    """The ``datasets`` package, which reads and splits the corpora, is not installed."""
+
+
 def _datasets():
     """The ``datasets`` module, its progress bars off (a training log gets one bar per phase, not per file)."""
-    import datasets
+    try:
+        import datasets
+    except ModuleNotFoundError as err:
+        raise MissingDatasetsError(
+            "reading the corpora needs the 'datasets' package: pip install datasets (it is in this project's "
+            "[train] extra: pip install -e '.[train]')"
+        ) from err
 
     datasets.disable_progress_bars()
     return datasets
@@ -143,11 +153,12 @@ def _local_file(data_dir: Path, domain: str) -> Path:
 
 def _local_texts(path: Path, domain: str) -> list[str]:
     """A local JSON / JSON-lines file through ``load_dataset("json")``; any problem is named by a line scan."""
+    datasets = _datasets()  # outside the try: a missing package is not a malformed file
     try:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: no rows")
         with _quiet("datasets"):  # its own ERROR line would precede ours, which names the line
-            table = _datasets().load_dataset("json", data_files=str(path), split="train")
+            table = datasets.load_dataset("json", data_files=str(path), split="train")
         if len(table) == 0:
             raise DataError(f"{path}: no rows")
         return _texts(table, domain, lambda i: f"{path} row {i}")
