@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,16 @@ def test_json_lines_missing_field_names_the_line(tmp_path):
     (folder / "mbpp.jsonl").write_text("\n".join(lines[:5] + [""] + lines[5:]) + "\n")  # a blank line shifts rows
     with pytest.raises(DataError, match=r"mbpp.jsonl line 13: missing string field 'text'"):
         load_domain(folder, "mbpp")
+
+
+def test_missing_datasets_package_is_named(tmp_path, monkeypatch):
+    """Without ``datasets`` (the lent GPU image has none) reading a corpus says which package to install, not that
+    the file is malformed."""
+    from dylora_moe.data import MissingDatasetsError, load_domain
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "mbpp.jsonl").write_text('{"text": "a"}\n')
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ModuleNotFoundError
+    with pytest.raises(MissingDatasetsError, match="pip install datasets"):
+        load_domain(data, "mbpp")
