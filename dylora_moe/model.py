@@ -430,7 +430,7 @@ class DyLoRA_MoE(nn.Module):
         changed) so that a compiled forward never has to read it. Training loops (HF Trainer included) call it
         before their steps."""
         super().train(mode)
-        self.router.all_mature  # noqa: B018 (the property refreshes the flag)
+        self.router.refresh_maturity_if_changed()
         return self
 
     def compile(self, *args, fullgraph: bool = True, **kwargs) -> None:
@@ -443,7 +443,7 @@ class DyLoRA_MoE(nn.Module):
         """
         if self._backend == "reference":
             raise ValueError("kernel='reference' does not compile; use 'eager', 'triton' or 'auto'")
-        self.router.all_mature  # noqa: B018 (refresh the flag now: the compiled graph cannot read the buffer)
+        self.router.refresh_maturity_if_changed()  # now: the compiled graph cannot read the buffer
         super().compile(*args, fullgraph=fullgraph, **kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None) -> DyLoRAMoEOutput:

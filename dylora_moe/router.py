@@ -100,11 +100,16 @@ class DynamicHybridRouter(nn.Module):
                     "DyLoRA_MoE.train() / .compile(), which do) before the compiled forward"
                 )
             return self._all_mature
+        self.refresh_maturity_if_changed()
+        return self._all_mature
+
+    def refresh_maturity_if_changed(self) -> None:
+        """Re-read ``expert_maturity`` only when the buffer was replaced or edited since the last read (its version
+        counter moved): no host read in the common case."""
         seen = self.__dict__.get("_maturity_seen")
         buffer = self.expert_maturity
         if seen is None or seen[0] is not buffer or seen[1] != buffer._version:
             self.refresh_maturity()
-        return self._all_mature
 
     def refresh_maturity(self) -> None:
         """Re-read ``expert_maturity`` into the host-side flag :attr:`all_mature` uses (one host read)."""
