@@ -22,6 +22,7 @@ as one graph (:meth:`DyLoRA_MoE.compile`). The routing decisions live in :mod:`d
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -167,18 +168,11 @@ class DyLoRA_MoE(nn.Module):
         torch_dtype=None,
     ):
         super().__init__()
-        given = dict(
-            num_experts=num_experts, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-            allow_expert_growth=allow_expert_growth, kernel=kernel, routing=routing, top_k=top_k,
-            temperature=temperature, router_weighting=router_weighting, renormalize=renormalize,
-            sequence_top_k=sequence_top_k, balance_loss=balance_loss, balance_coefficient=balance_coefficient,
-            z_loss_coefficient=z_loss_coefficient, mature_experts=mature_experts, target_modules=target_modules,
-            mixture=mixture, expert_ranks=expert_ranks, expert_alphas=expert_alphas, growth_rank=growth_rank,
-            freeze_router=freeze_router, fused_loss=fused_loss,
-        )  # fmt: skip
+        settings = {f.name for f in dataclasses.fields(DyLoRAMoEConfig)}
+        given = {name: value for name, value in locals().items() if name in settings and value is not FROM_CONFIG}
         if config is not None and not isinstance(config, DyLoRAMoEConfig):
             raise TypeError(f"config must be a DyLoRAMoEConfig, got {type(config).__name__}")
-        cfg = (config or DyLoRAMoEConfig()).replace(**{k: v for k, v in given.items() if v is not FROM_CONFIG})
+        cfg = (config or DyLoRAMoEConfig()).replace(**given)
         self._apply_settings(cfg)
 
         self.foundation_model = load_base_model(model_name, token, torch_dtype)

@@ -143,3 +143,11 @@ def test_from_pretrained_peft_order_and_deprecated_order(tmp_path):
     with torch.no_grad():
         want = moe(input_ids, mask).logits
         assert torch.equal(loaded(input_ids, mask).logits, want) and torch.equal(old(input_ids, mask).logits, want)
+
+
+def test_every_setting_is_a_model_keyword():
+    """DyLoRA_MoE(...) takes each DyLoRAMoEConfig field as a keyword (its value read from the signature's locals)."""
+    import dataclasses
+
+    keywords = set(inspect.signature(DyLoRA_MoE).parameters)
+    assert {f.name for f in dataclasses.fields(DyLoRAMoEConfig)} <= keywords
