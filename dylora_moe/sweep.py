@@ -34,6 +34,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .runs import read_metrics
+
 logger = logging.getLogger(__name__)
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
@@ -134,10 +136,7 @@ class RunResult:
 
 def read_run(result: RunResult) -> RunResult:
     """Fill ``result``'s numbers from the last evaluation records and the training logs of its metrics.jsonl."""
-    path = result.folder / "metrics.jsonl"
-    if not path.is_file():
-        return result
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_metrics(result.folder / "metrics.jsonl")[0]  # none for a run that never logged; no torn line
     entropies = {}
     for r in records:
         for key, value in r.items():

@@ -7,19 +7,14 @@ from a finished run's files. Plots use matplotlib's object API (no pyplot global
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
+from .runs import read_metrics
 from .specialisation import SpecialisationStats
 from .specialisation_report import specialisation_section
 
 LOSS_PLOT, UTIL_PLOT = "loss.png", "utilization.png"
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` (one JSON object a line)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def domain_metrics(metrics: dict[str, float], domains: list[str], num_experts: int) -> dict[str, dict]:
@@ -178,7 +173,7 @@ def write_report(
     With ``specialisation`` (the final evaluation's routing masses) also the specialisation section and its pictures
     (:func:`~dylora_moe.specialisation_report.specialisation_section`; ``tokenizer`` prints the tokens)."""
     output_dir = Path(output_dir)
-    records = read_metrics(output_dir / "metrics.jsonl") if (output_dir / "metrics.jsonl").is_file() else []
+    records = read_metrics(output_dir / "metrics.jsonl")[0]  # the valid rows (a torn last line is left out)
     logs = training_logs(records)
     first, last = domain_metrics(initial, domains, num_experts), domain_metrics(final, domains, num_experts)
     plot_losses(output_dir / LOSS_PLOT, logs, eval_history(records, domains))

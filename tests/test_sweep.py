@@ -8,11 +8,13 @@ import textwrap
 import pytest
 
 from dylora_moe.sweep import (
+    RunResult,
     SweepError,
     config_argv,
     config_name,
     configurations,
     parse_grid,
+    read_run,
     run_sweep,
     strip_flags,
 )
@@ -136,3 +138,11 @@ def test_two_configuration_sweep_of_train_py(tmp_path, monkeypatch):
         assert f"top_k={top_k}" in (folder / "summary.md").read_text()
     assert list((tmp_path / "top_k-2").glob("tiny-*")), "the tiny base of the first run is reused"
     assert (tmp_path / "sweep.png").is_file() and (tmp_path / "sweep_wandb.yaml").is_file()
+
+
+def test_a_killed_configurations_torn_metrics_line_is_left_out(tmp_path):
+    """A run killed mid-write leaves a torn last line in metrics.jsonl: the sweep reads the valid rows."""
+    record = {"eval_mbpp_loss": 2.5, "eval_mbpp_runtime": 0.1, "step": 4}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(record) + "\n" + '{"eval_mbpp_lo')
+    result = read_run(RunResult({"top_k": "1"}, tmp_path, returncode=-9, seconds=1.0))
+    assert result.losses == {"mbpp": 2.5}
