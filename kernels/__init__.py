@@ -1,8 +1,7 @@
 """Ops of dylora_moe: the grouped MoE-LoRA matmul and the fused top-k router, in Triton and eager PyTorch.
 
 Installed as ``dylora_moe.kernels`` (the repo folder ``kernels/``):
-``from dylora_moe.kernels import moe_lora, topk_route``.
-This module is the one dispatch point between backends; it knows nothing of models.
+``from dylora_moe.kernels import moe_lora, topk_route``. It knows nothing of models.
 
 Backends:
   - ``"triton"``: the Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
@@ -11,225 +10,43 @@ Backends:
     topk_route the eager router (one vocabulary for both ops).
   - ``"auto"``: triton for CUDA tensors, eager otherwise, decided from the tensors' device at each call.
 
-Files: stacked.py / stacked_kernels.py (all experts as one rank space), grouped.py / grouped_kernels.py (pairs
-sorted by expert), router.py (the fused top-k router), eager.py (the PyTorch twins), routing_meta.py (gate, counts
-and sort built once per step), _launch.py (launch point, configs, the one op registration helper).
+Files: ops.py (the public ops: input checks and dispatch), stacked.py / stacked_kernels.py (all experts as one
+rank space), grouped.py / grouped_kernels.py (pairs sorted by expert), router.py (the fused top-k router),
+eager.py (the PyTorch twins), routing_meta.py (gate, counts and sort built once per step), _launch.py (launch
+point, configs, the one op registration helper).
 """
 
-from __future__ import annotations
+# This folder is the package `dylora_moe.kernels`, but whatever runs from the repository root (`python train.py`,
+# `python -m pytest`, `python -c`, an interactive session) has the root on sys.path, so `import kernels` finds this
+# folder before Hugging Face's `kernels` package (which transformers imports when a model class loads). Imported
+# under that bare name, this module steps aside: it loads the next `kernels` on sys.path in its own place (the
+# import system returns whatever sys.modules holds when this file finishes), or raises the ModuleNotFoundError
+# the user would get without this checkout. Only the standard library runs on that path.
+if __name__ == "kernels":
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-from typing import NamedTuple
+    def _holds_this_folder(entry: str) -> bool:
+        candidate = os.path.join(entry or os.curdir, "kernels", "__init__.py")
+        return os.path.exists(candidate) and os.path.samefile(candidate, __file__)
 
-import torch
-
-from . import eager
-from ._launch import resolve_backend
-from .routing_meta import RoutingMeta, check_expert_ids, dense_gate
-
-__all__ = ["moe_lora", "topk_route", "RouteResult", "RoutingMeta", "resolve_backend", "dense_gate"]
-
-
-class RouteResult(NamedTuple):
-    """Output of :func:`topk_route`. ``weights``/``ids`` are [..., K] and ``dense`` [..., E] with the leading dims
-    of the logits; ``counts`` [E] is how many tokens picked each expert; ``mean_prob`` [E] is the mean of the full
-    tempered softmax over tokens (for load-balancing losses)."""
-
-    weights: torch.Tensor
-    ids: torch.Tensor
-    dense: torch.Tensor
-    counts: torch.Tensor
-    mean_prob: torch.Tensor
-
-
-def _check_scaling(scaling, num_experts: int) -> None:
-    if isinstance(scaling, torch.Tensor):
-        if scaling.shape != (num_experts,) or not scaling.dtype.is_floating_point:
-            raise ValueError(
-                f"scaling must be a float or a floating tensor [E={num_experts}] (alpha_e / r_e per expert); "
-                f"got a {scaling.dtype} tensor of shape {tuple(scaling.shape)}"
-            )
-    elif not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling must be a float or a tensor [E]; got {type(scaling).__name__}")
-
-
-def _check_moe_lora_inputs(x, lora_a, lora_b, expert_ids, expert_weights, scaling, dropout_mask, base_output):
-    if lora_a.dim() != 3 or lora_b.dim() != 3:
-        raise ValueError(
-            f"lora_a must be [E, r, d_in] and lora_b [E, d_out, r]; got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}"
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path if not _holds_this_folder(p)])
+    if _spec is None:
+        raise ModuleNotFoundError(
+            "No module named 'kernels' (this checkout's kernels/ folder is dylora_moe.kernels)", name="kernels"
         )
-    num_experts, rank, d_in = lora_a.shape
-    if x.shape[-1] != d_in:
-        hint = " (did you pass lora_a transposed, [E, d_in, r] instead of [E, r, d_in]?)" if rank == x.shape[-1] else ""
-        raise ValueError(f"x has last dim {x.shape[-1]} but lora_a {tuple(lora_a.shape)} expects d_in={d_in}{hint}")
-    if lora_b.shape[0] != num_experts or lora_b.shape[2] != rank:
-        hint = ""
-        if lora_b.shape[0] == num_experts and lora_b.shape[1] == rank:
-            hint = " (did you pass lora_b transposed, [E, r, d_out] instead of [E, d_out, r]?)"
-        raise ValueError(
-            f"lora_b {tuple(lora_b.shape)} does not match lora_a {tuple(lora_a.shape)}: expected [E={num_experts}, "
-            f"d_out, r={rank}]{hint}"
-        )
-    if expert_ids.shape != expert_weights.shape:
-        raise ValueError(
-            f"expert_ids {tuple(expert_ids.shape)} and expert_weights {tuple(expert_weights.shape)} "
-            "must have the same shape"
-        )
-    if expert_ids.dim() < 1 or expert_ids.shape[:-1] != x.shape[:-1]:
-        raise ValueError(
-            f"expert_ids {tuple(expert_ids.shape)} must be [..., k] with the leading dims of x {tuple(x.shape)}; "
-            f"expected [{', '.join(map(str, x.shape[:-1]))}, k]"
-        )
-    if expert_ids.dtype.is_floating_point or expert_ids.dtype == torch.bool:
-        raise TypeError(f"expert_ids must be an integer tensor, got {expert_ids.dtype}")
-    for name, t in (("x", x), ("lora_a", lora_a), ("lora_b", lora_b), ("expert_weights", expert_weights)):
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be floating point; got {t.dtype}")
-    if x.dtype == torch.float64 and lora_a.dtype != torch.float64:
-        raise TypeError(
-            f"x is float64 but lora_a/lora_b are {lora_a.dtype}/{lora_b.dtype}: float64 needs float64 weights "
-            "(weights may be float32 masters under float16/bfloat16/float32 activations)"
-        )
-    _check_scaling(scaling, num_experts)
-    tensors = {"x": x, "lora_a": lora_a, "lora_b": lora_b, "expert_ids": expert_ids, "expert_weights": expert_weights}
-    if dropout_mask is not None:
-        if dropout_mask.shape != x.shape:
-            raise ValueError(f"dropout_mask {tuple(dropout_mask.shape)} must have the shape of x {tuple(x.shape)}")
-        tensors["dropout_mask"] = dropout_mask
-    if base_output is not None:
-        expected = (*x.shape[:-1], lora_b.shape[1])
-        if base_output.shape != expected:
-            raise ValueError(f"base_output {tuple(base_output.shape)} must be [..., d_out] = {expected}")
-        tensors["base_output"] = base_output
-    if isinstance(scaling, torch.Tensor):
-        tensors["scaling"] = scaling
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"all inputs must be on one device; got {devices}")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module
+    try:
+        _spec.loader.exec_module(_module)
+    except BaseException:
+        del sys.modules["kernels"]
+        raise
+else:
+    from ._launch import resolve_backend
+    from .ops import RouteResult, moe_lora, topk_route
+    from .routing_meta import RoutingMeta, dense_gate
 
-
-def moe_lora(
-    x: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    expert_ids: torch.Tensor,
-    expert_weights: torch.Tensor,
-    scaling: float | torch.Tensor,
-    *,
-    dropout_mask: torch.Tensor | None = None,
-    backend: str = "auto",
-    validate_ids: bool = True,
-    triton_path: str = "auto",
-    routing: RoutingMeta | None = None,
-    base_output: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    dropout_seed: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """LoRA delta of a mixture of experts: ``y[t] = sum_j w[t,j] * c[e] * B[e] A[e] x~[t]`` with e = ids[t,j].
-
-    Args:
-        x: [..., d_in]; leading dims are flattened by the op and restored on the output.
-        lora_a: [E, r, d_in] stacked expert A matrices. lora_b: [E, d_out, r] stacked B matrices. They may be
-            float32 masters under float16/bfloat16 x (read directly by the kernels; gradients stay float32).
-        expert_ids: [..., k] integer expert of each routing slot (k = E is dense routing).
-        expert_weights: [..., k] weight of each slot (differentiable; feeds the router).
-        scaling: c = alpha / r, a float, or a tensor [E] of per-expert alpha_e / r_e.
-        dropout_mask: optional [..., d_in] multiplier on x for the LoRA input (already scaled by 1/(1-p)).
-        backend: "auto" | "triton" | "eager" | "loop" (see the module docstring).
-        validate_ids: check ids are in [0, E): an IndexError naming the values found on the CPU, a device-side
-            assert elsewhere (no host sync). Ignored when ``routing`` is given (its ids were checked, device-side,
-            when it was built).
-        triton_path: "auto" | "stacked" | "grouped": the Triton formulation (see grouped.choose_path).
-        routing: per-step metadata of these ids/weights (flattened to [T, k]); layers share one per step so the
-            gate and sort are not rebuilt (dylora_moe.routing.Routing.meta builds it).
-        base_output: [..., d_out] output of the frozen layer: returns base_output + delta. On the Triton stacked
-            path in eager mode the delta is accumulated into ``base_output`` in place (one pass, no extra add), so
-            do not reuse its old value.
-        dropout_p, dropout_seed: LoRA dropout drawn inside the kernels from a Philox stream keyed by the int64
-            ``dropout_seed`` tensor (no [T, d_in] mask is built or saved on the stacked path). The eager and loop
-            backends draw the same mask (eager.philox_dropout_mask). Exclusive with ``dropout_mask``.
-
-    Returns the delta (or base_output + delta) [..., d_out] in x's dtype (base_output's dtype when given).
-    Gradients flow to x, lora_a, lora_b, expert_weights and base_output (DESIGN 3); deterministic on every backend.
-    """
-    _check_moe_lora_inputs(x, lora_a, lora_b, expert_ids, expert_weights, scaling, dropout_mask, base_output)
-    if dropout_p and dropout_mask is not None:
-        raise ValueError("pass either dropout_mask or dropout_p/dropout_seed, not both")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
-    if dropout_p and dropout_seed is None:
-        raise ValueError("dropout_p > 0 needs dropout_seed: an int64 tensor with one element on x's device")
-    backend = resolve_backend(backend, x.device)
-    num_experts = lora_a.shape[0]
-    lead, d_in = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, d_in)
-    if routing is None:
-        k = expert_ids.shape[-1]
-        if validate_ids:
-            check_expert_ids(expert_ids, num_experts)
-        routing = RoutingMeta(expert_ids.reshape(-1, k), expert_weights.reshape(-1, k), num_experts, check_ids=False)
-    elif routing.num_tokens != x2.shape[0] or routing.num_experts != num_experts:
-        raise ValueError(
-            f"routing metadata is for {routing.num_tokens} tokens and {routing.num_experts} experts; "
-            f"expected {x2.shape[0]} tokens and {num_experts} experts"
-        )
-    seed = dropout_seed.reshape(1) if dropout_p else None
-    if backend == "triton":
-        from .grouped import moe_lora_triton
-
-        return moe_lora_triton(
-            x, lora_a, lora_b, routing, scaling, dropout_mask, seed, dropout_p, base_output, triton_path
-        )
-    mask2 = None if dropout_mask is None else dropout_mask.reshape(-1, d_in)
-    if seed is not None:
-        mask2 = eager.philox_dropout_mask(seed, tuple(x2.shape), dropout_p, x.dtype)
-    if backend == "loop":
-        out = eager.moe_lora_loop(x2, lora_a, lora_b, routing.ids, routing.weights, scaling, mask2)
-    else:
-        out = eager.moe_lora_eager(x2, lora_a, lora_b, routing.gate, scaling, mask2)
-    out = out.reshape(*lead, lora_b.shape[1])
-    return out if base_output is None else base_output + out.to(base_output.dtype)
-
-
-def topk_route(
-    logits: torch.Tensor,
-    top_k: int,
-    *,
-    temperature: float = 1.0,
-    normalize: bool = True,
-    backend: str = "auto",
-    check_finite: bool = True,
-) -> RouteResult:
-    """Fused top-k router over ``logits`` [..., E]; weights/ids [..., K] and dense [..., E] keep the leading dims.
-
-    Tempered softmax ``p = softmax(logits / temperature)``, the top-k of p (ties: the lowest expert id wins),
-    weights = the k probabilities, renormalised to sum to 1 when ``normalize``. Differentiable in ``logits``
-    through ``weights``, ``dense`` and ``mean_prob``. ``backend``: "auto" | "triton" | "eager" | "loop" ("loop"
-    is the eager router: there is no per-expert loop to run). Non-finite logits fail a device-side assert when
-    ``check_finite`` (a RuntimeError naming the problem, with no host sync: a CUDA graph or a sync-free step keeps
-    it); otherwise they propagate NaN.
-    """
-    if logits.dim() < 1 or not logits.dtype.is_floating_point:
-        raise ValueError(f"logits must be a floating tensor [..., E]; got {logits.dtype} {tuple(logits.shape)}")
-    num_experts = logits.shape[-1]
-    if num_experts < 1:
-        raise ValueError("logits must have at least one expert (last dim >= 1)")
-    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be an int in [1, {num_experts}] (the number of experts); got {top_k!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature!r}")
-    lead = logits.shape[:-1]
-    logits2 = logits.reshape(-1, num_experts)
-    if check_finite and logits2.numel() > 0:
-        message = "router logits contain NaN or Inf; check the gate weights and the hidden states feeding it"
-        torch._assert_async(torch.isfinite(logits2).all(), message)
-    backend = resolve_backend(backend, logits.device)
-    if backend == "triton":
-        from .router import topk_route_triton
-
-        result = topk_route_triton(logits2, top_k, float(temperature), bool(normalize))
-    else:
-        result = eager.topk_route_eager(logits2, top_k, temperature, normalize)
-    weights, ids, dense, counts, mean_prob = result
-    return RouteResult(
-        weights.reshape(*lead, top_k), ids.reshape(*lead, top_k), dense.reshape(*lead, num_experts), counts, mean_prob
-    )
+    __all__ = ["moe_lora", "topk_route", "RouteResult", "RoutingMeta", "resolve_backend", "dense_gate"]
