@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from train_support import TINY
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RUN = [*TINY, "--kernel", "eager", "--max_steps", "4", "--eval_steps", "2"]
 
 WRAPPER = textwrap.dedent(
@@ -36,7 +36,7 @@ WRAPPER = textwrap.dedent(
 
     if point in ("save", "final"):
         import safetensors.torch
-        import dylora_moe.checkpoint as checkpoint
+        import dylora_moe.io.checkpoint as checkpoint
 
         marker = "checkpoint-4" if point == "save" else "final"
         real_save_file = checkpoint.save_file
@@ -52,7 +52,7 @@ WRAPPER = textwrap.dedent(
         checkpoint.save_file = save_file
     elif point == "metrics":
         import json
-        from dylora_moe.training import MetricsFile
+        from dylora_moe.train.trainer import MetricsFile
 
         real_on_log = MetricsFile.on_log
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dylora_moe.data import PackedDataset
 from dylora_moe.model import DyLoRA_MoE
-from dylora_moe.specialisation import (
+from dylora_moe.train.data import PackedDataset
+from dylora_moe.train.specialisation import (
     SpecialisationStats,
     Tally,
     collect_specialisation,
@@ -18,7 +18,7 @@ from dylora_moe.specialisation import (
     load_figures,
     mutual_information,
 )
-from dylora_moe.specialisation_report import specialisation_report
+from dylora_moe.train.specialisation_report import specialisation_report
 
 # ----- mutual information and load ------------------------------------------------------------------------------
 

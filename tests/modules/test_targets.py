@@ -5,7 +5,7 @@ from moe_models import VOCAB, batch, randomize_experts, tiny_gpt2, tiny_llama
 from transformers import Phi3Config, Phi3ForCausalLM, PhiConfig, PhiForCausalLM
 
 from dylora_moe import DEFAULT_TARGETS, DyLoRA_MoE, default_targets, inject_moe_lora
-from dylora_moe.inject import ORIGINAL_TARGETS, peft_default_targets
+from dylora_moe.modules.inject import ORIGINAL_TARGETS, peft_default_targets
 
 
 def tiny_phi3():

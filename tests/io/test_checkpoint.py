@@ -8,7 +8,7 @@ from moe_models import batch, randomize_experts, tiny_gpt2, tiny_llama
 from peft import PeftModel
 
 from dylora_moe import DyLoRA_MoE
-from dylora_moe import checkpoint as ckpt
+from dylora_moe.io import checkpoint as ckpt
 from tolerances import assert_close
 
 

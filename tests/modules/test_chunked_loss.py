@@ -1,4 +1,4 @@
-"""Chunked linear + cross-entropy (dylora_moe.fused_loss) and DyLoRA_MoE's fused_loss mode.
+"""Chunked linear + cross-entropy (dylora_moe.modules.fused_loss) and DyLoRA_MoE's fused_loss mode.
 
 The op against the float64 formula (values and gradients of hidden, weight, bias, bias scale; soft-capping; odd chunk
 sizes; ignored rows); the model's fused loss against its plain loss, token and sequence routing; and the point of it
@@ -12,7 +12,7 @@ from moe_models import batch, randomize_experts, tiny_llama
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dylora_moe import DyLoRA_MoE, DyLoRAMoEConfig
-from dylora_moe.fused_loss import chunked_linear_cross_entropy, default_chunk_rows
+from dylora_moe.modules.fused_loss import chunked_linear_cross_entropy, default_chunk_rows
 
 
 def formula(hidden, weight, targets, bias=None, bias_scale=None, softcap=None):

@@ -38,7 +38,7 @@ from .runs import read_metrics
 
 logger = logging.getLogger(__name__)
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"
 SWEEP_MD, SWEEP_PLOT, WANDB_YAML, RUN_LOG = "sweep.md", "sweep.png", "sweep_wandb.yaml", "train.log"
 RESERVED = ("sweep", "output_dir")  # set by the sweep itself for each run
 BOOLEANS = {"true": True, "false": False}

@@ -1,11 +1,11 @@
-"""train.py's console (dylora_moe.console): one compact line per log, no progress bar when not on a terminal."""
+"""train.py's console (dylora_moe.train.console): one compact line per log, no progress bar when not on a terminal."""
 
 import io
 import logging
 
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from dylora_moe.console import Console, format_log
+from dylora_moe.train.console import Console, format_log
 
 
 def test_training_evaluation_and_summary_lines():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .kernels import moe_lora, resolve_backend
+from ..kernels import moe_lora, resolve_backend
 from .routing import RoutingContext
 
 KERNELS = ("auto", "triton", "eager", "reference")

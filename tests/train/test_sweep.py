@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from dylora_moe.sweep import (
+from dylora_moe.train.sweep import (
     RunResult,
     SweepError,
     config_argv,
@@ -108,7 +108,7 @@ def test_failed_configuration_is_reported_not_fatal(tmp_path):
 
 def test_wandb_yaml_is_valid_yaml(tmp_path):
     yaml = pytest.importorskip("yaml")
-    from dylora_moe.sweep import wandb_sweep_yaml
+    from dylora_moe.train.sweep import wandb_sweep_yaml
 
     config = yaml.safe_load(wandb_sweep_yaml(parse_grid("num_experts=2,4 routing=token,sequence"), [], "eval/x"))
     assert config["parameters"]["num_experts"] == {"values": [2, 4]}

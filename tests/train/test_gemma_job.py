@@ -2,7 +2,6 @@
 a tokenizer saved to a local folder go through the very same path (``AutoTokenizer`` / ``AutoModelForCausalLM``
 .from_pretrained on ``--model_name``) end to end: experts injected into Gemma's attention, trained, saved, reloaded."""
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -10,16 +9,8 @@ import pytest
 import torch
 from train_support import DATA_DIR, TINY
 
-from dylora_moe.tiny import train_tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _train_module():
-    spec = importlib.util.spec_from_file_location("train_gemma_script", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from dylora_moe.train import cli
+from dylora_moe.train.base_models import train_tokenizer
 
 
 def _tiny_gemma(folder: Path) -> Path:
@@ -56,7 +47,7 @@ def test_train_py_on_a_local_gemma_folder(tmp_path):
     torch.set_num_threads(1)
     try:
         argv = [*TINY, "--model_name", str(model_dir), "--kernel", "eager", "--gradient_accumulation_steps", "1"]
-        result = _train_module().main([*argv, "--max_steps", "2", "--output_dir", str(out)])
+        result = cli.main([*argv, "--max_steps", "2", "--output_dir", str(out)])
     finally:
         torch.set_num_threads(threads)
     model = result["trainer"].model

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dylora_moe.coverage import GradientCoverage, GradientCoverageError, find_gradient_gaps
 from dylora_moe.model import DyLoRA_MoE
+from dylora_moe.train.gradient_coverage import GradientCoverage, GradientCoverageError, find_gradient_gaps
 
 
 def _model(num_experts=3, **kwargs) -> DyLoRA_MoE:
@@ -147,7 +147,7 @@ def test_callback_warns_naming_the_expert_and_layer(caplog):
     model = _model()
     _freeze_expert(model, 2, "model.layers.0.self_attn.o_proj")
     callback = GradientCoverage()
-    with caplog.at_level(logging.WARNING, logger="dylora_moe.coverage"):
+    with caplog.at_level(logging.WARNING, logger="dylora_moe.train.gradient_coverage"):
         _drive_callback(callback, model)
     assert len(callback.gaps) == 1
     assert "optimizer step 1: expert 2 received tokens in 2 micro-batches but has" in caplog.text

@@ -18,11 +18,12 @@ import torch
 from moe_models import randomize_experts, tiny_llama
 from safetensors.torch import load_file, save_file
 
-from dylora_moe import DyLoRA_MoE, atomic_folder
-from dylora_moe import checkpoint as ckpt
-from dylora_moe.checkpoint import CheckpointError, CheckpointFileMissing
+from dylora_moe import DyLoRA_MoE
+from dylora_moe.io import atomic_folder
+from dylora_moe.io import checkpoint as ckpt
+from dylora_moe.io.checkpoint import CheckpointError, CheckpointFileMissing
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_moe(seed=0, num_experts=3):
@@ -278,8 +279,8 @@ _KILL_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[2])
     from test_checkpoint_faults import make_moe, experts_equal, reload
-    from dylora_moe import atomic_folder
-    from dylora_moe import checkpoint as ckpt
+    from dylora_moe.io import atomic_folder
+    from dylora_moe.io import checkpoint as ckpt
 
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -709,10 +710,10 @@ def test_checkpoint_modules_do_not_import_the_reference_path():
     while todo:
         name = todo.pop()
         seen.add(name)
-        tree_ = ast.parse((REPO / "dylora_moe" / f"{name}.py").read_text())
+        tree_ = ast.parse((REPO / "dylora_moe" / "io" / f"{name}.py").read_text())
         for node in ast.walk(tree_):
             if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
                 module = node.module.split(".")[0]
-                if module not in seen and (REPO / "dylora_moe" / f"{module}.py").is_file():
+                if module not in seen and (REPO / "dylora_moe" / "io" / f"{module}.py").is_file():
                     todo.append(module)
     assert "reference" not in seen and {"checkpoint", "peft_format", "atomic_folder"} <= seen

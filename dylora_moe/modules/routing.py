@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kernels.routing_meta import RoutingMeta
+from ..kernels.routing_meta import RoutingMeta
 
 if TYPE_CHECKING:
     from .router import DynamicHybridRouter, RouterOutput

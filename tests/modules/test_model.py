@@ -340,7 +340,7 @@ def test_triton_without_gpu_or_interpreter_names_the_fix(monkeypatch):
 @pytest.fixture
 def cpu_model_on_a_gpu_machine(monkeypatch):
     """CUDA available as far as "auto" can tell, and no Triton interpreter: a Triton kernel on CPU tensors raises."""
-    import dylora_moe.layer as layer_module
+    import dylora_moe.modules.layer as layer_module
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -426,12 +426,12 @@ def test_all_padding_row_changes_nothing_for_the_other_rows(routing, kw, backend
 
 def test_routing_decisions_live_in_the_routing_module():
     """decide_routing / sequence_weights / sequence_pairs / token_routing / RoutingDecision are in
-    dylora_moe.routing (the model keeps thin methods and the old import path); routing.py imports neither the
+    dylora_moe.modules.routing (the model keeps thin methods and the old import path); routing.py imports neither the
     model nor the router at run time (no import cycle: layers import it)."""
     import ast
 
     from dylora_moe import model as model_module
-    from dylora_moe import routing
+    from dylora_moe.modules import routing
 
     assert model_module.RoutingDecision is routing.RoutingDecision
     tree = ast.parse(open(routing.__file__).read())

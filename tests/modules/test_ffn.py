@@ -8,7 +8,7 @@ import torch
 from moe_models import VOCAB, batch, tiny_gpt2, tiny_llama
 
 from dylora_moe import DyLoRA_MoE, MoELoRAMLP, inject_moe_lora
-from dylora_moe.routing import Routing
+from dylora_moe.modules.routing import Routing
 from tolerances import assert_close
 
 E, R, ALPHA = 3, 4, 8.0

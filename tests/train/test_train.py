@@ -18,20 +18,11 @@ import torch
 from safetensors.torch import load_file
 from train_support import DATA_DIR, TINY
 
-from dylora_moe.data import DataError
-from dylora_moe.tiny import ModelLoadError
+from dylora_moe.train import cli as train
+from dylora_moe.train.base_models import ModelLoadError
+from dylora_moe.train.data import DataError
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_train_module()
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -117,7 +108,7 @@ class _Interrupt(Exception):
 
 @pytest.mark.slow
 def test_resume_after_interrupted_save_matches_straight_run(straight_run, tmp_path, monkeypatch):
-    from dylora_moe.training import MoETrainer
+    from dylora_moe.train.trainer import MoETrainer
 
     out = tmp_path / "resumed"
     args = [*TINY, "--kernel", "eager", "--max_steps", "4", "--eval_steps", "2", "--output_dir", str(out)]

@@ -1,4 +1,4 @@
-"""One run per output folder (dylora_moe.runs): refusals before any write, resume picks only its own run's
+"""One run per output folder (dylora_moe.train.runs): refusals before any write, resume picks only its own run's
 checkpoints, staging leftovers go, metrics.jsonl tolerates a torn line and never repeats a step."""
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dylora_moe.runs import (
+from dylora_moe.train.runs import (
     CheckpointNotFound,
     RunConflict,
     checkpoint_identity,
@@ -133,7 +133,7 @@ def test_metrics_file_does_not_repeat_what_the_run_logged(tmp_path):
     pytest.importorskip("transformers")
     from transformers import TrainerState
 
-    from dylora_moe.training import MetricsFile
+    from dylora_moe.train.trainer import MetricsFile
 
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps({"step": 0, "epoch": 0, "time": 1.0, "run_id": "r", "eval_mbpp_loss": 3.0}) + "\n")

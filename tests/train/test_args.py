@@ -2,7 +2,6 @@
 front (one ``error: argument --x`` line, exit code 2) with an existing run left byte for byte as it was."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,17 +11,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from dylora_moe.train import cli as train
 
+REPO = Path(__file__).resolve().parents[2]
 
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location("train_args_script", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_train_module()
 
 # One bad value per numeric flag (and a few per flag where the bound has two sides); each must exit 2.
 BAD_VALUES = [

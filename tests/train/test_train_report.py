@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from dylora_moe.train_report import format_duration, plot_losses, plot_utilization, write_report
+from dylora_moe.train.report import format_duration, plot_losses, plot_utilization, write_report
 
 
 def test_format_duration():

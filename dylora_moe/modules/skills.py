@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .original_files import is_safetensors_file, load_torch_file
+from ..io.original_files import is_safetensors_file, load_torch_file
 
 
 class SkillLibrary:

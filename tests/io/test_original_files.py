@@ -8,7 +8,7 @@ import torch
 from moe_models import batch, tiny_llama
 
 from dylora_moe import DyLoRA_MoE, DynamicHybridRouter, SkillLibrary, load_lora_experts
-from dylora_moe.original_files import is_safetensors_file
+from dylora_moe.io.original_files import is_safetensors_file
 from dylora_moe.utils import load_dylo_moe_state
 from tolerances import assert_close
 

@@ -22,8 +22,8 @@ import warnings
 import torch
 from peft import get_peft_model
 
-from .kernels.routing_meta import dense_gate
-from .peft_format import expert_name, lora_config
+from ..io.peft_format import expert_name, lora_config
+from ..kernels.routing_meta import dense_gate
 from .routing import RoutingContext
 
 
