@@ -92,7 +92,16 @@ def test_train_py_from_the_repository_root(tmp_path):
 
 def test_pytest_collects_from_the_repository_root():
     output = _run(
-        [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "tests/test_inject.py"]
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "--collect-only",
+            "-p",
+            "no:cacheprovider",
+            "tests/modules/test_inject.py",
+        ]
     )
     assert "test_inject.py" in output
 
