@@ -22,12 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 CHECK_IMPORTS = """
 from transformers import LlamaForCausalLM
 import dylora_moe.kernels as ops
-try:
-    import kernels
-    print(kernels.__file__)
-except ModuleNotFoundError as error:
-    print("absent:", error.name)
-
+import kernels
+print(getattr(kernels, "__file__", None))
 print(ops.__file__)
 print(callable(ops.moe_lora) and callable(ops.topk_route))
 """
@@ -57,7 +53,7 @@ def _run(args, cwd=REPO, timeout=300, **kwargs):
 def _assert_both_kernels(output: str, ops_root: Path):
     kernels_file, ops_file, callables = output.strip().splitlines()[-3:]
     if _hf_kernels_file() is None:
-        assert kernels_file == "absent: kernels"
+        assert kernels_file == "None"  # an empty namespace package: what transformers reads as "not installed"
     else:
         assert str(Path(kernels_file).resolve()) == _hf_kernels_file()
     assert Path(ops_file).resolve().is_relative_to(ops_root.resolve()), ops_file
@@ -112,16 +108,20 @@ def test_benchmark_script_from_the_repository_root():
     assert "|" in output
 
 
-def test_bare_kernels_without_hub_kernels_is_not_found(tmp_path):
-    """In an interpreter with no `kernels` installed, `import kernels` from the root fails as it would without this
-    checkout (transformers then sees no hub kernels), while the folder stays importable as dylora_moe.kernels."""
+def test_bare_kernels_without_hub_kernels_is_an_empty_namespace(tmp_path):
+    """In an interpreter with no `kernels` installed, `import kernels` from the root gives what a bare folder gives
+    (an empty namespace package: no file, no version, no names), which transformers reads as not installed."""
     bare = tmp_path / "bare"
     venv.create(bare, with_pip=False)
-    python = bare / "bin" / "python"
-    proc = subprocess.run([str(python), "-c", "import kernels"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1
-    assert "ModuleNotFoundError: No module named 'kernels'" in proc.stderr
-    assert "dylora_moe.kernels" in proc.stderr
+    check = (
+        "import kernels\n"
+        "assert getattr(kernels, '__file__', None) is None and not hasattr(kernels, '__version__')\n"
+        "assert list(kernels.__path__) == []\n"
+        "try:\n    from kernels import CUDAProperties\nexcept ImportError:\n    print('no names')\n"
+        "try:\n    import kernels.ops\nexcept ModuleNotFoundError:\n    print('no submodules')\n"
+    )
+    output = _run([str(bare / "bin" / "python"), "-c", check])
+    assert output.split() == ["no", "names", "no", "submodules"]
 
 
 def test_editable_install_from_elsewhere(tmp_path):
