@@ -54,10 +54,10 @@ def _run(args, cwd=REPO, timeout=300, **kwargs):
     return proc.stdout
 
 
-def _assert_both_kernels(output: str, ops_root: Path):
+def _assert_both_kernels(output: str, ops_root: Path, cwd: Path = REPO):
     kernels_file, ops_file, callables = output.strip().splitlines()[-3:]
     if _hf_kernels_file() is None:  # from the root an empty namespace package (transformers: "not installed")
-        assert kernels_file == ("None" if ops_root == REPO else "absent")
+        assert kernels_file == ("None" if cwd == REPO else "absent")
     else:
         assert str(Path(kernels_file).resolve()) == _hf_kernels_file()
     assert Path(ops_file).resolve().is_relative_to(ops_root.resolve()), ops_file
@@ -133,7 +133,7 @@ def test_editable_install_from_elsewhere(tmp_path):
     direct_url = _run([sys.executable, "-c", read_url], cwd=tmp_path).strip()  # away from the checkout's egg-info
     if direct_url == "None" or not json.loads(direct_url).get("dir_info", {}).get("editable"):
         pytest.skip("dylora-moe is not installed in editable mode here (the README's set-up: pip install -e .)")
-    _assert_both_kernels(_run([sys.executable, "-c", CHECK_IMPORTS], cwd=tmp_path), REPO)
+    _assert_both_kernels(_run([sys.executable, "-c", CHECK_IMPORTS], cwd=tmp_path), REPO, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -154,4 +154,4 @@ def test_wheel_install_from_elsewhere(wheel, tmp_path):
     target = tmp_path / "site"
     _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)])
     output = _run([sys.executable, "-c", CHECK_IMPORTS], cwd=tmp_path, env={"PYTHONPATH": str(target)})
-    _assert_both_kernels(output, target)
+    _assert_both_kernels(output, target, tmp_path)
