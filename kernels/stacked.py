@@ -94,18 +94,21 @@ def stacked_forward(
     seed: torch.Tensor | None,
     scale_const: float,
     p: float,
+    donated: bool,
     *,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [..., D_out], S [T, E*R] float32). y = base + delta (written into ``base`` when ``inplace``), or the
-    delta alone when ``base`` is None; x [..., D_in] with T = prod of the leading dims; gate [T, E]."""
+    """(y [..., D_out], S [T, E*R] float32). y = base + delta, or the delta alone when ``base`` is None; x [..., D_in]
+    with T = prod of the leading dims; gate [T, E]. Written into ``base`` when ``inplace`` (eager mode) and the
+    caller ``donated`` it and nobody can see the write (:func:`_writable_in_place`); else into a new tensor."""
     num_experts, rank, d_in = lora_a.shape
     d_out = lora_b.shape[1]
     x2 = _flat(x)
     T, N = x2.shape[0], num_experts * rank
     s = torch.empty(T, N, device=x.device, dtype=torch.float32)
     out_shape = (*x.shape[:-1], d_out)
-    inplace = inplace and base is not None and _writable_in_place(base)
+    others = (x, lora_a, lora_b, gate, scale, mask, seed)
+    inplace = inplace and donated and base is not None and _writable_in_place(base, *others)
     if inplace:
         y = base
     else:
@@ -132,7 +135,7 @@ def stacked_forward(
     return y, s
 
 
-def _fake_forward(x, lora_a, lora_b, gate, scale, base, mask, seed, scale_const, p, *, inplace=False):
+def _fake_forward(x, lora_a, lora_b, gate, scale, base, mask, seed, scale_const, p, donated, *, inplace=False):
     num_tokens = x.numel() // x.shape[-1]
     y = x.new_empty(*x.shape[:-1], lora_b.shape[1], dtype=x.dtype if base is None else base.dtype)
     return y, x.new_empty(num_tokens, lora_a.shape[0] * lora_a.shape[1], dtype=torch.float32)
@@ -227,13 +230,13 @@ def _fake_backward(grad_y, x, lora_a, lora_b, gate, scale, mask, seed, s, scale_
 
 
 def _save(inputs, outputs):
-    x, lora_a, lora_b, gate, scale, _base, mask, seed, scale_const, p = inputs
+    x, lora_a, lora_b, gate, scale, _base, mask, seed, scale_const, p, _donated = inputs
     return x, lora_a, lora_b, gate, scale, mask, seed, outputs[1], scale_const, p
 
 
 def _to_input_grads(grad_y, grads, needs):
     dx, da, db, dgate = grads
-    return dx, da, db, dgate, None, grad_y if needs[5] else None, None, None, None, None
+    return dx, da, db, dgate, None, grad_y if needs[5] else None, None, None, None, None, None
 
 
 stacked_op = FusedOp(
@@ -248,13 +251,20 @@ stacked_op = FusedOp(
 )
 
 
-def moe_lora_stacked(x, lora_a, lora_b, gate, scale, scale_const, base=None, mask=None, seed=None, p=0.0):
-    """The stacked path: base + delta (in place into ``base`` in eager mode where it can be) or the delta when base
-    is None. Either way one forward launch: the kernel reads ``base`` and writes the sum."""
-    return stacked_op(x, lora_a, lora_b, gate, scale, base, mask, seed, scale_const, p)
+def moe_lora_stacked(
+    x, lora_a, lora_b, gate, scale, scale_const, base=None, mask=None, seed=None, p=0.0, donated=False
+):
+    """The stacked path: base + delta or the delta when base is None; in eager mode written into a ``donated``
+    base where nobody can see it. Either way one forward launch: the kernel reads ``base`` and writes the sum."""
+    return stacked_op(x, lora_a, lora_b, gate, scale, base, mask, seed, scale_const, p, bool(donated))
 
 
-def _writable_in_place(base: torch.Tensor) -> bool:
-    """In place only into a tensor that is not a view (autograd would rebase a view's history through extra
-    copies) and has a flat [T, D_out] view."""
-    return not base._is_view() and base.is_contiguous()
+def _writable_in_place(base: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether a donated ``base`` can take the sum unseen: not a view (autograd would rebase a view's history
+    through extra copies), contiguous (a flat [T, D_out] view), not a leaf that requires grad (autograd forbids
+    the write) and sharing no memory with another input (``others``: x of a square layer is read again in
+    backward). Attribute reads only, no host sync."""
+    if base._is_view() or not base.is_contiguous() or (base.is_leaf and base.requires_grad):
+        return False
+    storage = base.untyped_storage().data_ptr()
+    return all(t is None or t.untyped_storage().data_ptr() != storage for t in others)
