@@ -23,7 +23,6 @@ import torch
 from . import grouped_kernels as GK
 from ._launch import ACTIVATION_DTYPES, FusedOp, cdiv, device_guard, dot_flags, interpreter_enabled, launch, next_pow2
 from ._launch import strides3 as _weight_view
-from .eager import unselected_experts_zeroed
 from .routing_meta import RoutingMeta
 
 BLOCK_M = 16 if interpreter_enabled() else 64
@@ -207,8 +206,8 @@ def moe_lora_triton(
     """Triton MoE-LoRA on x [..., D_in] (validated by moe_lora): base_output + delta, or the delta.
 
     ``path`` forces "stacked" or "grouped" (tests, benchmarks); "auto" picks with :func:`choose_path`. The stacked
-    path reads every expert for every token, so it zeroes the experts no token selects first (their weights are
-    never read, as here on the grouped path), and it may write into a donated ``base_output`` (moe_lora's rules).
+    path skips the weights of experts no token selects (``routing.counts``; never read, as on the grouped path)
+    and may write into a donated ``base_output`` (moe_lora's rules).
     """
     from .stacked import moe_lora_stacked
 
@@ -223,11 +222,11 @@ def moe_lora_triton(
     if path == "auto":
         path = choose_path(num_experts, rank, routing.ids.shape[1])
     if path == "stacked":
-        lora_a, lora_b, scaling = unselected_experts_zeroed(lora_a, lora_b, scaling, routing.counts)
         gate, scale_vec, scale_const = _stacked_gate(routing.gate, scaling)
         return moe_lora_stacked(
-            x, lora_a, lora_b, gate, scale_vec, scale_const, base_output, dropout_mask, seed, p, donate_base_output
-        )
+            x, lora_a, lora_b, gate, routing.counts, scale_vec, scale_const, base_output, dropout_mask, seed, p,
+            donate_base_output,
+        )  # fmt: skip
     scale_vec = scaling.float() if isinstance(scaling, torch.Tensor) else None
     scale_const = 1.0 if scale_vec is not None else float(scaling)
     lead = x.shape[:-1]
