@@ -4,7 +4,7 @@ All E experts form one rank space of width N = E * R (DESIGN 4b), for small E * 
 step, with the routing gate G [T, E] built once per step (routing_meta.RoutingMeta) and c [E] the per-expert
 scaling (alpha_e / r_e):
 
-  forward   1 launch   S = x~ A^T; H = S * G * c in registers; y = base + H B^T written into the base output
+  forward   1 launch   S = x~ A^T; H = S * G * c in registers; y = base + H B^T (into a donated base output)
   backward  1 launch   dy pass: U = dy B, V = U * G * c, dG = c * per-expert sums of S * U
             1 launch   weights pass: dx = (V A) * mask and dA partials = V^T x~ (D_in tiles), dB partials =
                        dy^T H with H recomputed from S (D_out tiles)
@@ -12,6 +12,7 @@ scaling (alpha_e / r_e):
 
 Dropout is applied inside the kernels (Philox, regenerated in backward), so no [T, D_in] mask exists. LoRA
 weights of any float dtype (fp32 masters) are read directly and cast per tile; weight gradients come out fp32.
+The weights of an expert that no token selects (the step's counts) are never read: its columns of S, H and V are 0.
 Saved for backward beyond the inputs: S (T * E * R float32) and the seed.
 """
 
