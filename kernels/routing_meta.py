@@ -47,18 +47,16 @@ def _versions(ids: torch.Tensor, weights: torch.Tensor) -> tuple[int, int] | Non
 
 
 def _same_memory(given: torch.Tensor, flat: torch.Tensor) -> bool:
-    """Whether ``given`` [..., K] is ``flat`` [T, K] or a contiguous tensor over the same memory (its reshape)."""
+    """Whether ``given`` [..., K] is ``flat`` [T, K] or views the same elements in the same layout (its reshape)."""
     if given is flat:
         return True
-    return (
-        given.dtype == flat.dtype
-        and given.numel() == flat.numel()
-        and given.shape[-1] == flat.shape[-1]
-        and given.is_contiguous()
-        and flat.is_contiguous()
-        and given.data_ptr() == flat.data_ptr()
-        and given.device == flat.device
-    )
+    if given.dtype != flat.dtype or given.device != flat.device or given.numel() != flat.numel() or given.dim() < 1:
+        return False
+    try:
+        view = given.view(-1, given.shape[-1])  # metadata only; fails where a reshape would copy
+    except RuntimeError:
+        return False
+    return view.shape == flat.shape and view.stride() == flat.stride() and view.data_ptr() == flat.data_ptr()
 
 
 def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -139,9 +139,39 @@ def test_forward_hook_on_the_base_layer_sees_an_output_that_never_changes():
     assert_close(y, eager(x), torch.float32)
 
 
-def test_layer_donates_its_base_output_only_when_nobody_else_can_hold_it():
+def test_hooked_q_proj_of_an_injected_model_gives_eager_logits():
+    """The issue's case: a hook keeps q_proj.base_layer's output in a model running the Triton kernels."""
+    from moe_models import batch, randomize_experts, tiny_llama
+
+    from dylora_moe import inject_moe_lora
+
+    input_ids, mask, _ = batch(rows=2, length=3)
+    logits = {}
+    for kernel in ("triton", "eager"):
+        model = tiny_llama(layers=1, hidden=16).to(DEVICE)
+        handle = inject_moe_lora(model, num_experts=2, r=2, alpha=4, kernel=kernel, target_modules=["q_proj"])
+        randomize_experts(handle.layers.values())
+        q_proj = model.model.layers[0].self_attn.q_proj
+        kept = []
+        q_proj.base_layer.register_forward_hook(lambda module, args, output: kept.append((args[0], output)))
+        logits[kernel] = model(input_ids.to(DEVICE), attention_mask=mask.to(DEVICE)).logits
+        ((inp, out),) = kept
+        assert torch.equal(out, q_proj.base_layer(inp)), f"{kernel}: the hooked output changed"
+    assert_close(logits["triton"], logits["eager"], torch.float32)
+
+
+def test_layer_donates_its_base_output_only_when_nobody_else_can_hold_it(monkeypatch):
     layer = _layer("triton")
     assert layer._base_output_is_private()
+    donations = []
+
+    def spy(*args, **kwargs):
+        donations.append(kwargs["donate_base_output"])
+        return ops.moe_lora(*args, **kwargs)
+
+    monkeypatch.setattr("dylora_moe.layer.moe_lora", spy)
+    layer(torch.randn(1, T, D, device=DEVICE))
+    assert donations == [True]  # the fast path stays where nobody can see it
     handle = layer.base_layer.register_forward_hook(lambda *args: None)
     assert not layer._base_output_is_private()
     handle.remove()
@@ -248,3 +278,14 @@ def test_routing_metadata_of_a_reshape_of_the_ids_is_accepted(backend, path):
     meta = RoutingMeta(ids3.reshape(-1, K), w3.reshape(-1, K), E)
     y = ops.moe_lora(x3, a, b, ids3, w3, 2.0, backend=backend, triton_path=path, routing=meta)
     assert_close(y.reshape(T, D), formula(x, a, b, ids, w, 2.0), torch.float32)
+
+
+def test_routing_metadata_of_a_router_output_is_accepted():
+    """topk_route's ids and weights are strided slices (not contiguous): their flat views still match."""
+    x, a, b, _, _ = inputs()
+    route = ops.topk_route(torch.randn(2, T // 2, E, device=DEVICE), K, backend="eager")
+    assert not route.ids.is_contiguous()
+    meta = RoutingMeta(route.ids.reshape(-1, K), route.weights.reshape(-1, K), E)
+    y = ops.moe_lora(x.view(2, T // 2, D), a, b, route.ids, route.weights, 2.0, backend="eager", routing=meta)
+    want = formula(x, a, b, route.ids.reshape(-1, K), route.weights.reshape(-1, K), 2.0)
+    assert_close(y.reshape(T, D), want, torch.float32)
