@@ -42,8 +42,11 @@ class _SharedGate(torch.autograd.Function):
 
 
 def _versions(ids: torch.Tensor, weights: torch.Tensor) -> tuple[int, int] | None:
-    """Version counters of the routing tensors (shared with every view of them), None under torch.compile."""
-    return None if torch.compiler.is_compiling() else (ids._version, weights._version)
+    """Version counters of the routing tensors (shared with every view of them); None under torch.compile and for
+    inference tensors, which have none."""
+    if torch.compiler.is_compiling() or ids.is_inference() or weights.is_inference():
+        return None
+    return ids._version, weights._version
 
 
 def _same_memory(given: torch.Tensor, flat: torch.Tensor) -> bool:

@@ -280,6 +280,17 @@ def test_routing_metadata_of_a_reshape_of_the_ids_is_accepted(backend, path):
     assert_close(y.reshape(T, D), formula(x, a, b, ids, w, 2.0), torch.float32)
 
 
+def test_routing_metadata_under_inference_mode():
+    """Inference tensors have no version counter: the metadata check still works (identity and memory only)."""
+    x, a, b, ids, w = (t.detach() for t in inputs())
+    with torch.inference_mode():
+        ids, w = ids.clone(), w.clone()
+        y = ops.moe_lora(x, a, b, ids, w, 2.0, backend="eager", routing=RoutingMeta(ids, w, E))
+        with pytest.raises(ValueError, match="built from other expert_ids"):
+            ops.moe_lora(x, a, b, ids.flip(0), w, 2.0, backend="eager", routing=RoutingMeta(ids, w, E))
+    assert_close(y, formula(x, a, b, ids, w, 2.0), torch.float32)
+
+
 def test_routing_metadata_of_a_router_output_is_accepted():
     """topk_route's ids and weights are strided slices (not contiguous): their flat views still match."""
     x, a, b, _, _ = inputs()
