@@ -13,8 +13,8 @@ from torch import nn
 import dylora_moe.kernels as ops
 from conftest import DEVICE
 from dylora_moe.kernels.routing_meta import RoutingMeta
-from dylora_moe.layer import MoELoRALinear
-from dylora_moe.routing import Routing
+from dylora_moe.modules.layer import MoELoRALinear
+from dylora_moe.modules.routing import Routing
 from tolerances import assert_close
 
 BACKENDS = [("eager", "auto"), ("loop", "auto"), ("triton", "stacked"), ("triton", "grouped")]
@@ -169,7 +169,7 @@ def test_layer_donates_its_base_output_only_when_nobody_else_can_hold_it(monkeyp
         donations.append(kwargs["donate_base_output"])
         return ops.moe_lora(*args, **kwargs)
 
-    monkeypatch.setattr("dylora_moe.layer.moe_lora", spy)
+    monkeypatch.setattr("dylora_moe.modules.layer.moe_lora", spy)
     layer(torch.randn(1, T, D, device=DEVICE))
     assert donations == [True]  # the fast path stays where nobody can see it
     handle = layer.base_layer.register_forward_hook(lambda *args: None)
