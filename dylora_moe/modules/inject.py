@@ -18,6 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .ffn import MoELoRAMLP, is_gated_mlp
+from .growth import keep_parameter_identity
 from .layer import MoELoRALinear, check_kernel
 from .routing import Routing, RoutingContext
 
@@ -155,10 +156,11 @@ class MoELoRAHandle:
             raise ValueError(f"expert rank r must be an int >= 1, got {r!r}")
         if alpha is not None and not alpha > 0:
             raise ValueError(f"expert lora_alpha must be > 0, got {alpha!r}")
-        if r is None and alpha is None:
-            ids = {layer.add_expert() for layer in self.layers.values()}
-        else:
-            ids = {layer.add_expert(r=r, alpha=alpha) for layer in self.layers.values()}
+        ids = set()
+        for layer in self.layers.values():
+            before = dict(layer.named_parameters())
+            ids.add(layer.add_expert() if r is None and alpha is None else layer.add_expert(r=r, alpha=alpha))
+            keep_parameter_identity(layer, before)  # an optimizer built before keeps training every expert
         return ids.pop()
 
     def lora_parameters(self):
