@@ -167,8 +167,11 @@ class TrainingFlags:
     field is a flag with the Trainer's own default."""
 
     output_dir: str = _arg(str(REPO / "outputs" / "dylora-moe"), "checkpoints, metrics, report ($VARS expanded)")
-    overwrite_output_dir: bool = _arg(False, "replace the run already in --output_dir (only the files train.py wrote "
-                                      "for that run; other files stay, and a folder it cannot identify is refused)")  # fmt: skip
+    overwrite_output_dir: bool = _arg(
+        False,
+        "replace the run already in --output_dir (only the files train.py wrote for that run; other files stay, and "
+        "a folder whose run it cannot identify is refused)",
+    )
     resume_from_checkpoint: str | None = _arg(
         None,
         "continue from a checkpoint folder, or (flag alone) the last complete checkpoint of the run in --output_dir",
@@ -453,7 +456,7 @@ def _bare_booleans(parser, dtype) -> None:
     ``--disable_tqdm false``), as transformers' parser does for plain ``bool``: its ``bool | None`` fields
     (``--disable_tqdm``, ...) otherwise demand a value."""
     hints = typing.get_type_hints(dtype)
-    booleans = {f.name for f in dataclasses.fields(dtype) if bool in typing.get_args(hints[f.name]) or hints[f.name] is bool}
+    booleans = {name for name, kind in hints.items() if kind is bool or bool in typing.get_args(kind)}
     for action in parser._actions:
         if action.dest in booleans and action.nargs is None and not action.option_strings[0].startswith("--no_"):
             action.nargs, action.const, action.type = "?", True, _str_to_bool
@@ -782,8 +785,8 @@ def interrupted_message(argv: list[str]) -> str:
 
 
 def disk_full_message(err: BaseException, argv: list[str]) -> str | None:
-    """"no space left on device" and where, for a write that failed for want of space (torch.save reports it as a
-    bare ``basic_ios::clear: iostream error``); None for any other error."""
+    """The message for a write that failed for want of space ("no space left on device" and where; torch.save
+    reports it as a bare ``basic_ios::clear: iostream error``); None for any other error."""
     import errno
     import shutil
 

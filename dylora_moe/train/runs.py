@@ -114,7 +114,8 @@ def run_outputs(folder: Path, run: dict | None) -> tuple[list[Path], list[str]]:
         return [], []
     run_id = (run or {}).get("run_id")
     ours, in_the_way = [], []
-    for path in [folder / name for name in RUN_OUTPUTS if (folder / name).exists()] + [p for _, p in checkpoints(folder)]:
+    present = [folder / name for name in RUN_OUTPUTS if (folder / name).exists()] + [p for _, p in checkpoints(folder)]
+    for path in present:
         if run_id is None:
             in_the_way.append(f"{path.name} (no {RUN_FILE}: not a run train.py can identify)")
         elif path.name == FINAL and path.is_dir() and any(path.iterdir()) and not (path / FINAL_MARKER).is_file():

@@ -184,7 +184,7 @@ def test_ctrl_c_prints_one_line_and_the_resume_command(tmp_path, monkeypatch, ca
 
 
 @pytest.mark.parametrize("raises", [
-    RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: basic_ios::clear: iostream error"),
+    RuntimeError("[enforce fail at inline_container.cc:664] unexpected pos 64 vs 0: basic_ios::clear: iostream error"),
     OSError(errno.ENOSPC, "No space left on device"),
 ], ids=["torch.save", "oserror"])  # fmt: skip
 def test_a_full_disk_says_so_and_where(tmp_path, monkeypatch, raises):
