@@ -547,6 +547,19 @@ def load_model_and_tokenizer(args, splits, dtype):
     return load_pretrained(args.model_name, token=args.token, dtype=dtype)
 
 
+def check_max_length(base, max_length: int) -> None:
+    """Refuse rows longer than the base model's positions (a ModelLoadError: one ``error:`` line, before the data is
+    packed; the run has no checkpoint yet, so the corrected command reuses the folder)."""
+    from dylora_moe.train.base_models import ModelLoadError
+
+    positions = getattr(base.config.get_text_config(), "max_position_embeddings", None)
+    if positions and max_length > positions:
+        raise ModelLoadError(
+            f"--max_length {max_length} is longer than the base model's {positions} positions "
+            f"(max_position_embeddings): pass --max_length <= {positions}"
+        )
+
+
 def parameter_breakdown(model) -> str:
     """LoRA (per expert) / router / frozen parameter counts; raises when no LoRA parameter is trainable."""
     lora = [(n, p) for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))]
@@ -636,6 +649,7 @@ def main(argv=None) -> dict:
     hf_logging.disable_progress_bar()  # no "Loading weights" bar per load (base model, each checkpoint reload)
     dtype = torch.bfloat16 if args.bf16 and torch.cuda.is_available() else None
     base, tokenizer = load_model_and_tokenizer(args, splits, dtype)
+    check_max_length(base, args.max_length)  # before the rows are packed and a giant one allocated
     set_seed(args.seed)  # the expert init; the tiny base is seeded on its own, the Trainer seeds dropout and data order
     model = DyLoRA_MoE(
         base,

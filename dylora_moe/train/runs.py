@@ -37,6 +37,12 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STAGING = re.compile(r"^\.(\.?staging-.*|final\.tmp-.*)$")
 FINAL = "final"
 FINAL_MARKER = "training_args.json"  # what the trainer's save_model writes into final/ (it replaces only such a folder)
+# What else save_model writes into final/: the model's config (which lists the model's other files) and the tokenizer.
+MODEL_CONFIG = "dylora_moe_config.json"  # dylora_moe.io.checkpoint.CONFIG_NAME (this module stays torch-free)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+)  # fmt: skip
 # Everything a run writes at the top of its folder besides checkpoint-N: the one list that both the refusal and the
 # removal use (report.py and specialisation.py write the plots and pages; a test keeps the names in step). The tiny
 # base model cache (tiny-*) is not a run's output: it is kept and shared by the runs of the folder.
@@ -120,11 +126,24 @@ def run_outputs(folder: Path, run: dict | None) -> tuple[list[Path], list[str]]:
             in_the_way.append(f"{path.name} (no {RUN_FILE}: not a run train.py can identify)")
         elif path.name == FINAL and path.is_dir() and any(path.iterdir()) and not (path / FINAL_MARKER).is_file():
             in_the_way.append(f"{FINAL}/ (no {FINAL_MARKER}: not written by train.py)")
+        elif path.name == FINAL and path.is_dir() and (added := _not_saved_by_train_py(path)):
+            in_the_way.append(f"{', '.join(added[:5])} (in {FINAL}/, not written by train.py)")
         elif CHECKPOINT.match(path.name) and (checkpoint_identity(path) or {}).get("run_id") != run_id:
             in_the_way.append(f"{path.name}/ (not a checkpoint of run {run_id})")
         else:
             ours.append(path)
     return ours, in_the_way
+
+
+def _not_saved_by_train_py(final: Path) -> list[str]:
+    """Files in a final/ that save_model wrote but that it did not write itself (added by a user afterwards)."""
+    config = read_json(final / MODEL_CONFIG) or {}
+    recorded = (config.get("checkpoint") or {}).get("files") or {}
+    expected = {FINAL_MARKER, MODEL_CONFIG, *TOKENIZER_FILES, *recorded}
+    if not recorded:  # a format-1 config lists no files: its expert folders are the model's
+        expected |= {str(p.relative_to(final)) for p in final.glob("expert_*/*")} | {"router.safetensors"}
+    found = sorted(str(p.relative_to(final)) for p in final.rglob("*") if p.is_file())
+    return [f"{FINAL}/{name}" for name in found if name not in expected]
 
 
 def _refuse_foreign(folder: Path, in_the_way: list[str]) -> None:

@@ -191,3 +191,30 @@ def test_a_full_disk_says_so_and_where(tmp_path, monkeypatch, raises):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
     code = _cli(monkeypatch, ["--output_dir", str(tmp_path / "out")], raises)
     assert "no space left on device while writing to" in code and str(tmp_path / "out") in code
+
+
+def test_rows_longer_than_the_base_models_positions_are_refused():
+    from moe_models import tiny_llama
+
+    from dylora_moe.train.base_models import ModelLoadError
+
+    base = tiny_llama(layers=1)  # 64 positions
+    train.check_max_length(base, 64)
+    with pytest.raises(ModelLoadError, match=r"--max_length 100000 is longer than the base model's 64 positions"):
+        train.check_max_length(base, 100000)
+
+
+def test_a_file_added_to_the_runs_final_folder_is_never_deleted(tmp_path):
+    out = _run(tmp_path / "out")
+    final = out / "final"
+    (final / "expert_0").mkdir(parents=True)
+    for name in ("training_args.json", "tokenizer.json", "router.safetensors", "expert_0/adapter_model.safetensors"):
+        (final / name).write_text("{}")
+    files = {"router.safetensors": {}, "expert_0/adapter_model.safetensors": {}}
+    (final / "dylora_moe_config.json").write_text(json.dumps({"checkpoint": {"files": files}}))
+    (final / "paper.txt").write_text("the user's")
+    with pytest.raises(RunConflict, match=r"final/paper.txt \(in final/, not written by train.py\)"):
+        plan_run(out, PRINT, resume=None, overwrite=True)
+    (final / "paper.txt").unlink()
+    start_run(plan_run(out, PRINT, resume=None, overwrite=True))
+    assert not final.exists()
