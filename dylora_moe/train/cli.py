@@ -814,8 +814,9 @@ def disk_full_message(err: BaseException, argv: list[str]) -> str | None:
     )
     if not full:
         return None
+    where = getattr(err, "filename", None) or out
     return (
-        f"error: no space left on device while writing to {out} ({free / 2**20:.0f} MiB free there): free some "
+        f"error: no space left on device while writing to {where} ({free / 2**20:.0f} MiB free there): free some "
         "space or pass another --output_dir; the checkpoints already written are complete, and "
         "--resume_from_checkpoint continues from the last one"
     )
