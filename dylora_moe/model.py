@@ -443,6 +443,7 @@ class DyLoRA_MoE(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, labels=None) -> DyLoRAMoEOutput:
         if input_ids is None:
             raise ValueError("input_ids are required")
+        check_batch(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         lm_loss = None
@@ -556,14 +557,26 @@ class DyLoRA_MoE(nn.Module):
 
         Each sequence keeps its per-sequence expert weights (sequence routing, or the token weights averaged over
         the prompt) for every generated token, mixed inside the LoRA layers: exact for one expert per sequence,
-        and one pass per token instead of E. Beam search / several returned sequences are not supported.
+        and one pass per token instead of E. Beam search and several returned sequences (``num_beams``,
+        ``num_return_sequences``) work: the base model's ``generate`` repeats each prompt that many times, and each
+        copy keeps its prompt's weights.
         """
+        check_batch(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         weights = self.sequence_weights(self._routing_pass(input_ids, attention_mask))
-        experts = torch.arange(self.num_experts, device=input_ids.device).expand(input_ids.shape[0], 1, -1)
+        weights = weights.repeat_interleave(self._generation_copies(generate_kwargs), dim=0)
+        experts = torch.arange(self.num_experts, device=input_ids.device).expand(weights.shape[0], 1, -1)
         with self.handle.context.routed(Routing(experts, weights.unsqueeze(1))):
             return self.foundation_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+
+    def _generation_copies(self, generate_kwargs: dict) -> int:
+        """How many rows the base model's ``generate`` makes of each prompt (as transformers expands its inputs:
+        the larger of ``num_beams`` and ``num_return_sequences``)."""
+        config = generate_kwargs.get("generation_config") or self.foundation_model.generation_config
+        beams = generate_kwargs.get("num_beams", getattr(config, "num_beams", None)) or 1
+        returned = generate_kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", None)) or 1
+        return max(int(beams), int(returned))
 
     def save_pretrained(self, save_directory, **_ignored) -> None:
         """Write every expert as a peft adapter, the router and a JSON config (atomically); see checkpoint.py."""
@@ -591,6 +604,15 @@ class DyLoRA_MoE(nn.Module):
             )
             base_model, save_directory = save_directory, base_model
         return load_checkpoint_model(cls, save_directory, base_model, **overrides)
+
+
+def check_batch(input_ids: torch.Tensor) -> None:
+    """input_ids must be [batch, length]: a 1-D tensor is refused, naming the fix (it would fail deep inside the
+    base model otherwise)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        hint = "; for one sequence pass input_ids[None] (a batch of one)" if getattr(input_ids, "ndim", 0) == 1 else ""
+        raise ValueError(f"input_ids must be a [batch, length] tensor, got {shape}{hint}")
 
 
 def is_checkpoint_dir(path) -> bool:

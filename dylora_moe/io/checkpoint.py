@@ -482,9 +482,22 @@ def load_checkpoint(moe, save_directory) -> None:
     _apply(moe, read_checkpoint(moe, save_directory))
 
 
+def checked_settings(save_directory) -> dict:
+    """The saved settings, validated as a :class:`DyLoRAMoEConfig` (an unknown key or a bad value is a
+    CheckpointError naming the file, not a TypeError from the constructor)."""
+    from ..config import DyLoRAMoEConfig
+
+    settings = checkpoint_settings(read_config(save_directory))
+    try:
+        DyLoRAMoEConfig.from_dict(settings)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{Path(save_directory) / CONFIG_NAME}: {err}") from None
+    return settings
+
+
 def load_checkpoint_model(cls, save_directory, base_model, **overrides):
     """Build a ``cls`` (DyLoRA_MoE) from the saved config on ``base_model`` and load its weights."""
-    settings = checkpoint_settings(read_config(save_directory))
+    settings = checked_settings(save_directory)
     moe = cls(base_model, **{**settings, "mature_experts": False, **overrides})
     load_checkpoint(moe, save_directory)
     return moe

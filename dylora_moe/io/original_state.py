@@ -84,43 +84,51 @@ def _read_expert_file(path: Path) -> dict:
     data = load_torch_file(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not an expert weights file: it holds a {type(data).__name__}, expected a dict")
-    if not data:
-        raise ValueError(
-            f"{path} holds no weights (the original's save_lora_experts wrote only weights that required grad, so "
-            "experts it never trained were saved empty)"
-        )
     return data
 
 
-def load_lora_experts(model, load_directory, strict: bool = True) -> None:
+EMPTY_FILE_REASON = (
+    "the original's save_lora_experts wrote only weights that required grad, so experts it never trained were "
+    "saved empty"
+)
+
+
+def load_lora_experts(model, load_directory, strict: bool = False) -> None:
     """Load ``expert_<i>.safetensors`` or the original's ``expert_<i>.pt`` files into the stacked experts.
 
     Keys are mapped from the original's peft parameter names
     (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.expert_0.weight``) onto row i of each layer's stacked
-    ``lora_A``/``lora_B``. All files are read and validated before any weight changes. ``strict`` (default): every
-    expert of the model needs a file and no file may name an expert the model lacks; ``strict=False`` skips missing
-    files with a warning, as the original did.
+    ``lora_A``/``lora_B``. All files are read and validated before any weight changes (a malformed file changes
+    nothing). As the original, the experts that have weights are loaded and the others keep theirs, with one warning
+    naming the missing files, the empty ones (the original saved an expert it was not training as an empty file) and
+    those of experts the model lacks. ``strict=True`` refuses such a folder instead.
     """
     directory = Path(load_directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory")
     manager = model.expert_manager
-    plans, missing = [], []
+    plans, missing, empty = [], [], []
     for expert_id in range(manager.num_experts):
         path = _first_existing(directory, (f"expert_{expert_id}.safetensors", f"expert_{expert_id}.pt"))
         if path is None:
             missing.append(expert_id)
             continue
-        plans.append(manager.plan_expert_weights(expert_id, _read_expert_file(path), source=str(path)))
+        weights = _read_expert_file(path)
+        if not weights:
+            empty.append(path.name)
+            continue
+        plans.append(manager.plan_expert_weights(expert_id, weights, source=str(path)))
     extra = sorted(
         p.name for p in directory.glob("expert_*.*")
         if p.stem[7:].isdigit() and int(p.stem[7:]) >= manager.num_experts and p.suffix in (".pt", ".safetensors")
     )  # fmt: skip
-    if strict and (missing or extra):
-        problems = [f"no weights file for experts {missing}"] if missing else []
-        problems += [f"files for experts the model does not have: {extra} (grow the model first)"] if extra else []
-        raise FileNotFoundError(f"{directory}: {'; '.join(problems)} (strict=False loads what is there)")
-    if missing:
-        warnings.warn(f"{directory}: no weights file for experts {missing}; they keep their weights", stacklevel=2)
+    problems = [f"no weights file for experts {missing}"] if missing else []
+    problems += [f"{', '.join(empty)} hold no weights ({EMPTY_FILE_REASON})"] if empty else []
+    problems += [f"files for experts the model does not have: {extra} (grow the model first)"] if extra else []
+    if strict and problems:
+        error = ValueError if empty else FileNotFoundError  # the types these refusals always had
+        raise error(f"{directory}: {'; '.join(problems)} (strict=False loads the experts that have weights)")
+    if problems:
+        warnings.warn(f"{directory}: {'; '.join(problems)}; those experts keep their weights", stacklevel=2)
     for plan in plans:
         manager.apply_plan(plan)

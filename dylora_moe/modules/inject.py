@@ -12,12 +12,14 @@ MLP outputs mixed after the nonlinearity (MixLoRA's model; :class:`~dylora_moe.f
 
 from __future__ import annotations
 
+import math
 import re
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .ffn import MoELoRAMLP, is_gated_mlp
+from .growth import keep_parameter_identity
 from .layer import MoELoRALinear, check_kernel
 from .routing import Routing, RoutingContext
 
@@ -153,18 +155,25 @@ class MoELoRAHandle:
         zero-pads the stacked weights of the other experts, which is exact (see MoELoRALinear.add_expert)."""
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
             raise ValueError(f"expert rank r must be an int >= 1, got {r!r}")
-        if alpha is not None and not alpha > 0:
-            raise ValueError(f"expert lora_alpha must be > 0, got {alpha!r}")
-        if r is None and alpha is None:
-            ids = {layer.add_expert() for layer in self.layers.values()}
-        else:
-            ids = {layer.add_expert(r=r, alpha=alpha) for layer in self.layers.values()}
+        if alpha is not None:
+            check_alpha(alpha)
+        ids = set()
+        for layer in self.layers.values():
+            before = dict(layer.named_parameters())
+            ids.add(layer.add_expert() if r is None and alpha is None else layer.add_expert(r=r, alpha=alpha))
+            keep_parameter_identity(layer, before)  # an optimizer built before keeps training every expert
         return ids.pop()
 
     def lora_parameters(self):
         for layer in self.layers.values():
             yield layer.lora_A
             yield layer.lora_B
+
+
+def check_alpha(alpha) -> None:
+    """LoRA alpha: a finite number > 0, as DyLoRAMoEConfig requires (NaN would make every output NaN)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"lora alpha must be a finite number > 0, got {alpha!r}")
 
 
 def inject_moe_lora(
@@ -188,6 +197,7 @@ def inject_moe_lora(
     """
     if num_experts < 0:
         raise ValueError(f"num_experts must be >= 0, got {num_experts}")
+    check_alpha(alpha)
     if mixture not in MIXTURES:
         raise ValueError(f"unknown mixture {mixture!r}; expected one of {', '.join(MIXTURES)}")
     check_kernel(kernel)

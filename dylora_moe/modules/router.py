@@ -22,6 +22,7 @@ from torch import nn
 
 from ..io.original_files import is_safetensors_file, load_torch_file, require_keys
 from ..kernels import topk_route
+from .growth import keep_parameter_identity
 
 WEIGHTINGS = ("original", "softmax")
 ORIGINAL_ROUTER_KEYS = ("gate_state_dict", "expert_maturity", "num_experts", "input_size", "top_k", "temperature")
@@ -179,7 +180,9 @@ class DynamicHybridRouter(nn.Module):
         new.weight[: self.num_experts].copy_(old.weight)
         new.bias[: self.num_experts].copy_(old.bias)
         new.requires_grad_(old.weight.requires_grad)  # a frozen gate stays frozen as it grows
+        before = dict(self.named_parameters())
         self.gate = new
+        keep_parameter_identity(self, before)  # an optimizer built before keeps training the gate
         self.expert_maturity = torch.cat([self.expert_maturity.to(device), torch.zeros(1, device=device)])
         self.num_experts += 1
         self.refresh_maturity()

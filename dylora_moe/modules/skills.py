@@ -103,12 +103,13 @@ class SkillLibrary:
 
 
 class NoveltyDetector:
-    """Data is novel when its embedding is not close to any stored skill (the original's signature and default).
+    """Data is novel when its embedding is not close to the stored skills (the original's signature and default).
 
-    ``is_novel(data_embedding)``: with one embedding [D], its best cosine similarity to the library is compared with
-    ``similarity_threshold``. With a batch [N, D] (one embedding per sample), each sample's best similarity is
-    aggregated over the samples by the mean, or by the median when ``use_median`` (robust to a few outlying
-    samples); the original left this aggregation unspecified. An empty library makes everything novel.
+    ``is_novel(data_embedding)``: one embedding [D] is compared, as the original did, by its best cosine similarity
+    to the library, or with ``use_median`` by the median of its similarities to all stored skills (``torch.median``:
+    the lower of the two middle values for an even count), against ``similarity_threshold``. With a batch [N, D]
+    (one embedding per sample), each sample's value is aggregated over the samples by the mean, or by the median
+    when ``use_median``; the original left this aggregation unspecified. An empty library makes everything novel.
     """
 
     def __init__(self, skill_library: SkillLibrary, similarity_threshold: float = 0.75, use_median: bool = False, **kw):
@@ -128,8 +129,9 @@ class NoveltyDetector:
         sims = self.skill_library.similarities(data_embedding)
         if sims.shape[1] == 0:
             return -1.0
-        best = sims.max(dim=1).values
-        return float(best.median() if self.use_median else best.mean())
+        if self.use_median:
+            return float(sims.median(dim=1).values.median())
+        return float(sims.max(dim=1).values.mean())
 
     def is_novel(self, data_embedding: torch.Tensor) -> bool:
         return self.similarity(data_embedding) < self.similarity_threshold

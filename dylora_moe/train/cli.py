@@ -166,9 +166,12 @@ class TrainingFlags:
     (``--num_epochs``, ``--batch_size``, ...); plus the run options this script adds. Every other TrainingArguments
     field is a flag with the Trainer's own default."""
 
-    output_dir: str = _arg(str(REPO / "outputs" / "dylora-moe"), "checkpoints, metrics, report")
-    overwrite_output_dir: bool = _arg(False, "replace the run already in --output_dir (its checkpoints, final/, "
-                                      "metrics.jsonl and report; other files stay)")  # fmt: skip
+    output_dir: str = _arg(str(REPO / "outputs" / "dylora-moe"), "checkpoints, metrics, report ($VARS expanded)")
+    overwrite_output_dir: bool = _arg(
+        False,
+        "replace the run already in --output_dir (only the files train.py wrote for that run; other files stay, and "
+        "a folder whose run it cannot identify is refused)",
+    )
     resume_from_checkpoint: str | None = _arg(
         None,
         "continue from a checkpoint folder, or (flag alone) the last complete checkpoint of the run in --output_dir",
@@ -192,7 +195,7 @@ class TrainingFlags:
         0.1, "linear warm-up: a share of the steps when < 1, else steps (cosine after)", aliases=["--warmup_ratio"]
     )
     lr_scheduler_type: str = _arg("cosine", "learning-rate schedule (any transformers SchedulerType)")
-    early_stopping_patience: int = _arg(3, "evaluations without improvement before stopping")
+    early_stopping_patience: int = _arg(3, "evaluations without improvement before stopping (0: never stop early)")
     eval_steps: float | None = _arg(None, "evaluate and save every N steps (default, or 0: each epoch)")
     eval_strategy: str | None = _arg(None, "'steps' with --eval_steps, else 'epoch'")
     save_strategy: str | None = _arg(None, "as --eval_strategy (the best checkpoint is kept at the end)")
@@ -296,6 +299,7 @@ def build_parser() -> ArgumentParser:
 
 def resolve_defaults(ns: argparse.Namespace) -> argparse.Namespace:
     """Fill what depends on other flags: tiny or original defaults, evaluation batch, evaluation/save cadence."""
+    ns.output_dir = os.path.expandvars(ns.output_dir)  # $WANDB_RUN_ID: one folder per run of a wandb sweep
     defaults = TINY_DEFAULTS if ns.model_name == "tiny" else ORIGINAL_DEFAULTS
     for name, value in defaults.items():
         if getattr(ns, name) is None:
@@ -346,7 +350,7 @@ CHECKS = (
     ("learning_rate", lambda v, a: _positive(v), "a number > 0"),
     ("weight_decay", lambda v, a: math.isfinite(v) and v >= 0, "a number >= 0"),
     ("warmup_steps", lambda v, a: math.isfinite(v) and v >= 0, "a number >= 0 (a share of the steps when < 1)"),
-    ("early_stopping_patience", lambda v, a: v >= 1, "an integer >= 1"),
+    ("early_stopping_patience", lambda v, a: v >= 0, "an integer >= 0 (0: no early stopping)"),
     ("eval_steps", lambda v, a: v is None or _positive(v), "a number >= 0 (0: each epoch)"),
     ("save_steps", lambda v, a: v is None or _positive(v), "a number > 0"),
     ("save_total_limit", lambda v, a: v is None or v >= 1, "an integer >= 1"),
@@ -359,12 +363,38 @@ def _flag(name: str) -> str:
     return {"num_train_epochs": "num_epochs", "per_device_train_batch_size": "batch_size"}.get(name, name)
 
 
+TINY_MAX_LENGTH = 8192  # the tiny model's positions; a longer row is one padded giant (attention of length^2)
+
+
+def check_combinations(parser: ArgumentParser, args: argparse.Namespace) -> None:
+    """Flags that are each valid but do not go together, refused before anything is written (a run that would
+    fail after training, or silently ignore a flag)."""
+    from dylora_moe.train.data import DOMAINS  # standard library only
+
+    if "$" in args.output_dir:
+        parser.error(f"argument --output_dir: {args.output_dir}: an environment variable in it is not set")
+    if args.routing == "token" and args.sequence_top_k is not None:
+        parser.error("argument --sequence_top_k: applies to --routing sequence only; token routing keeps --top_k "
+                     "experts per token")  # fmt: skip
+    if args.model_name == "tiny" and args.max_length > TINY_MAX_LENGTH:
+        parser.error(f"argument --max_length: at most {TINY_MAX_LENGTH} with --model_name tiny (its positions), got "
+                     f"{args.max_length}")  # fmt: skip
+    metrics = [f"eval_{d}_{m}" for d in DOMAINS for m in ("loss", "ppl")]
+    metric = args.metric_for_best_model
+    if metric is not None and (metric if metric.startswith("eval_") else f"eval_{metric}") not in metrics:
+        parser.error(f"argument --metric_for_best_model: expected one of {', '.join(metrics)}, got {metric!r}")
+    if args.eval_strategy == "no" and (args.early_stopping_patience or args.load_best_model_at_end):
+        parser.error("argument --eval_strategy: 'no' leaves early stopping and the best-model reload nothing to "
+                     "compare; add --early_stopping_patience 0 --load_best_model_at_end false")  # fmt: skip
+
+
 def validate(parser: ArgumentParser, args: argparse.Namespace) -> None:
     """Every value checked before anything is opened for writing; a bad one exits 2 naming the flag."""
     for name, holds, expected in CHECKS:
         value = getattr(args, name)
         if not holds(value, args):
             parser.error(f"argument --{_flag(name)}: expected {expected.format(a=args)}, got {value!r}")
+    check_combinations(parser, args)
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         parser.error(f"argument --output_dir: {out} is a file; expected a folder (created when missing)")
@@ -417,7 +447,19 @@ def _full_parser():
 
     parser = Parser((ModelArguments, ExpertArguments, DataArguments, TrainArguments), prog="train.py")
     parser.train_arguments_class = TrainArguments
+    _bare_booleans(parser, TrainArguments)
     return parser
+
+
+def _bare_booleans(parser, dtype) -> None:
+    """Every ``bool`` and ``bool | None`` field a switch that also takes a value (``--disable_tqdm`` alone or
+    ``--disable_tqdm false``), as transformers' parser does for plain ``bool``: its ``bool | None`` fields
+    (``--disable_tqdm``, ...) otherwise demand a value."""
+    hints = typing.get_type_hints(dtype)
+    booleans = {name for name, kind in hints.items() if kind is bool or bool in typing.get_args(kind)}
+    for action in parser._actions:
+        if action.dest in booleans and action.nargs is None and not action.option_strings[0].startswith("--no_"):
+            action.nargs, action.const, action.type = "?", True, _str_to_bool
 
 
 def trainer_arguments(argv, report_to: list[str]):
@@ -505,6 +547,19 @@ def load_model_and_tokenizer(args, splits, dtype):
     return load_pretrained(args.model_name, token=args.token, dtype=dtype)
 
 
+def check_max_length(base, max_length: int) -> None:
+    """Refuse rows longer than the base model's positions (a ModelLoadError: one ``error:`` line, before the data is
+    packed; the run has no checkpoint yet, so the corrected command reuses the folder)."""
+    from dylora_moe.train.base_models import ModelLoadError
+
+    positions = getattr(base.config.get_text_config(), "max_position_embeddings", None)
+    if positions and max_length > positions:
+        raise ModelLoadError(
+            f"--max_length {max_length} is longer than the base model's {positions} positions "
+            f"(max_position_embeddings): pass --max_length <= {positions}"
+        )
+
+
 def parameter_breakdown(model) -> str:
     """LoRA (per expert) / router / frozen parameter counts; raises when no LoRA parameter is trainable."""
     lora = [(n, p) for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))]
@@ -555,6 +610,10 @@ def main(argv=None) -> dict:
     started = time.time()
     from dylora_moe.train.runs import plan_run, start_run
 
+    report_to = resolve_report_to(args.report_to, args.output_dir)
+    # Flags only the Trainer knows (or typos) are checked first, so a typo gets its own error even where the folder
+    # holds a run; without any, the data is read before the import.
+    training_args = trainer_arguments(argv, report_to) if args.trainer_only else None
     # ----- output folder: one run per folder, decided before anything is written -------------------------------
     is_main = int(os.environ.get("RANK", "0")) == 0
     plan = plan_run(
@@ -567,9 +626,6 @@ def main(argv=None) -> dict:
     # ----- data (errors show before the heavy imports), then the Trainer's arguments ------------------------------
     from dylora_moe.train.data import DOMAINS, build_corpus, load_domain
 
-    report_to = resolve_report_to(args.report_to, args.output_dir)
-    # Flags only the Trainer knows (or typos) are checked first; without any, the data is read before the import.
-    training_args = trainer_arguments(argv, report_to) if args.trainer_only else None
     splits = [load_domain(args.data_dir, domain) for domain in DOMAINS]
     training_args = training_args or trainer_arguments(argv, report_to)
     shown = {k: v for k, v in vars(args).items() if k not in ("help_trainer", "trainer_only")}
@@ -593,6 +649,7 @@ def main(argv=None) -> dict:
     hf_logging.disable_progress_bar()  # no "Loading weights" bar per load (base model, each checkpoint reload)
     dtype = torch.bfloat16 if args.bf16 and torch.cuda.is_available() else None
     base, tokenizer = load_model_and_tokenizer(args, splits, dtype)
+    check_max_length(base, args.max_length)  # before the rows are packed and a giant one allocated
     set_seed(args.seed)  # the expert init; the tiny base is seeded on its own, the Trainer seeds dropout and data order
     model = DyLoRA_MoE(
         base,
@@ -640,7 +697,7 @@ def main(argv=None) -> dict:
         callbacks=[
             RunIdentity(plan.run_id, plan.fingerprint),
             MetricsFile(Path(args.output_dir) / "metrics.jsonl", plan.run_id),
-            DomainEarlyStopping(early_stopping_patience=args.early_stopping_patience),
+            *([DomainEarlyStopping(args.early_stopping_patience)] if args.early_stopping_patience else []),
             GradientCoverage(strict=args.strict_gradients),  # checks the first optimizer step's gradients
         ],
         load_weights=load_checkpoint,
@@ -718,13 +775,66 @@ def setup_logging() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")  # read when transformers is first imported
 
 
+def _output_dir(argv: list[str]) -> Path:
+    """The --output_dir of a command line that was accepted already (for the messages below)."""
+    return Path(resolve_defaults(build_parser().parse_known_args(argv)[0]).output_dir)
+
+
+def interrupted_message(argv: list[str]) -> str:
+    """One line for ctrl-C: where the run stands and the command that continues it."""
+    from dylora_moe.train.runs import checkpoints
+
+    out = _output_dir(argv)
+    if not checkpoints(out):
+        return f"train.py: interrupted before the first checkpoint in {out}; the same command starts it again"
+    kept, skip = [], False
+    for arg in argv:  # drop --overwrite_output_dir / --resume_from_checkpoint and a value given to either
+        if skip and not arg.startswith("-"):
+            skip = False
+            continue
+        skip = arg.split("=")[0] in ("--overwrite_output_dir", "--resume_from_checkpoint")
+        if not skip:
+            kept.append(arg)
+    return f"train.py: interrupted; continue with: python train.py {' '.join([*kept, '--resume_from_checkpoint'])}"
+
+
+def disk_full_message(err: BaseException, argv: list[str]) -> str | None:
+    """The message for a write that failed for want of space ("no space left on device" and where; torch.save
+    reports it as a bare ``basic_ios::clear: iostream error``); None for any other error."""
+    import errno
+    import shutil
+
+    out = _output_dir(argv)
+    try:
+        free = shutil.disk_usage(next(p for p in (out, *out.parents) if p.exists())).free
+    except (OSError, StopIteration):
+        return None
+    full = getattr(err, "errno", None) == errno.ENOSPC or (
+        isinstance(err, RuntimeError) and "iostream error" in str(err) and free < 64 * 2**20
+    )
+    if not full:
+        return None
+    where = getattr(err, "filename", None) or out
+    return (
+        f"error: no space left on device while writing to {where} ({free / 2**20:.0f} MiB free there): free some "
+        "space or pass another --output_dir; the checkpoints already written are complete, and "
+        "--resume_from_checkpoint continues from the last one"
+    )
+
+
 def cli() -> None:
-    """``python train.py``: known failures end as one ``error:`` line (exit 2 for a refused run, 1 otherwise)."""
+    """``python train.py``: known failures end as one ``error:`` line (exit 2 for a refused run, 1 otherwise);
+    ctrl-C ends with one line and the command that resumes (exit 130)."""
     setup_logging()
     try:
         main()
+    except KeyboardInterrupt:
+        sys.exit(print(interrupted_message(sys.argv[1:]), file=sys.stderr) or 130)
     except Exception as err:
         from dylora_moe.train.runs import CheckpointNotFound, RunConflict
+
+        if (message := disk_full_message(err, sys.argv[1:])) is not None:
+            sys.exit(message)
 
         if isinstance(err, RunConflict):
             sys.exit(print(f"train.py: error: {err}", file=sys.stderr) or 2)

@@ -5,7 +5,10 @@ checkpoint carries the same id in its ``trainer_state.json`` (through :class:`~d
 stateful Trainer callback) and each ``metrics.jsonl`` row carries it too. Before anything is written:
 
 - a fresh run into a folder that holds a run is refused (``--resume_from_checkpoint`` continues it,
-  ``--overwrite_output_dir`` replaces it);
+  ``--overwrite_output_dir`` replaces it, removing only the outputs this project wrote for that run, see
+  :func:`run_outputs`); a run that stopped before its first checkpoint is replaced by the next one;
+- a folder whose run outputs cannot be identified (no run.json, a final/ not written by train.py, another run's
+  checkpoint) is refused, with or without ``--overwrite_output_dir``: nothing deletes a file a user may own;
 - a resume picks the newest complete checkpoint of the folder's run, and refuses when the model flags differ.
 
 Standard library only: these checks run before the heavy imports, so a refused run answers at once.
@@ -32,8 +35,21 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Staging folders of saves cut short: ours (".staging-checkpoint-N", ".staging-final") and the ones the checkpoint
 # writer stages beside them ("..staging-checkpoint-N.tmp-*", ".final.tmp-*").
 STAGING = re.compile(r"^\.(\.?staging-.*|final\.tmp-.*)$")
-# What a run writes at the top of its folder (besides checkpoint-N); the tiny base model cache (tiny-*) is kept.
-RUN_OUTPUTS = (RUN_FILE, METRICS_FILE, "final", "summary.md", "loss.png", "utilization.png", "wandb")
+FINAL = "final"
+FINAL_MARKER = "training_args.json"  # what the trainer's save_model writes into final/ (it replaces only such a folder)
+# What else save_model writes into final/: the model's config (which lists the model's other files) and the tokenizer.
+MODEL_CONFIG = "dylora_moe_config.json"  # dylora_moe.io.checkpoint.CONFIG_NAME (this module stays torch-free)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+)  # fmt: skip
+# Everything a run writes at the top of its folder besides checkpoint-N: the one list that both the refusal and the
+# removal use (report.py and specialisation.py write the plots and pages; a test keeps the names in step). The tiny
+# base model cache (tiny-*) is not a run's output: it is kept and shared by the runs of the folder.
+RUN_OUTPUTS = (
+    RUN_FILE, METRICS_FILE, FINAL, "summary.md", "loss.png", "utilization.png", "specialisation.png",
+    "routing_examples.png", "routing_examples.html", "wandb",
+)  # fmt: skip
 
 
 class RunConflict(ValueError):
@@ -95,11 +111,53 @@ def fingerprint_mismatch(recorded: dict, current: dict) -> str | None:
     return "; ".join(diffs) or None
 
 
-def _outputs_of_a_run(folder: Path) -> list[Path]:
+def run_outputs(folder: Path, run: dict | None) -> tuple[list[Path], list[str]]:
+    """``(ours, in_the_way)``: the outputs in ``folder`` that train.py wrote for the run recorded in ``run``
+    (run.json), which ``--overwrite_output_dir`` may remove; and, described, those of a run's names that cannot be
+    told apart from a user's files (no run.json, a final/ that save_model did not write, another run's checkpoint),
+    which nothing removes."""
     if not folder.is_dir():
-        return []
-    found = [folder / name for name in RUN_OUTPUTS if (folder / name).exists()]
-    return found + [p for _, p in checkpoints(folder)]
+        return [], []
+    run_id = (run or {}).get("run_id")
+    ours, in_the_way = [], []
+    present = [folder / name for name in RUN_OUTPUTS if (folder / name).exists()] + [p for _, p in checkpoints(folder)]
+    for path in present:
+        if run_id is None:
+            in_the_way.append(f"{path.name} (no {RUN_FILE}: not a run train.py can identify)")
+        elif path.name == FINAL and path.is_dir() and any(path.iterdir()) and not (path / FINAL_MARKER).is_file():
+            in_the_way.append(f"{FINAL}/ (no {FINAL_MARKER}: not written by train.py)")
+        elif path.name == FINAL and path.is_dir() and (added := _not_saved_by_train_py(path)):
+            in_the_way.append(f"{', '.join(added[:5])} (in {FINAL}/, not written by train.py)")
+        elif CHECKPOINT.match(path.name) and (checkpoint_identity(path) or {}).get("run_id") != run_id:
+            in_the_way.append(f"{path.name}/ (not a checkpoint of run {run_id})")
+        else:
+            ours.append(path)
+    return ours, in_the_way
+
+
+def _not_saved_by_train_py(final: Path) -> list[str]:
+    """Files in a final/ that save_model wrote but that it did not write itself (added by a user afterwards)."""
+    config = read_json(final / MODEL_CONFIG) or {}
+    recorded = (config.get("checkpoint") or {}).get("files") or {}
+    expected = {FINAL_MARKER, MODEL_CONFIG, *TOKENIZER_FILES, *recorded}
+    if not recorded:  # a format-1 config lists no files: its expert folders are the model's
+        expected |= {str(p.relative_to(final)) for p in final.glob("expert_*/*")} | {"router.safetensors"}
+    found = sorted(str(p.relative_to(final)) for p in final.rglob("*") if p.is_file())
+    return [f"{FINAL}/{name}" for name in found if name not in expected]
+
+
+def _refuse_foreign(folder: Path, in_the_way: list[str]) -> None:
+    if in_the_way:
+        raise RunConflict(
+            f"--output_dir {folder} holds files this project did not write for a run it can identify: "
+            f"{'; '.join(in_the_way)}. train.py never deletes them (--overwrite_output_dir neither): move them "
+            "elsewhere or pass another --output_dir"
+        )
+
+
+def _has_progress(outputs: list[Path]) -> bool:
+    """Whether a run got as far as a checkpoint or final/ (else it failed early and its folder is reused)."""
+    return any(p.name == FINAL or CHECKPOINT.match(p.name) for p in outputs)
 
 
 def plan_run(
@@ -117,17 +175,22 @@ def plan_run(
     """
     folder = Path(output_dir)
     run = read_json(folder / RUN_FILE)
-    existing = _outputs_of_a_run(folder)
+    existing, in_the_way = run_outputs(folder, run)
 
     if resume is None:
-        if existing and check_conflicts and not overwrite:
+        if not check_conflicts:
+            return RunPlan(folder, uuid.uuid4().hex[:12], fingerprint)
+        _refuse_foreign(folder, in_the_way)
+        if _has_progress(existing) and not overwrite:
             names = ", ".join(sorted(p.name for p in existing)[:6])
             raise RunConflict(
-                f"--output_dir {folder} already holds a run ({names}); pass --resume_from_checkpoint to continue "
-                "it, --overwrite_output_dir to replace it (checkpoints, final/, metrics.jsonl and the report), or "
-                "another --output_dir"
+                f"--output_dir {folder} already holds run {run['run_id']} ({names}); pass --resume_from_checkpoint "
+                "to continue it, --overwrite_output_dir to replace it (removes only that run's outputs: "
+                f"{', '.join(RUN_OUTPUTS)}, checkpoint-N; other files stay), or another --output_dir"
             )
-        return RunPlan(folder, uuid.uuid4().hex[:12], fingerprint, remove=existing if overwrite else [])
+        if existing and not overwrite:
+            logger.info("%s: run %s stopped before its first checkpoint; starting afresh", folder, run["run_id"])
+        return RunPlan(folder, uuid.uuid4().hex[:12], fingerprint, remove=existing)
 
     if overwrite and resume == "last":
         raise RunConflict("--overwrite_output_dir and a bare --resume_from_checkpoint exclude each other")
@@ -171,6 +234,8 @@ def plan_run(
             f"--output_dir {folder} holds run {run.get('run_id')}, not the run of {path} ({run_id}): pass another "
             "--output_dir, or --overwrite_output_dir to replace the run there"
         )
+    if overwrite and check_conflicts:
+        _refuse_foreign(folder, [w for w in in_the_way if not w.startswith(path.name + "/")])
     remove = [p for p in existing if p.resolve() != path.resolve()] if overwrite else []
     step = int(state.get("global_step", 0))
     return RunPlan(folder, run_id, fingerprint, resume_from=str(path), resume_step=step, fresh=False, remove=remove)

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"
 SWEEP_MD, SWEEP_PLOT, WANDB_YAML, RUN_LOG = "sweep.md", "sweep.png", "sweep_wandb.yaml", "train.log"
+SWEEP_RUN_FOLDER = "outputs/wandb-sweep/$WANDB_RUN_ID"  # one folder per wandb run: a folder holds one run
 RESERVED = ("sweep", "output_dir")  # set by the sweep itself for each run
 BOOLEANS = {"true": True, "false": False}
 # What the wandb sweep fixes for the real job (DESIGN 2's model on a GPU); everything else is train.py's default.
@@ -258,8 +259,8 @@ def wandb_sweep_yaml(axes: dict[str, list[str]], base_argv: list[str], metric: s
     lines = [
         "# wandb sweep over the grid of the offline sweep beside it, on the real model (needs a GPU and the hub):",
         "#   wandb sweep sweep_wandb.yaml   then   wandb agent <entity/project/sweep id>   (from the repository root)",
-        "# Flags not listed take train.py's defaults (the original's values). Each run writes --output_dir",
-        "# outputs/wandb-sweep (a later run replaces an earlier one there; the metrics live in wandb).",
+        "# Flags not listed take train.py's defaults (the original's values). Each run writes its own --output_dir,",
+        "# outputs/wandb-sweep/<wandb run id> (train.py expands $WANDB_RUN_ID, which the wandb agent sets per run).",
         f"# The offline sweep also had: {' '.join(base_argv) or '(no other flags)'}",
         "program: train.py",
         "method: grid",
@@ -279,7 +280,7 @@ def wandb_sweep_yaml(axes: dict[str, list[str]], base_argv: list[str], metric: s
         "  - ${interpreter}",
         "  - ${program}",
         "  - --output_dir",
-        "  - outputs/wandb-sweep",
+        f"  - {SWEEP_RUN_FOLDER}",
         "  - ${args_no_boolean_flags}",
     ]
     return "\n".join(lines) + "\n"

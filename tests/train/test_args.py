@@ -51,7 +51,7 @@ BAD_VALUES = [
     ("--learning_rate", "0"),
     ("--weight_decay", "-1"),
     ("--warmup_steps", "-0.1"),
-    ("--early_stopping_patience", "0"),
+    ("--early_stopping_patience", "-1"),  # 0 turns early stopping off
     ("--eval_steps", "-1"),
     ("--save_steps", "0"),
     ("--save_total_limit", "0"),
