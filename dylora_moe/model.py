@@ -551,16 +551,32 @@ class DyLoRA_MoE(nn.Module):
         return True
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, **generate_kwargs):
+    def prompt_expert_weights(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """[B, E] per-sequence expert weights the router gives these prompts: what :meth:`generate` uses."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.sequence_weights(self._routing_pass(input_ids, attention_mask))
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, expert_weights=None, **generate_kwargs):
         """Route on the prompt, then decode with the base model's ``generate``.
 
         Each sequence keeps its per-sequence expert weights (sequence routing, or the token weights averaged over
         the prompt) for every generated token, mixed inside the LoRA layers: exact for one expert per sequence,
         and one pass per token instead of E. Beam search / several returned sequences are not supported.
+        ``expert_weights`` [B, E] replaces the router's weights (e.g. one-hot rows force one expert).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        weights = self.sequence_weights(self._routing_pass(input_ids, attention_mask))
+        if expert_weights is None:
+            weights = self.prompt_expert_weights(input_ids, attention_mask)
+        elif tuple(expert_weights.shape) != (input_ids.shape[0], self.num_experts):
+            raise ValueError(
+                f"expert_weights {tuple(expert_weights.shape)} must be [batch, num_experts] = "
+                f"{(input_ids.shape[0], self.num_experts)}"
+            )
+        else:
+            weights = expert_weights.to(device=input_ids.device, dtype=torch.float32)
         experts = torch.arange(self.num_experts, device=input_ids.device).expand(input_ids.shape[0], 1, -1)
         with self.handle.context.routed(Routing(experts, weights.unsqueeze(1))):
             return self.foundation_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
