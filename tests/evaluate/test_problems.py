@@ -68,7 +68,9 @@ def test_reference_solutions_pass_on_a_sample(data_dir):
 def test_the_missing_test_imports_explain_the_mbpp_failures(data_dir, tmp_path):
     rows = [json.loads(line) for line in (data_dir / "mbpp.jsonl").open()]
     chosen = [r for r in rows if r["task_id"] in NEEDS_TEST_IMPORTS]
-    (tmp_path / "mbpp.jsonl").write_text("".join(json.dumps({**r, "test_imports": ["import math"]}) + "\n" for r in chosen))
+    (tmp_path / "mbpp.jsonl").write_text(
+        "".join(json.dumps({**r, "test_imports": ["import math"]}) + "\n" for r in chosen)
+    )
     problems = load_problems("mbpp", tmp_path, split="all")
     assert all(o.passed for o in run_programs([p.program(p.reference) for p in problems], LIMITS))
 
@@ -90,7 +92,9 @@ def test_bad_data_files_are_named(tmp_path):
     with pytest.raises(DataError, match="no MBPP file"):
         load_problems("mbpp", tmp_path)
     path = tmp_path / "mbpp.jsonl"
-    path.write_text(json.dumps({"task_id": 11, "text": "t", "code": "pass", "test_list": ["assert True"]}) + "\n{oops\n")
+    path.write_text(
+        json.dumps({"task_id": 11, "text": "t", "code": "pass", "test_list": ["assert True"]}) + "\n{oops\n"
+    )
     with pytest.raises(DataError, match="mbpp.jsonl line 2: invalid JSON"):
         load_problems("mbpp", tmp_path)
     path.write_text(json.dumps({"task_id": 11, "text": "t", "code": "pass"}) + "\n")
@@ -100,8 +104,11 @@ def test_bad_data_files_are_named(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"benchmark": "apps"}, "unknown benchmark"), ({"benchmark": "mbpp", "split": "dev"}, "unknown mbpp split"),
-     ({"benchmark": "mbpp", "limit": 0}, "limit")],
+    [
+        ({"benchmark": "apps"}, "unknown benchmark"),
+        ({"benchmark": "mbpp", "split": "dev"}, "unknown mbpp split"),
+        ({"benchmark": "mbpp", "limit": 0}, "limit"),
+    ],
 )
 def test_bad_arguments_are_named(kwargs, match, data_dir):
     with pytest.raises(ValueError, match=match):

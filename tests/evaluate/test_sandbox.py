@@ -153,7 +153,9 @@ def test_output_flood(stream):
 def test_child_left_running_is_killed_with_the_group(tmp_path):
     # without the audit hook a program can start a child; the group kill at the end still ends it
     pid_file = tmp_path / "pid"
-    program = f"import subprocess\np = subprocess.Popen(['sleep', '60'])\nopen({str(pid_file)!r}, 'w').write(str(p.pid))"
+    program = (
+        f"import subprocess\np = subprocess.Popen(['sleep', '60'])\nopen({str(pid_file)!r}, 'w').write(str(p.pid))"
+    )
     assert run_program(program, NO_AUDIT).result == "passed"
     assert wait_dead(int(pid_file.read_text()))
 
