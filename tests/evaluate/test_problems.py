@@ -113,3 +113,30 @@ def test_bad_data_files_are_named(tmp_path):
 def test_bad_arguments_are_named(kwargs, match, data_dir):
     with pytest.raises(ValueError, match=match):
         load_problems(data_dir=data_dir, **kwargs)
+
+
+def test_mbpp_from_the_hub_takes_the_full_test_split(monkeypatch):
+    import dylora_moe.evaluate.problems as problems_module
+
+    def row(task_id):
+        return {"task_id": task_id, "text": f"task {task_id}", "code": "pass", "test_list": ["assert True"],
+                "test_setup_code": ""}  # fmt: skip
+
+    class FakeDatasets:
+        @staticmethod
+        def load_dataset(name, config):
+            assert (name, config) == ("google-research-datasets/mbpp", "full")
+            return {"train": [row(601)], "test": [row(11), row(510)], "validation": [row(511)], "prompt": [row(1)]}
+
+    monkeypatch.setattr(problems_module, "_datasets", lambda: FakeDatasets)
+    assert [p.task_id for p in load_problems("mbpp", "hub")] == [11, 510]
+    assert [p.task_id for p in load_problems("mbpp", "hub", split="all")] == [1, 11, 510, 511, 601]
+
+    class Offline:
+        @staticmethod
+        def load_dataset(name, config):
+            raise ConnectionError("no network")
+
+    monkeypatch.setattr(problems_module, "_datasets", lambda: Offline)
+    with pytest.raises(DataError, match="could not load google-research-datasets/mbpp from the hub"):
+        load_problems("mbpp", "hub")
