@@ -170,11 +170,13 @@ def score_references(args) -> int:
 
 def evaluate_checkpoint(args) -> int:
     import torch
+    from transformers.utils import logging as hf_logging
 
     from .evaluation import evaluate_model
     from .generation import Sampling
     from .loading import load_for_evaluation
 
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the log
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.bf16 else None
     model, tokenizer = load_for_evaluation(
