@@ -81,18 +81,22 @@ def _kill_group(pgid: int) -> None:
 
 
 def _remove_tree(path: str) -> None:
-    """rmtree that also removes what the program made unreadable or unwritable (chmod 000 inside its directory)."""
+    """rmtree that also removes what the program made unreadable or unwritable (chmod 000 inside its directory);
+    a directory that still cannot be removed is left behind rather than stopping the evaluation."""
 
     def make_writable_and_retry(function, failed_path, _exc):
-        parent = os.path.dirname(failed_path)
-        os.chmod(parent, stat.S_IRWXU)
+        os.chmod(os.path.dirname(failed_path), stat.S_IRWXU)
         if os.path.isdir(failed_path) and not os.path.islink(failed_path):
             os.chmod(failed_path, stat.S_IRWXU)
         function(failed_path)
 
-    shutil.rmtree(path, onexc=make_writable_and_retry) if sys.version_info >= (3, 12) else shutil.rmtree(
-        path, onerror=make_writable_and_retry
-    )
+    try:
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(path, onexc=make_writable_and_retry)
+        else:
+            shutil.rmtree(path, onerror=make_writable_and_retry)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _no_verdict(returncode: int) -> str:

@@ -38,10 +38,11 @@ def tokenizer(data_dir):
 @pytest.fixture
 def moe(tokenizer):
     """Two experts with random non-zero B (fresh experts are the base model), so forcing one changes the output."""
-    from eval_models import tiny_base
     from moe_models import randomize_experts
 
     from dylora_moe import DyLoRA_MoE
+
+    from .eval_models import tiny_base
 
     model = DyLoRA_MoE(tiny_base(tokenizer), 2, lora_r=4, kernel="eager", mature_experts=True)
     randomize_experts(model.handle.layers.values(), std=1.0)

@@ -71,8 +71,9 @@ def test_data_errors_exit_1(tmp_path, capsys):
 
 def _saved_tiny_run(folder: Path, tokenizer) -> Path:
     """What train.py leaves with --model_name tiny: run.json, tiny-<hash>/ (base + tokenizer) and final/."""
-    from eval_models import tiny_base
     from moe_models import randomize_experts
+
+    from .eval_models import tiny_base
 
     base_dir = folder / "tiny-0123456789ab"
     base = tiny_base(tokenizer)

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from eval_models import tiny_base
 
 from dylora_moe.evaluate.generation import Sampling, generate_completions, routings_of
+
+from .eval_models import tiny_base
 
 FEW = Sampling(max_new_tokens=6, batch_size=4)
 
