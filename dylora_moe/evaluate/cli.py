@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -134,6 +135,11 @@ def check(args, p: argparse.ArgumentParser) -> None:
         p.error(f"--output_dir {args.output_dir} is a file")
     if args.checkpoint is not None and not args.checkpoint.is_dir():
         p.error(f"--checkpoint {args.checkpoint}: no such folder")
+    bad = [r for r in args.routing or [] if not re.fullmatch(r"base|learned|expert_\d+", r)]
+    if bad:
+        p.error(f"--routing {','.join(bad)}: expected base, learned or expert_<i>")
+    if args.routing and not modes[2]:
+        p.error("--routing applies to a model evaluation only")
     if args.top_p > 1:
         p.error(f"--top_p must be in (0, 1], got {args.top_p}")
     try:
@@ -229,6 +235,6 @@ def main(argv=None) -> int:
         if args.references:
             return score_references(args)
         return evaluate_checkpoint(args)
-    except (DataError, ModelLoadError, MissingHumanEvalError) as err:
+    except (DataError, ModelLoadError, MissingHumanEvalError, ValueError) as err:  # ValueError: e.g. expert_9 of 2
         print(f"error: {err}", file=sys.stderr)
         return 1

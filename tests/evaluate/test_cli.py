@@ -51,6 +51,8 @@ def test_samples_file_is_scored(data_dir, tmp_path):
         (["--benchmark", "humaneval", "--references", "--split", "train"], "not a humaneval split"),
         (["--benchmark", "mbpp", "--references", "--timeout", "0"], "must be > 0"),
         (["--benchmark", "mbpp", "--references", "--limit", "x"], "expected a int"),
+        (["--benchmark", "mbpp", "--model_name", "m", "--output_dir", "{out}", "--routing", "expert"], "expert_<i>"),
+        (["--benchmark", "mbpp", "--references", "--routing", "base"], "model evaluation only"),
     ],
 )
 def test_bad_flags_exit_2_before_writing(args, message, tmp_path, capsys):
