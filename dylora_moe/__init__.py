@@ -9,33 +9,34 @@ settings object ``DyLoRAMoEConfig``, and the drop-in layers ``MoELoRALinear``, `
 
 from importlib import import_module
 
-# Names load on first use (PEP 562), so `import dylora_moe.data` or `python train.py --help` does not pay for torch.
+# Names load on first use (PEP 562), so `import dylora_moe.train.data` or `python train.py --help` does not pay
+# for torch.
 _EXPORTS = {
     "DyLoRAMoEConfig": ".config",
-    "ExpertManager": ".experts",
-    "MoELoRAMLP": ".ffn",
-    "default_targets": ".inject",
-    "DEFAULT_TARGETS": ".inject",
-    "MoELoRAHandle": ".inject",
-    "find_targets": ".inject",
-    "inject_moe_lora": ".inject",
-    "MoELoRALinear": ".layer",
+    "ExpertManager": ".modules.experts",
+    "MoELoRAMLP": ".modules.ffn",
+    "default_targets": ".modules.inject",
+    "DEFAULT_TARGETS": ".modules.inject",
+    "MoELoRAHandle": ".modules.inject",
+    "find_targets": ".modules.inject",
+    "inject_moe_lora": ".modules.inject",
+    "MoELoRALinear": ".modules.layer",
     "DyLoRA_MoE": ".model",
     "DyLoRAMoEOutput": ".model",
-    "DynamicHybridRouter": ".router",
-    "balance_loss": ".router",
-    "z_loss": ".router",
-    "Routing": ".routing",
-    "RoutingContext": ".routing",
-    "NoveltyDetector": ".skills",
-    "SkillLibrary": ".skills",
+    "DynamicHybridRouter": ".modules.router",
+    "balance_loss": ".modules.router",
+    "z_loss": ".modules.router",
+    "Routing": ".modules.routing",
+    "RoutingContext": ".modules.routing",
+    "NoveltyDetector": ".modules.skills",
+    "SkillLibrary": ".modules.skills",
     "TwoPhaseLRScheduler": ".scheduler",
     "two_phase_lr_lambda": ".scheduler",
-    "load_dylo_moe_state": ".utils",
-    "load_lora_experts": ".utils",
-    "print_trainable_parameters": ".utils",
-    "save_dylo_moe_state": ".utils",
-    "save_lora_experts": ".utils",
+    "load_dylo_moe_state": ".io.original_state",
+    "load_lora_experts": ".io.original_state",
+    "print_trainable_parameters": ".io.original_state",
+    "save_dylo_moe_state": ".io.original_state",
+    "save_lora_experts": ".io.original_state",
 }
 
 

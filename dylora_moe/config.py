@@ -11,8 +11,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .layer import KERNELS
-from .router import WEIGHTINGS
+from .modules.layer import KERNELS
+from .modules.router import WEIGHTINGS
 
 ROUTINGS = ("sequence", "token")
 BALANCE_LOSSES = ("mse", "switch")

@@ -1,6 +1,6 @@
-"""The original's module name for :class:`~dylora_moe.experts.ExpertManager` (``from dylora_moe.expert import
+"""The original's module name for :class:`~dylora_moe.modules.experts.ExpertManager` (``from dylora_moe.expert import
 ExpertManager`` works as ``from dylo_moe.expert import ExpertManager`` did)."""
 
-from .experts import ExpertManager
+from .modules.experts import ExpertManager
 
 __all__ = ["ExpertManager"]

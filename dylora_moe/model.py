@@ -37,13 +37,13 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import DyLoRAMoEConfig, original_growth_rank
-from .experts import ExpertManager
-from .fused_loss import chunked_linear_cross_entropy
 from .kernels import resolve_backend
-from .layer import check_kernel
-from .router import DynamicHybridRouter, balance_loss, router_entropy, z_loss
-from .routing import Routing, RoutingDecision, decide_routing, sequence_pairs, sequence_weights, token_routing
-from .skills import NoveltyDetector, SkillLibrary
+from .modules.experts import ExpertManager
+from .modules.fused_loss import chunked_linear_cross_entropy
+from .modules.layer import check_kernel
+from .modules.router import DynamicHybridRouter, balance_loss, router_entropy, z_loss
+from .modules.routing import Routing, RoutingDecision, decide_routing, sequence_pairs, sequence_weights, token_routing
+from .modules.skills import NoveltyDetector, SkillLibrary
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ class DyLoRA_MoE(nn.Module):
             self._reference().sync()
 
     def _reference(self):
-        from .reference import ReferenceMoE
+        from .modules.reference import ReferenceMoE
 
         ref = self._reference_model
         if ref is None or ref.num_experts != self.num_experts:
@@ -583,7 +583,7 @@ class DyLoRA_MoE(nn.Module):
 
     def save_pretrained(self, save_directory, **_ignored) -> None:
         """Write every expert as a peft adapter, the router and a JSON config (atomically); see checkpoint.py."""
-        from .checkpoint import save_checkpoint
+        from .io.checkpoint import save_checkpoint
 
         save_checkpoint(self, save_directory)
 
@@ -593,7 +593,7 @@ class DyLoRA_MoE(nn.Module):
         order: ``DyLoRA_MoE.from_pretrained(base_model, save_directory)``. The former order
         ``(save_directory, base_model)`` still works, with a DeprecationWarning (told apart by which argument is a
         built model or a checkpoint directory). ``overrides``: settings to change (e.g. ``kernel="eager"``)."""
-        from .checkpoint import load_checkpoint_model
+        from .io.checkpoint import load_checkpoint_model
 
         old_order = isinstance(save_directory, nn.Module) or (
             is_checkpoint_dir(base_model) and not is_checkpoint_dir(save_directory)
@@ -613,7 +613,7 @@ def is_checkpoint_dir(path) -> bool:
     """True for a directory holding a DyLoRA_MoE checkpoint (its JSON config or a first expert adapter)."""
     if not isinstance(path, (str, os.PathLike)):
         return False
-    from .checkpoint import CONFIG_NAME
+    from .io.checkpoint import CONFIG_NAME
 
     path = Path(path)
     return (path / CONFIG_NAME).is_file() or (path / "expert_0" / "adapter_config.json").is_file()

@@ -214,8 +214,8 @@ def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     check(args, p)
-    from ..data import DataError
-    from ..tiny import ModelLoadError
+    from ..train.base_models import ModelLoadError
+    from ..train.data import DataError
     from .problems import MissingHumanEvalError
 
     try:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..model import DyLoRA_MoE, is_checkpoint_dir
-from ..tiny import TINY, ModelLoadError, load_pretrained
+from ..train.base_models import TINY, ModelLoadError, load_pretrained
 
 
 def checkpoint_folder(path: str | Path) -> Path:

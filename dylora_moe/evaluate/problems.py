@@ -19,11 +19,11 @@ A *completion* here is always a whole program (prompt included), as ``--samples`
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import HUB_IDS, HUB_SOURCE, LOCAL_FILES, DataError, _datasets, mbpp_text
+from ..train.cli import default_data_dir
+from ..train.data import HUB_IDS, HUB_SOURCE, LOCAL_FILES, DataError, _datasets, mbpp_text
 
 BENCHMARKS = ("mbpp", "humaneval")
 STOP_SEQUENCES = {
@@ -34,7 +34,6 @@ STOP_SEQUENCES = {
 # 511-600, train 601-974.
 MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
 SPLITS = {"mbpp": (*MBPP_SPLITS, "all"), "humaneval": ("test", "all")}
-REPO = Path(__file__).resolve().parents[2]
 
 
 class MissingHumanEvalError(ModuleNotFoundError):
@@ -69,12 +68,6 @@ def cut_at_stop(text: str, stops) -> str:
     """``text`` up to the earliest occurrence of any of ``stops`` (the harness's ``_stop_at_stop_token``)."""
     cut = min((i for i in (text.find(stop) for stop in stops) if i != -1), default=len(text))
     return text[:cut]
-
-
-def default_data_dir() -> Path:
-    """Where the corpora are read from: ``$DYLORA_DATA_DIR``, else ``../shared/data`` beside the repository (the
-    training command's default)."""
-    return Path(os.environ.get("DYLORA_DATA_DIR") or REPO.parent / "shared" / "data")
 
 
 def _mbpp_file(data_dir: Path) -> Path:
@@ -140,7 +133,7 @@ def load_mbpp(data_dir: str | Path | None = None, split: str = "test") -> list[P
     if str(data_dir) == HUB_SOURCE:
         rows = _hub_mbpp_rows()
     else:
-        rows = _mbpp_rows(_mbpp_file(Path(data_dir) if data_dir is not None else default_data_dir()))
+        rows = _mbpp_rows(_mbpp_file(Path(data_dir if data_dir is not None else default_data_dir())))
     problems = []
     for row, where in sorted(rows, key=lambda rw: rw[0]["task_id"]):
         low, high = MBPP_SPLITS.get(split, (-(10**9), 10**9))

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from dylora_moe.data import DataError
 from dylora_moe.evaluate.execution import Limits, run_programs
 from dylora_moe.evaluate.problems import Problem, cut_at_stop, load_problems
+from dylora_moe.train.data import DataError
 
 # The local MBPP copy is the sanitized subset without its `test_imports` field: these tasks' asserts call
 # math.isclose and fail with NameError unless the program imports math itself.

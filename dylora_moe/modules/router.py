@@ -1,0 +1,304 @@
+"""DynamicHybridRouter (the original's API) on the fused top-k op, and the auxiliary router losses.
+
+Shape letters: T tokens, E experts, k experts per token, H router input width.
+
+Routing rule (DESIGN 2): while any expert is immature (maturity 0) every token uses all experts with
+``softmax(logits / temperature)``; once all are mature, each token keeps its top-k experts, weighted by
+
+  - ``weighting="original"``: softmax over the k selected logits, no temperature (the original). With k = 1 the
+    weight is the constant 1, so the language-model loss gives the gate no gradient.
+  - ``weighting="softmax"``: the k largest probabilities of the full tempered softmax, renormalised over the k
+    when ``renormalize`` (Switch/Mixtral). Without renormalisation k = 1 trains the gate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..io.original_files import is_safetensors_file, load_torch_file, require_keys
+from ..kernels import topk_route
+
+WEIGHTINGS = ("original", "softmax")
+ORIGINAL_ROUTER_KEYS = ("gate_state_dict", "expert_maturity", "num_experts", "input_size", "top_k", "temperature")
+
+
+@dataclass
+class RouterOutput:
+    """One routing decision for T tokens: ``logits`` [T, E]; ``ids``/``weights`` [T, k] (k = E in dense mode);
+    ``dense`` [T, E] the scattered weights; ``counts`` [E] tokens per expert; ``mean_prob`` [E] mean of the tempered
+    softmax (Switch loss); ``dense_mode`` whether the dense (immature) rule was used; ``mask`` [T] bool, the routed
+    tokens when the router was given a mask (the rest are padding: weight 0, left out of counts, mean_prob and the
+    losses), None when every token was routed."""
+
+    logits: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+    dense: torch.Tensor
+    counts: torch.Tensor
+    mean_prob: torch.Tensor
+    dense_mode: bool
+    mask: torch.Tensor | None = None
+
+
+class DynamicHybridRouter(nn.Module):
+    """Gate ``nn.Linear(input_size, num_experts)`` with per-expert maturity; dense while any expert is new, top-k after.
+
+    Extra keywords: ``weighting`` ("softmax", the default | "original"), ``renormalize`` (for "softmax"),
+    ``backend`` of the fused router op ("auto" | "triton" | "eager"). The original's sparse rule, whose k = 1 weight
+    gives the gate no gradient, is ``weighting="original"`` (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        num_experts: int,
+        top_k: int = 1,
+        temperature: float = 2.0,
+        *,
+        weighting: str = "softmax",
+        renormalize: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
+        self.input_size = input_size
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.temperature = float(temperature)
+        self.weighting = weighting
+        self.renormalize = bool(renormalize)
+        self.backend = backend
+        self.gate = nn.Linear(input_size, num_experts)
+        self.register_buffer("expert_maturity", torch.zeros(num_experts))
+
+    @property
+    def all_mature(self) -> bool:
+        """Whether every expert is mature, from a host-side flag (reading the buffer every step would be a host sync).
+
+        The flag is refreshed by :meth:`set_expert_maturity`, :meth:`add_expert` and :meth:`refresh_maturity`, and
+        in eager mode also whenever the ``expert_maturity`` buffer changed some other way (``fill_``,
+        ``load_state_dict``, ``.to()``: its version counter moved), at the cost of one read then. Under
+        ``torch.compile`` the flag is read as it is (the graph can read neither the buffer nor its version): after
+        editing the buffer directly, call :meth:`refresh_maturity` (``DyLoRA_MoE.train()`` and ``.compile()`` do).
+        """
+        if torch.compiler.is_compiling():
+            if "_all_mature" not in self.__dict__:
+                raise RuntimeError(
+                    "the router's maturity flag was never read; call router.refresh_maturity() (or "
+                    "DyLoRA_MoE.train() / .compile(), which do) before the compiled forward"
+                )
+            return self._all_mature
+        self.refresh_maturity_if_changed()
+        return self._all_mature
+
+    def refresh_maturity_if_changed(self) -> None:
+        """Re-read ``expert_maturity`` only when the buffer was replaced or edited since the last read (its version
+        counter moved): no host read in the common case."""
+        seen = self.__dict__.get("_maturity_seen")
+        buffer = self.expert_maturity
+        if seen is None or seen[0] is not buffer or seen[1] != buffer._version:
+            self.refresh_maturity()
+
+    def refresh_maturity(self) -> None:
+        """Re-read ``expert_maturity`` into the host-side flag :attr:`all_mature` uses (one host read)."""
+        buffer = self.expert_maturity
+        self._all_mature = bool((buffer > 0).all())
+        self._maturity_seen = (buffer, buffer._version)
+
+    def route(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
+        """Route the tokens of ``x`` [..., H] (flattened to [T, H]).
+
+        ``mask`` (optional, bool or 0/1 with the leading dims of ``x``) marks the tokens to route; the others
+        (padding) get weight 0 and are left out of ``counts``, ``mean_prob`` and the auxiliary losses. Routing
+        every position and masking keeps every shape static: no ``x[mask]``, so no host sync.
+        Non-finite logits of routed tokens fail a device-side assert (``torch._assert_async``: no host sync on a
+        GPU, where it aborts the CUDA context; on the CPU it raises a RuntimeError at once).
+        """
+        x = x.reshape(-1, x.shape[-1]).to(self.gate.weight.dtype)
+        keep = None if mask is None else mask.reshape(-1, 1).bool()
+        if keep is not None:
+            # Padding positions route a zero vector: whatever the base model left there (even NaN) cannot reach the
+            # gate's gradient or the statistics.
+            x = torch.where(keep, x, 0.0)
+        logits = self.gate(x)
+        torch._assert_async(
+            torch.isfinite(logits).all(),
+            "router logits contain NaN or Inf; check the gate weights and the hidden states feeding it",
+        )
+        dense_mode = not self.all_mature
+        if dense_mode:
+            # k = E of the tempered softmax without renormalisation is the dense softmax itself.
+            k, temperature, normalize = self.num_experts, self.temperature, False
+        elif self.weighting == "original":
+            # The original, literally: the fused op picks the top-k (of the logits: temperature 1), then the weights
+            # are a softmax over the k selected logits, whose gradient is exactly 0 at k = 1.
+            k, temperature, normalize = self.top_k, 1.0, True
+        else:
+            k, temperature, normalize = self.top_k, self.temperature, self.renormalize
+        res = topk_route(
+            logits, k, temperature=temperature, normalize=normalize, backend=self.backend, check_finite=False
+        )
+        weights, dense, counts, mean_prob = res.weights, res.dense, res.counts, res.mean_prob
+        if not dense_mode and self.weighting == "original":
+            weights = torch.softmax(logits.gather(1, res.ids).float(), dim=-1)
+            dense = torch.zeros_like(res.dense).scatter(1, res.ids, weights)
+        if keep is not None:
+            # torch.where, not a product: a padding position's NaN must not leak into its weight 0.
+            weights = torch.where(keep, weights, 0.0)
+            dense = torch.where(keep, dense, 0.0)
+            picks = keep.expand_as(res.ids).to(counts.dtype)
+            counts = torch.zeros_like(counts).scatter_add(0, res.ids.reshape(-1), picks.reshape(-1))
+            probs = torch.where(keep, torch.softmax(logits.float() / temperature, dim=-1), 0.0)
+            mean_prob = probs.sum(0) / keep.sum().clamp_min(1)
+        return RouterOutput(
+            logits, res.ids, weights, dense, counts, mean_prob, dense_mode, None if keep is None else keep[:, 0]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Routing weights with the shape of ``x`` but last dim ``num_experts`` (the original's output)."""
+        return self.route(x).dense.reshape(*x.shape[:-1], self.num_experts)
+
+    @torch.no_grad()
+    def add_expert(self, device=None) -> int:
+        """Grow the gate by one output (old rows kept, the new row initialised like nn.Linear); returns its id."""
+        old = self.gate
+        device = old.weight.device if device is None else device
+        new = nn.Linear(self.input_size, self.num_experts + 1, device=device, dtype=old.weight.dtype)
+        new.weight[: self.num_experts].copy_(old.weight)
+        new.bias[: self.num_experts].copy_(old.bias)
+        new.requires_grad_(old.weight.requires_grad)  # a frozen gate stays frozen as it grows
+        self.gate = new
+        self.expert_maturity = torch.cat([self.expert_maturity.to(device), torch.zeros(1, device=device)])
+        self.num_experts += 1
+        self.refresh_maturity()
+        return self.num_experts - 1
+
+    def set_expert_maturity(self, expert_id: int, maturity: float) -> None:
+        if not 0 <= expert_id < self.num_experts:
+            raise IndexError(f"expert {expert_id} is out of range for {self.num_experts} experts")
+        self.expert_maturity[expert_id] = float(maturity)
+        self.refresh_maturity()
+
+    def config(self) -> dict:
+        return {
+            "input_size": self.input_size,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "temperature": self.temperature,
+            "weighting": self.weighting,
+            "renormalize": self.renormalize,
+        }
+
+    def save(self, path, original_format: bool = False) -> None:
+        """One safetensors file: gate weight/bias and maturity, with the constructor arguments in its metadata.
+
+        ``original_format=True`` writes the original's ``torch.save`` dict instead (readable by the original code;
+        it has no field for ``weighting``/``renormalize``, which the original did not have)."""
+        if original_format:
+            torch.save(self._original_state(), str(path))
+            return
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path), metadata={"config": json.dumps(self.config())})
+
+    def _original_state(self) -> dict:
+        gate = {k: v.detach().cpu() for k, v in self.gate.state_dict().items()}
+        return {
+            "gate_state_dict": gate,
+            "expert_maturity": self.expert_maturity.detach().cpu(),
+            "num_experts": self.num_experts,
+            "input_size": self.input_size,
+            "top_k": self.top_k,
+            "temperature": self.temperature,
+        }
+
+    @classmethod
+    def load(cls, path, device=None) -> DynamicHybridRouter:
+        """Read a router saved by :meth:`save` (safetensors) or by the original (a ``torch.save`` dict, read with
+        ``weights_only=True``; the router then uses ``weighting="original"``). The file format is told by content."""
+        router = cls._load_safetensors(path) if is_safetensors_file(path) else cls._load_original(path)
+        return router.to(device) if device is not None else router
+
+    @classmethod
+    def _load_safetensors(cls, path) -> DynamicHybridRouter:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "config" not in meta:
+            raise ValueError(f"{path} is not a DynamicHybridRouter file (no 'config' in its safetensors metadata)")
+        router = cls(**json.loads(meta["config"]))
+        router.load_state_dict(load_file(str(path)))
+        return router
+
+    @classmethod
+    def _load_original(cls, path) -> DynamicHybridRouter:
+        state = load_torch_file(path)
+        require_keys(state, ORIGINAL_ROUTER_KEYS, path, "DynamicHybridRouter (original torch.save)")
+        router = cls(
+            int(state["input_size"]), int(state["num_experts"]), int(state["top_k"]), float(state["temperature"]),
+            weighting="original",
+        )  # fmt: skip
+        gate = state["gate_state_dict"]
+        require_keys(gate, ("weight", "bias"), path, "DynamicHybridRouter gate_state_dict")
+        maturity = torch.as_tensor(state["expert_maturity"], dtype=torch.float32).reshape(-1)
+        expected = (router.num_experts, router.input_size)
+        if tuple(gate["weight"].shape) != expected or maturity.numel() != router.num_experts:
+            raise ValueError(
+                f"{path}: gate weight {tuple(gate['weight'].shape)} and maturity of {maturity.numel()} experts do not "
+                f"match num_experts={router.num_experts}, input_size={router.input_size} (expected {expected})"
+            )
+        router.gate.load_state_dict({"weight": gate["weight"], "bias": gate["bias"]})
+        router.expert_maturity.copy_(maturity)
+        return router
+
+
+def _token_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over dim 0 of ``values`` [T, ...] over the routed tokens (``mask`` [T] bool, None: all); 0 if none."""
+    if mask is None:
+        return values.mean(0) if values.shape[0] else values.sum(0) * 0.0
+    keep = mask.reshape(-1, *([1] * (values.dim() - 1)))
+    return torch.where(keep, values, 0.0).sum(0) / mask.sum().clamp_min(1)
+
+
+def balance_loss(route: RouterOutput, form: str = "mse") -> torch.Tensor:
+    """Load-balancing loss over the routed (non-padding) tokens; 0 when there are none.
+
+    ``"mse"`` (the original): mean over experts of (mean routing weight - 1/E)^2.
+    ``"switch"``: E * sum_e f_e * P_e, f_e the fraction of (token, slot) picks of expert e, P_e its mean probability.
+    """
+    num_experts = route.dense.shape[-1]
+    if route.dense.shape[0] == 0:
+        return route.dense.sum() * 0.0
+    if form == "mse":
+        loss = ((_token_mean(route.dense, route.mask) - 1.0 / num_experts) ** 2).mean()
+        return loss if route.mask is None else torch.where(route.mask.any(), loss, 0.0)
+    if form == "switch":
+        picks = route.counts.to(route.mean_prob.dtype)
+        return num_experts * (picks / picks.sum().clamp_min(1) * route.mean_prob).sum()
+    raise ValueError(f"unknown balance loss {form!r}; expected 'mse' or 'switch'")
+
+
+def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean over the routed tokens (``mask`` [T], None: all) of logsumexp(logits)^2."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return _token_mean(torch.logsumexp(logits.float(), dim=-1) ** 2, mask)
+
+
+def router_entropy(route: RouterOutput) -> torch.Tensor:
+    """Mean entropy (nats) of the per-token routing weights over the routed tokens: log E for uniform, 0 for one
+    expert."""
+    entropy = -(route.dense * route.dense.clamp_min(1e-12).log()).sum(-1)
+    return _token_mean(entropy, route.mask)

@@ -1,0 +1,2 @@
+"""The training application: ``python train.py`` / ``dylora-moe-train`` (:mod:`.cli`), the Trainer, runs, data, base
+models, sweeps, the console and the reports. The library (``dylora_moe`` outside this folder) never imports it."""

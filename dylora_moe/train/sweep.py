@@ -1,0 +1,348 @@
+"""Offline sweeps: one train.py run per configuration of a grid, then a comparison.
+
+    python train.py --sweep "num_experts=2,4,8 top_k=1,2 temperature=1,2"
+
+The grid is a space-separated list of ``flag=value,value,...`` over any train.py flag (``true``/``false`` for a
+switch: the flag given alone, or left out). Every configuration runs as its own ``train.py`` process (the other
+flags of the command line are kept) in a sub-folder of the output dir named after it, e.g.
+``num_experts-2_top_k-1_temperature-1/``, with its log in ``train.log``. A configuration that fails (a bad
+combination such as top_k > num_experts, a crash) is reported with its exit status and last log line, and the
+sweep goes on. Afterwards, from each run's ``metrics.jsonl``:
+
+- ``sweep.md``: per configuration, the final eval loss per domain, the domain-expert mutual information
+  (normalised), router entropy, load, training tokens/s and wall time, plus the failures;
+- ``sweep.png``: the same numbers as bars, one group per configuration;
+- ``sweep_wandb.yaml``: a wandb sweep over the same grid for the real model on a GPU (``wandb sweep``, then
+  ``wandb agent``).
+
+The tiny base model is built once: its cached ``tiny-*`` folder is copied into later runs' folders (their hash check
+still decides whether it is used).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .runs import read_metrics
+
+logger = logging.getLogger(__name__)
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"
+SWEEP_MD, SWEEP_PLOT, WANDB_YAML, RUN_LOG = "sweep.md", "sweep.png", "sweep_wandb.yaml", "train.log"
+RESERVED = ("sweep", "output_dir")  # set by the sweep itself for each run
+BOOLEANS = {"true": True, "false": False}
+# What the wandb sweep fixes for the real job (DESIGN 2's model on a GPU); everything else is train.py's default.
+REAL_MODEL = {"model_name": "google/codegemma-2b", "kernel": "triton", "bf16": True}
+
+
+class SweepError(ValueError):
+    """The grid text cannot be read; the message names the part and what was expected."""
+
+
+def parse_grid(grid: str, known_flags: Iterable[str] | None = None) -> dict[str, list[str]]:
+    """``"num_experts=2,4 top_k=1,2"`` -> ``{"num_experts": ["2", "4"], "top_k": ["1", "2"]}`` (order kept).
+    With ``known_flags`` (option strings such as ``--top_k``), an unknown flag is an error naming it."""
+    known = None if known_flags is None else {flag.lstrip("-") for flag in known_flags}
+    axes: dict[str, list[str]] = {}
+    for part in grid.split():
+        name, sep, values = part.partition("=")
+        name = name.lstrip("-")
+        items = [v for v in values.split(",") if v]
+        if not sep or not name or not items:
+            raise SweepError(f"sweep part {part!r}: expected flag=value[,value...], e.g. num_experts=2,4,8")
+        if name in RESERVED:
+            raise SweepError(f"sweep part {part!r}: --{name} is set by the sweep itself and cannot be swept")
+        if name in axes:
+            raise SweepError(f"sweep flag {name!r} is given twice; list all its values once: {name}=a,b")
+        if known is not None and name not in known:
+            raise SweepError(f"sweep flag {name!r} is not a train.py flag (see python train.py --help)")
+        axes[name] = items
+    if not axes:
+        raise SweepError(f'empty sweep grid {grid!r}; expected e.g. "num_experts=2,4,8 top_k=1,2"')
+    return axes
+
+
+def configurations(axes: dict[str, list[str]]) -> list[dict[str, str]]:
+    """Every combination of the grid's values (the last flag varies fastest)."""
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def config_name(config: dict[str, str]) -> str:
+    """A folder name for a configuration: ``num_experts-2_top_k-1`` (characters unsafe in paths replaced)."""
+    return "_".join(f"{k}-{re.sub(r'[^A-Za-z0-9.+-]', '-', v)}" for k, v in config.items())
+
+
+def config_argv(config: dict[str, str]) -> list[str]:
+    """Command-line flags of a configuration; ``true``/``false`` give a switch alone or nothing."""
+    argv = []
+    for name, value in config.items():
+        switch = BOOLEANS.get(value.lower())
+        if switch is None:
+            argv += [f"--{name}", value]
+        elif switch:
+            argv.append(f"--{name}")
+    return argv
+
+
+def strip_flags(argv: list[str], names: Iterable[str]) -> list[str]:
+    """``argv`` without the flags ``names`` and their values (``--name value`` and ``--name=value``)."""
+    drop = {f"--{n}" for n in names}
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in drop:
+            skip = True
+        elif arg.split("=", 1)[0] not in drop:
+            out.append(arg)
+    return out
+
+
+@dataclass
+class RunResult:
+    """One configuration's outcome: ``returncode`` (0: finished), ``seconds`` of wall time, ``error`` (the last log
+    line of a failed run) and the final numbers read from its ``metrics.jsonl``."""
+
+    config: dict[str, str]
+    folder: Path
+    returncode: int
+    seconds: float
+    error: str = ""
+    losses: dict[str, float] = field(default_factory=dict)
+    nmi: float = math.nan
+    router_entropy: float = math.nan
+    load_max_over_mean: float = math.nan
+    tokens_per_s: float = math.nan
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.config.items())
+
+
+def read_run(result: RunResult) -> RunResult:
+    """Fill ``result``'s numbers from the last evaluation records and the training logs of its metrics.jsonl."""
+    records = read_metrics(result.folder / "metrics.jsonl")[0]  # none for a run that never logged; no torn line
+    entropies = {}
+    for r in records:
+        for key, value in r.items():
+            match = re.fullmatch(r"eval_(.+)_loss", key)
+            # A domain's evaluation record has eval_<domain>_runtime (the Trainer's); eval_<domain>_balance_loss does
+            # not make "<domain>_balance" a domain.
+            if match and f"eval_{match.group(1)}_runtime" in r:
+                result.losses[match.group(1)] = value
+                entropies[match.group(1)] = r.get(f"eval_{match.group(1)}_router_entropy", math.nan)
+        if "eval_spec_nmi" in r:
+            result.nmi, result.load_max_over_mean = r["eval_spec_nmi"], r.get("eval_spec_load_max_over_mean", math.nan)
+    if entropies:
+        result.router_entropy = sum(entropies.values()) / len(entropies)
+    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    if speeds:
+        result.tokens_per_s = sum(speeds) / len(speeds)
+    return result
+
+
+def _last_line(path: Path) -> str:
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def run_config(config, base_argv, folder: Path, script: Path, timeout: float | None) -> RunResult:
+    """Run train.py for one configuration in ``folder``; its stdout and stderr go to ``folder/train.log``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(script), *base_argv, *config_argv(config), "--output_dir", str(folder)]
+    started = time.time()
+    with (folder / RUN_LOG).open("w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        try:
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = -1
+            log.write(f"timed out after {timeout} s\n")
+    result = RunResult(config, folder, code, time.time() - started)
+    if code != 0:
+        result.error = _last_line(folder / RUN_LOG)
+    return read_run(result)
+
+
+def _share_tiny_base(done: list[RunResult], folder: Path) -> None:
+    """Copy the cached tiny base model of an earlier run into ``folder`` (train.py reuses it when its hash fits)."""
+    for earlier in done:
+        for tiny in earlier.folder.glob("tiny-*"):
+            if tiny.is_dir() and not (folder / tiny.name).exists():
+                shutil.copytree(tiny, folder / tiny.name)
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def sweep_table(results: list[RunResult]) -> str:
+    domains = sorted({d for r in results for d in r.losses})
+    header = ["configuration", "status", *(f"{d} loss" for d in domains)]
+    header += ["MI (norm.)", "router entropy", "load max/mean", "tokens/s", "wall s", "summary"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for r in results:
+        status = "ok" if r.ok else f"failed ({r.returncode})"
+        row = [r.label, status, *(_fmt(r.losses.get(d, math.nan), ".4f") for d in domains)]
+        row += [_fmt(r.nmi, ".3f"), _fmt(r.router_entropy, ".3f"), _fmt(r.load_max_over_mean, ".2f")]
+        row += [_fmt(r.tokens_per_s, ".0f"), f"{r.seconds:.0f}"]
+        summary = r.folder / "summary.md"
+        row.append(f"[{r.folder.name}]({r.folder.name}/summary.md)" if summary.is_file() else f"{r.folder.name}/")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_sweep(path: Path, results: list[RunResult]):
+    """Four panels of bars, one bar (group) per configuration: final eval loss per domain, normalised MI, router
+    entropy, training tokens/s. Failed configurations keep their place with no bar."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = [r.label.replace(" ", "\n") + ("\n(failed)" if not r.ok else "") for r in results]
+    x = list(range(len(results)))
+    fig = Figure(figsize=(max(8.0, 1.3 * len(results) + 3), 7.5), dpi=110)
+    FigureCanvasAgg(fig)
+    (loss, nmi), (ent, speed) = fig.subplots(2, 2)
+    domains = sorted({d for r in results for d in r.losses})
+    width = 0.8 / max(len(domains), 1)
+    for i, domain in enumerate(domains):
+        offset = (i - (len(domains) - 1) / 2) * width
+        loss.bar([v + offset for v in x], [r.losses.get(domain, math.nan) for r in results], width, label=domain)
+    loss.set(title="final eval loss per domain", ylabel="nats/token")
+    if domains:
+        loss.legend(fontsize=8)
+    for ax, values, title in (
+        (nmi, [r.nmi for r in results], "domain-expert MI (normalised)"),
+        (ent, [r.router_entropy for r in results], "router entropy (nats/token)"),
+        (speed, [r.tokens_per_s for r in results], "training tokens/s"),
+    ):
+        ax.bar(x, values, 0.6)
+        ax.set(title=title)
+    for ax in (loss, nmi, ent, speed):
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path)
+    return fig
+
+
+def _yaml_value(value: str):
+    if value.lower() in BOOLEANS:
+        return value.lower()
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return json.dumps(value)  # a JSON string is a YAML string
+
+
+def wandb_sweep_yaml(axes: dict[str, list[str]], base_argv: list[str], metric: str) -> str:
+    """A wandb grid sweep over ``axes`` on the real model (``REAL_MODEL``); the offline flags are listed only as a
+    comment, since tiny-model settings (steps, subsets) would not fit the real job."""
+    lines = [
+        "# wandb sweep over the grid of the offline sweep beside it, on the real model (needs a GPU and the hub):",
+        "#   wandb sweep sweep_wandb.yaml   then   wandb agent <entity/project/sweep id>   (from the repository root)",
+        "# Flags not listed take train.py's defaults (the original's values). Each run writes --output_dir",
+        "# outputs/wandb-sweep (a later run replaces an earlier one there; the metrics live in wandb).",
+        f"# The offline sweep also had: {' '.join(base_argv) or '(no other flags)'}",
+        "program: train.py",
+        "method: grid",
+        "metric:",
+        f"  name: {metric}",
+        "  goal: minimize",
+        "parameters:",
+    ]
+    for name, values in axes.items():
+        lines += [f"  {name}:", f"    values: [{', '.join(str(_yaml_value(v)) for v in values)}]"]
+    for name, value in REAL_MODEL.items():
+        if name not in axes:
+            lines += [f"  {name}:", f"    value: {_yaml_value(str(value))}"]
+    lines += [
+        "command:",
+        "  - ${env}",
+        "  - ${interpreter}",
+        "  - ${program}",
+        "  - --output_dir",
+        "  - outputs/wandb-sweep",
+        "  - ${args_no_boolean_flags}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(
+    grid: str,
+    base_argv: list[str],
+    output_dir: str | Path,
+    *,
+    known_flags: Iterable[str] | None = None,
+    script: str | Path = TRAIN_SCRIPT,
+    timeout: float | None = None,
+) -> Path:
+    """Run every configuration of ``grid`` as ``script`` (train.py) with ``base_argv`` (``--sweep`` and
+    ``--output_dir`` are dropped from it) in its own sub-folder of ``output_dir``; write sweep.md, sweep.png and
+    sweep_wandb.yaml there. Returns the path of sweep.md. A failed configuration is reported, never raised."""
+    axes = parse_grid(grid, known_flags)
+    base = strip_flags(list(base_argv), RESERVED)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    configs = configurations(axes)
+    results: list[RunResult] = []
+    for i, config in enumerate(configs, start=1):
+        folder = output_dir / config_name(config)
+        _share_tiny_base([r for r in results if r.ok], folder)
+        logger.info("sweep %d/%d: %s -> %s", i, len(configs), " ".join(config_argv(config)), folder)
+        result = run_config(config, base, folder, Path(script), timeout)
+        if result.ok:
+            logger.info("sweep %d/%d finished in %.0f s", i, len(configs), result.seconds)
+        else:
+            logger.warning("sweep %d/%d failed (exit %d): %s", i, len(configs), result.returncode, result.error)
+        results.append(result)
+    return write_sweep(output_dir, grid, axes, base, results)
+
+
+def write_sweep(output_dir: Path, grid: str, axes: dict[str, list[str]], base: list[str], results: list[RunResult]):
+    """sweep.png, sweep_wandb.yaml and sweep.md (returned) from the runs' results."""
+    plot_sweep(output_dir / SWEEP_PLOT, results)
+    domains = [d for r in results for d in r.losses]
+    metric = f"eval/{'code_alpaca' if 'code_alpaca' in domains else (domains or ['code_alpaca'])[0]}_loss"
+    (output_dir / WANDB_YAML).write_text(wandb_sweep_yaml(axes, base, metric))
+    failed = [r for r in results if not r.ok]
+    failures = "\n".join(
+        f"- `{r.label}`: exit {r.returncode}: {r.error} (log: {r.folder.name}/{RUN_LOG})" for r in failed
+    )
+    text = f"""# DyLoRA-MoE sweep
+
+- grid: `{grid}`
+- other flags: `{" ".join(base) or "(none)"}`
+- configurations: {len(results)} ({len(results) - len(failed)} finished, {len(failed)} failed)
+
+Final evaluation of each run (the model kept at the end): eval loss per domain, the domain-expert mutual information
+(normalised: 0 = no specialisation, 1 = each expert serves one domain), router entropy (mean of the domains), load
+(largest expert share x E), and the mean training tokens/s.
+
+{sweep_table(results)}
+
+![sweep comparison]({SWEEP_PLOT})
+
+{"## Failed configurations" + chr(10) + chr(10) + failures + chr(10) if failed else ""}
+A wandb sweep of the same grid on the real model (GPU): [{WANDB_YAML}]({WANDB_YAML}).
+"""
+    path = output_dir / SWEEP_MD
+    path.write_text(text)
+    return path
