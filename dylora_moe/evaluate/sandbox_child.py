@@ -116,6 +116,9 @@ def main(argv) -> None:
         (resource.RLIMIT_NPROC, nproc, nproc),
         (resource.RLIMIT_CORE, 0, 0),
     ):
+        _, current = resource.getrlimit(limit)
+        if current != resource.RLIM_INFINITY:  # only ever lower a limit: raising a hard one needs privileges
+            soft, hard = min(soft, current), min(hard, current)
         resource.setrlimit(limit, (soft, hard))
     with open("program.py", encoding="utf-8") as f:
         source = f.read()

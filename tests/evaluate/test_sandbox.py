@@ -3,6 +3,8 @@ behind, and the evaluation goes on. Timeouts are short (1.5 s) so the file costs
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +13,8 @@ import pytest
 from dylora_moe.evaluate.execution import Limits, run_program, run_programs
 
 FAST = Limits(timeout_s=1.5)
-NO_AUDIT = Limits(timeout_s=1.5, audit=False)  # the process-level layer alone
+# The process-level layer alone; RLIMIT_NPROC counts every process of the user, so leave room for one child.
+NO_AUDIT = Limits(timeout_s=1.5, audit=False, max_processes=100_000)
 
 
 def alive(pid: int) -> bool:
@@ -189,3 +192,16 @@ def test_parallel_workers_keep_the_order_and_go_on_after_bad_programs():
 def test_bad_limits_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Limits(**kwargs)
+
+
+def test_limits_are_only_ever_lowered():
+    # under a hard file-size limit of 1 MiB (set in a fresh interpreter: hard limits cannot be raised back), a request
+    # for 16 MiB keeps 1 MiB: the child never tries to raise a hard limit (which fails without privileges)
+    script = (
+        "import resource\nresource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "from dylora_moe.evaluate.execution import Limits, run_program\n"
+        "print(run_program(\"open('f', 'w').write('x' * (2 << 20))\", Limits(file_size_mb=16)).result)"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=repo, timeout=60)
+    assert done.stdout.strip() == "failed: OSError: [Errno 27] File too large", done.stderr
