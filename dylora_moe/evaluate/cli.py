@@ -26,8 +26,6 @@ from pathlib import Path
 from .execution import Limits
 from .problems import BENCHMARKS, SPLITS, default_data_dir
 
-logger = logging.getLogger("dylora_moe.evaluate")
-
 
 def _list(kind, choices=None):
     def parse(text: str):

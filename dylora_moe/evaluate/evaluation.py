@@ -80,6 +80,7 @@ def summarise(rows: list[dict], ks: Sequence[int], greedy: bool) -> tuple[dict, 
     """(summary, metrics). ``metrics`` is flat for loggers: ``code_eval/<benchmark>/<routing>/pass@<k>``, and with
     forced experts under greedy decoding ``code_eval/<benchmark>/oracle/pass@1`` and ``.../oracle_gap`` (oracle
     minus learned). A problem counts for the oracle when any single forced expert solves it."""
+    ks = sorted({1, *ks})  # pass@1 always: the oracle and the gap are greedy pass@1
     summary: dict = {"standard": STANDARD, "benchmarks": {}}
     metrics: dict = {}
     for bench in dict.fromkeys(r["benchmark"] for r in rows):
