@@ -552,19 +552,35 @@ class DyLoRA_MoE(nn.Module):
         return True
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, **generate_kwargs):
+    def prompt_expert_weights(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """[B, E] per-sequence expert weights the router gives these prompts: what :meth:`generate` uses."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.sequence_weights(self._routing_pass(input_ids, attention_mask))
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, expert_weights=None, **generate_kwargs):
         """Route on the prompt, then decode with the base model's ``generate``.
 
         Each sequence keeps its per-sequence expert weights (sequence routing, or the token weights averaged over
         the prompt) for every generated token, mixed inside the LoRA layers: exact for one expert per sequence,
         and one pass per token instead of E. Beam search and several returned sequences (``num_beams``,
         ``num_return_sequences``) work: the base model's ``generate`` repeats each prompt that many times, and each
-        copy keeps its prompt's weights.
+        copy keeps its prompt's weights. ``expert_weights`` [B, E] replaces the router's weights (e.g. one-hot rows
+        force one expert).
         """
         check_batch(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        weights = self.sequence_weights(self._routing_pass(input_ids, attention_mask))
+        if expert_weights is None:
+            weights = self.prompt_expert_weights(input_ids, attention_mask)
+        elif tuple(expert_weights.shape) != (input_ids.shape[0], self.num_experts):
+            raise ValueError(
+                f"expert_weights {tuple(expert_weights.shape)} must be [batch, num_experts] = "
+                f"{(input_ids.shape[0], self.num_experts)}"
+            )
+        else:
+            weights = expert_weights.to(device=input_ids.device, dtype=torch.float32)
         weights = weights.repeat_interleave(self._generation_copies(generate_kwargs), dim=0)
         experts = torch.arange(self.num_experts, device=input_ids.device).expand(weights.shape[0], 1, -1)
         with self.handle.context.routed(Routing(experts, weights.unsqueeze(1))):
