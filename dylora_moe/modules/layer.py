@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..config import BACKENDS as KERNELS
 from ..kernels import moe_lora, resolve_backend
 from .routing import RoutingContext
-
-KERNELS = ("auto", "triton", "eager", "reference")
 
 
 def check_kernel(kernel: str) -> str:

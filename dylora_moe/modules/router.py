@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..config import WEIGHTINGS, check_setting
 from ..io.original_files import is_safetensors_file, load_torch_file, require_keys
 from ..kernels import topk_route
 
-WEIGHTINGS = ("original", "softmax")
 ORIGINAL_ROUTER_KEYS = ("gate_state_dict", "expert_maturity", "num_experts", "input_size", "top_k", "temperature")
 
 
@@ -65,12 +65,9 @@ class DynamicHybridRouter(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        check_setting("num_experts", num_experts)
+        check_setting("top_k", top_k, num_experts=num_experts)
+        check_setting("temperature", temperature)
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
         self.input_size = input_size
