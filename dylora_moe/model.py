@@ -282,7 +282,7 @@ class DyLoRA_MoE(nn.Module):
         otherwise), so a model still on the CPU of a GPU machine (the usual order: build, then ``.to("cuda")``)
         builds and runs. "triton" is checked now against the model's device, naming the fix.
         """
-        self._current_settings().replace(backend=name)  # the config's rules: a known name, "reference" only where it applies
+        self._current_settings().replace(backend=name)  # the config's rules: a known name; "reference" where it fits
         if name == "triton":
             resolve_backend("triton", self.device)  # fail now, naming the fix, rather than in the first forward
         self.handle.set_kernel(name)
