@@ -15,25 +15,32 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..io.atomic_folder import is_staging_name, write_text_atomic
+
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
+# What a run writes at the top of its folder, besides checkpoint-N/ (the writers take their names from here).
+RUN_FILE = "run.json"  # the run id and the model flags
+METRICS_FILE = "metrics.jsonl"  # every log
+FINAL_DIR = "final"  # the model kept at the end
+SUMMARY_FILE = "summary.md"
+LOSS_PLOT, UTIL_PLOT = "loss.png", "utilization.png"
+HEATMAP_PLOT, EXAMPLES_PLOT, EXAMPLES_HTML = "specialisation.png", "routing_examples.png", "routing_examples.html"
+WANDB_DIR = "wandb"
+# The one list of a run's outputs (what --overwrite_output_dir removes); the tiny base model cache (tiny-*) is kept.
+RUN_OUTPUTS = (
+    RUN_FILE, METRICS_FILE, FINAL_DIR, SUMMARY_FILE, LOSS_PLOT, UTIL_PLOT, HEATMAP_PLOT, EXAMPLES_PLOT, EXAMPLES_HTML,
+    WANDB_DIR,
+)  # fmt: skip
 TRAINER_STATE = "trainer_state.json"
 IDENTITY_CALLBACK = "RunIdentity"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# Staging folders of saves cut short: ours (".staging-checkpoint-N", ".staging-final") and the ones the checkpoint
-# writer stages beside them ("..staging-checkpoint-N.tmp-*", ".final.tmp-*").
-STAGING = re.compile(r"^\.(\.?staging-.*|final\.tmp-.*)$")
-# What a run writes at the top of its folder (besides checkpoint-N); the tiny base model cache (tiny-*) is kept.
-RUN_OUTPUTS = (RUN_FILE, METRICS_FILE, "final", "summary.md", "loss.png", "utilization.png", "wandb")
 
 
 class RunConflict(ValueError):
@@ -197,19 +204,13 @@ def read_metrics(path: str | Path) -> tuple[list[dict], int]:
     return rows, dropped
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def start_run(plan: RunPlan) -> None:
     """The writes of a planned run, main process only: leftover staging folders go, an overwritten run's outputs go,
     a fresh run records ``run.json``, a resumed run's ``metrics.jsonl`` keeps its valid rows up to the checkpoint."""
     folder = plan.output_dir
     folder.mkdir(parents=True, exist_ok=True)
     for leftover in folder.iterdir():
-        if STAGING.match(leftover.name) and leftover.is_dir():
+        if is_staging_name(leftover.name) and leftover.is_dir():
             logger.info("removing %s (a save cut short)", leftover.name)
             shutil.rmtree(leftover, ignore_errors=True)
     for path in plan.remove:
@@ -217,14 +218,16 @@ def start_run(plan: RunPlan) -> None:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     if plan.fresh:
         record = {"run_id": plan.run_id, "fingerprint": plan.fingerprint}
-        _write_atomic(folder / RUN_FILE, json.dumps(record, indent=2) + "\n")
+        write_text_atomic(folder / RUN_FILE, json.dumps(record, indent=2) + "\n")
         return
     if not (folder / RUN_FILE).is_file():  # resuming from a checkpoint elsewhere: this folder continues that run
-        _write_atomic(folder / RUN_FILE, json.dumps({"run_id": plan.run_id, "fingerprint": plan.fingerprint}) + "\n")
+        write_text_atomic(
+            folder / RUN_FILE, json.dumps({"run_id": plan.run_id, "fingerprint": plan.fingerprint}) + "\n"
+        )
     metrics = folder / METRICS_FILE
     rows, dropped = read_metrics(metrics)
     if dropped:
         logger.warning("%s: dropped %d unreadable line(s) (a write cut short by a kill)", metrics, dropped)
     kept = [r for r in rows if r.get("run_id", plan.run_id) == plan.run_id and r.get("step", 0) <= plan.resume_step]
     if metrics.is_file() and (dropped or len(kept) != len(rows)):
-        _write_atomic(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomic(metrics, "".join(json.dumps(r) + "\n" for r in kept))

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .runs import EXAMPLES_HTML, EXAMPLES_PLOT, HEATMAP_PLOT
 from .specialisation import (
-    EXAMPLES_HTML,
-    EXAMPLES_PLOT,
     EXPERT_COLOURS,
-    HEATMAP_PLOT,
     SpecialisationStats,
     collect_specialisation,
     entropy,

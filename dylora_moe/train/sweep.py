@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runs import read_metrics
+from .runs import SUMMARY_FILE, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +202,8 @@ def sweep_table(results: list[RunResult]) -> str:
         row = [r.label, status, *(_fmt(r.losses.get(d, math.nan), ".4f") for d in domains)]
         row += [_fmt(r.nmi, ".3f"), _fmt(r.router_entropy, ".3f"), _fmt(r.load_max_over_mean, ".2f")]
         row += [_fmt(r.tokens_per_s, ".0f"), f"{r.seconds:.0f}"]
-        summary = r.folder / "summary.md"
-        row.append(f"[{r.folder.name}]({r.folder.name}/summary.md)" if summary.is_file() else f"{r.folder.name}/")
+        summary = r.folder / SUMMARY_FILE
+        row.append(f"[{r.folder.name}]({r.folder.name}/{SUMMARY_FILE})" if summary.is_file() else f"{r.folder.name}/")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
