@@ -119,7 +119,7 @@ def _setting(name: str) -> property:
 
 
 class DyLoRA_MoE(nn.Module):
-    """A frozen causal LM with E LoRA experts and a router (the original DyLoRA-MoE API, DESIGN 2).
+    """A frozen causal LM with E LoRA experts and a router (the original DyLoRA-MoE API; docs/design.md §2).
 
     Original arguments: ``model_name`` (hub id, local path or a built PreTrainedModel), ``num_experts`` (1),
     ``lora_r`` (16), ``lora_alpha`` (32), ``lora_dropout`` (0.05), ``token``, ``allow_expert_growth`` (True).

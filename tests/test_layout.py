@@ -1,5 +1,5 @@
 """Package layout: no import cycles between the package's modules, and the production paths never import the
-test-only reference path (DESIGN 4c).
+test-only reference path (docs/design.md §1).
 
 The graph holds the imports that run when a module is imported: its top-level ``import`` / ``from`` statements
 (imports inside functions, and under ``if TYPE_CHECKING:``, run later or never and cannot form a cycle at import).

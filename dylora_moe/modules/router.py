@@ -2,8 +2,8 @@
 
 Shape letters: T tokens, E experts, k experts per token, H router input width.
 
-Routing rule (DESIGN 2): while any expert is immature (maturity 0) every token uses all experts with
-``softmax(logits / temperature)``; once all are mature, each token keeps its top-k experts, weighted by
+Routing rule (the original's, docs/design.md §2): while any expert is immature (maturity 0) every token uses all
+experts with ``softmax(logits / temperature)``; once all are mature, each token keeps its top-k experts, weighted by
 
   - ``weighting="original"``: softmax over the k selected logits, no temperature (the original). With k = 1 the
     weight is the constant 1, so the language-model loss gives the gate no gradient.

@@ -44,9 +44,9 @@ from dylora_moe.config import CHOICES, RENAMED, RULES, DyLoRAMoEConfig, SettingE
 REPO = Path(__file__).resolve().parents[2]
 logger = logging.getLogger("train")
 
-# The original script's values (DESIGN 2), and what `--model_name tiny` uses instead when the flag is not given:
-# the random frozen tiny base needs larger LoRA steps (its loss plateaus after ~20 of them), and one epoch over half
-# the training text keeps the default run within a few minutes on a 2-core CPU.
+# The original script's values (docs/design.md §2), and what `--model_name tiny` uses instead when the flag is not
+# given: the random frozen tiny base needs larger LoRA steps (its loss plateaus after ~20 of them), and one epoch over
+# half the training text keeps the default run within a few minutes on a 2-core CPU.
 ORIGINAL_DEFAULTS = {
     "num_train_epochs": 10,
     "learning_rate": 2e-5,

@@ -45,7 +45,7 @@ TRAIN_COMMAND = (sys.executable, "-m", "dylora_moe.train.cli")
 SWEEP_MD, SWEEP_PLOT, WANDB_YAML, RUN_LOG = "sweep.md", "sweep.png", "sweep_wandb.yaml", "train.log"
 RESERVED = ("sweep", "output_dir")  # set by the sweep itself for each run
 BOOLEANS = {"true": True, "false": False}
-# What the wandb sweep fixes for the real job (DESIGN 2's model on a GPU); everything else is train.py's default.
+# What the wandb sweep fixes for the real job (the original's model on a GPU); everything else is train.py's default.
 REAL_MODEL = {"model_name": "google/codegemma-2b", "kernel": "triton", "bf16": True}
 
 

@@ -1,5 +1,5 @@
 """DyLoRAMoEConfig: validation, serialisation, DyLoRA_MoE(config=), consistent defaults, the original() preset
-against DESIGN 2's formula, and from_pretrained in peft's argument order."""
+against the original's formula (docs/design.md §2), and from_pretrained in peft's argument order."""
 
 import inspect
 import json
@@ -83,9 +83,9 @@ def test_model_takes_config_and_keyword_overrides():
 
 
 def design2_sequence_logits(moe, input_ids, top_k, mature):
-    """DESIGN 2, the original's multi-expert forward, written out: router weights per token from the last hidden
-    states (dense tempered softmax while an expert is immature, else softmax over the top-k logits), averaged over
-    the sequence; one full pass per expert; logits = the weighted sum of the expert logits."""
+    """The original's multi-expert forward (docs/design.md §2), written out: router weights per token from the last
+    hidden states (dense tempered softmax while an expert is immature, else softmax over the top-k logits), averaged
+    over the sequence; one full pass per expert; logits = the weighted sum of the expert logits."""
     with moe.handle.adapters_disabled():
         hidden = moe.foundation_model.model(input_ids).last_hidden_state
     logits = hidden @ moe.router.gate.weight.T + moe.router.gate.bias
