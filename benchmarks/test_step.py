@@ -151,7 +151,7 @@ def build_moe(backend: str, routing: str, experts: int):
         lora_r=SHAPE.rank,
         lora_alpha=2 * SHAPE.rank,
         lora_dropout=DROPOUT,
-        kernel=backend,
+        backend=backend,
         routing=routing,
         top_k=TOP_K,
         target_modules=TARGETS,
