@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import time
@@ -166,8 +167,11 @@ def _last_line(path: Path) -> str:
 
 def _child_env() -> dict[str, str]:
     """The environment of a run: this one, with the folder this package was imported from first on the path, so a
-    run uses the same dylora_moe as the sweep (a checkout's, even where another copy is installed)."""
+    run uses the same dylora_moe as the sweep (a checkout's, even where another copy is installed). An installed
+    package's folder (site-packages) is left where it is: ahead of the standard library it could shadow it."""
     root = str(Path(__file__).resolve().parents[2])
+    if root in {str(Path(p).resolve()) for p in site.getsitepackages() + [site.getusersitepackages()]}:
+        return dict(os.environ)
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": root if not path else os.pathsep.join([root, path])}
 
