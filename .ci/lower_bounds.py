@@ -6,8 +6,9 @@ that bound; requirements without one are left to the resolver (newest allowed).
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
 requirements = list(project["dependencies"])

@@ -20,8 +20,9 @@ point, configs, the one op registration helper).
 # `python -m pytest`, `python -c`, an interactive session) has the root on sys.path, so `import kernels` finds this
 # folder before Hugging Face's `kernels` package (which transformers imports when a model class loads). Imported
 # under that bare name, this module steps aside: it loads the next `kernels` on sys.path in its own place (the
-# import system returns whatever sys.modules holds when this file finishes), or raises the ModuleNotFoundError
-# the user would get without this checkout. Only the standard library runs on that path.
+# import system returns whatever sys.modules holds when this file finishes), or, when there is none, leaves an
+# empty namespace package, which is what Python makes of a bare folder and what transformers reads as "not
+# installed". Only the standard library runs on that path.
 if __name__ == "kernels":
     import importlib.machinery
     import importlib.util
@@ -34,16 +35,16 @@ if __name__ == "kernels":
 
     _spec = importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path if not _holds_this_folder(p)])
     if _spec is None:
-        raise ModuleNotFoundError(
-            "No module named 'kernels' (this checkout's kernels/ folder is dylora_moe.kernels)", name="kernels"
-        )
+        _spec = importlib.machinery.ModuleSpec("kernels", None, is_package=True)
+        _spec.submodule_search_locations = []
     _module = importlib.util.module_from_spec(_spec)
     sys.modules["kernels"] = _module
-    try:
-        _spec.loader.exec_module(_module)
-    except BaseException:
-        del sys.modules["kernels"]
-        raise
+    if _spec.loader is not None:
+        try:
+            _spec.loader.exec_module(_module)
+        except BaseException:
+            del sys.modules["kernels"]
+            raise
 else:
     from ._launch import resolve_backend
     from .ops import RouteResult, moe_lora, topk_route

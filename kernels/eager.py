@@ -32,6 +32,23 @@ def expert_coefficients(gate: torch.Tensor, scaling: float | torch.Tensor, dtype
     return gate * (scaling.to(dtype) if isinstance(scaling, torch.Tensor) else scaling)
 
 
+def unselected_experts_zeroed(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float | torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]:
+    """``lora_a``, ``lora_b`` and a ``scaling`` tensor with the experts that no pair selects (``counts`` [E] == 0)
+    set to zero.
+
+    For the dense paths, which multiply every expert's weights with every token: a gate of 0 would not stop NaN/Inf
+    in an unselected expert's weights (0 * NaN = NaN), so those weights are not read at all, as on the grouped and
+    loop paths. A select, with no host sync; the unselected experts get a zero gradient through it.
+    """
+    used = counts > 0
+    if isinstance(scaling, torch.Tensor):
+        scaling = torch.where(used, scaling, 0.0)
+    used = used.view(-1, 1, 1)
+    return torch.where(used, lora_a, 0.0), torch.where(used, lora_b, 0.0), scaling
+
+
 def moe_lora_eager(
     x: torch.Tensor,
     lora_a: torch.Tensor,

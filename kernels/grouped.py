@@ -179,6 +179,17 @@ grouped_op = FusedOp(
 )
 
 
+def _stacked_gate(gate: torch.Tensor, scaling: float | torch.Tensor):
+    """(gate, scale vector or None, scale constant) for the stacked kernels. A scaling tensor that requires grad is
+    folded into the gate ([T, E] * [E]) so autograd gives it its gradient through the gate's (the kernels apply a
+    scale vector but return no gradient for it)."""
+    if not isinstance(scaling, torch.Tensor):
+        return gate, None, float(scaling)
+    if scaling.requires_grad and torch.is_grad_enabled():
+        return gate * scaling.float(), None, 1.0
+    return gate, scaling.float(), 1.0
+
+
 def moe_lora_triton(
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -190,10 +201,13 @@ def moe_lora_triton(
     p: float,
     base_output: torch.Tensor | None,
     path: str = "auto",
+    donate_base_output: bool = False,
 ) -> torch.Tensor:
     """Triton MoE-LoRA on x [..., D_in] (validated by moe_lora): base_output + delta, or the delta.
 
-    ``path`` forces "stacked" or "grouped" (tests, benchmarks); "auto" picks with :func:`choose_path`.
+    ``path`` forces "stacked" or "grouped" (tests, benchmarks); "auto" picks with :func:`choose_path`. The stacked
+    path skips the weights of experts no token selects (``routing.counts``; never read, as on the grouped path)
+    and may write into a donated ``base_output`` (moe_lora's rules).
     """
     from .stacked import moe_lora_stacked
 
@@ -207,12 +221,14 @@ def moe_lora_triton(
     num_experts, rank, _ = lora_a.shape
     if path == "auto":
         path = choose_path(num_experts, rank, routing.ids.shape[1])
+    if path == "stacked":
+        gate, scale_vec, scale_const = _stacked_gate(routing.gate, scaling)
+        return moe_lora_stacked(
+            x, lora_a, lora_b, gate, routing.counts, scale_vec, scale_const, base_output, dropout_mask, seed, p,
+            donate_base_output,
+        )  # fmt: skip
     scale_vec = scaling.float() if isinstance(scaling, torch.Tensor) else None
     scale_const = 1.0 if scale_vec is not None else float(scaling)
-    if path == "stacked":
-        return moe_lora_stacked(
-            x, lora_a, lora_b, routing.gate, scale_vec, scale_const, base_output, dropout_mask, seed, p
-        )
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     mask2 = None if dropout_mask is None else dropout_mask.reshape(-1, x.shape[-1])

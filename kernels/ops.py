@@ -43,6 +43,11 @@ def _check_moe_lora_inputs(x, lora_a, lora_b, expert_ids, expert_weights, scalin
             f"lora_a must be [E, r, d_in] and lora_b [E, d_out, r]; got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}"
         )
     num_experts, rank, d_in = lora_a.shape
+    if rank == 0 or lora_b.shape[2] == 0:
+        raise ValueError(
+            f"lora_a {tuple(lora_a.shape)} and lora_b {tuple(lora_b.shape)} have rank 0: every LoRA expert needs "
+            "rank r >= 1 (lora_a [E, r, d_in], lora_b [E, d_out, r])"
+        )
     if x.shape[-1] != d_in:
         hint = " (did you pass lora_a transposed, [E, d_in, r] instead of [E, r, d_in]?)" if rank == x.shape[-1] else ""
         raise ValueError(f"x has last dim {x.shape[-1]} but lora_a {tuple(lora_a.shape)} expects d_in={d_in}{hint}")
@@ -92,6 +97,14 @@ def _check_moe_lora_inputs(x, lora_a, lora_b, expert_ids, expert_weights, scalin
         raise ValueError(f"all inputs must be on one device; got {devices}")
 
 
+def _check_dropout_seed(seed, x: torch.Tensor) -> None:
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        got = f"a {seed.dtype} tensor of shape {tuple(seed.shape)}" if isinstance(seed, torch.Tensor) else repr(seed)
+        raise TypeError(f"dropout_seed must be an int64 tensor with one element; got {got}")
+    if seed.device != x.device:
+        raise ValueError(f"dropout_seed is on {seed.device} but x is on {x.device}; put the seed on x's device")
+
+
 def moe_lora(
     x: torch.Tensor,
     lora_a: torch.Tensor,
@@ -108,6 +121,7 @@ def moe_lora(
     base_output: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     dropout_seed: torch.Tensor | None = None,
+    donate_base_output: bool = False,
 ) -> torch.Tensor:
     """LoRA delta of a mixture of experts: ``y[t] = sum_j w[t,j] * c[e] * B[e] A[e] x~[t]`` with e = ids[t,j].
 
@@ -124,17 +138,31 @@ def moe_lora(
             assert elsewhere (no host sync). Ignored when ``routing`` is given (its ids were checked, device-side,
             when it was built).
         triton_path: "auto" | "stacked" | "grouped": the Triton formulation (see grouped.choose_path).
-        routing: per-step metadata of these ids/weights (flattened to [T, k]); layers share one per step so the
-            gate and sort are not rebuilt (dylora_moe.routing.Routing.meta builds it).
-        base_output: [..., d_out] output of the frozen layer: returns base_output + delta. On the Triton stacked
-            path in eager mode the delta is accumulated into ``base_output`` in place (one pass, no extra add), so
-            do not reuse its old value.
-        dropout_p, dropout_seed: LoRA dropout drawn inside the kernels from a Philox stream keyed by the int64
-            ``dropout_seed`` tensor (no [T, d_in] mask is built or saved on the stacked path). The eager and loop
-            backends draw the same mask (eager.philox_dropout_mask). Exclusive with ``dropout_mask``.
+        routing: per-step metadata built from these very ids/weights tensors (``RoutingMeta(ids.reshape(-1, k),
+            weights.reshape(-1, k), E)``); layers share one per step so the gate and sort are not rebuilt
+            (dylora_moe.routing.Routing.meta builds it). Metadata built from other tensors, or from these before an
+            in-place change, is refused with a ValueError (checked by identity, data pointer and version counter:
+            no host sync; not checked inside torch.compile).
+        base_output: [..., d_out] output of the frozen layer: returns base_output + delta, a new tensor.
+        donate_base_output: the caller hands ``base_output`` over: a fresh temporary that nothing else holds (no
+            hook kept it, no other op saved it for backward) and that it will not read again. The Triton stacked
+            path in eager mode may then write the sum into it (one pass, no extra tensor) when that cannot be
+            seen: base_output is not a view, is contiguous, is not a leaf that requires grad and shares no memory
+            with another input (x itself in a square layer). Values and gradients are the same either way.
+        dropout_p, dropout_seed: LoRA dropout drawn inside the kernels from a Philox stream keyed by
+            ``dropout_seed``, an int64 tensor with one element on x's device (no [T, d_in] mask is built or saved
+            on the stacked path). The eager and loop backends draw the same mask (eager.philox_dropout_mask).
+            Exclusive with ``dropout_mask``.
 
     Returns the delta (or base_output + delta) [..., d_out] in x's dtype (base_output's dtype when given).
-    Gradients flow to x, lora_a, lora_b, expert_weights and base_output (DESIGN 3); deterministic on every backend.
+    Gradients flow to x, lora_a, lora_b, expert_weights, base_output and a ``scaling`` tensor that requires grad
+    (DESIGN 3); deterministic on every backend.
+
+    The same rules on every backend: an expert that no token of the call selects (its id appears in no slot)
+    contributes nothing: its weights are never read into an output or a gradient, so NaN/Inf there change
+    nothing, and its gradient is zero. Non-finite weights of a selected expert give NaN in its tokens' outputs
+    (the dense eager and stacked paths may spread it to other tokens of the call). Rank 0 is refused with a
+    ValueError on every backend.
     """
     _check_moe_lora_inputs(x, lora_a, lora_b, expert_ids, expert_weights, scaling, dropout_mask, base_output)
     if dropout_p and dropout_mask is not None:
@@ -143,6 +171,8 @@ def moe_lora(
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
     if dropout_p and dropout_seed is None:
         raise ValueError("dropout_p > 0 needs dropout_seed: an int64 tensor with one element on x's device")
+    if dropout_seed is not None:
+        _check_dropout_seed(dropout_seed, x)
     backend = resolve_backend(backend, x.device)
     num_experts = lora_a.shape[0]
     lead, d_in = x.shape[:-1], x.shape[-1]
@@ -157,12 +187,24 @@ def moe_lora(
             f"routing metadata is for {routing.num_tokens} tokens and {routing.num_experts} experts; "
             f"expected {x2.shape[0]} tokens and {num_experts} experts"
         )
+    else:
+        routing.check_built_from(expert_ids, expert_weights)
     seed = dropout_seed.reshape(1) if dropout_p else None
     if backend == "triton":
         from .grouped import moe_lora_triton
 
         return moe_lora_triton(
-            x, lora_a, lora_b, routing, scaling, dropout_mask, seed, dropout_p, base_output, triton_path
+            x,
+            lora_a,
+            lora_b,
+            routing,
+            scaling,
+            dropout_mask,
+            seed,
+            dropout_p,
+            base_output,
+            triton_path,
+            donate_base_output,
         )
     mask2 = None if dropout_mask is None else dropout_mask.reshape(-1, d_in)
     if seed is not None:
@@ -170,6 +212,7 @@ def moe_lora(
     if backend == "loop":
         out = eager.moe_lora_loop(x2, lora_a, lora_b, routing.ids, routing.weights, scaling, mask2)
     else:
+        lora_a, lora_b, scaling = eager.unselected_experts_zeroed(lora_a, lora_b, scaling, routing.counts)
         out = eager.moe_lora_eager(x2, lora_a, lora_b, routing.gate, scaling, mask2)
     out = out.reshape(*lead, lora_b.shape[1])
     return out if base_output is None else base_output + out.to(base_output.dtype)

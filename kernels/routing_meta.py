@@ -41,6 +41,27 @@ class _SharedGate(torch.autograd.Function):
         return None, grad_gate.gather(1, ctx.ids).to(ctx.weights_dtype), None
 
 
+def _versions(ids: torch.Tensor, weights: torch.Tensor) -> tuple[int, int] | None:
+    """Version counters of the routing tensors (shared with every view of them); None under torch.compile and for
+    inference tensors, which have none."""
+    if torch.compiler.is_compiling() or ids.is_inference() or weights.is_inference():
+        return None
+    return ids._version, weights._version
+
+
+def _same_memory(given: torch.Tensor, flat: torch.Tensor) -> bool:
+    """Whether ``given`` [..., K] is ``flat`` [T, K] or views the same elements in the same layout (its reshape)."""
+    if given is flat:
+        return True
+    if given.dtype != flat.dtype or given.device != flat.device or given.numel() != flat.numel() or given.dim() < 1:
+        return False
+    try:
+        view = given.view(-1, given.shape[-1])  # metadata only; fails where a reshape would copy
+    except RuntimeError:
+        return False
+    return view.shape == flat.shape and view.stride() == flat.stride() and view.data_ptr() == flat.data_ptr()
+
+
 def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[E] int64: how many (token, slot) pairs picked each expert (a scatter_add, no host sync like bincount)."""
     flat = expert_ids.reshape(-1).long()
@@ -129,7 +150,7 @@ class RoutingMeta:
             raise ValueError(f"routing ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must both be [T, K]")
         if check_ids:
             check_expert_ids(ids, num_experts, sync_free=True)
-        self.store = {"ids": ids, "weights": weights, "num_experts": num_experts}
+        self.store = {"ids": ids, "weights": weights, "num_experts": num_experts, "versions": _versions(ids, weights)}
 
     @classmethod
     def from_store(cls, store: dict) -> RoutingMeta:
@@ -152,6 +173,27 @@ class RoutingMeta:
     @property
     def num_tokens(self) -> int:
         return self.ids.shape[0]
+
+    def check_built_from(self, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """Raise a ValueError unless this metadata was built from ``ids`` and ``weights`` [..., K] (these tensors,
+        or flat views of their memory) as they are now: metadata of other routing, or cached before an in-place
+        change, would silently override them. Identity, data pointers and version counters: no host sync. Not
+        checked under torch.compile (which traces the layers' own metadata)."""
+        if torch.compiler.is_compiling():
+            return
+        same = _same_memory(ids, self.ids) and _same_memory(weights, self.weights)
+        if not same:
+            raise ValueError(
+                "routing= was built from other expert_ids/expert_weights than the ones passed with it (stale "
+                "metadata would override them); build it from these: RoutingMeta(ids.reshape(-1, k), "
+                "weights.reshape(-1, k), num_experts), or pass routing=None"
+            )
+        built = self.store.get("versions")
+        if built is not None and built != _versions(self.ids, self.weights):
+            raise ValueError(
+                "expert_ids or expert_weights changed in place after their routing= metadata was built (its cached "
+                "gate and sort are stale); build the metadata again after the change"
+            )
 
     @property
     def gate(self) -> torch.Tensor:

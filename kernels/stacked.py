@@ -4,7 +4,7 @@ All E experts form one rank space of width N = E * R (DESIGN 4b), for small E * 
 step, with the routing gate G [T, E] built once per step (routing_meta.RoutingMeta) and c [E] the per-expert
 scaling (alpha_e / r_e):
 
-  forward   1 launch   S = x~ A^T; H = S * G * c in registers; y = base + H B^T written into the base output
+  forward   1 launch   S = x~ A^T; H = S * G * c in registers; y = base + H B^T (into a donated base output)
   backward  1 launch   dy pass: U = dy B, V = U * G * c, dG = c * per-expert sums of S * U
             1 launch   weights pass: dx = (V A) * mask and dA partials = V^T x~ (D_in tiles), dB partials =
                        dy^T H with H recomputed from S (D_out tiles)
@@ -12,6 +12,7 @@ scaling (alpha_e / r_e):
 
 Dropout is applied inside the kernels (Philox, regenerated in backward), so no [T, D_in] mask exists. LoRA
 weights of any float dtype (fp32 masters) are read directly and cast per tile; weight gradients come out fp32.
+The weights of an expert that no token selects (the step's counts) are never read: its columns of S, H and V are 0.
 Saved for backward beyond the inputs: S (T * E * R float32) and the seed.
 """
 
@@ -88,24 +89,29 @@ def stacked_forward(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     gate: torch.Tensor,
+    counts: torch.Tensor,
     scale: torch.Tensor | None,
     base: torch.Tensor | None,
     mask: torch.Tensor | None,
     seed: torch.Tensor | None,
     scale_const: float,
     p: float,
+    donated: bool,
     *,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [..., D_out], S [T, E*R] float32). y = base + delta (written into ``base`` when ``inplace``), or the
-    delta alone when ``base`` is None; x [..., D_in] with T = prod of the leading dims; gate [T, E]."""
+    """(y [..., D_out], S [T, E*R] float32). y = base + delta, or the delta alone when ``base`` is None; x [..., D_in]
+    with T = prod of the leading dims; gate [T, E]; counts [E] pairs per expert (an expert with none is not
+    read). Written into ``base`` when ``inplace`` (eager mode) and the
+    caller ``donated`` it and nobody can see the write (:func:`_writable_in_place`); else into a new tensor."""
     num_experts, rank, d_in = lora_a.shape
     d_out = lora_b.shape[1]
     x2 = _flat(x)
     T, N = x2.shape[0], num_experts * rank
     s = torch.empty(T, N, device=x.device, dtype=torch.float32)
     out_shape = (*x.shape[:-1], d_out)
-    inplace = inplace and base is not None and _writable_in_place(base)
+    others = (x, lora_a, lora_b, gate, counts, scale, mask, seed)
+    inplace = inplace and donated and base is not None and _writable_in_place(base, *others)
     if inplace:
         y = base
     else:
@@ -120,7 +126,7 @@ def stacked_forward(
     with device_guard(x):
         launch(
             SK._stacked_fwd_kernel, (cdiv(T, cfg.block_t),),
-            x2, mask2, x2 if seed is None else seed, lora_a, lora_b, gate, scale_t, base2, y2, s,
+            x2, mask2, x2 if seed is None else seed, lora_a, lora_b, gate, counts, scale_t, base2, y2, s,
             T, d_in, d_out, N, rank, *x2.stride(), *mask2.stride(), *strides3(lora_a, 1),
             lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), *gate.stride(), *base2.stride(), *y2.stride(),
             scale_c, p,
@@ -132,7 +138,7 @@ def stacked_forward(
     return y, s
 
 
-def _fake_forward(x, lora_a, lora_b, gate, scale, base, mask, seed, scale_const, p, *, inplace=False):
+def _fake_forward(x, lora_a, lora_b, gate, counts, scale, base, mask, seed, scale_const, p, donated, *, inplace=False):
     num_tokens = x.numel() // x.shape[-1]
     y = x.new_empty(*x.shape[:-1], lora_b.shape[1], dtype=x.dtype if base is None else base.dtype)
     return y, x.new_empty(num_tokens, lora_a.shape[0] * lora_a.shape[1], dtype=torch.float32)
@@ -144,6 +150,7 @@ def stacked_backward(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     gate: torch.Tensor,
+    counts: torch.Tensor,
     scale: torch.Tensor | None,
     mask: torch.Tensor | None,
     seed: torch.Tensor | None,
@@ -173,7 +180,7 @@ def stacked_backward(
         if need_x or need_a or need_gate:
             launch(
                 SK._stacked_dy_kernel, (cdiv(T, cfg.block_t),),
-                dy, lora_b, s, gate, scale_t, v, dgate if need_gate else v,
+                dy, lora_b, s, gate, counts, scale_t, v, dgate if need_gate else v,
                 T, d_out, N, rank, num_experts if need_gate else 0, *dy.stride(),
                 lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), *gate.stride(), scale_c,
                 HAS_SCALE_VEC=has_vec, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
@@ -195,7 +202,7 @@ def stacked_backward(
             mask2 = x2 if mask is None else _flat(mask)
             launch(
                 SK._stacked_weights_kernel, (in_tiles + out_tiles, splits),
-                x2, mask2, x2 if seed is None else seed, lora_a, v, dx, dy, s, gate, scale_t, da_slab, db_slab,
+                x2, mask2, x2 if seed is None else seed, lora_a, v, dx, dy, s, gate, counts, scale_t, da_slab, db_slab,
                 T, d_in, d_out, N, rank, t_per_split, in_tiles, *x2.stride(), *mask2.stride(), *strides3(lora_a, 1),
                 *dy.stride(), *gate.stride(),
                 split_stride, rank * d_in, d_in, 1, split_stride, d_out * rank, rank, 1,
@@ -215,7 +222,7 @@ def stacked_backward(
     return dx, da, db, dgate
 
 
-def _fake_backward(grad_y, x, lora_a, lora_b, gate, scale, mask, seed, s, scale_const, p, *, needs):
+def _fake_backward(grad_y, x, lora_a, lora_b, gate, counts, scale, mask, seed, s, scale_const, p, *, needs):
     num_tokens = x.numel() // x.shape[-1]
     rows = num_tokens if needs[3] or num_tokens == 0 else 0
     return (
@@ -227,13 +234,13 @@ def _fake_backward(grad_y, x, lora_a, lora_b, gate, scale, mask, seed, s, scale_
 
 
 def _save(inputs, outputs):
-    x, lora_a, lora_b, gate, scale, _base, mask, seed, scale_const, p = inputs
-    return x, lora_a, lora_b, gate, scale, mask, seed, outputs[1], scale_const, p
+    x, lora_a, lora_b, gate, counts, scale, _base, mask, seed, scale_const, p, _donated = inputs
+    return x, lora_a, lora_b, gate, counts, scale, mask, seed, outputs[1], scale_const, p
 
 
 def _to_input_grads(grad_y, grads, needs):
     dx, da, db, dgate = grads
-    return dx, da, db, dgate, None, grad_y if needs[5] else None, None, None, None, None
+    return dx, da, db, dgate, None, None, grad_y if needs[6] else None, None, None, None, None, None
 
 
 stacked_op = FusedOp(
@@ -244,17 +251,24 @@ stacked_op = FusedOp(
     _fake_backward,
     _save,
     _to_input_grads,
-    dirty=lambda inputs: inputs[5],
+    dirty=lambda inputs: inputs[6],
 )
 
 
-def moe_lora_stacked(x, lora_a, lora_b, gate, scale, scale_const, base=None, mask=None, seed=None, p=0.0):
-    """The stacked path: base + delta (in place into ``base`` in eager mode where it can be) or the delta when base
-    is None. Either way one forward launch: the kernel reads ``base`` and writes the sum."""
-    return stacked_op(x, lora_a, lora_b, gate, scale, base, mask, seed, scale_const, p)
+def moe_lora_stacked(
+    x, lora_a, lora_b, gate, counts, scale, scale_const, base=None, mask=None, seed=None, p=0.0, donated=False
+):
+    """The stacked path: base + delta or the delta when base is None; in eager mode written into a ``donated``
+    base where nobody can see it. Either way one forward launch: the kernel reads ``base`` and writes the sum."""
+    return stacked_op(x, lora_a, lora_b, gate, counts, scale, base, mask, seed, scale_const, p, bool(donated))
 
 
-def _writable_in_place(base: torch.Tensor) -> bool:
-    """In place only into a tensor that is not a view (autograd would rebase a view's history through extra
-    copies) and has a flat [T, D_out] view."""
-    return not base._is_view() and base.is_contiguous()
+def _writable_in_place(base: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether a donated ``base`` can take the sum unseen: not a view (autograd would rebase a view's history
+    through extra copies), contiguous (a flat [T, D_out] view), not a leaf that requires grad (autograd forbids
+    the write) and sharing no memory with another input (``others``: x of a square layer is read again in
+    backward). Attribute reads only, no host sync."""
+    if base._is_view() or not base.is_contiguous() or (base.is_leaf and base.requires_grad):
+        return False
+    storage = base.untyped_storage().data_ptr()
+    return all(t is None or t.untyped_storage().data_ptr() != storage for t in others)

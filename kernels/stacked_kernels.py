@@ -8,7 +8,9 @@ Column n of the stacked rank space belongs to expert e = n // R, rank index i = 
 The expert weights are never copied into a stacked layout or another dtype: each kernel addresses the stacked
 matrix W[n, d] of the [E, R, D_in] / [E, D_out, R] parameter through its three strides and casts each tile to
 DOT_DTYPE on load (fp32 masters under bf16/fp16 activations). The per-token gate G[t, e] (routing weight of
-expert e, 0 if not selected) times the per-expert scaling c[e] is applied in registers.
+expert e, 0 if not selected) times the per-expert scaling c[e] is applied in registers. The weights, gate and
+scaling of an expert that no token selects (counts[e] == 0) are never loaded (masked to 0), so NaN/Inf there
+reach no output or gradient, as on the grouped path.
 
 Every reduction runs in a fixed order inside one program (no atomics), so results are bitwise deterministic.
 Masked loads give 0 outside the tensor (other=0.0).
@@ -31,6 +33,12 @@ def _gate_tile(gate_ptr, scale_ptr, rows, expert, valid, s_g_t, s_g_e, scale_con
 
 
 @triton.jit
+def _used_columns(counts_ptr, offs_n, in_n, R):
+    """[BLOCK_N] mask of the rank columns whose expert some token selects (the only weights a kernel reads)."""
+    return in_n & (tl.load(counts_ptr + offs_n // R, mask=in_n, other=0) > 0)
+
+
+@triton.jit
 def _stacked_fwd_kernel(
     x_ptr,  # [T, D_in] activations
     mask_ptr,  # [T, D_in] dropout mask given by the caller (HAS_MASK)
@@ -38,6 +46,7 @@ def _stacked_fwd_kernel(
     a_ptr,  # lora_A seen as A[n, d] through (s_a_e, s_a_r, s_a_d)
     b_ptr,  # lora_B seen as B[o, n] through (s_b_e, s_b_o, s_b_r)
     gate_ptr,  # [T, E] routing gate
+    counts_ptr,  # [E] int64 pairs per expert: the weights of an expert with none are not read
     scale_ptr,  # [E] float32 per-expert scaling (HAS_SCALE_VEC), else scale_const
     base_ptr,  # [T, D_out] the base layer's output to add to (HAS_BASE); may be y_ptr itself (in place)
     y_ptr,  # [T, D_out] output, activation dtype
@@ -83,7 +92,8 @@ def _stacked_fwd_kernel(
     rows = offs_t.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     in_n = offs_n < N
-    expert = tl.where(in_n, offs_n // R, -1)
+    used = _used_columns(counts_ptr, offs_n, in_n, R)
+    expert = tl.where(used, offs_n // R, -1)
     a_col = (offs_n // R).to(tl.int64) * s_a_e + (offs_n % R).to(tl.int64) * s_a_r
 
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
@@ -97,12 +107,13 @@ def _stacked_fwd_kernel(
             xt = xt.to(tl.float32) * m.to(tl.float32)
         if HAS_DROPOUT:
             xt = xt.to(tl.float32) * dropout_scale(seed_ptr, offs_t, offs_d, D_IN, p_drop)
-        w = tl.load(a_ptr + a_col[None, :] + offs_d[:, None] * s_a_d, mask=in_d[:, None] & in_n[None, :], other=0.0)
+        w = tl.load(a_ptr + a_col[None, :] + offs_d[:, None] * s_a_d, mask=in_d[:, None] & used[None, :], other=0.0)
         acc = tl.dot(xt.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
 
     valid = in_t[:, None] & in_n[None, :]
     tl.store(s_ptr + rows[:, None] * N + offs_n[None, :], acc, mask=valid)
-    h = (acc * _gate_tile(gate_ptr, scale_ptr, rows, expert, valid, s_g_t, s_g_e, scale_const, HAS_SCALE_VEC)).to(
+    gated = in_t[:, None] & used[None, :]
+    h = (acc * _gate_tile(gate_ptr, scale_ptr, rows, expert, gated, s_g_t, s_g_e, scale_const, HAS_SCALE_VEC)).to(
         DOT_DTYPE
     )
 
@@ -110,7 +121,7 @@ def _stacked_fwd_kernel(
     for o0 in range(0, D_OUT, BLOCK_D):
         offs_o = o0 + tl.arange(0, BLOCK_D)
         in_o = offs_o < D_OUT
-        w = tl.load(b_ptr + b_row[:, None] + offs_o[None, :] * s_b_o, mask=in_n[:, None] & in_o[None, :], other=0.0)
+        w = tl.load(b_ptr + b_row[:, None] + offs_o[None, :] * s_b_o, mask=used[:, None] & in_o[None, :], other=0.0)
         out = tl.dot(h, w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         tile = in_t[:, None] & in_o[None, :]
         if HAS_BASE:
@@ -125,6 +136,7 @@ def _stacked_dy_kernel(
     b_ptr,  # lora_B seen as B[o, n]
     s_ptr,  # [T, N] float32 S saved by the forward
     gate_ptr,  # [T, E] routing gate
+    counts_ptr,  # [E] int64 pairs per expert
     scale_ptr,  # [E] per-expert scaling (HAS_SCALE_VEC)
     v_ptr,  # [T, N] float32 V = (dy B) * G * c
     dgate_ptr,  # [T, E] float32 gradient of the gate
@@ -155,7 +167,8 @@ def _stacked_dy_kernel(
     rows = offs_t.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     in_n = offs_n < N
-    expert = tl.where(in_n, offs_n // R, -1)
+    used = _used_columns(counts_ptr, offs_n, in_n, R)
+    expert = tl.where(used, offs_n // R, -1)
     b_col = (offs_n // R).to(tl.int64) * s_b_e + (offs_n % R).to(tl.int64) * s_b_r
 
     u = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
@@ -165,15 +178,16 @@ def _stacked_dy_kernel(
         dy = tl.load(
             dy_ptr + rows[:, None] * s_dy_t + offs_o[None, :] * s_dy_o, mask=in_t[:, None] & in_o[None, :], other=0.0
         )
-        w = tl.load(b_ptr + b_col[None, :] + offs_o[:, None] * s_b_o, mask=in_o[:, None] & in_n[None, :], other=0.0)
+        w = tl.load(b_ptr + b_col[None, :] + offs_o[:, None] * s_b_o, mask=in_o[:, None] & used[None, :], other=0.0)
         u = tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), u, input_precision=DOT_PRECISION)
 
     valid = in_t[:, None] & in_n[None, :]
-    gc = _gate_tile(gate_ptr, scale_ptr, rows, expert, valid, s_g_t, s_g_e, scale_const, HAS_SCALE_VEC)
+    gated = in_t[:, None] & used[None, :]
+    gc = _gate_tile(gate_ptr, scale_ptr, rows, expert, gated, s_g_t, s_g_e, scale_const, HAS_SCALE_VEC)
     tl.store(v_ptr + rows[:, None] * N + offs_n[None, :], u * gc, mask=valid)
-    s = tl.load(s_ptr + rows[:, None] * N + offs_n[None, :], mask=valid, other=0.0)
+    s = tl.load(s_ptr + rows[:, None] * N + offs_n[None, :], mask=gated, other=0.0)
     if HAS_SCALE_VEC:
-        c = tl.load(scale_ptr + expert, mask=in_n, other=0.0).to(tl.float32)
+        c = tl.load(scale_ptr + expert, mask=used, other=0.0).to(tl.float32)
         su = s * u * c[None, :]
     else:
         su = s * u * scale_const
@@ -193,6 +207,7 @@ def _stacked_weights_kernel(
     dy_ptr,  # [T, D_out] upstream gradient
     s_ptr,  # [T, N] float32 S
     gate_ptr,  # [T, E] gate
+    counts_ptr,  # [E] int64 pairs per expert
     scale_ptr,  # [E] per-expert scaling (HAS_SCALE_VEC)
     da_ptr,  # dA slabs: split s, A-shaped gradient through (s_da_e, s_da_r, s_da_d), float32
     db_ptr,  # dB slabs through (s_db_e, s_db_o, s_db_r), float32
@@ -246,7 +261,8 @@ def _stacked_weights_kernel(
     t_end = tl.minimum(t_start + T_PER_SPLIT, T)
     offs_n = tl.arange(0, BLOCK_N)
     in_n = offs_n < N
-    expert = tl.where(in_n, offs_n // R, -1)
+    used = _used_columns(counts_ptr, offs_n, in_n, R)
+    expert = tl.where(used, offs_n // R, -1)
     n_e = (offs_n // R).to(tl.int64)
     n_r = (offs_n % R).to(tl.int64)
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -255,7 +271,7 @@ def _stacked_weights_kernel(
         in_d = offs_d < D_IN
         a = tl.load(
             a_ptr + (n_e * s_a_e + n_r * s_a_r)[:, None] + offs_d[None, :] * s_a_d,
-            mask=in_n[:, None] & in_d[None, :],
+            mask=used[:, None] & in_d[None, :],
             other=0.0,
         ).to(DOT_DTYPE)
         for t0 in range(t_start, t_end, BLOCK_T):
@@ -288,9 +304,9 @@ def _stacked_weights_kernel(
             offs_t = t0 + tl.arange(0, BLOCK_T)
             in_t = offs_t < t_end
             rows = offs_t.to(tl.int64)
-            valid = in_t[:, None] & in_n[None, :]
-            s = tl.load(s_ptr + rows[:, None] * N + offs_n[None, :], mask=valid, other=0.0)
-            gc = _gate_tile(gate_ptr, scale_ptr, rows, expert, valid, s_g_t, s_g_e, scale_const, HAS_SCALE_VEC)
+            gated = in_t[:, None] & used[None, :]
+            s = tl.load(s_ptr + rows[:, None] * N + offs_n[None, :], mask=gated, other=0.0)
+            gc = _gate_tile(gate_ptr, scale_ptr, rows, expert, gated, s_g_t, s_g_e, scale_const, HAS_SCALE_VEC)
             h = (s * gc).to(DOT_DTYPE)
             tile = in_t[:, None] & in_o[None, :]
             dy = tl.load(dy_ptr + rows[:, None] * s_dy_t + offs_o[None, :] * s_dy_o, mask=tile, other=0.0)

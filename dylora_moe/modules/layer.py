@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 from transformers.pytorch_utils import Conv1D
 
 from ..config import BACKENDS as KERNELS
@@ -182,7 +183,7 @@ class MoELoRALinear(nn.Module):
             return out + self._reference_delta(x, routing, mask).to(out.dtype)
         meta = routing.meta(x.shape[:-1], self.num_experts)
         # The base layer on flat tokens: nn.Linear then returns a fresh [T, d_out] tensor (not a view), which the
-        # Triton path accumulates the LoRA delta into, in place.
+        # op may write the sum into when nobody else can hold it (donated).
         x2 = x.reshape(-1, self.d_in)
         out = moe_lora(
             x2,
@@ -197,8 +198,22 @@ class MoELoRALinear(nn.Module):
             base_output=self.base_layer(x2),
             dropout_p=self.dropout if seed is not None else 0.0,
             dropout_seed=seed,
+            donate_base_output=self._base_output_is_private(),
         )
         return out.view(*x.shape[:-1], self.d_out)
+
+    def _base_output_is_private(self) -> bool:
+        """Whether the base layer's output is a temporary that only this layer sees, so the op may write into it:
+        a plain nn.Linear / Conv1D forward (its backward saves its input and weight, never its output), not
+        replaced on the instance (as accelerate's hooks do), and no forward hook, of the module or global, that
+        could keep the output or feed it to an op that saves it for backward. Attribute reads only."""
+        base = self.base_layer
+        return (
+            type(base) in (nn.Linear, Conv1D)
+            and "forward" not in base.__dict__
+            and not base._forward_hooks
+            and not _global_forward_hooks
+        )
 
     def extra_repr(self) -> str:
         ranks = "" if len(set(self.expert_ranks)) <= 1 else f", expert_ranks={self.expert_ranks}"

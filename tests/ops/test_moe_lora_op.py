@@ -207,13 +207,14 @@ def test_bf16_triton_error_is_within_twice_eager_error(path):
 
 def test_opcheck_stacked_ops():
     x, a, b, ids, w = make_inputs(20, 48, 80, 4, 8, 2, torch.float32)
-    gate = RoutingMeta(ids, w.detach(), 4).gate.requires_grad_()
+    meta = RoutingMeta(ids, w.detach(), 4)
+    gate, counts = meta.gate.requires_grad_(), meta.counts
     scale = torch.tensor([2.0, 1.0, 0.5, 3.0])
     base = torch.randn(20, 80)
-    torch.library.opcheck(stacked_op.fwd_op, (x, a, b, gate, scale, base, None, None, 1.0, 0.0))
-    y, s = stacked_op.fwd_op(x, a, b, gate, scale, base, None, None, 1.0, 0.0)
-    saved = (x.detach(), a.detach(), b.detach(), gate.detach(), scale, None, None, s.detach(), 1.0, 0.0)
-    torch.library.opcheck(stacked_op.bwd_op, (torch.randn_like(y.detach()), *saved), dict(needs=[True] * 10))
+    torch.library.opcheck(stacked_op.fwd_op, (x, a, b, gate, counts, scale, base, None, None, 1.0, 0.0, True))
+    y, s = stacked_op.fwd_op(x, a, b, gate, counts, scale, base, None, None, 1.0, 0.0, True)
+    saved = (x.detach(), a.detach(), b.detach(), gate.detach(), counts, scale, None, None, s.detach(), 1.0, 0.0)
+    torch.library.opcheck(stacked_op.bwd_op, (torch.randn_like(y.detach()), *saved), dict(needs=[True] * 12))
 
 
 def test_opcheck_grouped_ops():
