@@ -35,11 +35,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .config import SETTINGS, DyLoRAMoEConfig, check_setting, original_growth_rank
+from .config import BACKENDS, SETTINGS, DyLoRAMoEConfig, check_setting, original_growth_rank
 from .kernels import resolve_backend
 from .modules.experts import ExpertManager
 from .modules.fused_loss import chunked_linear_cross_entropy
-from .modules.layer import check_kernel
 from .modules.router import DynamicHybridRouter, balance_loss, router_entropy, z_loss
 from .modules.routing import Routing, RoutingDecision, decide_routing, sequence_pairs, sequence_weights, token_routing
 from .modules.skills import NoveltyDetector, SkillLibrary
@@ -285,7 +284,7 @@ class DyLoRA_MoE(nn.Module):
         self._current_settings().replace(backend=name)  # the config's rules: a known name; "reference" where it fits
         if name == "triton":
             resolve_backend("triton", self.device)  # fail now, naming the fix, rather than in the first forward
-        self.handle.set_kernel(name)
+        self.handle.set_kernel("loop" if name == "reference" else name)  # the layers' loop; the peft reference is here
         self.router.backend = name if name in ("auto", "triton") else "eager"
         self._settings = self._settings.replace(backend=name)
         if name == "reference":
@@ -293,7 +292,9 @@ class DyLoRA_MoE(nn.Module):
 
     def set_kernel(self, name: str) -> None:
         """The former name of :meth:`set_backend`."""
-        self.set_backend(check_kernel(name))
+        if name not in BACKENDS:
+            raise ValueError(f"unknown kernel {name!r}; expected one of {', '.join(BACKENDS)}")
+        self.set_backend(name)
 
     def _reference(self):
         from .modules.reference import ReferenceMoE

@@ -207,3 +207,18 @@ def test_train_flags_are_the_config_settings():
             assert flags[name].metadata["help"] == settings[name].metadata["help"]
     rules = {name: holds for name, holds, _ in cli.CHECKS if name in RULES}
     assert rules and all(holds is RULES[name][0] for name, holds in rules.items())
+
+
+def test_reference_is_the_peft_model_backend_and_loop_the_layers_per_expert_loop():
+    from dylora_moe import MoELoRALinear
+    from dylora_moe.modules.layer import check_kernel
+
+    assert check_kernel("loop") == "loop" == check_kernel("reference")  # a layer's former name for its loop
+    layer = MoELoRALinear(torch.nn.Linear(8, 8), 2, 4, 8.0, kernel="reference")
+    assert layer.kernel == "loop"
+    with pytest.raises(ValueError, match="unknown kernel 'peft'"):
+        check_kernel("peft")
+    moe = DyLoRA_MoE(tiny_llama(layers=1), num_experts=2, backend="reference")
+    assert moe.backend == "reference" and moe.handle.kernel == "loop"  # the forward runs the peft reference
+    with pytest.raises(ValueError, match="unknown backend 'loop'"):
+        DyLoRAMoEConfig(backend="loop")  # the model has no per-expert-loop backend of its own
