@@ -29,7 +29,7 @@ def build(args, routing: str) -> DyLoRA_MoE:
     kw = {"sequence_top_k": 1} if routing == "sequence" else {}
     base = LlamaForCausalLM(config).to(DEVICE)
     return DyLoRA_MoE(
-        base, num_experts=4, lora_r=8, lora_alpha=16, lora_dropout=0.0, kernel="auto", routing=routing, top_k=2, **kw
+        base, num_experts=4, lora_r=8, lora_alpha=16, lora_dropout=0.0, backend="auto", routing=routing, top_k=2, **kw
     ).train()
 
 

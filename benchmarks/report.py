@@ -1,4 +1,4 @@
-"""Markdown report of benchmark runs from the CSV: the DESIGN section 4 goal table, then one table per case.
+"""Markdown report of benchmark runs from the CSV: the goal table of docs/design.md §5, then one table per case.
 
     python benchmarks/report.py [--data CSV ...] [--device SUBSTR] [--run RUN_ID] [--out FILE] [--plots DIR]
 
@@ -127,7 +127,7 @@ def saved_bound(row: dict) -> float:
     return s["T"] * (s["E"] * s["r"] + 2 * s["k"])
 
 
-# DESIGN section 4, reference case: T = 8192, d_in = d_out = 4096, E = 8, r = 16, k = 2 and k = E.
+# The goals' reference case (docs/design.md §5): T = 8192, d_in = d_out = 4096, E = 8, r = 16, k = 2 and k = E.
 REF = {"T": 8192, "d_in": 4096, "d_out": 4096, "E": 8, "r": 16}
 E4_TOKEN = {"E": 4, "routing": "token"}
 E4_SEQ = {"E": 4, "routing": "sequence"}
@@ -234,11 +234,11 @@ def run_section(rows: list[dict]) -> list[str]:
         f"- measured {min(r['timestamp'] for r in rows)} to {max(r['timestamp'] for r in rows)} (UTC); "
         f"sources: {', '.join(sorted({r['info'].get('source', 'benchmark run') for r in rows}))}",
         "",
-        "### DESIGN section 4 goals",
+        "### Goals (docs/design.md §5)",
         "",
         *goal_table(rows),
         "",
-        "Bitwise determinism (DESIGN 4) is checked by the test suite (tests/), not timed here.",
+        "Bitwise determinism is checked by the test suite (tests/), not timed here.",
         "",
         *case_tables(rows),
     ]

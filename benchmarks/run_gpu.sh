@@ -85,13 +85,13 @@ phase() {  # phase NAME TIMEOUT CMD...: run, report its status, remember a failu
 RAN_ON_GPU=(test_bench_report.py test_checkpoint.py test_data.py test_inject.py test_layer.py test_model.py)
 ordered_tests() {
     local f name seen
-    for f in tests/test_*.py; do
+    for f in tests/test_*.py tests/*/test_*.py; do
         name=$(basename "$f")
         seen=0
         for r in "${RAN_ON_GPU[@]}"; do [ "$r" = "$name" ] && seen=1; done
         [ $seen = 0 ] && echo "$f"
     done
-    for r in "${RAN_ON_GPU[@]}"; do [ -f "tests/$r" ] && echo "tests/$r"; done
+    for r in "${RAN_ON_GPU[@]}"; do for f in tests/"$r" tests/*/"$r"; do [ -f "$f" ] && echo "$f"; done; done
 }
 
 bench() {  # bench NAME FILE TIMEOUT

@@ -1,4 +1,5 @@
-"""Op-level benchmarks: the grouped MoE-LoRA op and the fused top-k router, against their baselines (DESIGN 4).
+"""Op-level benchmarks: the grouped MoE-LoRA op and the fused top-k router, against their baselines
+(goals: docs/design.md §5).
 
 MoE-LoRA providers, per shape and mode (``fwd`` = training forward with inputs that require grad; ``bwd`` =
 ``torch.autograd.grad`` of every differentiable input through one saved forward graph, retained; ``full`` = both):
@@ -7,18 +8,18 @@ MoE-LoRA providers, per shape and mode (``fwd`` = training forward with inputs t
   - ``lora_dense``: ONE plain LoRA of the same rank (two matmuls, as peft does it), the cost routing must not exceed;
   - ``base``: the frozen base linear alone (``F.linear``; its backward is dx only);
   - ``base+moe_lora``: the base linear plus the MoE-LoRA delta (triton on a GPU, eager on the CPU), the layer
-    whose time DESIGN 4 bounds at 1.15x ``base``.
+    whose time the goals bound at 1.15x ``base``.
 Dropout is off (p = 0) in every provider: ``moe_lora`` takes a precomputed mask, so mask generation is the layer's
 cost, and leaving it out of ``lora_dense`` too makes that comparison the stricter one.
 
-LoRA bytes (``lora_bytes``, for the achieved GB/s; DESIGN 4): the activations the LoRA part must move at least,
+LoRA bytes (``lora_bytes``, for the achieved GB/s): the activations the LoRA part must move at least,
 b = bytes per element. Forward reads x and read-modify-writes y: ``T * (d_in + 2 * d_out) * b``. Backward reads
 dy and x and read-modify-writes dx: ``T * (d_out + 3 * d_in) * b``. full is the sum,
 ``T * (4 * d_in + 3 * d_out) * b``. Weights (E * r * (d_in + d_out) elements) and routing are left out: they are
 under 3% of it at every benchmarked shape.
 
 ``saved_elems`` (mode full): elements the forward saves for backward beyond its inputs, to compare with
-DESIGN 4's bound of ``T * (E * r + 2 * k)`` per layer.
+the goals' bound of ``T * (E * r + 2 * k)`` per layer.
 
 Router providers (forward, logits without grad, finite-check off so no host sync is timed): ``triton``, ``eager``
 (``topk_route``) and ``torch_seq``, the plain softmax / topk / renormalise / scatter / bincount / mean sequence. On a
@@ -55,7 +56,7 @@ class OpShape:
         return f"T{self.tokens}-d{self.d_in}x{self.d_out}-E{self.experts}-r{self.rank}-k{self.top_k}"
 
 
-# GPU: DESIGN 4's reference case (sparse k = 2 and dense k = E), plus many experts (E = 64, where the Triton op
+# GPU: the goals' reference case (sparse k = 2 and dense k = E), plus many experts (E = 64, where the Triton op
 # groups tokens by expert instead of stacking). CPU: small shapes so the suite runs anywhere.
 GPU_SHAPES = [
     OpShape(8192, 4096, 4096, 8, 16, 2),
@@ -66,7 +67,7 @@ CPU_SHAPES = [OpShape(512, 256, 256, 4, 8, 2), OpShape(512, 256, 256, 4, 8, 4)]
 SHAPES = GPU_SHAPES if HAS_CUDA else CPU_SHAPES
 MOE_PROVIDERS = ["triton", "eager", "loop", "lora_dense", "base", "base+moe_lora"]
 MODES = ["fwd", "bwd", "full"]
-ROUTER_SHAPES = [(32768, 8, 2), (32768, 64, 2)]  # (T, E, k): DESIGN 4's router goal is T = 32k, E <= 64
+ROUTER_SHAPES = [(32768, 8, 2), (32768, 64, 2)]  # (T, E, k): the router goal is T = 32k, E <= 64
 ROUTER_PROVIDERS = ["triton", "eager", "torch_seq"]
 # Rounds: GPU calls take ~0.1-5 ms; the CPU ones tens of ms at most. Warm-up covers Triton compile + autotuning.
 OP_ROUNDS, OP_WARMUP = (30, 5) if HAS_CUDA else (15, 2)
@@ -187,7 +188,7 @@ def test_moe_lora(bench, shape, provider, mode):
 
 
 def route_torch(logits: torch.Tensor, top_k: int):
-    """The torch sequence a router writes without a fused kernel (what DESIGN 4's 3x goal is measured against)."""
+    """The torch sequence a router writes without a fused kernel (what the router's 3x goal is measured against)."""
     probs = torch.softmax(logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)

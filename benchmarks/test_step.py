@@ -6,8 +6,8 @@ Modes:
   - ``fwd``: one forward with labels under ``torch.no_grad`` in eval mode (an evaluation step).
 Every configuration uses top_k = 1 and mature experts (sparse routing), LoRA on q/k/v/o_proj, alpha = 2r,
 dropout 0.05, random ids with no padding. ``reference`` is the original algorithm (peft adapters; sequence routing =
-one full pass per expert), the figure DESIGN 4's "3x the original" goals are measured against; ``peft`` is ONE
-plain peft LoRA adapter on the same base, the ceiling a mixture of experts is compared with.
+one full pass per expert), the figure the "3x the original" goals (docs/design.md §5) are measured against;
+``peft`` is ONE plain peft LoRA adapter on the same base, the ceiling a mixture of experts is compared with.
 
 Each test builds its base model from a config with a fixed seed (the same weights for every backend) and frees it
 afterwards, so the GPU's peak memory (``peak_mem_bytes``: weights, optimizer state, activations) is this
@@ -60,7 +60,7 @@ class StepShape:
         )
 
 
-# GPU: a Llama-like base of realistic width (4 x 1024 tokens, bf16). CPU: DESIGN 2's measurement (4 layers, hidden
+# GPU: a Llama-like base of realistic width (4 x 1024 tokens, bf16). CPU: the original's measured size (4 layers, hidden
 # 128, batch 4 x 128, r = 8), where the original algorithm took ~140 ms per step at E = 4.
 SHAPE = StepShape(2048, 4, 16, 32000, 4, 1024, 16) if HAS_CUDA else StepShape(128, 4, 4, 512, 4, 128, 8)
 BACKENDS = ["triton", "eager", "reference"]
@@ -151,7 +151,7 @@ def build_moe(backend: str, routing: str, experts: int):
         lora_r=SHAPE.rank,
         lora_alpha=2 * SHAPE.rank,
         lora_dropout=DROPOUT,
-        kernel=backend,
+        backend=backend,
         routing=routing,
         top_k=TOP_K,
         target_modules=TARGETS,

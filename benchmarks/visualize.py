@@ -4,7 +4,9 @@
         [--where routing=token ...] [--data CSV ...] [--out PNG]
 
 Numeric x axes (``E``) give lines with a min-max band; categorical ones (``case``: a shape label) give grouped bars.
-Default: the newest run of the first matching device; the PNG goes to benchmarks/out/ unless ``--out`` says where.
+Data: the run just measured (benchmarks/out/all_benchmark_data.csv, where ``pytest benchmarks/`` writes) when it
+exists, else the committed history; ``--data`` picks other files. Default: the newest run of the first matching
+device; the PNG goes to benchmarks/out/ unless ``--out`` says where.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from benchmarks.records import BENCH_DIR, COMMITTED_CSV, METRICS, read_rows, runs  # noqa: E402
+from benchmarks.records import BENCH_DIR, COMMITTED_CSV, LOCAL_CSV, METRICS, read_rows, runs  # noqa: E402
 
 # (op, metric fallbacks, mode, shape filter): what report.py --plots draws for a run
 STANDARD = [
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device", help="device name contains this (case-insensitive)")
     parser.add_argument("--run", help="run_id (default: the newest run of the device)")
     parser.add_argument("--where", nargs="*", default=[], metavar="KEY=VALUE", help="shape filters, e.g. routing=token")
-    parser.add_argument("--data", type=Path, nargs="+", default=[COMMITTED_CSV])
+    parser.add_argument("--data", type=Path, nargs="+", default=[LOCAL_CSV if LOCAL_CSV.is_file() else COMMITTED_CSV])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     bad = [w for w in args.where if "=" not in w]

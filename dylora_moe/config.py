@@ -3,21 +3,27 @@
 ``DyLoRA_MoE(base, config=DyLoRAMoEConfig(...))`` or the original's keywords (``DyLoRA_MoE(base, num_experts=4)``);
 ``model.moe_config`` gives the settings back, ``to_dict``/``from_dict`` round-trip them through JSON (the
 checkpoint's config file). ``DyLoRAMoEConfig.original()`` reproduces the original DyLoRA-MoE's numbers.
+
+This is the one place a setting is defined and checked: the model keeps one of these, checkpoints save it, and
+train.py's expert flags are its fields (their help is each field's ``help``; a bad flag value is refused by the same
+rule, worded as a flag error). Torch-free, so ``python train.py --help`` answers without importing torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass, field
+from types import SimpleNamespace
 
-from .modules.layer import KERNELS
-from .modules.router import WEIGHTINGS
-
+BACKENDS = ("auto", "triton", "eager", "reference")
+WEIGHTINGS = ("original", "softmax")
 ROUTINGS = ("sequence", "token")
 BALANCE_LOSSES = ("mse", "switch")
 MIXTURES = ("linear", "ffn")
 GROWTH_RANKS = ("same", "original")
+# Former setting names, still accepted where settings go in (keywords, checkpoint files): old name -> new name.
+RENAMED = {"kernel": "backend"}
 
 
 def original_growth_rank(lora_r: int, num_experts: int) -> int:
@@ -33,71 +39,149 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+class SettingError(ValueError):
+    """A setting with a value its rule refuses. ``str()`` words it for Python callers (``top_k must be an int in
+    [1, num_experts=2], got 3``); :meth:`as_flag` for train.py (``expected an integer in [1, --num_experts=2]``).
+    ``others``: the values of the settings the rule refers to."""
+
+    def __init__(self, setting: str, value, expected: str, others: dict):
+        self.setting, self.value, self.expected, self._others = setting, value, expected, others
+        super().__init__(f"{setting} must be {self._words(flag=False)}, got {value!r}")
+
+    def _words(self, flag: bool) -> str:
+        refs = {name: f"{'--' if flag else ''}{name}={value}" for name, value in self._others.items()}
+        kinds = {"int": "integer" if flag else "int", "number": "number" if flag else "finite number"}
+        kinds["probability"] = "a probability " if flag else ""
+        return self.expected.format(**kinds, **refs)
+
+    def as_flag(self) -> str:
+        return f"expected {self._words(flag=True)}, got {self.value!r}"
+
+
+def check_setting(name: str, value, **others) -> None:
+    """Check one setting by its rule (:data:`RULES`) outside a config, e.g. a router built on its own; ``others``:
+    the settings the rule refers to (``num_experts`` for ``top_k``)."""
+    holds, expected = RULES[name]
+    if not holds(value, SimpleNamespace(**others)):
+        raise SettingError(name, value, expected, others)
+
+
+# One rule per scalar setting: (holds(value, config), what is expected). ``{int}``, ``{number}``, ``{probability}``
+# and ``{<setting>}`` are worded for the reader (a Python caller or a train.py user). Checked in this order.
+RULES = {
+    "num_experts": (lambda v, c: _is_int(v) and v >= 1, "an {int} >= 1"),
+    "lora_r": (lambda v, c: _is_int(v) and v >= 1, "an {int} >= 1"),
+    "lora_alpha": (lambda v, c: _is_number(v) and v > 0, "a {number} > 0"),
+    "lora_dropout": (lambda v, c: _is_number(v) and 0.0 <= v < 1.0, "{probability}in [0, 1)"),
+    "top_k": (lambda v, c: _is_int(v) and 1 <= v <= c.num_experts, "an {int} in [1, {num_experts}]"),
+    "temperature": (lambda v, c: _is_number(v) and v > 0, "a {number} > 0"),
+    "sequence_top_k": (
+        lambda v, c: v is None or (_is_int(v) and 1 <= v <= c.num_experts),
+        "None or an {int} in [1, {num_experts}]",
+    ),
+    "balance_coefficient": (lambda v, c: _is_number(v) and v >= 0, "a {number} >= 0"),
+    "z_loss_coefficient": (lambda v, c: _is_number(v) and v >= 0, "a {number} >= 0"),
+    "fused_loss": (lambda v, c: isinstance(v, bool) or v == "auto", "False, True or 'auto'"),  # 1 == True: no `in`
+    **{
+        name: (lambda v, c: isinstance(v, bool), "a bool")
+        for name in ("allow_expert_growth", "renormalize", "mature_experts", "freeze_router")
+    },  # fmt: skip
+}
+CHOICES = {
+    "mixture": MIXTURES,
+    "backend": BACKENDS,
+    "routing": ROUTINGS,
+    "router_weighting": WEIGHTINGS,
+    "balance_loss": BALANCE_LOSSES,
+}
+
+
+def _setting(default, help: str):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DyLoRAMoEConfig:
-    """Settings of a :class:`~dylora_moe.DyLoRA_MoE` (the table in the README says which give which semantics).
+    """Settings of a :class:`~dylora_moe.DyLoRA_MoE`; each field's ``help`` says what it does (the README's table
+    says which give which semantics). ``kernel=`` is the former name of ``backend=`` and still works."""
 
-    The original's: ``num_experts``, ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``allow_expert_growth``.
-    Experts: ``target_modules`` (None: the architecture's defaults, see :func:`~dylora_moe.inject.default_targets`),
-    ``mixture`` ("linear": LoRA experts mixed inside each target linear layer | "ffn": MixLoRA-style experts on the
-    MLPs, mixed after the nonlinearity), ``expert_ranks`` / ``expert_alphas`` (per-expert r and alpha, one per
-    initial expert; None: ``lora_r`` / ``lora_alpha`` for all), ``growth_rank`` (rank of experts added by
-    ``add_new_skill``: "same" = ``lora_r``, "original" = the original's rule ``min(2 * lora_r, 32)``, or an int).
-    Routing: ``routing`` ("sequence" | "token"), ``top_k``, ``temperature``, ``router_weighting`` ("softmax" |
-    "original"), ``renormalize``, ``sequence_top_k``, ``mature_experts``, ``freeze_router`` (keep the gate at its
-    initial weights: no gradient, not trained). Losses: ``balance_loss`` ("mse" | "switch"), ``balance_coefficient``,
-    ``z_loss_coefficient``, ``fused_loss`` (False | True | "auto": the LM loss in row chunks without the full
-    logits, see ``DyLoRA_MoE.set_fused_loss``). Backend: ``kernel``.
-    """
+    # The original's settings.
+    num_experts: int = _setting(1, "LoRA experts created up front")
+    lora_r: int = _setting(16, "LoRA rank of every expert")
+    lora_alpha: float = _setting(32, "LoRA alpha (scaling alpha / r)")
+    lora_dropout: float = _setting(0.05, "dropout on the LoRA input, in [0, 1)")
+    allow_expert_growth: bool = _setting(True, "add_new_skill may add an expert")
+    # Experts.
+    target_modules: list[str] | None = _setting(None, "module names to adapt (None: the architecture's defaults)")
+    mixture: str = _setting(
+        "linear",
+        "linear: LoRA experts mixed inside each target linear layer; ffn: MixLoRA-style experts on the MLPs, "
+        "mixed after the nonlinearity",
+    )
+    expert_ranks: list[int] | None = _setting(None, "one rank per initial expert (None: lora_r for all)")
+    expert_alphas: list[float] | None = _setting(None, "one alpha per initial expert (None: lora_alpha for all)")
+    growth_rank: str | int = _setting(
+        "same", "rank of experts added later: same (lora_r), original (min(2 * lora_r, 32)) or an int"
+    )
+    backend: str = _setting(
+        "auto",
+        "triton kernels (GPU), eager PyTorch, reference (the original per-expert algorithm on peft adapters, "
+        "slow), or auto (triton for CUDA tensors, else eager)",
+    )
+    # Routing.
+    routing: str = _setting(
+        "sequence",
+        "token: each token's top-k experts mixed in every LoRA layer (one pass; the fast path); "
+        "sequence: the seed's per-sequence expert mixture (routing pass + one batched pass)",
+    )
+    top_k: int = _setting(1, "experts per token, in [1, num_experts]")
+    temperature: float = _setting(2.0, "router softmax temperature, > 0 (the original's 2.0)")
+    router_weighting: str = _setting(
+        "softmax",
+        "softmax: top-k probabilities of the tempered softmax (k=1 trains the gate); original: softmax over "
+        "the k selected logits (k=1 gives the gate no gradient)",
+    )
+    renormalize: bool = _setting(False, "renormalise the k routing probabilities to sum to 1")
+    sequence_top_k: int | None = _setting(
+        None, "sequence routing: keep each sequence's best k experts, renormalised (default: all)"
+    )
+    # Losses.
+    balance_loss: str = _setting("mse", "load-balancing loss form")
+    balance_coefficient: float = _setting(0.01, "weight of the load-balancing loss, >= 0")
+    z_loss_coefficient: float = _setting(0.0, "weight of the router z-loss, >= 0")
+    mature_experts: bool = _setting(True, "mark the initial experts mature, so top-k applies from the start")
+    freeze_router: bool = _setting(False, "keep the gate at its initial weights; experts train")
+    fused_loss: bool | str = _setting(
+        False,
+        "the LM loss in row chunks from the hidden states, never the full [batch, length, vocabulary] logits "
+        "(for large vocabularies such as CodeGemma's 256k); auto: in training only, evaluation keeps the logits",
+    )
+    kernel: InitVar[str | None] = None  # the former name of `backend`
 
-    num_experts: int = 1
-    lora_r: int = 16
-    lora_alpha: float = 32
-    lora_dropout: float = 0.05
-    allow_expert_growth: bool = True
-    target_modules: list[str] | None = None
-    mixture: str = "linear"
-    expert_ranks: list[int] | None = None
-    expert_alphas: list[float] | None = None
-    growth_rank: str | int = "same"
-    kernel: str = "auto"
-    routing: str = "sequence"
-    top_k: int = 1
-    temperature: float = 2.0
-    router_weighting: str = "softmax"
-    renormalize: bool = False
-    sequence_top_k: int | None = None
-    balance_loss: str = "mse"
-    balance_coefficient: float = 0.01
-    z_loss_coefficient: float = 0.0
-    mature_experts: bool = True
-    freeze_router: bool = False
-    fused_loss: bool | str = False
-
-    def __post_init__(self):
+    def __post_init__(self, kernel):
+        if kernel is not None:
+            self.backend = kernel
+        for name, (holds, expected) in RULES.items():
+            if not holds(getattr(self, name), self):
+                raise SettingError(name, getattr(self, name), expected, self.to_dict())
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                said = "kernel" if name == "backend" and kernel is not None else name
+                raise ValueError(f"unknown {said} {getattr(self, name)!r}; expected one of {', '.join(choices)}")
+        self.balance_coefficient = float(self.balance_coefficient)
+        self.z_loss_coefficient = float(self.z_loss_coefficient)
         self._check_experts()
-        self._check_routing()
-        self._check_losses()
+        self._check_combinations()
 
     def _check_experts(self) -> None:
-        if not _is_int(self.num_experts) or self.num_experts < 1:
-            raise ValueError(f"num_experts must be an int >= 1, got {self.num_experts!r}")
-        if not _is_int(self.lora_r) or self.lora_r < 1:
-            raise ValueError(f"lora_r must be an int >= 1, got {self.lora_r!r}")
-        if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
-        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if not isinstance(self.allow_expert_growth, bool):
-            raise ValueError(f"allow_expert_growth must be a bool, got {self.allow_expert_growth!r}")
         if self.target_modules is not None:
             if isinstance(self.target_modules, str) or not all(isinstance(t, str) for t in self.target_modules):
                 raise ValueError(f"target_modules must be None or a list of module names, got {self.target_modules!r}")
             if not self.target_modules:
                 raise ValueError("target_modules is empty; pass None for the architecture's defaults")
             self.target_modules = list(self.target_modules)
-        if self.mixture not in MIXTURES:
-            raise ValueError(f"unknown mixture {self.mixture!r}; expected one of {', '.join(MIXTURES)}")
         for name, check, what in (("expert_ranks", _is_int, "int >= 1"), ("expert_alphas", _is_number, "number > 0")):
             values = getattr(self, name)
             if values is None:
@@ -109,33 +193,18 @@ class DyLoRAMoEConfig:
             setattr(self, name, values)
         if self.growth_rank not in GROWTH_RANKS and not (_is_int(self.growth_rank) and self.growth_rank >= 1):
             raise ValueError(f"growth_rank must be 'same', 'original' or an int >= 1, got {self.growth_rank!r}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"unknown kernel {self.kernel!r}; expected one of {', '.join(KERNELS)}")
-        if self.kernel == "reference" and self.mixture == "ffn":
-            raise ValueError("kernel='reference' (peft adapters on linear layers) has no mixture='ffn'")
 
-    def _check_routing(self) -> None:
-        if not (isinstance(self.fused_loss, bool) or self.fused_loss == "auto"):  # 1 == True: no plain `in`
-            raise ValueError(f"fused_loss must be False, True or 'auto', got {self.fused_loss!r}")
-        if self.routing not in ROUTINGS:
-            raise ValueError(f"unknown routing {self.routing!r}; expected one of {', '.join(ROUTINGS)}")
-        if not _is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={self.num_experts}], got {self.top_k!r}")
-        if not _is_number(self.temperature) or self.temperature <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        if self.router_weighting not in WEIGHTINGS:
+    def _check_combinations(self) -> None:
+        if self.backend == "reference" and self.mixture == "ffn":
             raise ValueError(
-                f"unknown router_weighting {self.router_weighting!r}; expected one of {', '.join(WEIGHTINGS)}"
+                "backend='reference' runs the original algorithm on peft adapters of linear layers: no FFN-expert "
+                "mixture, so no mixture='ffn' (use backend='eager' or 'triton')"
             )
-        if self.sequence_top_k is not None and (
-            not _is_int(self.sequence_top_k) or not 1 <= self.sequence_top_k <= self.num_experts
-        ):
+        if self.backend == "reference" and (self.expert_ranks is not None or self.expert_alphas is not None):
             raise ValueError(
-                f"sequence_top_k must be None or an int in [1, {self.num_experts}], got {self.sequence_top_k!r}"
+                "backend='reference' builds one peft LoraConfig for all experts; these experts have their own ranks "
+                "or alphas: use backend='eager' or 'triton'"
             )
-        for name in ("renormalize", "mature_experts", "freeze_router"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if (
             self.mixture == "ffn"
             and self.routing == "token"
@@ -148,19 +217,11 @@ class DyLoRAMoEConfig:
                 "renormalize=True or router_weighting='original'"
             )
 
-    def _check_losses(self) -> None:
-        if self.balance_loss not in BALANCE_LOSSES:
-            raise ValueError(f"unknown balance_loss {self.balance_loss!r}; expected one of {', '.join(BALANCE_LOSSES)}")
-        for name in ("balance_coefficient", "z_loss_coefficient"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
     # ----- presets and serialisation ---------------------------------------------------------------------------
 
     @classmethod
     def original(cls, routing: str = "sequence", **overrides) -> DyLoRAMoEConfig:
-        """The original DyLoRA-MoE's semantics (DESIGN 2).
+        """The original DyLoRA-MoE's semantics (docs/design.md, "The original's semantics").
 
         ``routing="sequence"`` (the seed's model): routing weights of the original rule (dense tempered softmax while
         any expert is new; else softmax over the top-k logits, no temperature), averaged over each sequence, mixing
@@ -179,13 +240,14 @@ class DyLoRAMoEConfig:
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict of every setting."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f.name: getattr(self, f.name) for f in _fields()}
 
     @classmethod
     def from_dict(cls, data: dict) -> DyLoRAMoEConfig:
-        """Build from :meth:`to_dict`'s output; unknown keys are an error naming them (a typo is not ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        """Build from :meth:`to_dict`'s output (a former name such as ``kernel`` is read as its new one and wins
+        over it); unknown keys are an error naming them (a typo is not ignored)."""
+        names = {f.name for f in _fields()}
+        unknown = sorted(set(data) - names - set(RENAMED))
         if unknown:
             raise ValueError(f"unknown DyLoRAMoEConfig settings {unknown}; known: {sorted(names)}")
         return cls(**data)
@@ -193,3 +255,10 @@ class DyLoRAMoEConfig:
     def replace(self, **changes) -> DyLoRAMoEConfig:
         """A validated copy with ``changes`` applied."""
         return self.from_dict({**self.to_dict(), **changes})
+
+
+def _fields():
+    return dataclasses.fields(DyLoRAMoEConfig)
+
+
+SETTINGS = tuple(f.name for f in _fields())

@@ -16,13 +16,12 @@ Every forward (E > 1):
 With token routing, and sequence routing with ``sequence_top_k``, a training step issues no host sync and compiles
 as one graph (:meth:`DyLoRA_MoE.compile`). The routing decisions live in :mod:`dylora_moe.routing`.
 
-``kernel="reference"`` runs the same routing decision through the original algorithm on peft adapters
-(:mod:`dylora_moe.reference`): one full pass per expert, or a loop over experts in each layer.
+``backend="reference"`` runs the same routing decision through the original algorithm on peft adapters
+(:mod:`dylora_moe.modules.reference`): one full pass per expert, or a loop over experts in each layer.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import warnings
@@ -36,11 +35,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .config import DyLoRAMoEConfig, original_growth_rank
+from .config import BACKENDS, SETTINGS, DyLoRAMoEConfig, check_setting, original_growth_rank
 from .kernels import resolve_backend
 from .modules.experts import ExpertManager
 from .modules.fused_loss import chunked_linear_cross_entropy
-from .modules.layer import check_kernel
 from .modules.router import DynamicHybridRouter, balance_loss, router_entropy, z_loss
 from .modules.routing import Routing, RoutingDecision, decide_routing, sequence_pairs, sequence_weights, token_routing
 from .modules.skills import NoveltyDetector, SkillLibrary
@@ -107,15 +105,28 @@ class _FromConfig:
 FROM_CONFIG = _FromConfig()
 
 
+def _setting(name: str) -> property:
+    """A model attribute that is setting ``name`` of the DyLoRAMoEConfig the model keeps (checked when assigned)."""
+
+    def get(self):
+        return getattr(self._settings, name)
+
+    def set(self, value):
+        self._settings = self._settings.replace(**{name: value})
+
+    return property(get, set, doc=f"The ``{name}`` setting (see DyLoRAMoEConfig).")
+
+
 class DyLoRA_MoE(nn.Module):
-    """A frozen causal LM with E LoRA experts and a router (the original DyLoRA-MoE API, DESIGN 2).
+    """A frozen causal LM with E LoRA experts and a router (the original DyLoRA-MoE API; docs/design.md §2).
 
     Original arguments: ``model_name`` (hub id, local path or a built PreTrainedModel), ``num_experts`` (1),
     ``lora_r`` (16), ``lora_alpha`` (32), ``lora_dropout`` (0.05), ``token``, ``allow_expert_growth`` (True).
     ``config``: a :class:`~dylora_moe.config.DyLoRAMoEConfig` with every setting; setting arguments passed beside it
     override its values. Every setting of the config is also a keyword here (defaults: the config's):
 
-    - ``kernel``: "auto" | "triton" | "eager" | "reference" (switch later with :meth:`set_kernel`).
+    - ``backend``: "auto" | "triton" | "eager" | "reference" (switch later with :meth:`set_backend`); ``kernel`` is
+      its former name and still works.
     - ``routing``: "sequence" (the original's model) | "token"; ``top_k`` experts per token; ``sequence_top_k``: keep
       only each sequence's top experts (renormalised) in sequence routing; ``temperature`` of the router softmax.
     - ``router_weighting``: "softmax" (default: tempered softmax probabilities of the top-k, which trains the gate
@@ -124,17 +135,30 @@ class DyLoRA_MoE(nn.Module):
     - ``balance_loss`` "mse" (the original) | "switch", ``balance_coefficient``, ``z_loss_coefficient``.
     - ``mature_experts``: mark the initial experts mature so top-k applies (the original did; experts added later
       start immature, which makes routing dense until they are marked mature).
-    - ``target_modules`` (default: :func:`~dylora_moe.inject.default_targets`), ``mixture`` ("linear" | "ffn"),
+    - ``target_modules`` (default: :func:`~dylora_moe.modules.inject.default_targets`), ``mixture`` ("linear" | "ffn"),
       ``expert_ranks`` / ``expert_alphas`` (per initial expert), ``growth_rank`` ("same" | "original" | int).
     - ``freeze_router``: keep the gate at its initial weights (no gradient, not in ``trainable_parameters``).
     - ``fused_loss``: False | True | "auto" (see :meth:`set_fused_loss`).
 
-    ``torch_dtype`` is the base model's load dtype (not a setting). ``moe_config`` gives the current settings back.
+    ``torch_dtype`` is the base model's load dtype (not a setting). ``moe_config`` gives the current settings back;
+    the settings below are attributes that read (and, assigned, check and change) the config the model keeps.
     """
 
     accepts_loss_kwargs = False  # HF Trainer: the loss is a per-token mean; do not pass num_items_in_batch
-    fused_loss: bool | str = False  # see set_fused_loss
     fused_loss_chunk_rows: int | None = None
+    routing = _setting("routing")
+    sequence_top_k = _setting("sequence_top_k")
+    balance_loss_form = _setting("balance_loss")
+    balance_coefficient = _setting("balance_coefficient")
+    z_loss_coefficient = _setting("z_loss_coefficient")
+    allow_expert_growth = _setting("allow_expert_growth")
+    lora_r = _setting("lora_r")
+    lora_alpha = _setting("lora_alpha")
+    lora_dropout = _setting("lora_dropout")
+    mixture = _setting("mixture")
+    growth_rank = _setting("growth_rank")
+    mature_experts = _setting("mature_experts")
+    fused_loss = _setting("fused_loss")
 
     def __init__(
         self,
@@ -147,7 +171,8 @@ class DyLoRA_MoE(nn.Module):
         allow_expert_growth: bool = FROM_CONFIG,
         *,
         config: DyLoRAMoEConfig | None = None,
-        kernel: str = FROM_CONFIG,
+        backend: str = FROM_CONFIG,
+        kernel: str | None = None,
         routing: str = FROM_CONFIG,
         top_k: int = FROM_CONFIG,
         temperature: float = FROM_CONFIG,
@@ -168,17 +193,18 @@ class DyLoRA_MoE(nn.Module):
         torch_dtype=None,
     ):
         super().__init__()
-        settings = {f.name for f in dataclasses.fields(DyLoRAMoEConfig)}
-        given = {name: value for name, value in locals().items() if name in settings and value is not FROM_CONFIG}
+        given = {name: value for name, value in locals().items() if name in SETTINGS and value is not FROM_CONFIG}
+        if kernel is not None:  # the former name of backend
+            given["kernel"] = kernel
         if config is not None and not isinstance(config, DyLoRAMoEConfig):
             raise TypeError(f"config must be a DyLoRAMoEConfig, got {type(config).__name__}")
         cfg = (config or DyLoRAMoEConfig()).replace(**given)
-        self._apply_settings(cfg)
+        self._settings = cfg  # the one copy of the settings (the router and experts hold theirs)
 
         self.foundation_model = load_base_model(model_name, token, torch_dtype)
         self.expert_manager = ExpertManager(
             self.foundation_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-            target_modules=cfg.target_modules, kernel=cfg.kernel, mixture=cfg.mixture,
+            target_modules=cfg.target_modules, kernel=cfg.backend, mixture=cfg.mixture,
         )  # fmt: skip
         for i in range(cfg.num_experts):
             self.expert_manager.create_expert(
@@ -196,45 +222,29 @@ class DyLoRA_MoE(nn.Module):
         self.router.gate.requires_grad_(not cfg.freeze_router)
         self.skill_library = SkillLibrary(hidden)
         self.novelty_detector = NoveltyDetector(self.skill_library)
-        self._reference_model = None  # built on demand by set_kernel("reference"); not a registered submodule
-        self.kernel = cfg.kernel
-        self.set_kernel(cfg.kernel)
+        self._reference_model = None  # built on demand by set_backend("reference"); not a registered submodule
+        self.set_backend(cfg.backend)
 
     # ----- configuration -------------------------------------------------------------------------------------
 
-    def _apply_settings(self, cfg: DyLoRAMoEConfig) -> None:
-        """The settings the model keeps as attributes (the router and experts keep theirs)."""
-        self.routing = cfg.routing
-        self.sequence_top_k = cfg.sequence_top_k
-        self.balance_loss_form = cfg.balance_loss
-        self.balance_coefficient = float(cfg.balance_coefficient)
-        self.z_loss_coefficient = float(cfg.z_loss_coefficient)
-        self.allow_expert_growth = cfg.allow_expert_growth
-        self.lora_r, self.lora_alpha, self.lora_dropout = cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout
-        self.mixture = cfg.mixture
-        self.growth_rank = cfg.growth_rank
-        self.mature_experts = cfg.mature_experts
-        self.set_fused_loss(cfg.fused_loss)
-
     @property
     def moe_config(self) -> DyLoRAMoEConfig:
-        """The model's current settings (after growth, ``set_kernel``, ...) as a validated config; target modules
-        are the injected modules' full names, so a model rebuilt from it has exactly these layers."""
+        """The model's current settings (after growth, ``set_backend``, ...) as a validated config: the settings it
+        keeps, with what the parts hold now (experts and their ranks, the router's); target modules are the injected
+        modules' full names, so a model rebuilt from it has exactly these layers."""
+        return self._current_settings()
+
+    def _current_settings(self) -> DyLoRAMoEConfig:
         settings = self.expert_manager.expert_settings
         uniform = all((s.r, s.lora_alpha) == (self.lora_r, self.lora_alpha) for s in settings)
         layers = list(self.handle.layers)
         targets = layers if self.mixture == "linear" else list(dict.fromkeys(n.rsplit(".", 1)[0] for n in layers))
-        return DyLoRAMoEConfig(
-            num_experts=self.num_experts, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout, allow_expert_growth=self.allow_expert_growth, target_modules=targets,
-            mixture=self.mixture, expert_ranks=None if uniform else [s.r for s in settings],
-            expert_alphas=None if uniform else [s.lora_alpha for s in settings], growth_rank=self.growth_rank,
-            kernel=self.kernel, routing=self.routing, top_k=self.router.top_k, temperature=self.router.temperature,
-            router_weighting=self.router.weighting, renormalize=self.router.renormalize,
-            sequence_top_k=self.sequence_top_k, balance_loss=self.balance_loss_form,
-            balance_coefficient=self.balance_coefficient, z_loss_coefficient=self.z_loss_coefficient,
-            mature_experts=self.mature_experts, freeze_router=not self.router.gate.weight.requires_grad,
-            fused_loss=self.fused_loss,
+        return self._settings.replace(
+            num_experts=self.num_experts, target_modules=targets,
+            expert_ranks=None if uniform else [s.r for s in settings],
+            expert_alphas=None if uniform else [s.lora_alpha for s in settings],
+            top_k=self.router.top_k, temperature=self.router.temperature, router_weighting=self.router.weighting,
+            renormalize=self.router.renormalize, freeze_router=not self.router.gate.weight.requires_grad,
         )  # fmt: skip
 
     @property
@@ -243,7 +253,18 @@ class DyLoRA_MoE(nn.Module):
 
     @property
     def config(self):
+        """The base model's config (as a PreTrainedModel's ``config``; the MoE settings are :attr:`moe_config`)."""
         return self.foundation_model.config
+
+    @property
+    def backend(self) -> str:
+        """The backend setting: "auto" | "triton" | "eager" | "reference" (change it with :meth:`set_backend`)."""
+        return self._settings.backend
+
+    @property
+    def kernel(self) -> str:
+        """The former name of :attr:`backend`."""
+        return self.backend
 
     @property
     def device(self) -> torch.device:
@@ -253,32 +274,27 @@ class DyLoRA_MoE(nn.Module):
     def handle(self):
         return self.expert_manager.handle
 
-    def set_kernel(self, name: str) -> None:
+    def set_backend(self, name: str) -> None:
         """Run later forwards on backend ``name`` ("auto" | "triton" | "eager" | "reference"), same weights.
 
         "auto" is resolved at every forward from the device of the tensors (triton for CUDA tensors, eager
         otherwise), so a model still on the CPU of a GPU machine (the usual order: build, then ``.to("cuda")``)
         builds and runs. "triton" is checked now against the model's device, naming the fix.
         """
-        check_kernel(name)
-        if name == "reference" and self.mixture == "ffn":
-            raise ValueError(
-                "kernel='reference' runs the original algorithm on peft adapters of linear layers; it has no "
-                "FFN-expert mixture (mixture='ffn'): use kernel='eager' or 'triton'"
-            )
-        if name == "reference" and self.moe_config.expert_ranks is not None:
-            raise ValueError(
-                "kernel='reference' builds one peft LoraConfig for all experts; these experts have their own ranks "
-                "or alphas: use kernel='eager' or 'triton'"
-            )
+        self._current_settings().replace(backend=name)  # the config's rules: a known name; "reference" where it fits
         if name == "triton":
             resolve_backend("triton", self.device)  # fail now, naming the fix, rather than in the first forward
-        self.handle.set_kernel(name)
+        self.handle.set_kernel("loop" if name == "reference" else name)  # the layers' loop; the peft reference is here
         self.router.backend = name if name in ("auto", "triton") else "eager"
-        self.kernel = name
-        self._backend = name
+        self._settings = self._settings.replace(backend=name)
         if name == "reference":
             self._reference().sync()
+
+    def set_kernel(self, name: str) -> None:
+        """The former name of :meth:`set_backend`."""
+        if name not in BACKENDS:
+            raise ValueError(f"unknown kernel {name!r}; expected one of {', '.join(BACKENDS)}")
+        self.set_backend(name)
 
     def _reference(self):
         from .modules.reference import ReferenceMoE
@@ -393,8 +409,7 @@ class DyLoRA_MoE(nn.Module):
         Works for token and sequence routing (the mixture is on hidden states); a head that is not an nn.Linear,
         or sequence routing with soft-capped logits, keeps the plain loss. ``chunk_rows``: rows per chunk
         (default: logits chunks about the size of the hidden states, Liger's rule)."""
-        if not (isinstance(mode, bool) or mode == "auto"):
-            raise ValueError(f"fused_loss must be False, True or 'auto', got {mode!r}")
+        check_setting("fused_loss", mode)
         if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
             raise ValueError(f"chunk_rows must be None or a positive int, got {chunk_rows!r}")
         self.fused_loss, self.fused_loss_chunk_rows = mode, chunk_rows
@@ -433,10 +448,10 @@ class DyLoRA_MoE(nn.Module):
 
         The step is one graph, forward and backward, with token routing, and with sequence routing when
         ``sequence_top_k`` is set (without it the number of (sequence, expert) pairs depends on the data). Shapes
-        that change recompile: pad batches to fixed shapes. Not for ``kernel="reference"`` (peft's Python loops).
+        that change recompile: pad batches to fixed shapes. Not for ``backend="reference"`` (peft's Python loops).
         """
-        if self._backend == "reference":
-            raise ValueError("kernel='reference' does not compile; use 'eager', 'triton' or 'auto'")
+        if self.backend == "reference":
+            raise ValueError("backend='reference' does not compile; use 'eager', 'triton' or 'auto'")
         self.router.refresh_maturity_if_changed()  # now: the compiled graph cannot read the buffer
         super().compile(*args, fullgraph=fullgraph, **kwargs)
 
@@ -447,7 +462,7 @@ class DyLoRA_MoE(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         lm_loss = None
-        if self._backend == "reference":
+        if self.backend == "reference":
             decision, seq_weights, logits = self._reference().forward(input_ids, attention_mask)
         else:
             decision = self._routing_pass(input_ids, attention_mask)
@@ -605,7 +620,7 @@ class DyLoRA_MoE(nn.Module):
         """Rebuild a saved model on ``base_model`` (a PreTrainedModel, local path or hub id), in peft's argument
         order: ``DyLoRA_MoE.from_pretrained(base_model, save_directory)``. The former order
         ``(save_directory, base_model)`` still works, with a DeprecationWarning (told apart by which argument is a
-        built model or a checkpoint directory). ``overrides``: settings to change (e.g. ``kernel="eager"``)."""
+        built model or a checkpoint directory). ``overrides``: settings to change (e.g. ``backend="eager"``)."""
         from .io.checkpoint import load_checkpoint_model
 
         old_order = isinstance(save_directory, nn.Module) or (

@@ -218,3 +218,21 @@ def test_a_benchmark_appends_its_rows(tmp_path):
         ("moe_lora", "lora_dense", "fwd", "test-run")
     }
     assert records.COMMITTED_CSV.read_bytes() == before
+
+
+def test_visualizer_plots_the_run_just_measured(tmp_path, monkeypatch):
+    """Without --data, the local run (benchmarks/out/, what `pytest benchmarks/` writes) is plotted, not the committed
+    history; without a local run, the committed history."""
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib (the train extra)")
+    from benchmarks import visualize
+
+    roundtrip(tmp_path, [row(provider="eager", value=1.0, E=e, routing="token") for e in (2, 4)])
+    monkeypatch.setattr(visualize, "LOCAL_CSV", tmp_path / "data.csv")
+    seen = []
+    monkeypatch.setattr(visualize, "read_rows", lambda *paths: seen.extend(paths) or records.read_rows(*paths))
+    visualize.main(["--op", "step", "--out", str(tmp_path / "local.png")])
+    assert seen == [tmp_path / "data.csv"] and (tmp_path / "local.png").is_file()
+    monkeypatch.setattr(visualize, "LOCAL_CSV", tmp_path / "absent.csv")
+    seen.clear()
+    visualize.main(["--op", "step", "--out", str(tmp_path / "committed.png")])
+    assert seen == [records.COMMITTED_CSV]

@@ -14,7 +14,7 @@ TOL = {
     torch.bfloat16: dict(atol=1.6e-2, rtol=3e-2),
 }
 
-# Dtypes each device tests: bf16 Triton math is garbage in the CPU interpreter (DESIGN 7), so bf16 is GPU only.
+# Dtypes each device tests: bf16 Triton math is garbage in the CPU interpreter (docs/design.md §7), so bf16 is GPU only.
 CPU_DTYPES = (torch.float32, torch.float16)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

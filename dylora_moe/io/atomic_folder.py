@@ -1,4 +1,6 @@
-"""Publish a folder atomically: write it under a hidden staging name beside its destination, then rename it there.
+"""Publish a folder (or a file) atomically: write it under a hidden staging name beside its destination, then rename
+it there. The one way this project publishes what a reader may open: checkpoints, the Trainer's checkpoint-N and
+final/ folders, the tiny base model, a run's small files.
 
 A reader of the destination sees the old folder or the new one, never a half-written one. Replacing a folder uses
 Linux's ``renameat2(RENAME_EXCHANGE)`` (old and new swap in one step; there is no moment with neither); where the
@@ -8,7 +10,8 @@ second rename is undone).
 Staging folders are named ``.<destination name>.tmp-<pid>-<random>``, are created with the user's umask (not
 ``mkdtemp``'s private 0700), and are removed on any error. A process killed mid-save leaves its staging folder
 behind: :func:`remove_stale_staging` removes those of dead processes (and first puts back a complete folder that a
-kill between the two renames left aside).
+kill between the two renames left aside). The Trainer writes a checkpoint-N folder inside a staging root named
+``.staging-checkpoint-N`` (its code names the folder itself); :func:`is_staging_name` knows both names.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import ctypes
 import errno
 import functools
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable
@@ -24,6 +28,29 @@ from pathlib import Path
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+STAGING_ROOT_PREFIX = ".staging-"
+_STAGED = re.compile(r"^\..+\.tmp-.+$")
+
+
+def staging_root(destination: Path) -> Path:
+    """A staging folder to hold a folder named like ``destination`` (for writers that choose the inner name)."""
+    return destination.parent / f"{STAGING_ROOT_PREFIX}{destination.name}"
+
+
+def is_staging_name(name: str) -> bool:
+    """Whether ``name`` is one of this module's staging names (what a save cut short leaves behind)."""
+    return name.startswith(STAGING_ROOT_PREFIX) or bool(_STAGED.match(name))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace the file ``path`` by ``text`` in one rename (a reader sees the old text or the new)."""
+    tmp = _sibling(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def staging_prefix(destination: Path) -> str:

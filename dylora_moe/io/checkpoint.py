@@ -43,6 +43,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
+from ..config import RENAMED
 from .atomic_folder import fsync_path, new_staging, publish, remove_stale_staging, stale_staging
 from .peft_format import expert_name, lora_config, peft_key
 
@@ -113,28 +114,8 @@ def _describe(entries: list[str], limit: int = 5) -> str:
 
 
 def model_settings(moe) -> dict:
-    """The model's settings for the config JSON: ``moe.moe_config.to_dict()`` where the model has one, else the
-    constructor arguments ``load_checkpoint_model`` needs."""
-    moe_config = getattr(moe, "moe_config", None)
-    if moe_config is not None:
-        return dict(moe_config.to_dict())
-    return {
-        "num_experts": moe.num_experts,
-        "lora_r": moe.lora_r,
-        "lora_alpha": moe.lora_alpha,
-        "lora_dropout": moe.lora_dropout,
-        "allow_expert_growth": moe.allow_expert_growth,
-        "routing": moe.routing,
-        "top_k": moe.router.top_k,
-        "temperature": moe.router.temperature,
-        "router_weighting": moe.router.weighting,
-        "renormalize": moe.router.renormalize,
-        "sequence_top_k": moe.sequence_top_k,
-        "balance_loss": moe.balance_loss_form,
-        "balance_coefficient": moe.balance_coefficient,
-        "z_loss_coefficient": moe.z_loss_coefficient,
-        "target_modules": list(moe.handle.layers),
-    }
+    """The model's settings for the config JSON: its ``moe_config`` (a DyLoRAMoEConfig) as a dict."""
+    return dict(moe.moe_config.to_dict())
 
 
 def _base_model_name(moe) -> str:
@@ -488,6 +469,9 @@ def checked_settings(save_directory) -> dict:
     from ..config import DyLoRAMoEConfig
 
     settings = checkpoint_settings(read_config(save_directory))
+    for former, name in RENAMED.items():  # a checkpoint written before a setting was renamed
+        if former in settings:
+            settings.setdefault(name, settings.pop(former))
     try:
         DyLoRAMoEConfig.from_dict(settings)
     except (TypeError, ValueError) as err:

@@ -22,12 +22,16 @@ from transformers.pytorch_utils import Conv1D
 from ..kernels import moe_lora, resolve_backend
 from .routing import RoutingContext
 
-KERNELS = ("auto", "triton", "eager", "reference")
+# A layer's backends: the op's, and "loop", the per-expert Python loop (the model's "reference" is peft adapters).
+KERNELS = ("auto", "triton", "eager", "loop")
+FORMER_NAMES = {"reference": "loop"}  # what a layer called its per-expert loop before
 
 
 def check_kernel(kernel: str) -> str:
-    """Validate a module kernel name and return it. "auto" stays "auto": each forward resolves it from the
-    device of its input (triton for CUDA tensors, eager otherwise), so a CPU model on a GPU machine runs eager."""
+    """Validate a layer backend name and return it ("reference", the loop's former name, gives "loop"). "auto"
+    stays "auto": each forward resolves it from the device of its input (triton for CUDA tensors, eager otherwise),
+    so a CPU model on a GPU machine runs eager."""
+    kernel = FORMER_NAMES.get(kernel, kernel)
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
     return kernel
@@ -56,7 +60,7 @@ class MoELoRALinear(nn.Module):
     alpha ``expert_alphas[e]``: rows/columns past its rank are zero (and get zero gradient), and the float32
     buffer ``expert_scaling`` [E] holds alpha_e / r_e. ``r``/``alpha``/``scaling`` are the defaults of new experts.
     ``kernel``: "auto" (triton for CUDA inputs, eager otherwise, per forward) | "triton" | "eager" |
-    "reference" (a Python loop over experts with LoRA's two matmuls each; slow, for checks).
+    "loop" (a Python loop over experts with LoRA's two matmuls each; slow, for checks; former name "reference").
     """
 
     def __init__(
@@ -152,7 +156,7 @@ class MoELoRALinear(nn.Module):
             routing = self.context.active_routing(x.shape[:-1], x.device)
         return routing
 
-    def _reference_delta(self, x, routing, mask):
+    def _loop_delta(self, x, routing, mask):
         """LoRA math one expert at a time (dropout -> A -> B -> scale), weighted by the dense gate."""
         gate = routing.meta(x.shape[:-1], self.num_experts).gate
         gate = gate.reshape(*x.shape[:-1], self.num_experts).to(x.dtype)
@@ -168,7 +172,7 @@ class MoELoRALinear(nn.Module):
         if not self.context.adapters_enabled or self.num_experts == 0:
             return self.base_layer(x)
         routing = self._routing(x)
-        backend = resolve_backend(self.kernel, x.device) if self.kernel != "reference" else "reference"
+        backend = resolve_backend(self.kernel, x.device) if self.kernel != "loop" else "loop"
         dropout = self.training and self.dropout > 0.0
         if backend == "triton":
             # Dropout drawn inside the kernels from a per-forward seed (activation checkpointing replays the
@@ -179,9 +183,9 @@ class MoELoRALinear(nn.Module):
             seed = None
             keep = 1.0 - self.dropout
             mask = torch.empty_like(x).bernoulli_(keep).div_(keep) if dropout else None
-        if backend == "reference":
+        if backend == "loop":
             out = self.base_layer(x)
-            return out + self._reference_delta(x, routing, mask).to(out.dtype)
+            return out + self._loop_delta(x, routing, mask).to(out.dtype)
         meta = routing.meta(x.shape[:-1], self.num_experts)
         # The base layer on flat tokens: nn.Linear then returns a fresh [T, d_out] tensor (not a view), which the
         # op may write the sum into when nobody else can hold it (donated).

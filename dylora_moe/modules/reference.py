@@ -1,7 +1,7 @@
 """The original DyLoRA-MoE algorithm on peft adapters: the slow reference the fast paths are checked against.
 
 One peft LoRA adapter per expert (``expert_i``), added with ``get_peft_model`` / ``add_adapter`` on a copy of the
-base model that shares its frozen parameters. Minus the original's training defects (DESIGN 2): every adapter
+base model that shares its frozen parameters. Minus the original's training defects (docs/design.md §2): every adapter
 trains. Each adapter's ``lora_A``/``lora_B`` weight IS row i of the fast model's stacked tensors (a view taken at
 every call), so both backends read and train the same parameters and an optimizer built on the fast model holds
 them all.

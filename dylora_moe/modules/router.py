@@ -2,8 +2,8 @@
 
 Shape letters: T tokens, E experts, k experts per token, H router input width.
 
-Routing rule (DESIGN 2): while any expert is immature (maturity 0) every token uses all experts with
-``softmax(logits / temperature)``; once all are mature, each token keeps its top-k experts, weighted by
+Routing rule (the original's, docs/design.md §2): while any expert is immature (maturity 0) every token uses all
+experts with ``softmax(logits / temperature)``; once all are mature, each token keeps its top-k experts, weighted by
 
   - ``weighting="original"``: softmax over the k selected logits, no temperature (the original). With k = 1 the
     weight is the constant 1, so the language-model loss gives the gate no gradient.
@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..config import WEIGHTINGS, check_setting
 from ..io.original_files import is_safetensors_file, load_torch_file, require_keys
 from ..kernels import topk_route
 from .growth import keep_parameter_identity
 
-WEIGHTINGS = ("original", "softmax")
 ORIGINAL_ROUTER_KEYS = ("gate_state_dict", "expert_maturity", "num_experts", "input_size", "top_k", "temperature")
 
 
@@ -66,12 +66,9 @@ class DynamicHybridRouter(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        check_setting("num_experts", num_experts)
+        check_setting("top_k", top_k, num_experts=num_experts)
+        check_setting("temperature", temperature)
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
         self.input_size = input_size

@@ -1,4 +1,4 @@
-"""SkillLibrary and NoveltyDetector: the small growth machinery of the original (DESIGN 2), with its signatures.
+"""SkillLibrary and NoveltyDetector: the small growth machinery of the original, with its signatures.
 
 A skill is an embedding (the mean last hidden state of the base model over some data) stored under the id of the
 expert made for it; data is novel when its embedding is not close (cosine similarity) to any stored skill.

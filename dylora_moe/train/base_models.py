@@ -13,13 +13,14 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from ..io.atomic_folder import new_staging, publish
 
 TINY = "tiny"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -116,14 +117,16 @@ def _build_tiny(folder: Path, texts: Sequence[str], config: TinyConfig) -> None:
     tokenizer = train_tokenizer(texts, config.vocab_size)
     model = build_tiny_model(config, tokenizer)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the renamed folder is a normal model folder
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    staging = new_staging(folder)
     try:
-        os.rename(staging, folder)
-    except OSError:  # another run built it first (a second job on the same output folder): keep its copy
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        publish(staging, folder, replace=False, last="config.json")
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "config.json").is_file():
+            raise
+        # else another run built it first (a second job on the same output folder): keep its copy
 
 
 def _wait_for(path: Path, timeout_s: float = 1800.0) -> None:

@@ -4,7 +4,7 @@ Reads top to bottom: arguments -> output folder (one run per folder) -> data -> 
 Trainer -> report.
 
     python train.py                                     # offline: the tiny model, ../shared/data, CPU, minutes
-    python train.py --kernel triton --bf16 --model_name google/codegemma-2b          # the real job on a GPU
+    python train.py --backend triton --bf16 --model_name google/codegemma-2b         # the real job on a GPU
     python train.py --resume_from_checkpoint            # continue the run of --output_dir from its last checkpoint
     python train.py --sweep "num_experts=2,4 top_k=1,2" # one run per configuration, compared in sweep.md
     torchrun --standalone --nproc_per_node 2 train.py   # DDP through the Trainer (gloo on CPU, nccl on GPU)
@@ -39,12 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from dylora_moe.config import CHOICES, RENAMED, RULES, DyLoRAMoEConfig, SettingError
+
 REPO = Path(__file__).resolve().parents[2]
 logger = logging.getLogger("train")
 
-# The original script's values (DESIGN 2), and what `--model_name tiny` uses instead when the flag is not given:
-# the random frozen tiny base needs larger LoRA steps (its loss plateaus after ~20 of them), and one epoch over half
-# the training text keeps the default run within a few minutes on a 2-core CPU.
+# The original script's values (docs/design.md §2), and what `--model_name tiny` uses instead when the flag is not
+# given: the random frozen tiny base needs larger LoRA steps (its loss plateaus after ~20 of them), and one epoch over
+# half the training text keeps the default run within a few minutes on a 2-core CPU.
 ORIGINAL_DEFAULTS = {
     "num_train_epochs": 10,
     "learning_rate": 2e-5,
@@ -95,52 +97,59 @@ class ModelArguments:
     tiny_vocab_size: int = _arg(2048, "tiny model: BPE vocabulary size (>= 300)")
 
 
-@dataclass
-class ExpertArguments:
-    """The LoRA experts and the router."""
+# The model settings that are train.py flags: name, type, choices and help come from DyLoRAMoEConfig (the one place a
+# setting is defined and checked); the defaults are the library's except these.
+FLAG_SETTINGS = (
+    "num_experts", "lora_r", "lora_alpha", "lora_dropout", "backend", "routing", "top_k", "temperature",
+    "sequence_top_k", "router_weighting", "balance_loss", "balance_coefficient", "z_loss_coefficient", "freeze_router",
+)  # fmt: skip
+TRAIN_SETTING_DEFAULTS = {"num_experts": 4, "lora_alpha": 32.0, "routing": "token"}
+FLAG_HELP = {"num_experts": "LoRA experts, all created up front and mature"}
+FUSED_LOSS_FLAG = {"off": False, "on": True, "auto": "auto"}  # --fused_loss value -> the fused_loss setting
 
-    num_experts: int = _arg(4, "LoRA experts, all created up front and mature")
-    lora_r: int = _arg(16, "LoRA rank of every expert")
-    lora_alpha: float = _arg(32.0, "LoRA alpha (scaling alpha / r)")
-    lora_dropout: float = _arg(0.05, "dropout on the LoRA input, in [0, 1)")
-    kernel: Literal["auto", "triton", "eager", "reference"] = _arg(
-        "auto",
-        "backend: triton kernels (GPU), eager PyTorch, the original per-expert algorithm (slow), "
-        "or auto (triton with CUDA, else eager)",
-    )
-    routing: Literal["token", "sequence"] = _arg(
-        "token",
-        "token: each token's top-k experts mixed in every LoRA layer (one pass; the fast path); "
-        "sequence: the seed's per-sequence expert mixture (routing pass + one batched pass)",
-    )
-    top_k: int = _arg(1, "experts per token, in [1, --num_experts]")
-    temperature: float = _arg(2.0, "router softmax temperature, > 0 (the original's 2.0)")
-    sequence_top_k: int | None = _arg(
-        None, "sequence routing: keep each sequence's best k experts, renormalised (default: all)"
-    )
-    router_weighting: Literal["softmax", "original"] = _arg(
-        "softmax",
-        "softmax: top-k probabilities of the tempered softmax (k=1 trains the gate); original: softmax over "
-        "the k selected logits (k=1 gives the gate no gradient)",
-    )
-    balance_loss: Literal["mse", "switch"] = _arg("mse", "load-balancing loss form")
-    balance_coefficient: float = _arg(0.01, "weight of the load-balancing loss, >= 0")
-    z_loss_coefficient: float = _arg(0.0, "weight of the router z-loss, >= 0")
-    freeze_router: bool = _arg(False, "keep the gate at its initial weights; experts train")
-    fused_loss: Literal["off", "on", "auto"] = _arg(
-        "off",
-        "the LM loss in row chunks from the hidden states, never the full [batch, length, vocabulary] logits "
-        "(for large vocabularies such as CodeGemma's 256k); auto: in training only, evaluation keeps the logits",
-    )
-    strict_gradients: bool = _arg(
-        False,
-        "stop with an error (not a warning) when, after the first optimizer step, an expert that received "
-        "tokens has a zero gradient in some adapted layer, or a trainable gate has none",
-    )
-    sweep: str | None = _arg(
-        None,
-        'grid of train.py flags, e.g. "num_experts=2,4,8 top_k=1,2 temperature=1,2": one run per '
-        "configuration in its own sub-folder of --output_dir, then sweep.md, sweep.png and a wandb sweep YAML",
+
+def _setting_field(f: dataclasses.Field, kind) -> tuple:
+    if f.name in CHOICES:
+        kind = Literal[CHOICES[f.name]]
+    default = TRAIN_SETTING_DEFAULTS.get(f.name, f.default)
+    metadata = {"aliases": [f"--{old}" for old, new in RENAMED.items() if new == f.name]}
+    return f.name, kind, _arg(default, FLAG_HELP.get(f.name, f.metadata["help"]), **metadata)
+
+
+def _expert_arguments():
+    """The dataclass of the "experts and routing" flags: :data:`FLAG_SETTINGS` and what train.py adds."""
+    hints = typing.get_type_hints(DyLoRAMoEConfig)
+    fields = {f.name: f for f in dataclasses.fields(DyLoRAMoEConfig)}
+    own = [
+        ("fused_loss", Literal[tuple(FUSED_LOSS_FLAG)], _arg("off", fields["fused_loss"].metadata["help"])),
+        ("strict_gradients", bool, _arg(
+            False,
+            "stop with an error (not a warning) when, after the first optimizer step, an expert that received "
+            "tokens has a zero gradient in some adapted layer, or a trainable gate has none",
+        )),
+        ("sweep", str | None, _arg(
+            None,
+            'grid of train.py flags, e.g. "num_experts=2,4,8 top_k=1,2 temperature=1,2": one run per '
+            "configuration in its own sub-folder of --output_dir, then sweep.md, sweep.png and a wandb sweep YAML",
+        )),
+    ]  # fmt: skip
+    settings = [_setting_field(fields[name], hints[name]) for name in FLAG_SETTINGS]
+    cls = dataclasses.make_dataclass("ExpertArguments", settings + own)
+    cls.__doc__ = "The LoRA experts and the router."
+    return cls
+
+
+ExpertArguments = _expert_arguments()
+
+
+def model_config(args: argparse.Namespace) -> DyLoRAMoEConfig:
+    """The model's settings from the flags (the original's training script: all experts up front, mature, no
+    growth)."""
+    return DyLoRAMoEConfig(
+        **{name: getattr(args, name) for name in FLAG_SETTINGS},
+        fused_loss=FUSED_LOSS_FLAG[args.fused_loss],
+        allow_expert_growth=False,
+        mature_experts=True,
     )
 
 
@@ -324,21 +333,14 @@ def _percent(v) -> bool:
     return math.isfinite(v) and 0 < v <= 100
 
 
-# (flag, holds, what is expected): checked in this order, so --num_experts is checked before --top_k uses it.
+# (flag, holds, what is expected): checked in this order, so --num_experts is checked before --top_k uses it. The
+# model settings' rules are DyLoRAMoEConfig's (their errors worded as flag errors).
 CHECKS = (
     ("model_name", lambda v, a: bool(v.strip()), "a hub id, a local folder or 'tiny'"),
     ("tiny_hidden_size", lambda v, a: v >= 1, "an integer >= 1"),
     ("tiny_num_layers", lambda v, a: v >= 1, "an integer >= 1"),
     ("tiny_vocab_size", lambda v, a: v >= 300, "an integer >= 300 (256 bytes + special tokens + merges)"),
-    ("num_experts", lambda v, a: v >= 1, "an integer >= 1"),
-    ("lora_r", lambda v, a: v >= 1, "an integer >= 1"),
-    ("lora_alpha", lambda v, a: _positive(v), "a number > 0"),
-    ("lora_dropout", lambda v, a: math.isfinite(v) and 0 <= v < 1, "a probability in [0, 1)"),
-    ("top_k", lambda v, a: 1 <= v <= a.num_experts, "an integer in [1, --num_experts={a.num_experts}]"),
-    ("temperature", lambda v, a: _positive(v), "a number > 0"),
-    ("sequence_top_k", lambda v, a: v is None or 1 <= v <= a.num_experts, "in [1, --num_experts={a.num_experts}]"),
-    ("balance_coefficient", lambda v, a: math.isfinite(v) and v >= 0, "a number >= 0"),
-    ("z_loss_coefficient", lambda v, a: math.isfinite(v) and v >= 0, "a number >= 0"),
+    *((name, *RULES[name]) for name in FLAG_SETTINGS if name in RULES),  # DyLoRAMoEConfig's rules
     ("max_length", lambda v, a: v >= 2, "an integer >= 2"),
     ("training_subset", lambda v, a: _percent(v), "a percent in (0, 100]"),
     ("eval_subset", lambda v, a: _percent(v), "a percent in (0, 100]"),
@@ -388,12 +390,16 @@ def check_combinations(parser: ArgumentParser, args: argparse.Namespace) -> None
                      "compare; add --early_stopping_patience 0 --load_best_model_at_end false")  # fmt: skip
 
 
-def validate(parser: ArgumentParser, args: argparse.Namespace) -> None:
-    """Every value checked before anything is opened for writing; a bad one exits 2 naming the flag."""
+def validate(parser: ArgumentParser, args: argparse.Namespace, argv=()) -> None:
+    """Every value checked before anything is opened for writing; a bad one exits 2 naming the flag (as spelled in
+    ``argv``, where a flag has two names)."""
     for name, holds, expected in CHECKS:
         value = getattr(args, name)
-        if not holds(value, args):
-            parser.error(f"argument --{_flag(name)}: expected {expected.format(a=args)}, got {value!r}")
+        if holds(value, args):
+            continue
+        if name in RULES:
+            parser.error(f"argument --{name}: {SettingError(name, value, expected, vars(args)).as_flag()}")
+        parser.error(f"argument --{_flag(name)}: expected {expected.format(a=args)}, got {value!r}")
     check_combinations(parser, args)
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
@@ -405,19 +411,22 @@ def validate(parser: ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"argument --resume_from_checkpoint: {args.resume_from_checkpoint} is not a checkpoint folder")
     if args.fp16 and args.bf16:
         parser.error("argument --fp16: --fp16 and --bf16 exclude each other")
-    if args.fp16 or args.kernel == "triton":
+    if args.fp16 or args.backend == "triton":
         import torch  # only these two checks need it
 
         if args.fp16 and not torch.cuda.is_available():
             parser.error("argument --fp16: needs a CUDA GPU; on the CPU train in fp32 (no flag) or with --bf16")
-        if args.kernel == "triton":
+        if args.backend == "triton":
             # Fail now, not after loading the data and the model: the op layer's check names the fix.
             from dylora_moe.kernels import resolve_backend
 
             try:
                 resolve_backend("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
             except RuntimeError as err:
-                parser.error(f"argument --kernel: --kernel triton: {err}")
+                said = next(
+                    (a.split("=")[0] for a in argv if a.split("=")[0] in ("--kernel", "--backend")), "--backend"
+                )
+                parser.error(f"argument {said}: {said} triton: {err}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -429,7 +438,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.help_trainer:
         _full_parser().print_help()
         parser.exit(0)
-    validate(parser, resolve_defaults(args))
+    validate(parser, resolve_defaults(args), sys.argv[1:] if argv is None else argv)
     return args
 
 
@@ -639,7 +648,6 @@ def main(argv=None) -> dict:
 
     from dylora_moe.io.checkpoint import load_checkpoint
     from dylora_moe.model import DyLoRA_MoE
-    from dylora_moe.modules.layer import check_kernel
     from dylora_moe.train.console import Console
     from dylora_moe.train.gradient_coverage import GradientCoverage
     from dylora_moe.train.report import format_duration, write_report
@@ -651,33 +659,12 @@ def main(argv=None) -> dict:
     base, tokenizer = load_model_and_tokenizer(args, splits, dtype)
     check_max_length(base, args.max_length)  # before the rows are packed and a giant one allocated
     set_seed(args.seed)  # the expert init; the tiny base is seeded on its own, the Trainer seeds dropout and data order
-    model = DyLoRA_MoE(
-        base,
-        args.num_experts,
-        args.lora_r,
-        args.lora_alpha,
-        args.lora_dropout,
-        token=args.token,
-        allow_expert_growth=False,  # the original's training script: all experts up front, no growth
-        kernel=args.kernel,
-        routing=args.routing,
-        top_k=args.top_k,
-        temperature=args.temperature,
-        router_weighting=args.router_weighting,
-        sequence_top_k=args.sequence_top_k,
-        balance_loss=args.balance_loss,
-        balance_coefficient=args.balance_coefficient,
-        z_loss_coefficient=args.z_loss_coefficient,
-        mature_experts=True,
-        freeze_router=args.freeze_router,
-        fused_loss={"off": False, "on": True, "auto": "auto"}[args.fused_loss],
-    )
+    model = DyLoRA_MoE(base, token=args.token, config=model_config(args))
     for param in model.trainable_parameters():
         # Experts and gate train in fp32 over a bf16 base, as peft keeps adapters: AdamW steps of lr 2e-5 would
         # round away in bf16 weights. The layers cast them to the activations' dtype in forward.
         param.data = param.data.float()
-    backend = check_kernel(args.kernel)
-    logger.info("kernel %s runs on %s; parameters:\n%s", args.kernel, backend, parameter_breakdown(model))
+    logger.info("backend %s; parameters:\n%s", model.backend, parameter_breakdown(model))
     corpus = build_corpus(splits, tokenizer, args.max_length, args.training_subset, args.eval_subset)
     logger.info(
         "data: %d training rows of %d tokens (%d tokens); eval rows %s",
@@ -736,7 +723,7 @@ def main(argv=None) -> dict:
             "run id": plan.run_id,
             "command": "python train.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "model": f"{args.model_name}, {args.num_experts} experts, r={args.lora_r}, routing={args.routing}, "
-            f"top_k={args.top_k}, kernel={args.kernel} ({backend})"
+            f"top_k={args.top_k}, backend={args.backend}"
             + (", router frozen (--freeze_router)" if args.freeze_router else ""),
             "training": f"{trainer.state.global_step} optimizer steps, {trainer.state.epoch:.2f} epochs, "
             f"{corpus.train.num_tokens:,} training tokens per epoch, best checkpoint "

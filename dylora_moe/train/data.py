@@ -3,10 +3,10 @@
 Sources: a local directory (``code_alpaca_2k.json`` + ``mbpp.jsonl``, the layout of ``../shared/data``) or the hub
 (``--data_dir hub``: ``sahil2801/CodeAlpaca-20k`` and ``google-research-datasets/mbpp``/``full``).
 
-Text of a row, as the original script built it (DESIGN 2): Code Alpaca ``instruction + "\\n" + output``; MBPP the
-problem statement (``text``, or ``prompt`` in the hub's ``sanitized`` config). Splits are the original's, made with
-``datasets.Dataset.train_test_split`` and seed 42, so they match a run of the original on the same rows: Code Alpaca
-90/10 (train/validation), MBPP 80/10/10 (train/validation/test).
+Text of a row, as the original script built it (docs/design.md §2): Code Alpaca ``instruction + "\\n" + output``;
+MBPP the problem statement (``text``, or ``prompt`` in the hub's ``sanitized`` config). Splits are the original's, made
+with ``datasets.Dataset.train_test_split`` and seed 42, so they match a run of the original on the same rows: Code
+Alpaca 90/10 (train/validation), MBPP 80/10/10 (train/validation/test).
 
 Files are read with ``datasets`` (``load_dataset("json", data_files=...)``: a JSON array of objects or JSON lines);
 when it cannot read one, the file is scanned line by line to name the line and the problem. ``datasets`` and torch

@@ -10,11 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .runs import read_metrics
+from .runs import LOSS_PLOT, SUMMARY_FILE, UTIL_PLOT, read_metrics
 from .specialisation import SpecialisationStats
 from .specialisation_report import specialisation_section
-
-LOSS_PLOT, UTIL_PLOT = "loss.png", "utilization.png"
 
 
 def domain_metrics(metrics: dict[str, float], domains: list[str], num_experts: int) -> dict[str, dict]:
@@ -204,6 +202,6 @@ def write_report(
 
 ![expert utilisation]({UTIL_PLOT})
 """
-    path = output_dir / "summary.md"
+    path = output_dir / SUMMARY_FILE
     path.write_text(text)
     return path

@@ -18,37 +18,38 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..io.atomic_folder import is_staging_name, write_text_atomic
+
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
+# What a run writes at the top of its folder, besides checkpoint-N/ (the writers take their names from here).
+RUN_FILE = "run.json"  # the run id and the model flags
+METRICS_FILE = "metrics.jsonl"  # every log
+FINAL_DIR = "final"  # the model kept at the end
+SUMMARY_FILE = "summary.md"
+LOSS_PLOT, UTIL_PLOT = "loss.png", "utilization.png"
+HEATMAP_PLOT, EXAMPLES_PLOT, EXAMPLES_HTML = "specialisation.png", "routing_examples.png", "routing_examples.html"
+WANDB_DIR = "wandb"
+# The one list of a run's outputs (what --overwrite_output_dir removes); the tiny base model cache (tiny-*) is kept.
+RUN_OUTPUTS = (
+    RUN_FILE, METRICS_FILE, FINAL_DIR, SUMMARY_FILE, LOSS_PLOT, UTIL_PLOT, HEATMAP_PLOT, EXAMPLES_PLOT, EXAMPLES_HTML,
+    WANDB_DIR,
+)  # fmt: skip
 TRAINER_STATE = "trainer_state.json"
 IDENTITY_CALLBACK = "RunIdentity"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# Staging folders of saves cut short: ours (".staging-checkpoint-N", ".staging-final") and the ones the checkpoint
-# writer stages beside them ("..staging-checkpoint-N.tmp-*", ".final.tmp-*").
-STAGING = re.compile(r"^\.(\.?staging-.*|final\.tmp-.*)$")
-FINAL = "final"
 FINAL_MARKER = "training_args.json"  # what the trainer's save_model writes into final/ (it replaces only such a folder)
 # What else save_model writes into final/: the model's config (which lists the model's other files) and the tokenizer.
 MODEL_CONFIG = "dylora_moe_config.json"  # dylora_moe.io.checkpoint.CONFIG_NAME (this module stays torch-free)
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
     "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
-)  # fmt: skip
-# Everything a run writes at the top of its folder besides checkpoint-N: the one list that both the refusal and the
-# removal use (report.py and specialisation.py write the plots and pages; a test keeps the names in step). The tiny
-# base model cache (tiny-*) is not a run's output: it is kept and shared by the runs of the folder.
-RUN_OUTPUTS = (
-    RUN_FILE, METRICS_FILE, FINAL, "summary.md", "loss.png", "utilization.png", "specialisation.png",
-    "routing_examples.png", "routing_examples.html", "wandb",
 )  # fmt: skip
 
 
@@ -124,10 +125,10 @@ def run_outputs(folder: Path, run: dict | None) -> tuple[list[Path], list[str]]:
     for path in present:
         if run_id is None:
             in_the_way.append(f"{path.name} (no {RUN_FILE}: not a run train.py can identify)")
-        elif path.name == FINAL and path.is_dir() and any(path.iterdir()) and not (path / FINAL_MARKER).is_file():
-            in_the_way.append(f"{FINAL}/ (no {FINAL_MARKER}: not written by train.py)")
-        elif path.name == FINAL and path.is_dir() and (added := _not_saved_by_train_py(path)):
-            in_the_way.append(f"{', '.join(added[:5])} (in {FINAL}/, not written by train.py)")
+        elif path.name == FINAL_DIR and path.is_dir() and any(path.iterdir()) and not (path / FINAL_MARKER).is_file():
+            in_the_way.append(f"{FINAL_DIR}/ (no {FINAL_MARKER}: not written by train.py)")
+        elif path.name == FINAL_DIR and path.is_dir() and (added := _not_saved_by_train_py(path)):
+            in_the_way.append(f"{', '.join(added[:5])} (in {FINAL_DIR}/, not written by train.py)")
         elif CHECKPOINT.match(path.name) and (checkpoint_identity(path) or {}).get("run_id") != run_id:
             in_the_way.append(f"{path.name}/ (not a checkpoint of run {run_id})")
         else:
@@ -143,7 +144,7 @@ def _not_saved_by_train_py(final: Path) -> list[str]:
     if not recorded:  # a format-1 config lists no files: its expert folders are the model's
         expected |= {str(p.relative_to(final)) for p in final.glob("expert_*/*")} | {"router.safetensors"}
     found = sorted(str(p.relative_to(final)) for p in final.rglob("*") if p.is_file())
-    return [f"{FINAL}/{name}" for name in found if name not in expected]
+    return [f"{FINAL_DIR}/{name}" for name in found if name not in expected]
 
 
 def _refuse_foreign(folder: Path, in_the_way: list[str]) -> None:
@@ -157,7 +158,7 @@ def _refuse_foreign(folder: Path, in_the_way: list[str]) -> None:
 
 def _has_progress(outputs: list[Path]) -> bool:
     """Whether a run got as far as a checkpoint or final/ (else it failed early and its folder is reused)."""
-    return any(p.name == FINAL or CHECKPOINT.match(p.name) for p in outputs)
+    return any(p.name == FINAL_DIR or CHECKPOINT.match(p.name) for p in outputs)
 
 
 def plan_run(
@@ -262,19 +263,13 @@ def read_metrics(path: str | Path) -> tuple[list[dict], int]:
     return rows, dropped
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def start_run(plan: RunPlan) -> None:
     """The writes of a planned run, main process only: leftover staging folders go, an overwritten run's outputs go,
     a fresh run records ``run.json``, a resumed run's ``metrics.jsonl`` keeps its valid rows up to the checkpoint."""
     folder = plan.output_dir
     folder.mkdir(parents=True, exist_ok=True)
     for leftover in folder.iterdir():
-        if STAGING.match(leftover.name) and leftover.is_dir():
+        if is_staging_name(leftover.name) and leftover.is_dir():
             logger.info("removing %s (a save cut short)", leftover.name)
             shutil.rmtree(leftover, ignore_errors=True)
     for path in plan.remove:
@@ -282,14 +277,16 @@ def start_run(plan: RunPlan) -> None:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     if plan.fresh:
         record = {"run_id": plan.run_id, "fingerprint": plan.fingerprint}
-        _write_atomic(folder / RUN_FILE, json.dumps(record, indent=2) + "\n")
+        write_text_atomic(folder / RUN_FILE, json.dumps(record, indent=2) + "\n")
         return
     if not (folder / RUN_FILE).is_file():  # resuming from a checkpoint elsewhere: this folder continues that run
-        _write_atomic(folder / RUN_FILE, json.dumps({"run_id": plan.run_id, "fingerprint": plan.fingerprint}) + "\n")
+        write_text_atomic(
+            folder / RUN_FILE, json.dumps({"run_id": plan.run_id, "fingerprint": plan.fingerprint}) + "\n"
+        )
     metrics = folder / METRICS_FILE
     rows, dropped = read_metrics(metrics)
     if dropped:
         logger.warning("%s: dropped %d unreadable line(s) (a write cut short by a kill)", metrics, dropped)
     kept = [r for r in rows if r.get("run_id", plan.run_id) == plan.run_id and r.get("step", 0) <= plan.resume_step]
     if metrics.is_file() and (dropped or len(kept) != len(rows)):
-        _write_atomic(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomic(metrics, "".join(json.dumps(r) + "\n" for r in kept))

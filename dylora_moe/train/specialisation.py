@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-HEATMAP_PLOT, EXAMPLES_PLOT, EXAMPLES_HTML = "specialisation.png", "routing_examples.png", "routing_examples.html"
 # One colour per expert (matplotlib's tab10, then tab20's light shades), shared by the PNG strip and the HTML page.
 EXPERT_COLOURS = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",

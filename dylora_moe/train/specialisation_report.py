@@ -13,11 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .runs import EXAMPLES_HTML, EXAMPLES_PLOT, HEATMAP_PLOT
 from .specialisation import (
-    EXAMPLES_HTML,
-    EXAMPLES_PLOT,
     EXPERT_COLOURS,
-    HEATMAP_PLOT,
     SpecialisationStats,
     collect_specialisation,
     entropy,
@@ -238,8 +236,11 @@ The same rows as text: [{EXAMPLES_HTML}]({EXAMPLES_HTML}).
 
 
 def specialisation_report(model, eval_datasets: dict, tokenizer, out_dir: str | Path, batch_size: int = 8) -> dict:
-    """Standalone: route ``eval_datasets`` ({domain: dataset}) through ``model`` (a DyLoRA_MoE), write
-    ``specialisation.md`` and its pictures into ``out_dir``; returns the metrics (``eval_spec_*``)."""
+    """Standalone: route ``eval_datasets`` through ``model`` (a DyLoRA_MoE), write ``specialisation.md`` and its
+    pictures into ``out_dir``; returns the metrics (``eval_spec_*``). ``eval_datasets``: {domain name: dataset}, each
+    dataset indexable rows of ``input_ids`` and ``attention_mask`` tensors of one length (what a
+    ``torch.utils.data.DataLoader`` batches; e.g. ``build_corpus(...).eval`` of :mod:`dylora_moe.train.data`, a
+    :class:`~dylora_moe.train.data.PackedDataset` per domain); ``tokenizer`` prints the tokens of the examples."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = collect_specialisation(model, eval_datasets, batch_size)

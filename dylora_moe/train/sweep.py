@@ -25,25 +25,29 @@ import itertools
 import json
 import logging
 import math
+import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runs import read_metrics
+from .runs import SUMMARY_FILE, read_metrics
 
 logger = logging.getLogger(__name__)
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"
+# Each configuration runs the installed package's training command (what train.py and dylora-moe-train call), so a
+# sweep works from a wheel install too, with no checkout.
+TRAIN_COMMAND = (sys.executable, "-m", "dylora_moe.train.cli")
 SWEEP_MD, SWEEP_PLOT, WANDB_YAML, RUN_LOG = "sweep.md", "sweep.png", "sweep_wandb.yaml", "train.log"
 SWEEP_RUN_FOLDER = "outputs/wandb-sweep/$WANDB_RUN_ID"  # one folder per wandb run: a folder holds one run
 RESERVED = ("sweep", "output_dir")  # set by the sweep itself for each run
 BOOLEANS = {"true": True, "false": False}
-# What the wandb sweep fixes for the real job (DESIGN 2's model on a GPU); everything else is train.py's default.
+# What the wandb sweep fixes for the real job (the original's model on a GPU); everything else is train.py's default.
 REAL_MODEL = {"model_name": "google/codegemma-2b", "kernel": "triton", "bf16": True}
 
 
@@ -162,16 +166,29 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else "no output"
 
 
-def run_config(config, base_argv, folder: Path, script: Path, timeout: float | None) -> RunResult:
-    """Run train.py for one configuration in ``folder``; its stdout and stderr go to ``folder/train.log``."""
+def _child_env() -> dict[str, str]:
+    """The environment of a run: this one, with the folder this package was imported from first on the path, so a
+    run uses the same dylora_moe as the sweep (a checkout's, even where another copy is installed). An installed
+    package's folder (site-packages) is left where it is: ahead of the standard library it could shadow it."""
+    root = str(Path(__file__).resolve().parents[2])
+    if root in {str(Path(p).resolve()) for p in site.getsitepackages() + [site.getusersitepackages()]}:
+        return dict(os.environ)
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root if not path else os.pathsep.join([root, path])}
+
+
+def run_config(config, base_argv, folder: Path, command: Sequence[str], timeout: float | None) -> RunResult:
+    """Run ``command`` (the training command) for one configuration in ``folder``; its stdout and stderr go to
+    ``folder/train.log``."""
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(script), *base_argv, *config_argv(config), "--output_dir", str(folder)]
+    cmd = [*command, *base_argv, *config_argv(config), "--output_dir", str(folder)]
     started = time.time()
     with (folder / RUN_LOG).open("w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         try:
-            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            run = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=_child_env())
+            code = run.returncode
         except subprocess.TimeoutExpired:
             code = -1
             log.write(f"timed out after {timeout} s\n")
@@ -203,8 +220,8 @@ def sweep_table(results: list[RunResult]) -> str:
         row = [r.label, status, *(_fmt(r.losses.get(d, math.nan), ".4f") for d in domains)]
         row += [_fmt(r.nmi, ".3f"), _fmt(r.router_entropy, ".3f"), _fmt(r.load_max_over_mean, ".2f")]
         row += [_fmt(r.tokens_per_s, ".0f"), f"{r.seconds:.0f}"]
-        summary = r.folder / "summary.md"
-        row.append(f"[{r.folder.name}]({r.folder.name}/summary.md)" if summary.is_file() else f"{r.folder.name}/")
+        summary = r.folder / SUMMARY_FILE
+        row.append(f"[{r.folder.name}]({r.folder.name}/{SUMMARY_FILE})" if summary.is_file() else f"{r.folder.name}/")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -292,13 +309,15 @@ def run_sweep(
     output_dir: str | Path,
     *,
     known_flags: Iterable[str] | None = None,
-    script: str | Path = TRAIN_SCRIPT,
+    script: str | Path | None = None,
     timeout: float | None = None,
 ) -> Path:
-    """Run every configuration of ``grid`` as ``script`` (train.py) with ``base_argv`` (``--sweep`` and
+    """Run every configuration of ``grid`` with the training command (:data:`TRAIN_COMMAND`; ``script``: a Python
+    script to run instead, e.g. a stand-in in tests) with ``base_argv`` (``--sweep`` and
     ``--output_dir`` are dropped from it) in its own sub-folder of ``output_dir``; write sweep.md, sweep.png and
     sweep_wandb.yaml there. Returns the path of sweep.md. A failed configuration is reported, never raised."""
     axes = parse_grid(grid, known_flags)
+    command = TRAIN_COMMAND if script is None else (sys.executable, str(script))
     base = strip_flags(list(base_argv), RESERVED)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -308,7 +327,7 @@ def run_sweep(
         folder = output_dir / config_name(config)
         _share_tiny_base([r for r in results if r.ok], folder)
         logger.info("sweep %d/%d: %s -> %s", i, len(configs), " ".join(config_argv(config)), folder)
-        result = run_config(config, base, folder, Path(script), timeout)
+        result = run_config(config, base, folder, command, timeout)
         if result.ok:
             logger.info("sweep %d/%d finished in %.0f s", i, len(configs), result.seconds)
         else:

@@ -33,11 +33,11 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .runs import CheckpointNotFound, read_metrics
+from ..io.atomic_folder import is_staging_name, publish, staging_root
+from .runs import TRAINER_STATE, CheckpointNotFound, read_metrics
 
 __all__ = ["CheckpointNotFound", "DomainEarlyStopping", "MetricsFile", "MoETrainer", "RunIdentity", "RoutingStats"]
 
-STAGING_PREFIX = ".staging-"
 TRAINING_ARGS_FILE = "training_args.json"
 
 
@@ -45,17 +45,9 @@ def _args_file(folder: str) -> str:
     return os.path.join(folder, TRAINING_ARGS_FILE)
 
 
-def _publish(staging: str, target: str) -> None:
-    """Rename ``staging`` to ``target``, replacing an earlier ``target`` whole (kept aside until the rename)."""
-    if not os.path.exists(target):
-        os.rename(staging, target)
-        return
-    parent, name = os.path.split(target)
-    old = os.path.join(parent, f"{STAGING_PREFIX}{name}-old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(target, old)
-    os.rename(staging, target)
-    shutil.rmtree(old)
+def _publish(staging: str, target: str, last: str) -> None:
+    """Make ``staging`` visible as ``target``, replacing an earlier ``target`` whole in one step."""
+    publish(Path(staging), Path(target), replace=os.path.exists(target), last=last)
 
 
 class RoutingStats:
@@ -243,17 +235,17 @@ class MoETrainer(Trainer):
             return
         output_dir = os.path.abspath(output_dir or os.path.join(self.args.output_dir, "final"))
         parent, name = os.path.split(output_dir)
-        if name.startswith(STAGING_PREFIX) or os.path.basename(parent).startswith(STAGING_PREFIX):
+        if is_staging_name(name) or is_staging_name(os.path.basename(parent)):
             self._write_model(output_dir)
             return
         if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(_args_file(output_dir)):
             raise FileExistsError(
                 f"{output_dir} exists and was not written by save_model (no {TRAINING_ARGS_FILE}): not replacing it"
             )
-        staging = os.path.join(parent, STAGING_PREFIX + name)
+        staging = str(staging_root(Path(output_dir)))
         shutil.rmtree(staging, ignore_errors=True)
         self._write_model(staging)
-        _publish(staging, output_dir)
+        _publish(staging, output_dir, last=TRAINING_ARGS_FILE)
 
     def _write_model(self, folder: str) -> None:
         self.accelerator.unwrap_model(self.model).save_pretrained(folder)
@@ -271,25 +263,27 @@ class MoETrainer(Trainer):
         published by one rename and rotated: a save cut short never leaves a ``checkpoint-N`` a resume would take."""
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging_root = os.path.join(run_dir, STAGING_PREFIX + name)
-        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        final = os.path.join(run_dir, name)
+        root = str(staging_root(Path(final)))
+        staged = os.path.join(root, name)
         if self.args.should_save:
-            shutil.rmtree(staging_root, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
         self._barrier()
-        self._staging_root = staging_root
+        self._staging_root = root
         try:
             super()._save_checkpoint(model, trial)  # writes <staging_root>/checkpoint-N
         finally:
             self._staging_root = None
         best = self.state.best_model_checkpoint
-        if best and os.path.dirname(best) == staging_root:  # this step is the best: point at where it will be
+        if best and os.path.dirname(best) == root:  # this step is the best: point at where it will be
             self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
             if self.args.should_save:
-                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE))
         self._barrier()  # every process has written its part
         if self.args.should_save:
-            _publish(staged, final)  # a checkpoint of the same step (an abandoned segment of the run): replaced
-            shutil.rmtree(staging_root)
+            # A checkpoint of the same step (an abandoned segment of the run) is replaced.
+            _publish(staged, final, last=TRAINER_STATE)
+            shutil.rmtree(root)
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,

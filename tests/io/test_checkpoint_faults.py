@@ -277,7 +277,7 @@ _KILL_SCRIPT = textwrap.dedent(
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    sys.path.insert(0, sys.argv[2])
+    sys.path[:0] = [sys.argv[2], str(Path(sys.argv[2]) / "io")]  # the test helpers, this file
     from test_checkpoint_faults import make_moe, experts_equal, reload
     from dylora_moe.io import atomic_folder
     from dylora_moe.io import checkpoint as ckpt

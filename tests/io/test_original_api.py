@@ -1,4 +1,4 @@
-"""Every public name of the original dylo_moe package, with its signature and behaviour (DESIGN 2, issue 10)."""
+"""Every public name of the original dylo_moe package, with its signature and behaviour (docs/design.md §2)."""
 
 import importlib
 import inspect

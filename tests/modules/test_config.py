@@ -1,5 +1,5 @@
 """DyLoRAMoEConfig: validation, serialisation, DyLoRA_MoE(config=), consistent defaults, the original() preset
-against DESIGN 2's formula, and from_pretrained in peft's argument order."""
+against the original's formula (docs/design.md §2), and from_pretrained in peft's argument order."""
 
 import inspect
 import json
@@ -83,9 +83,9 @@ def test_model_takes_config_and_keyword_overrides():
 
 
 def design2_sequence_logits(moe, input_ids, top_k, mature):
-    """DESIGN 2, the original's multi-expert forward, written out: router weights per token from the last hidden
-    states (dense tempered softmax while an expert is immature, else softmax over the top-k logits), averaged over
-    the sequence; one full pass per expert; logits = the weighted sum of the expert logits."""
+    """The original's multi-expert forward (docs/design.md §2), written out: router weights per token from the last
+    hidden states (dense tempered softmax while an expert is immature, else softmax over the top-k logits), averaged
+    over the sequence; one full pass per expert; logits = the weighted sum of the expert logits."""
     with moe.handle.adapters_disabled():
         hidden = moe.foundation_model.model(input_ids).last_hidden_state
     logits = hidden @ moe.router.gate.weight.T + moe.router.gate.bias
@@ -151,3 +151,74 @@ def test_every_setting_is_a_model_keyword():
 
     keywords = set(inspect.signature(DyLoRA_MoE).parameters)
     assert {f.name for f in dataclasses.fields(DyLoRAMoEConfig)} <= keywords
+
+
+def test_config_imports_no_torch():
+    """The settings are read by train.py before torch is imported (``--help`` and a bad flag answer at once)."""
+    import subprocess
+    import sys
+
+    code = "import sys, dylora_moe.config; print('torch' in sys.modules, 'triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_backend_is_the_setting_and_kernel_its_former_name(tmp_path):
+    assert DyLoRAMoEConfig(kernel="eager").backend == "eager" == DyLoRAMoEConfig(backend="eager").backend
+    assert "kernel" not in DyLoRAMoEConfig().to_dict()
+    assert DyLoRAMoEConfig.from_dict({"kernel": "eager"}).backend == "eager"  # a checkpoint written before
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        DyLoRAMoEConfig(backend="cuda")
+    moe = DyLoRA_MoE(tiny_llama(layers=1), num_experts=2, backend="eager")
+    assert moe.backend == moe.kernel == moe.moe_config.backend == "eager"
+    moe.set_backend("auto")
+    assert moe.backend == "auto" and moe.router.backend == "auto"
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        moe.set_backend("fast")
+    moe.save_pretrained(tmp_path / "ckpt")
+    config_file = tmp_path / "ckpt" / "dylora_moe_config.json"
+    saved = json.loads(config_file.read_text())
+    assert saved["backend"] == "auto" and "kernel" not in saved
+    reloaded = DyLoRA_MoE.from_pretrained(tiny_llama(layers=1), tmp_path / "ckpt", kernel="eager")
+    assert reloaded.backend == "eager"
+
+
+def test_model_settings_are_the_config_it_keeps():
+    moe = DyLoRA_MoE(tiny_llama(layers=1), num_experts=2, backend="eager")
+    moe.balance_coefficient = 0.5
+    assert moe.moe_config.balance_coefficient == 0.5
+    with pytest.raises(ValueError, match="balance_coefficient must be a finite number >= 0"):
+        moe.balance_coefficient = -1.0  # refused by the config's rule; the setting stays
+    assert moe.balance_coefficient == 0.5
+
+
+def test_train_flags_are_the_config_settings():
+    """train.py's model flags: DyLoRAMoEConfig's fields, help and rules (a flag error is the config's rule)."""
+    import dataclasses
+
+    from dylora_moe.config import RULES
+    from dylora_moe.train import cli
+
+    flags = {f.name: f for f in dataclasses.fields(cli.ExpertArguments)}
+    settings = {f.name: f for f in dataclasses.fields(DyLoRAMoEConfig)}
+    for name in cli.FLAG_SETTINGS:
+        assert name in settings and name in flags
+        if name not in cli.FLAG_HELP:
+            assert flags[name].metadata["help"] == settings[name].metadata["help"]
+    rules = {name: holds for name, holds, _ in cli.CHECKS if name in RULES}
+    assert rules and all(holds is RULES[name][0] for name, holds in rules.items())
+
+
+def test_reference_is_the_peft_model_backend_and_loop_the_layers_per_expert_loop():
+    from dylora_moe import MoELoRALinear
+    from dylora_moe.modules.layer import check_kernel
+
+    assert check_kernel("loop") == "loop" == check_kernel("reference")  # a layer's former name for its loop
+    layer = MoELoRALinear(torch.nn.Linear(8, 8), 2, 4, 8.0, kernel="reference")
+    assert layer.kernel == "loop"
+    with pytest.raises(ValueError, match="unknown kernel 'peft'"):
+        check_kernel("peft")
+    moe = DyLoRA_MoE(tiny_llama(layers=1), num_experts=2, backend="reference")
+    assert moe.backend == "reference" and moe.handle.kernel == "loop"  # the forward runs the peft reference
+    with pytest.raises(ValueError, match="unknown backend 'loop'"):
+        DyLoRAMoEConfig(backend="loop")  # the model has no per-expert-loop backend of its own

@@ -173,7 +173,7 @@ def test_token_routing_mixes_topk_experts_per_token():
 @pytest.mark.parametrize("weighting, trains", [("softmax", True), ("original", False)])
 def test_gate_gradient_with_k1(routing, weighting, trains):
     """k = 1: the tempered-probability weighting trains the gate through the LM loss; the original's weight is the
-    constant 1.0, so its gate gradient is exactly zero (the defect DESIGN 2 documents)."""
+    constant 1.0, so its gate gradient is exactly zero (a defect of the original, docs/design.md §2)."""
     moe = build(num_experts=3, top_k=1, routing=routing, router_weighting=weighting, balance_coefficient=0.0).train()
     out = moe(*batch())
     out.loss.backward()
@@ -185,7 +185,7 @@ def test_gate_gradient_with_k1(routing, weighting, trains):
 @pytest.mark.parametrize("routing", ["sequence", "token"])
 def test_every_expert_and_the_gate_train(routing, backend):
     """One AdamW step on a batch whose routing reaches every expert changes every expert's A and B and the gate
-    (the original code on current peft changes none of its LoRA weights, DESIGN 2)."""
+    (the original code on current peft changes none of its LoRA weights, docs/design.md §2)."""
     device = DEVICE if backend == "triton" else "cpu"
     moe = build(num_experts=3, top_k=2, routing=routing, lora_dropout=0.05, device=device).train()
     moe.set_kernel(backend)

@@ -1,7 +1,7 @@
 """The grouped MoE-LoRA op: eager twin vs a plain per-token formula, Triton vs the same, values and gradients.
 
-The oracle below gathers each token's expert matrices and applies DESIGN 3 literally, in float64; it shares no
-code with the stacked form the op uses.
+The oracle below gathers each token's expert matrices and applies the math of docs/design.md §3 literally, in float64;
+it shares no code with the stacked form the op uses.
 """
 
 import pytest
@@ -238,7 +238,7 @@ def test_torch_compile_traces_without_graph_break(path):
         assert_close(g, e, torch.float32)
 
 
-# --- bad input (DESIGN 5) ----------------------------------------------------------------------------------------
+# --- bad input (docs/design.md §6) -----------------------------------------------------------------------------------
 
 
 def _good():
@@ -295,7 +295,7 @@ def test_unknown_triton_path_is_rejected():
 def test_auto_path_groups_only_sparse_routing_over_many_experts():
     from dylora_moe.kernels.grouped import choose_path
 
-    assert choose_path(num_experts=8, rank=16, top_k=2) == "stacked"  # DESIGN 4 reference case: E * R = 128
+    assert choose_path(num_experts=8, rank=16, top_k=2) == "stacked"  # the goals' reference case: E * R = 128
     assert choose_path(num_experts=64, rank=16, top_k=2) == "grouped"
     assert choose_path(num_experts=64, rank=16, top_k=64) == "stacked"  # dense routing uses every expert anyway
 
@@ -303,8 +303,8 @@ def test_auto_path_groups_only_sparse_routing_over_many_experts():
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["p0", "dropout"])
 @pytest.mark.parametrize("path", TRITON_PATHS)
 def test_triton_saves_only_rank_space_for_backward(path, dropout):
-    """DESIGN 4: beyond x, the weights and the step's shared routing metadata, backward keeps at most
-    T * (E*R + 2K) elements, never T * K * D, and that holds with LoRA dropout on (the mask is never stored)."""
+    """Memory goal (docs/design.md §5): beyond x, the weights and the step's shared routing metadata, backward keeps
+    at most T * (E*R + 2K) elements, never T * K * D, and that holds with LoRA dropout on (the mask is never stored)."""
     T, E, r, k = 40, 4, 8, 2
     x, a, b, ids, w = make_inputs(T, 48, 80, E, r, k, torch.float32)
     meta = RoutingMeta(ids, w, E)

@@ -20,7 +20,8 @@ DTYPES = GPU_DTYPES if HAS_CUDA else CPU_DTYPES
 
 
 def per_token_formula(logits, top_k, temperature, normalize):
-    """DESIGN 3 literally, one token at a time in float64: returns the five router outputs (differentiable)."""
+    """The router math of docs/design.md §3 literally, one token at a time in float64: returns the five router
+    outputs (differentiable)."""
     z = logits.double()
     num_tokens, num_experts = z.shape
     weights, ids, dense, probs = [], [], [], []
@@ -78,7 +79,7 @@ SHAPES = [
     (1, 3),  # one token: two experts get no token
     (7, 2),  # T below one row block
     (7, 5),  # prime E: padded to 8 columns
-    (7, 64),  # the largest E of DESIGN 4; k = E = 64 iterations of the top-k loop
+    (7, 64),  # the largest E of the router goal (docs/design.md §5); k = E = 64 iterations of the top-k loop
     (64, 3),  # E = 3: padded to 4
     (64, 8),  # power-of-two E
     (300, 4),  # several row blocks, the last one partial

@@ -146,3 +146,17 @@ def test_a_killed_configurations_torn_metrics_line_is_left_out(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps(record) + "\n" + '{"eval_mbpp_lo')
     result = read_run(RunResult({"top_k": "1"}, tmp_path, returncode=-9, seconds=1.0))
     assert result.losses == {"mbpp": 2.5}
+
+
+def test_runs_use_the_package_not_a_script_path(tmp_path):
+    """Each configuration runs ``python -m dylora_moe.train.cli`` of the package the sweep runs from (works from a
+    wheel install, where there is no train.py)."""
+    import subprocess
+    from pathlib import Path
+
+    from dylora_moe.train import sweep
+
+    assert sweep.TRAIN_COMMAND == (sys.executable, "-m", "dylora_moe.train.cli")
+    code = "import dylora_moe; print(dylora_moe.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], env=sweep._child_env(), cwd=tmp_path, capture_output=True)
+    assert out.stdout.decode().strip() == str(Path(sweep.__file__).resolve().parents[1] / "__init__.py")

@@ -300,3 +300,15 @@ def test_compile_flag_on_the_cpu(tmp_path):
     assert trainer.args.torch_compile and trainer.args.torch_compile_backend == "eager"
     assert sorted(_train_logs(tmp_path / "compiled")) == [1]
     assert math.isfinite(result["final"]["eval_code_alpaca_loss"])
+
+
+def test_run_outputs_list_every_file_a_run_writes(straight_run):
+    """runs.RUN_OUTPUTS is the one list of a run's outputs (--overwrite_output_dir removes exactly these): every
+    top-level entry of a finished run is in it, a checkpoint, or the tiny base model's cache."""
+    from dylora_moe.train.runs import CHECKPOINT, RUN_OUTPUTS
+
+    out = straight_run[0]
+    written = {p.name for p in out.iterdir()}
+    unlisted = {n for n in written if n not in RUN_OUTPUTS and not CHECKPOINT.match(n) and not n.startswith("tiny-")}
+    assert not unlisted, unlisted
+    assert {"specialisation.png", "routing_examples.png", "routing_examples.html"} <= written

@@ -67,8 +67,7 @@ def test_overwrite_refuses_a_final_folder_that_train_py_did_not_write(tmp_path):
 
 
 def test_overwrite_removes_every_output_of_the_run_and_nothing_else(tmp_path):
-    from dylora_moe.train.report import LOSS_PLOT, UTIL_PLOT
-    from dylora_moe.train.specialisation import EXAMPLES_HTML, EXAMPLES_PLOT, HEATMAP_PLOT
+    from dylora_moe.train.runs import EXAMPLES_HTML, EXAMPLES_PLOT, HEATMAP_PLOT, LOSS_PLOT, UTIL_PLOT
 
     assert {LOSS_PLOT, UTIL_PLOT, HEATMAP_PLOT, EXAMPLES_PLOT, EXAMPLES_HTML, "summary.md"} <= set(RUN_OUTPUTS)
     out = _run(tmp_path / "out")
