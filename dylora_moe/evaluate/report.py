@@ -11,24 +11,17 @@ import json
 import os
 from pathlib import Path
 
-SAMPLES_FILE = "code_eval_samples.jsonl"
-METRICS_FILE = "code_eval.json"
-MARKDOWN_FILE = "code_eval.md"
-FIGURE_FILE = "code_eval.png"
+from ..io.atomic_folder import write_text_atomic
+from ..train.runs import CODE_EVAL_FIGURE as FIGURE_FILE
+from ..train.runs import CODE_EVAL_MARKDOWN as MARKDOWN_FILE
+from ..train.runs import CODE_EVAL_METRICS as METRICS_FILE
+from ..train.runs import CODE_EVAL_SAMPLES as SAMPLES_FILE
+
 SECTION_TITLE = "## Functional evaluation (pass@k in a sandbox)"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_jsonl(path: Path, rows) -> None:
-    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def _pct(value) -> str:
@@ -133,9 +126,9 @@ def write_outputs(output_dir: str | Path, rows: list[dict], summary: dict, metri
     folder.mkdir(parents=True, exist_ok=True)
     write_jsonl(folder / SAMPLES_FILE, rows)
     summary["figure"] = plot(folder / FIGURE_FILE, summary)
-    write_atomic(folder / METRICS_FILE, json.dumps({"metrics": metrics, "summary": summary}, indent=1) + "\n")
+    write_text_atomic(folder / METRICS_FILE, json.dumps({"metrics": metrics, "summary": summary}, indent=1) + "\n")
     text = markdown(summary)
-    write_atomic(folder / MARKDOWN_FILE, text)
+    write_text_atomic(folder / MARKDOWN_FILE, text)
     return folder / MARKDOWN_FILE
 
 
@@ -144,4 +137,4 @@ def append_section(summary_md: Path, section: str) -> None:
     text = summary_md.read_text(encoding="utf-8")
     at = text.find(SECTION_TITLE)
     text = (text[:at] if at != -1 else text).rstrip("\n") + "\n\n" + section
-    write_atomic(summary_md, text)
+    write_text_atomic(summary_md, text)

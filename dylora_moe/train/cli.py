@@ -169,6 +169,22 @@ class DataArguments:
     eval_subset: float = _arg(100.0, "percent of each validation split to use, in (0, 100]")
 
 
+CODE_EVAL_BENCHMARKS = ("mbpp", "humaneval")  # dylora_moe.evaluate.BENCHMARKS (a test keeps them in step)
+
+
+@dataclass
+class CodeEvalArguments:
+    """Functional evaluation after training (python -m dylora_moe.evaluate does the same on any checkpoint)."""
+
+    code_eval: str | None = _arg(
+        None,
+        "after training, greedy pass@1 on these benchmarks (comma-separated: mbpp, humaneval) under the base model, "
+        "the learned routing, each expert forced and the oracle; results in summary.md, code_eval.* and the metrics",
+    )
+    code_eval_limit: int | None = _arg(None, "evaluate only the first N problems of each benchmark (default: all)")
+    code_eval_max_new_tokens: int = _arg(512, "tokens generated per completion")
+
+
 @dataclass
 class TrainingFlags:
     """TrainingArguments fields whose default differs here, under the original script's names where it had them
@@ -235,6 +251,7 @@ ARGUMENT_GROUPS = {
     "model": ModelArguments,
     "experts and routing": ExpertArguments,
     "data": DataArguments,
+    "functional evaluation": CodeEvalArguments,
     "training": TrainingFlags,
 }
 # The flags of TrainingFlags that are not TrainingArguments fields (the parser's own, handled by this script).
@@ -358,7 +375,15 @@ CHECKS = (
     ("save_total_limit", lambda v, a: v is None or v >= 1, "an integer >= 1"),
     ("logging_steps", lambda v, a: _positive(v), "a number > 0"),
     ("seed", lambda v, a: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    ("code_eval", lambda v, a: v is None or _benchmarks(v), f"benchmarks among {', '.join(CODE_EVAL_BENCHMARKS)}"),
+    ("code_eval_limit", lambda v, a: v is None or v >= 1, "an integer >= 1"),
+    ("code_eval_max_new_tokens", lambda v, a: v >= 1, "an integer >= 1"),
 )
+
+
+def _benchmarks(value: str) -> bool:
+    names = [name.strip() for name in value.split(",")]
+    return bool(names) and all(name in CODE_EVAL_BENCHMARKS for name in names)
 
 
 def _flag(name: str) -> str:
@@ -454,7 +479,9 @@ def _full_parser():
     class Parser(HfArgumentParser):
         error = ArgumentParser.error
 
-    parser = Parser((ModelArguments, ExpertArguments, DataArguments, TrainArguments), prog="train.py")
+    parser = Parser(
+        (ModelArguments, ExpertArguments, DataArguments, CodeEvalArguments, TrainArguments), prog="train.py"
+    )
     parser.train_arguments_class = TrainArguments
     _bare_booleans(parser, TrainArguments)
     return parser
@@ -713,7 +740,7 @@ def main(argv=None) -> dict:
     trainer.save_model(os.path.join(args.output_dir, "final"))
 
     # ----- report ------------------------------------------------------------------------------------------------
-    summary = None
+    summary = code_eval = None
     if trainer.is_world_process_zero():
         run_info = {
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -751,7 +778,28 @@ def main(argv=None) -> dict:
                 math.exp(min(b, 700)),
             )
         logger.info("summary: %s", summary)
-    return {"initial": initial, "final": final, "summary": summary, "trainer": trainer, "run_id": plan.run_id}
+        if args.code_eval:
+            code_eval = run_code_eval(args, model, tokenizer, trainer.log)
+    return {
+        "initial": initial, "final": final, "summary": summary, "trainer": trainer, "run_id": plan.run_id,
+        "code_eval": code_eval,
+    }  # fmt: skip
+
+
+def run_code_eval(args: argparse.Namespace, model, tokenizer, log) -> dict:
+    """pass@1 of the trained model (``--code_eval``): appended to summary.md, logged to metrics.jsonl and wandb."""
+    from dylora_moe.evaluate import evaluate_after_training
+    from dylora_moe.evaluate.generation import Sampling
+
+    benchmarks = [name.strip() for name in args.code_eval.split(",")]
+    logger.info("functional evaluation: %s (%s problems each)", ", ".join(benchmarks), args.code_eval_limit or "all")
+    metrics = evaluate_after_training(
+        model, tokenizer, benchmarks, args.code_eval_limit, args.output_dir, log=log, data_dir=args.data_dir,
+        sampling=Sampling(max_new_tokens=args.code_eval_max_new_tokens),
+    )  # fmt: skip
+    for name, value in sorted(metrics.items()):
+        logger.info("%s %.4f", name, value)
+    return metrics
 
 
 def setup_logging() -> None:

@@ -36,10 +36,12 @@ SUMMARY_FILE = "summary.md"
 LOSS_PLOT, UTIL_PLOT = "loss.png", "utilization.png"
 HEATMAP_PLOT, EXAMPLES_PLOT, EXAMPLES_HTML = "specialisation.png", "routing_examples.png", "routing_examples.html"
 WANDB_DIR = "wandb"
+CODE_EVAL_SAMPLES, CODE_EVAL_METRICS = "code_eval_samples.jsonl", "code_eval.json"  # train.py --code_eval
+CODE_EVAL_MARKDOWN, CODE_EVAL_FIGURE = "code_eval.md", "code_eval.png"
 # The one list of a run's outputs (what --overwrite_output_dir removes); the tiny base model cache (tiny-*) is kept.
 RUN_OUTPUTS = (
     RUN_FILE, METRICS_FILE, FINAL_DIR, SUMMARY_FILE, LOSS_PLOT, UTIL_PLOT, HEATMAP_PLOT, EXAMPLES_PLOT, EXAMPLES_HTML,
-    WANDB_DIR,
+    WANDB_DIR, CODE_EVAL_SAMPLES, CODE_EVAL_METRICS, CODE_EVAL_MARKDOWN, CODE_EVAL_FIGURE,
 )  # fmt: skip
 TRAINER_STATE = "trainer_state.json"
 IDENTITY_CALLBACK = "RunIdentity"
