@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 # One bad value per numeric flag (and a few per flag where the bound has two sides); each must exit 2.
 BAD_VALUES = [
+    ("--code_eval_limit", "0"),
+    ("--code_eval_max_new_tokens", "0"),
+    ("--code_eval", "mbpp,bogus"),
     ("--tiny_hidden_size", "0"),
     ("--tiny_num_layers", "0"),
     ("--tiny_vocab_size", "100"),
