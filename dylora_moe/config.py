@@ -15,7 +15,7 @@ from .modules.layer import KERNELS
 from .modules.router import WEIGHTINGS
 
 ROUTINGS = ("sequence", "token")
-BALANCE_LOSSES = ("mse", "switch")
+BALANCE_LOSSES = ("mse", "switch", "loss_free", "none")
 MIXTURES = ("linear", "ffn")
 GROWTH_RANKS = ("same", "original")
 
@@ -45,7 +45,10 @@ class DyLoRAMoEConfig:
     ``add_new_skill``: "same" = ``lora_r``, "original" = the original's rule ``min(2 * lora_r, 32)``, or an int).
     Routing: ``routing`` ("sequence" | "token"), ``top_k``, ``temperature``, ``router_weighting`` ("softmax" |
     "original"), ``renormalize``, ``sequence_top_k``, ``mature_experts``, ``freeze_router`` (keep the gate at its
-    initial weights: no gradient, not trained). Losses: ``balance_loss`` ("mse" | "switch"), ``balance_coefficient``,
+    initial weights: no gradient, not trained). Balance: ``balance_loss`` ("mse" | "switch" | "loss_free": a per-expert
+    selection bias moved by ``balance_update_rate`` after each optimizer step, no loss | "none"),
+    ``global_balance`` (count the load over the gradient-accumulation window and all ranks, not per micro-batch; see
+    :mod:`dylora_moe.modules.balance`). Losses: ``balance_coefficient`` (of "mse" / "switch"),
     ``z_loss_coefficient``, ``fused_loss`` (False | True | "auto": the LM loss in row chunks without the full
     logits, see ``DyLoRA_MoE.set_fused_loss``). Backend: ``kernel``.
     """
@@ -69,6 +72,8 @@ class DyLoRAMoEConfig:
     sequence_top_k: int | None = None
     balance_loss: str = "mse"
     balance_coefficient: float = 0.01
+    balance_update_rate: float = 0.001
+    global_balance: bool = False
     z_loss_coefficient: float = 0.0
     mature_experts: bool = True
     freeze_router: bool = False
@@ -151,7 +156,9 @@ class DyLoRAMoEConfig:
     def _check_losses(self) -> None:
         if self.balance_loss not in BALANCE_LOSSES:
             raise ValueError(f"unknown balance_loss {self.balance_loss!r}; expected one of {', '.join(BALANCE_LOSSES)}")
-        for name in ("balance_coefficient", "z_loss_coefficient"):
+        if not isinstance(self.global_balance, bool):
+            raise ValueError(f"global_balance must be a bool, got {self.global_balance!r}")
+        for name in ("balance_coefficient", "balance_update_rate", "z_loss_coefficient"):
             value = getattr(self, name)
             if not _is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

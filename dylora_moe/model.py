@@ -121,7 +121,9 @@ class DyLoRA_MoE(nn.Module):
     - ``router_weighting``: "softmax" (default: tempered softmax probabilities of the top-k, which trains the gate
       at k = 1) or "original" (softmax over the k selected logits); ``renormalize`` the k probabilities.
       ``DyLoRAMoEConfig.original()`` is the preset reproducing the original.
-    - ``balance_loss`` "mse" (the original) | "switch", ``balance_coefficient``, ``z_loss_coefficient``.
+    - ``balance_loss`` "mse" (the original) | "switch" | "loss_free" | "none", ``balance_coefficient``,
+      ``balance_update_rate`` (of "loss_free"), ``global_balance``, ``z_loss_coefficient``. A training loop calls
+      :meth:`balance_step` after each optimizer step (the Trainer of ``train.py`` does).
     - ``mature_experts``: mark the initial experts mature so top-k applies (the original did; experts added later
       start immature, which makes routing dense until they are marked mature).
     - ``target_modules`` (default: :func:`~dylora_moe.inject.default_targets`), ``mixture`` ("linear" | "ffn"),
@@ -156,6 +158,8 @@ class DyLoRA_MoE(nn.Module):
         sequence_top_k: int | None = FROM_CONFIG,
         balance_loss: str = FROM_CONFIG,
         balance_coefficient: float = FROM_CONFIG,
+        balance_update_rate: float = FROM_CONFIG,
+        global_balance: bool = FROM_CONFIG,
         z_loss_coefficient: float = FROM_CONFIG,
         mature_experts: bool = FROM_CONFIG,
         target_modules=FROM_CONFIG,
@@ -191,6 +195,7 @@ class DyLoRA_MoE(nn.Module):
             hidden, cfg.num_experts, cfg.top_k, cfg.temperature, weighting=cfg.router_weighting,
             renormalize=cfg.renormalize,
         ).to(self.foundation_model.device)  # fmt: skip
+        self._apply_balance(cfg)
         if cfg.mature_experts:
             self.router.expert_maturity.fill_(1.0)
         self.router.gate.requires_grad_(not cfg.freeze_router)
@@ -208,6 +213,8 @@ class DyLoRA_MoE(nn.Module):
         self.sequence_top_k = cfg.sequence_top_k
         self.balance_loss_form = cfg.balance_loss
         self.balance_coefficient = float(cfg.balance_coefficient)
+        self.balance_update_rate = float(cfg.balance_update_rate)
+        self.global_balance = cfg.global_balance
         self.z_loss_coefficient = float(cfg.z_loss_coefficient)
         self.allow_expert_growth = cfg.allow_expert_growth
         self.lora_r, self.lora_alpha, self.lora_dropout = cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout
@@ -215,6 +222,17 @@ class DyLoRA_MoE(nn.Module):
         self.growth_rank = cfg.growth_rank
         self.mature_experts = cfg.mature_experts
         self.set_fused_loss(cfg.fused_loss)
+
+    def _apply_balance(self, cfg: DyLoRAMoEConfig) -> None:
+        """The router's balancing state: the loss-free bias, and whether training forwards count the step's load."""
+        self.router.use_selection_bias = cfg.balance_loss == "loss_free"
+        self.router.update_rate = float(cfg.balance_update_rate)
+        self.router.track_load = cfg.balance_loss == "loss_free" or cfg.global_balance
+
+    def balance_step(self) -> None:
+        """Call once after each optimizer step: moves the loss-free selection bias toward equal load over the step
+        (all micro-batches and ranks) and starts the next step's load window (no host sync)."""
+        self.router.balance_step()
 
     @property
     def moe_config(self) -> DyLoRAMoEConfig:
@@ -232,7 +250,8 @@ class DyLoRA_MoE(nn.Module):
             kernel=self.kernel, routing=self.routing, top_k=self.router.top_k, temperature=self.router.temperature,
             router_weighting=self.router.weighting, renormalize=self.router.renormalize,
             sequence_top_k=self.sequence_top_k, balance_loss=self.balance_loss_form,
-            balance_coefficient=self.balance_coefficient, z_loss_coefficient=self.z_loss_coefficient,
+            balance_coefficient=self.balance_coefficient, balance_update_rate=self.balance_update_rate,
+            global_balance=self.global_balance, z_loss_coefficient=self.z_loss_coefficient,
             mature_experts=self.mature_experts, freeze_router=not self.router.gate.weight.requires_grad,
             fused_loss=self.fused_loss,
         )  # fmt: skip
@@ -468,9 +487,12 @@ class DyLoRA_MoE(nn.Module):
             out.expert_utilization, out.expert_token_fraction = one, one
             out.router_entropy = torch.zeros((), device=decision.real.device)
             return out
-        out.balance_loss = balance_loss(route, self.balance_loss_form)
+        window = self.router.global_window() if self.global_balance and self.training else None
+        out.balance_loss = balance_loss(route, self.balance_loss_form, window)
         out.z_loss = z_loss(route.logits, route.mask)
-        out.aux_loss = self.balance_coefficient * out.balance_loss + self.z_loss_coefficient * out.z_loss
+        out.aux_loss = self.z_loss_coefficient * out.z_loss
+        if out.balance_loss is not None:
+            out.aux_loss = out.aux_loss + self.balance_coefficient * out.balance_loss
         tokens = max(route.dense.shape[0], 1) if route.mask is None else route.mask.sum().clamp_min(1)
         out.expert_utilization = route.dense.detach().sum(0) / tokens  # padding has weight 0
         out.expert_token_fraction = route.counts.float() / route.counts.sum().clamp_min(1)

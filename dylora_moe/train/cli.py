@@ -123,8 +123,17 @@ class ExpertArguments:
         "softmax: top-k probabilities of the tempered softmax (k=1 trains the gate); original: softmax over "
         "the k selected logits (k=1 gives the gate no gradient)",
     )
-    balance_loss: Literal["mse", "switch"] = _arg("mse", "load-balancing loss form")
-    balance_coefficient: float = _arg(0.01, "weight of the load-balancing loss, >= 0")
+    balance_loss: Literal["mse", "switch", "loss_free", "none"] = _arg(
+        "mse",
+        "load balancing: mse / switch losses, loss_free (a per-expert bias on the top-k choice, moved toward equal "
+        "load after each optimizer step; no loss), or none",
+    )
+    balance_coefficient: float = _arg(0.01, "weight of the mse / switch load-balancing loss, >= 0")
+    balance_update_rate: float = _arg(0.001, "loss_free: bias step per optimizer step, >= 0 (Wang et al. 2024)")
+    global_balance: bool = _arg(False, "count the load over the gradient-accumulation window and all processes")
+    collapse_threshold: float | None = _arg(None, "warn when one expert's share of the routed tokens stays above "
+                                            "this (default: 2/E, at most halfway to 1)")  # fmt: skip
+    collapse_patience: int = _arg(3, "... over this many logged steps in a row")
     z_loss_coefficient: float = _arg(0.0, "weight of the router z-loss, >= 0")
     freeze_router: bool = _arg(False, "keep the gate at its initial weights; experts train")
     fused_loss: Literal["off", "on", "auto"] = _arg(
@@ -140,8 +149,10 @@ class ExpertArguments:
     sweep: str | None = _arg(
         None,
         'grid of train.py flags, e.g. "num_experts=2,4,8 top_k=1,2 temperature=1,2": one run per '
-        "configuration in its own sub-folder of --output_dir, then sweep.md, sweep.png and a wandb sweep YAML",
+        "configuration in its own sub-folder of --output_dir, then sweep.md, sweep.png and a wandb sweep YAML; "
+        "grids joined by ';' run the union of their configurations",
     )
+    sweep_jobs: int = _arg(1, "configurations of --sweep run at a time")
 
 
 @dataclass
@@ -334,6 +345,10 @@ CHECKS = (
     ("temperature", lambda v, a: _positive(v), "a number > 0"),
     ("sequence_top_k", lambda v, a: v is None or 1 <= v <= a.num_experts, "in [1, --num_experts={a.num_experts}]"),
     ("balance_coefficient", lambda v, a: math.isfinite(v) and v >= 0, "a number >= 0"),
+    ("balance_update_rate", lambda v, a: math.isfinite(v) and v >= 0, "a number >= 0"),
+    ("collapse_threshold", lambda v, a: v is None or 0 < v < 1, "a share in (0, 1)"),
+    ("collapse_patience", lambda v, a: v >= 1, "an integer >= 1"),
+    ("sweep_jobs", lambda v, a: v >= 1, "an integer >= 1"),
     ("z_loss_coefficient", lambda v, a: math.isfinite(v) and v >= 0, "a number >= 0"),
     ("max_length", lambda v, a: v >= 2, "an integer >= 2"),
     ("training_subset", lambda v, a: _percent(v), "a percent in (0, 100]"),
@@ -551,7 +566,7 @@ def main(argv=None) -> dict:
 
         argv = sys.argv[1:] if argv is None else list(argv)
         flags = set(build_parser()._option_string_actions) | set(_full_parser()._option_string_actions)
-        return {"sweep": run_sweep(args.sweep, argv, args.output_dir, known_flags=flags)}
+        return {"sweep": run_sweep(args.sweep, argv, args.output_dir, known_flags=flags, jobs=args.sweep_jobs)}
     started = time.time()
     from dylora_moe.train.runs import plan_run, start_run
 
@@ -584,6 +599,7 @@ def main(argv=None) -> dict:
     from dylora_moe.io.checkpoint import load_checkpoint
     from dylora_moe.model import DyLoRA_MoE
     from dylora_moe.modules.layer import check_kernel
+    from dylora_moe.train.collapse import CollapseWatch
     from dylora_moe.train.console import Console
     from dylora_moe.train.gradient_coverage import GradientCoverage
     from dylora_moe.train.report import format_duration, write_report
@@ -610,6 +626,8 @@ def main(argv=None) -> dict:
         sequence_top_k=args.sequence_top_k,
         balance_loss=args.balance_loss,
         balance_coefficient=args.balance_coefficient,
+        balance_update_rate=args.balance_update_rate,
+        global_balance=args.global_balance,
         z_loss_coefficient=args.z_loss_coefficient,
         mature_experts=True,
         freeze_router=args.freeze_router,
@@ -644,6 +662,7 @@ def main(argv=None) -> dict:
             GradientCoverage(strict=args.strict_gradients),  # checks the first optimizer step's gradients
         ],
         load_weights=load_checkpoint,
+        collapse=CollapseWatch(args.num_experts, args.collapse_threshold, args.collapse_patience),
     )
     specialisation = SpecialisationCallback.attach(trainer)  # eval_spec_* metrics at every evaluation
     trainer.remove_callback(ProgressCallback)  # nested dict-printing bars; Console prints one line per log
