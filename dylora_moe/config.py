@@ -70,9 +70,9 @@ class DyLoRAMoEConfig:
     router_weighting: str = "softmax"
     renormalize: bool = False
     sequence_top_k: int | None = None
-    balance_loss: str = "mse"
+    balance_loss: str = "loss_free"  # measured: the only form that kept the default job balanced (README, Sweeps)
     balance_coefficient: float = 0.01
-    balance_update_rate: float = 0.001
+    balance_update_rate: float = 0.05
     global_balance: bool = False
     z_loss_coefficient: float = 0.0
     mature_experts: bool = True

@@ -93,7 +93,7 @@ class DynamicHybridRouter(nn.Module):
         self.gate = nn.Linear(input_size, num_experts)
         self.register_buffer("expert_maturity", torch.zeros(num_experts))
         self.register_buffer("selection_bias", torch.zeros(num_experts))
-        self.use_selection_bias, self.update_rate, self.track_load = False, 0.001, False
+        self.use_selection_bias, self.update_rate, self.track_load = False, 0.05, False
         self.load_window: torch.Tensor | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

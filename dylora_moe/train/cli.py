@@ -124,12 +124,12 @@ class ExpertArguments:
         "the k selected logits (k=1 gives the gate no gradient)",
     )
     balance_loss: Literal["mse", "switch", "loss_free", "none"] = _arg(
-        "mse",
+        "loss_free",
         "load balancing: mse / switch losses, loss_free (a per-expert bias on the top-k choice, moved toward equal "
         "load after each optimizer step; no loss), or none",
     )
     balance_coefficient: float = _arg(0.01, "weight of the mse / switch load-balancing loss, >= 0")
-    balance_update_rate: float = _arg(0.001, "loss_free: bias step per optimizer step, >= 0 (Wang et al. 2024)")
+    balance_update_rate: float = _arg(0.05, "loss_free: bias step per optimizer step, >= 0 (in log-odds of selection)")
     global_balance: bool = _arg(False, "count the load over the gradient-accumulation window and all processes")
     collapse_threshold: float | None = _arg(None, "warn when one expert's share of the routed tokens stays above "
                                             "this (default: 2/E, at most halfway to 1)")  # fmt: skip
