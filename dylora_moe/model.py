@@ -457,6 +457,7 @@ class DyLoRA_MoE(nn.Module):
         if self._backend == "reference":
             raise ValueError("kernel='reference' does not compile; use 'eager', 'triton' or 'auto'")
         self.router.refresh_maturity_if_changed()  # now: the compiled graph cannot read the buffer
+        self.router.global_window()  # made now, so the graph only updates it in place
         super().compile(*args, fullgraph=fullgraph, **kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None) -> DyLoRAMoEOutput:
