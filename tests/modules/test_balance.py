@@ -245,6 +245,42 @@ def test_checkpoint_keeps_the_bias(tmp_path):
     assert back.moe_config.balance_loss == "loss_free" and back.moe_config.balance_update_rate == 0.01
 
 
+def test_a_checkpoint_saved_before_loss_free_balancing_loads_with_a_zero_bias(tmp_path):
+    """A router file without selection_bias (as written before it existed, its checksum recorded): it loads, b = 0;
+    a router file with another unexpected tensor is still refused."""
+    import hashlib
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from dylora_moe.io.checkpoint import CONFIG_NAME, ROUTER_NAME, CheckpointError, load_checkpoint
+
+    moe = build()
+    moe.save_pretrained(tmp_path / "ckpt")
+    router_file, config_file = tmp_path / "ckpt" / ROUTER_NAME, tmp_path / "ckpt" / CONFIG_NAME
+
+    def rewrite(tensors):
+        with safe_open(str(router_file), framework="pt") as f:
+            metadata = f.metadata()
+        save_file(tensors, str(router_file), metadata=metadata)
+        data = router_file.read_bytes()
+        config = json.loads(config_file.read_text())
+        config["checkpoint"]["files"][ROUTER_NAME] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        config_file.write_text(json.dumps(config))
+
+    tensors = load_file(str(router_file))
+    rewrite({k: v for k, v in tensors.items() if k != "selection_bias"})
+    target = build()
+    target.router.selection_bias.fill_(0.5)
+    load_checkpoint(target, tmp_path / "ckpt")
+    assert target.router.selection_bias.abs().sum() == 0
+    assert torch.equal(target.router.gate.weight, moe.router.gate.weight)
+    rewrite({**tensors, "extra": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="unexpected tensors"):
+        load_checkpoint(target, tmp_path / "ckpt")
+
+
 # ----- DDP: loads summed over ranks ----------------------------------------------------------------------------
 
 
