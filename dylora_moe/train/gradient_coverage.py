@@ -78,7 +78,8 @@ def find_gradient_gaps(model, received: torch.Tensor) -> list[str]:
                 f"adapted layers: {', '.join(missing)}"
             )
     gate = model.router.gate
-    if model.num_experts > 1 and gate.weight.requires_grad and _gate_should_learn(model) and not _has_gradient(gate.weight):
+    learns = model.num_experts > 1 and gate.weight.requires_grad and _gate_should_learn(model)
+    if learns and not _has_gradient(gate.weight):
         gaps.append(
             "the gate (router.gate) is trainable but has a zero gradient: the routing weights do not reach the loss "
             "(router_weighting='original' with top_k=1 does this; use 'softmax', or freeze the router on purpose)"

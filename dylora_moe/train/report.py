@@ -18,6 +18,7 @@ from .specialisation import SpecialisationStats, entropy
 from .specialisation_report import specialisation_section
 
 LOSS_PLOT, UTIL_PLOT = "loss.png", "utilization.png"
+WITHIN_DOMAIN = "Within a domain one expert may take most tokens (specialisation); balance counts over all."
 
 
 def domain_metrics(metrics: dict[str, float], domains: list[str], num_experts: int) -> dict[str, dict]:
@@ -83,7 +84,7 @@ def load_section(final: dict[str, dict], num_experts: int, specialisation: Speci
         rows.append([domain, f"{shares[top] * num_experts:.2f}", str(top), f"{np.exp(entropy(shares)):.2f}"])
     table = _table(["domain", "largest share x E", "largest expert", "effective experts"], rows)
     if shares_all is None:
-        return table + "\n\nWithin a domain one expert may take most tokens (specialisation); balance counts over all."
+        return f"{table}\n\n{WITHIN_DOMAIN}"
     top = int(np.argmax(shares_all))
     h = entropy(shares_all)
     text = (
@@ -93,11 +94,11 @@ def load_section(final: dict[str, dict], num_experts: int, specialisation: Speci
     )
     if shares_all[top] > default_threshold(num_experts):
         text += (
-            f"\n\n> **Router collapse:** expert {top} takes {shares_all[top]:.0%} of the evaluation tokens; the mixture "
-            "is close to a single LoRA. Fix: `--balance_loss loss_free` (raise `--balance_update_rate` for short "
-            "runs), or a larger `--balance_coefficient` with `--balance_loss switch`."
+            f"\n\n> **Router collapse:** expert {top} takes {shares_all[top]:.0%} of the evaluation tokens; the "
+            "mixture is close to a single LoRA. Fix: `--balance_loss loss_free` (raise `--balance_update_rate` for "
+            "short runs), or a larger `--balance_coefficient` with `--balance_loss switch`."
         )
-    return f"{text}\n\n{table}\n\nWithin a domain one expert may take most tokens (specialisation); balance counts over all."
+    return f"{text}\n\n{table}\n\n{WITHIN_DOMAIN}"
 
 
 def training_logs(records: list[dict]) -> list[dict]:

@@ -91,7 +91,7 @@ def mi_permutation_baseline(row_mass: list[np.ndarray], permutations: int = 200,
     mi, nmi = mutual_information(joint(labels))
     rng = np.random.default_rng(seed)
     null = np.array([mutual_information(joint(rng.permutation(labels))) for _ in range(permutations)])
-    mi_chance, nmi_chance = (null.mean(0) if len(null) else (math.nan, math.nan))
+    mi_chance, nmi_chance = null.mean(0) if len(null) else (math.nan, math.nan)
     p_value = (1 + int((null[:, 0] >= mi - 1e-12).sum())) / (1 + permutations) if len(null) else math.nan
     return {
         "mi": mi, "nmi": nmi, "mi_chance": float(mi_chance), "nmi_chance": float(nmi_chance),

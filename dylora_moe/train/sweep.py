@@ -5,7 +5,8 @@
 The grid is a space-separated list of ``flag=value,value,...`` over any train.py flag (``true``/``false`` for a
 switch: the flag given alone, or left out); grids joined by ``;`` run the union of their configurations (e.g.
 ``"balance_loss=mse,switch ; balance_loss=loss_free balance_update_rate=0.01,0.05"``). ``--sweep_jobs N`` runs N
-configurations at a time (each with 1/N of the CPU threads; the first runs alone, so later ones share its tiny base). Every configuration runs as its own ``train.py`` process (the other
+configurations at a time (each with 1/N of the CPU threads; the first runs alone, so later ones share its tiny base).
+Every configuration runs as its own ``train.py`` process (the other
 flags of the command line are kept) in a sub-folder of the output dir named after it, e.g.
 ``num_experts-2_top_k-1_temperature-1/``, with its log in ``train.log``. A configuration that fails (a bad
 combination such as top_k > num_experts, a crash) is reported with its exit status and last log line, and the

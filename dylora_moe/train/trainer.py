@@ -238,7 +238,7 @@ class MoETrainer(Trainer):
                     logger.warning(warning)
             router = self.accelerator.unwrap_model(self.model).router
             if router.use_selection_bias:  # the loss-free bias per expert (one host read per log)
-                logs.update({f"balance_bias_expert_{e}": float(b) for e, b in enumerate(router.selection_bias.tolist())})
+                logs.update({f"balance_bias_expert_{e}": b for e, b in enumerate(router.selection_bias.tolist())})
             logs["peak_mem_mb"] = peak_memory_mb()
         super().log(logs, start_time)
 

@@ -35,7 +35,8 @@ def expected_route(logits, bias, k, weighting="softmax", renormalize=False):
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize(
-    "weighting, renormalize, k", [("softmax", False, 2), ("softmax", True, 2), ("original", False, 1), ("softmax", False, 1)]
+    "weighting, renormalize, k",
+    [("softmax", False, 2), ("softmax", True, 2), ("original", False, 1), ("softmax", False, 1)],
 )
 def test_bias_changes_the_selection_not_the_weights(backend, weighting, renormalize, k):
     router = make_router(top_k=k, backend=backend, weighting=weighting, renormalize=renormalize)
@@ -46,7 +47,8 @@ def test_bias_changes_the_selection_not_the_weights(backend, weighting, renormal
     ids, dense = expected_route(logits, router.selection_bias, k, weighting, renormalize)
     assert torch.equal(route.ids.sort(-1).values, ids.sort(-1).values)
     torch.testing.assert_close(route.dense, dense)
-    torch.testing.assert_close(route.mean_prob, torch.softmax(logits / (1.0 if weighting == "original" else TAU), -1).mean(0))
+    tau = 1.0 if weighting == "original" else TAU  # the op's temperature (the original's selection has none)
+    torch.testing.assert_close(route.mean_prob, torch.softmax(logits / tau, -1).mean(0))
     torch.testing.assert_close(route.counts.float(), torch.bincount(ids.reshape(-1), minlength=4).float())
     # control: the bias did change the choice (else this test could not tell the formulas apart)
     assert not torch.equal(ids.sort(-1).values, logits.topk(k, dim=-1).indices.sort(-1).values)
@@ -104,6 +106,7 @@ def test_eval_forwards_count_no_load():
 def test_a_skewed_router_is_pulled_back_to_balance():
     """The gate strongly prefers expert 0; loss-free steps bring the load to balance (and without the bias, the same
     loop stays skewed: the control)."""
+
     def loads_after(use_bias, steps=150):
         torch.manual_seed(0)
         router = make_router(top_k=1)
