@@ -42,3 +42,23 @@ def test_balanced_logs_and_a_single_expert_never_warn():
 def test_bad_settings_are_refused(kw):
     with pytest.raises(ValueError):
         CollapseWatch(4, **kw)
+
+
+def test_summary_load_section_flags_a_collapse_and_not_a_balanced_router():
+    import numpy as np
+
+    from dylora_moe.train.report import load_section
+    from dylora_moe.train.specialisation import SpecialisationStats
+
+    def section(domain_mass):
+        mass = np.array(domain_mass, dtype=float)
+        stats = SpecialisationStats(["a", "b"], "token", mass, np.zeros((3, 4)), [])
+        return load_section({}, 4, stats)
+
+    collapsed = section([[5, 5, 80, 10], [0, 0, 20, 0]])  # expert 2 takes 100 of 120 tokens
+    assert "**Largest expert share x E over all evaluation tokens: 3.33** (expert 2;" in collapsed
+    assert "> **Router collapse:** expert 2 takes 83% of the evaluation tokens" in collapsed
+    assert "| b | 4.00 | 2 | 1.00 |" in collapsed  # within a domain: one expert, reported, not a collapse by itself
+    balanced = section([[30, 30, 0, 0], [0, 0, 30, 30]])  # each domain its own two experts, the whole balanced
+    assert "evaluation tokens: 1.00**" in balanced and "4.00 effective experts of 4" in balanced
+    assert "Router collapse" not in balanced
