@@ -19,7 +19,7 @@ from types import SimpleNamespace
 BACKENDS = ("auto", "triton", "eager", "reference")
 WEIGHTINGS = ("original", "softmax")
 ROUTINGS = ("sequence", "token")
-BALANCE_LOSSES = ("mse", "switch")
+BALANCE_LOSSES = ("mse", "switch", "loss_free", "none")
 MIXTURES = ("linear", "ffn")
 GROWTH_RANKS = ("same", "original")
 # Former setting names, still accepted where settings go in (keywords, checkpoint files): old name -> new name.
@@ -81,10 +81,11 @@ RULES = {
     ),
     "balance_coefficient": (lambda v, c: _is_number(v) and v >= 0, "a {number} >= 0"),
     "z_loss_coefficient": (lambda v, c: _is_number(v) and v >= 0, "a {number} >= 0"),
+    "balance_update_rate": (lambda v, c: _is_number(v) and v >= 0, "a {number} >= 0"),
     "fused_loss": (lambda v, c: isinstance(v, bool) or v == "auto", "False, True or 'auto'"),  # 1 == True: no `in`
     **{
         name: (lambda v, c: isinstance(v, bool), "a bool")
-        for name in ("allow_expert_growth", "renormalize", "mature_experts", "freeze_router")
+        for name in ("allow_expert_growth", "renormalize", "mature_experts", "freeze_router", "global_balance")
     },  # fmt: skip
 }
 CHOICES = {
@@ -148,8 +149,18 @@ class DyLoRAMoEConfig:
         None, "sequence routing: keep each sequence's best k experts, renormalised (default: all)"
     )
     # Losses.
-    balance_loss: str = _setting("mse", "load-balancing loss form")
-    balance_coefficient: float = _setting(0.01, "weight of the load-balancing loss, >= 0")
+    balance_loss: str = _setting(
+        "loss_free",  # measured: the only form that kept the default job balanced (README, Sweeps)
+        "load balancing: mse or switch (an auxiliary loss), loss_free (a per-expert selection bias moved by "
+        "balance_update_rate after each optimizer step, no loss), none",
+    )
+    balance_coefficient: float = _setting(0.01, "weight of the mse / switch load-balancing loss, >= 0")
+    balance_update_rate: float = _setting(
+        0.05, "loss_free: how far each optimizer step moves an expert's selection bias toward equal load, >= 0"
+    )
+    global_balance: bool = _setting(
+        False, "count the load over the gradient-accumulation window and all ranks, not per micro-batch"
+    )
     z_loss_coefficient: float = _setting(0.0, "weight of the router z-loss, >= 0")
     mature_experts: bool = _setting(True, "mark the initial experts mature, so top-k applies from the start")
     freeze_router: bool = _setting(False, "keep the gate at its initial weights; experts train")
@@ -172,6 +183,7 @@ class DyLoRAMoEConfig:
                 raise ValueError(f"unknown {said} {getattr(self, name)!r}; expected one of {', '.join(choices)}")
         self.balance_coefficient = float(self.balance_coefficient)
         self.z_loss_coefficient = float(self.z_loss_coefficient)
+        self.balance_update_rate = float(self.balance_update_rate)
         self._check_experts()
         self._check_combinations()
 

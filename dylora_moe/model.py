@@ -105,14 +105,17 @@ class _FromConfig:
 FROM_CONFIG = _FromConfig()
 
 
-def _setting(name: str) -> property:
-    """A model attribute that is setting ``name`` of the DyLoRAMoEConfig the model keeps (checked when assigned)."""
+def _setting(name: str, applied_to_router: bool = False) -> property:
+    """A model attribute that is setting ``name`` of the DyLoRAMoEConfig the model keeps (checked when assigned;
+    ``applied_to_router``: the router's balancing state follows an assignment)."""
 
     def get(self):
         return getattr(self._settings, name)
 
     def set(self, value):
         self._settings = self._settings.replace(**{name: value})
+        if applied_to_router:
+            self._apply_balance(self._settings)
 
     return property(get, set, doc=f"The ``{name}`` setting (see DyLoRAMoEConfig).")
 
@@ -132,7 +135,9 @@ class DyLoRA_MoE(nn.Module):
     - ``router_weighting``: "softmax" (default: tempered softmax probabilities of the top-k, which trains the gate
       at k = 1) or "original" (softmax over the k selected logits); ``renormalize`` the k probabilities.
       ``DyLoRAMoEConfig.original()`` is the preset reproducing the original.
-    - ``balance_loss`` "mse" (the original) | "switch", ``balance_coefficient``, ``z_loss_coefficient``.
+    - ``balance_loss`` "mse" (the original) | "switch" | "loss_free" | "none", ``balance_coefficient``,
+      ``balance_update_rate`` (of "loss_free"), ``global_balance``, ``z_loss_coefficient``. A training loop calls
+      :meth:`balance_step` after each optimizer step (the Trainer of ``train.py`` does).
     - ``mature_experts``: mark the initial experts mature so top-k applies (the original did; experts added later
       start immature, which makes routing dense until they are marked mature).
     - ``target_modules`` (default: :func:`~dylora_moe.modules.inject.default_targets`), ``mixture`` ("linear" | "ffn"),
@@ -148,8 +153,10 @@ class DyLoRA_MoE(nn.Module):
     fused_loss_chunk_rows: int | None = None
     routing = _setting("routing")
     sequence_top_k = _setting("sequence_top_k")
-    balance_loss_form = _setting("balance_loss")
+    balance_loss_form = _setting("balance_loss", applied_to_router=True)
     balance_coefficient = _setting("balance_coefficient")
+    balance_update_rate = _setting("balance_update_rate", applied_to_router=True)
+    global_balance = _setting("global_balance", applied_to_router=True)
     z_loss_coefficient = _setting("z_loss_coefficient")
     allow_expert_growth = _setting("allow_expert_growth")
     lora_r = _setting("lora_r")
@@ -181,6 +188,8 @@ class DyLoRA_MoE(nn.Module):
         sequence_top_k: int | None = FROM_CONFIG,
         balance_loss: str = FROM_CONFIG,
         balance_coefficient: float = FROM_CONFIG,
+        balance_update_rate: float = FROM_CONFIG,
+        global_balance: bool = FROM_CONFIG,
         z_loss_coefficient: float = FROM_CONFIG,
         mature_experts: bool = FROM_CONFIG,
         target_modules=FROM_CONFIG,
@@ -217,6 +226,7 @@ class DyLoRA_MoE(nn.Module):
             hidden, cfg.num_experts, cfg.top_k, cfg.temperature, weighting=cfg.router_weighting,
             renormalize=cfg.renormalize,
         ).to(self.foundation_model.device)  # fmt: skip
+        self._apply_balance(cfg)
         if cfg.mature_experts:
             self.router.expert_maturity.fill_(1.0)
         self.router.gate.requires_grad_(not cfg.freeze_router)
@@ -226,6 +236,17 @@ class DyLoRA_MoE(nn.Module):
         self.set_backend(cfg.backend)
 
     # ----- configuration -------------------------------------------------------------------------------------
+
+    def _apply_balance(self, cfg: DyLoRAMoEConfig) -> None:
+        """The router's balancing state: the loss-free bias, and whether training forwards count the step's load."""
+        self.router.use_selection_bias = cfg.balance_loss == "loss_free"
+        self.router.update_rate = float(cfg.balance_update_rate)
+        self.router.track_load = cfg.balance_loss == "loss_free" or cfg.global_balance
+
+    def balance_step(self) -> None:
+        """Call once after each optimizer step: moves the loss-free selection bias toward equal load over the step
+        (all micro-batches and ranks) and starts the next step's load window (no host sync)."""
+        self.router.balance_step()
 
     @property
     def moe_config(self) -> DyLoRAMoEConfig:
@@ -453,6 +474,7 @@ class DyLoRA_MoE(nn.Module):
         if self.backend == "reference":
             raise ValueError("backend='reference' does not compile; use 'eager', 'triton' or 'auto'")
         self.router.refresh_maturity_if_changed()  # now: the compiled graph cannot read the buffer
+        self.router.global_window()  # made now, so the graph only updates it in place
         super().compile(*args, fullgraph=fullgraph, **kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None) -> DyLoRAMoEOutput:
@@ -484,9 +506,12 @@ class DyLoRA_MoE(nn.Module):
             out.expert_utilization, out.expert_token_fraction = one, one
             out.router_entropy = torch.zeros((), device=decision.real.device)
             return out
-        out.balance_loss = balance_loss(route, self.balance_loss_form)
+        window = self.router.global_window() if self.global_balance and self.training else None
+        out.balance_loss = balance_loss(route, self.balance_loss_form, window)
         out.z_loss = z_loss(route.logits, route.mask)
-        out.aux_loss = self.balance_coefficient * out.balance_loss + self.z_loss_coefficient * out.z_loss
+        out.aux_loss = self.z_loss_coefficient * out.z_loss
+        if out.balance_loss is not None:
+            out.aux_loss = out.aux_loss + self.balance_coefficient * out.balance_loss
         tokens = max(route.dense.shape[0], 1) if route.mask is None else route.mask.sum().clamp_min(1)
         out.expert_utilization = route.dense.detach().sum(0) / tokens  # padding has weight 0
         out.expert_token_fraction = route.counts.float() / route.counts.sum().clamp_min(1)

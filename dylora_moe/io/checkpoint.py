@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "dylora_moe_config.json"
 ROUTER_NAME = "router.safetensors"
+OPTIONAL_ROUTER_TENSORS = ("selection_bias",)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FORMAT_VERSION = 2  # 2: sha256 + size of every file under "checkpoint"."files"; 1 (read only): no checksums
@@ -384,7 +385,9 @@ def _read_router(directory: Path, router, records: dict | None) -> dict[str, tor
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensors {_describe(unexpected)}")
-    return {key: _check_tensor(path, key, tensors, value.shape) for key, value in expected.items()}
+    # Routers saved before loss-free balancing have no selection_bias: the router loads them with a zero bias.
+    present = {key: value for key, value in expected.items() if key in tensors or key not in OPTIONAL_ROUTER_TENSORS}
+    return {key: _check_tensor(path, key, tensors, value.shape) for key, value in present.items()}
 
 
 def _check_namespace(directory: Path, num_experts: int) -> None:

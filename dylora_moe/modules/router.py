@@ -9,6 +9,10 @@ experts with ``softmax(logits / temperature)``; once all are mature, each token 
     weight is the constant 1, so the language-model loss gives the gate no gradient.
   - ``weighting="softmax"``: the k largest probabilities of the full tempered softmax, renormalised over the k
     when ``renormalize`` (Switch/Mixtral). Without renormalisation k = 1 trains the gate.
+
+Auxiliary-loss-free balancing (``use_selection_bias``, :mod:`dylora_moe.modules.balance`): the top-k is taken of
+``logits / temperature + selection_bias`` (a log-prior per expert), while the weights stay those of the unbiased
+logits. The bias moves only in :meth:`DynamicHybridRouter.balance_step`, after each optimizer step.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 from ..config import WEIGHTINGS, check_setting
 from ..io.original_files import is_safetensors_file, load_torch_file, require_keys
 from ..kernels import topk_route
+from .balance import bias_update, global_mse_loss, global_switch_loss, split_window, summed_over_ranks, window_row
 from .growth import keep_parameter_identity
 
 ORIGINAL_ROUTER_KEYS = ("gate_state_dict", "expert_maturity", "num_experts", "input_size", "top_k", "temperature")
@@ -52,6 +57,11 @@ class DynamicHybridRouter(nn.Module):
     Extra keywords: ``weighting`` ("softmax", the default | "original"), ``renormalize`` (for "softmax"),
     ``backend`` of the fused router op ("auto" | "triton" | "eager"). The original's sparse rule, whose k = 1 weight
     gives the gate no gradient, is ``weighting="original"`` (see the module docstring).
+
+    Balancing state (set by the model): ``use_selection_bias`` (loss-free balancing on), ``update_rate`` u of the
+    bias, ``track_load`` (count the load of training forwards into the step's window). The buffer
+    ``selection_bias`` [E] is saved with the router; the window is a plain attribute (not a buffer: DDP would
+    overwrite each rank's count with rank 0's at every forward).
     """
 
     def __init__(
@@ -80,6 +90,14 @@ class DynamicHybridRouter(nn.Module):
         self.backend = backend
         self.gate = nn.Linear(input_size, num_experts)
         self.register_buffer("expert_maturity", torch.zeros(num_experts))
+        self.register_buffer("selection_bias", torch.zeros(num_experts))
+        self.use_selection_bias, self.update_rate, self.track_load = False, 0.05, False
+        self.load_window: torch.Tensor | None = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Routers saved before loss-free balancing have no selection bias: they load with a zero bias.
+        state_dict.setdefault(prefix + "selection_bias", torch.zeros_like(self.selection_bias))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def all_mature(self) -> bool:
@@ -145,10 +163,22 @@ class DynamicHybridRouter(nn.Module):
             k, temperature, normalize = self.top_k, 1.0, True
         else:
             k, temperature, normalize = self.top_k, self.temperature, self.renormalize
+        biased = self.use_selection_bias and not dense_mode
+        # Loss-free balancing: the op selects on biased logits (top-k of logits / tau + bias for either weighting);
+        # the weights, dense gate and mean probability are then taken of the unbiased logits here.
+        select = (logits + self.temperature * self.selection_bias.to(logits.dtype)).detach() if biased else logits
         res = topk_route(
-            logits, k, temperature=temperature, normalize=normalize, backend=self.backend, check_finite=False
+            select, k, temperature=temperature, normalize=normalize, backend=self.backend, check_finite=False
         )
         weights, dense, counts, mean_prob = res.weights, res.dense, res.counts, res.mean_prob
+        if biased:
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            mean_prob = probs.mean(0)
+            if self.weighting != "original":  # "original" takes its weights of the selected logits just below
+                weights = probs.gather(1, res.ids)
+                if normalize:
+                    weights = weights / weights.sum(-1, keepdim=True)
+                dense = torch.zeros_like(probs).scatter(1, res.ids, weights)
         if not dense_mode and self.weighting == "original":
             weights = torch.softmax(logits.gather(1, res.ids).float(), dim=-1)
             dense = torch.zeros_like(res.dense).scatter(1, res.ids, weights)
@@ -160,9 +190,33 @@ class DynamicHybridRouter(nn.Module):
             counts = torch.zeros_like(counts).scatter_add(0, res.ids.reshape(-1), picks.reshape(-1))
             probs = torch.where(keep, torch.softmax(logits.float() / temperature, dim=-1), 0.0)
             mean_prob = probs.sum(0) / keep.sum().clamp_min(1)
+        if self.training and self.track_load:
+            tokens = keep.sum() if keep is not None else torch.tensor(logits.shape[0], device=logits.device)
+            self._window(logits.device).add_(window_row(counts, dense, tokens))
         return RouterOutput(
             logits, res.ids, weights, dense, counts, mean_prob, dense_mode, None if keep is None else keep[:, 0]
         )
+
+    def _window(self, device) -> torch.Tensor:
+        """The step's load window [2E + 1] (see :mod:`~dylora_moe.modules.balance`), made when missing or stale."""
+        window = self.load_window
+        if window is None or window.shape[0] != 2 * self.num_experts + 1 or window.device != torch.device(device):
+            window = self.load_window = torch.zeros(2 * self.num_experts + 1, device=device)
+        return window
+
+    def global_window(self) -> torch.Tensor:
+        """The window so far (this micro-batch included), summed over data-parallel ranks."""
+        return summed_over_ranks(self._window(self.gate.weight.device))
+
+    @torch.no_grad()
+    def balance_step(self) -> None:
+        """After an optimizer step: with ``use_selection_bias``, move the bias by ``update_rate`` toward equal load
+        (the window's picks summed over ranks; on the device, no host sync); then start a new window."""
+        window = self._window(self.gate.weight.device)
+        if self.use_selection_bias and self.update_rate > 0:
+            picks, _, _ = split_window(summed_over_ranks(window), self.num_experts)
+            self.selection_bias.copy_(bias_update(self.selection_bias, picks, self.update_rate))
+        window.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Routing weights with the shape of ``x`` but last dim ``num_experts`` (the original's output)."""
@@ -181,6 +235,8 @@ class DynamicHybridRouter(nn.Module):
         self.gate = new
         keep_parameter_identity(self, before)  # an optimizer built before keeps training the gate
         self.expert_maturity = torch.cat([self.expert_maturity.to(device), torch.zeros(1, device=device)])
+        self.selection_bias = torch.cat([self.selection_bias.to(device), torch.zeros(1, device=device)])
+        self.load_window = None  # one more expert: a new window
         self.num_experts += 1
         self.refresh_maturity()
         return self.num_experts - 1
@@ -272,22 +328,31 @@ def _token_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return torch.where(keep, values, 0.0).sum(0) / mask.sum().clamp_min(1)
 
 
-def balance_loss(route: RouterOutput, form: str = "mse") -> torch.Tensor:
-    """Load-balancing loss over the routed (non-padding) tokens; 0 when there are none.
+def balance_loss(route: RouterOutput, form: str = "mse", window: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Load-balancing loss over the routed (non-padding) tokens; 0 when there are none; None for the forms without
+    a loss ("loss_free": the router's selection bias balances; "none").
 
     ``"mse"`` (the original): mean over experts of (mean routing weight - 1/E)^2.
     ``"switch"``: E * sum_e f_e * P_e, f_e the fraction of (token, slot) picks of expert e, P_e its mean probability.
+    ``window`` (global-batch balancing): the router's load window summed over ranks; the mean weight ("mse") or f_e
+    ("switch") is then counted over it (:mod:`~dylora_moe.modules.balance`).
     """
     num_experts = route.dense.shape[-1]
+    if form in ("loss_free", "none"):
+        return None
+    if form not in ("mse", "switch"):
+        raise ValueError(f"unknown balance loss {form!r}; expected 'mse', 'switch', 'loss_free' or 'none'")
     if route.dense.shape[0] == 0:
         return route.dense.sum() * 0.0
+    if window is not None:
+        if form == "switch":
+            return global_switch_loss(window, route.mean_prob, num_experts)
+        return global_mse_loss(window, route.dense.sum(0), num_experts)  # padding has weight 0
     if form == "mse":
         loss = ((_token_mean(route.dense, route.mask) - 1.0 / num_experts) ** 2).mean()
         return loss if route.mask is None else torch.where(route.mask.any(), loss, 0.0)
-    if form == "switch":
-        picks = route.counts.to(route.mean_prob.dtype)
-        return num_experts * (picks / picks.sum().clamp_min(1) * route.mean_prob).sum()
-    raise ValueError(f"unknown balance loss {form!r}; expected 'mse' or 'switch'")
+    picks = route.counts.to(route.mean_prob.dtype)
+    return num_experts * (picks / picks.sum().clamp_min(1) * route.mean_prob).sum()
 
 
 def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

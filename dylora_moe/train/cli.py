@@ -101,7 +101,8 @@ class ModelArguments:
 # setting is defined and checked); the defaults are the library's except these.
 FLAG_SETTINGS = (
     "num_experts", "lora_r", "lora_alpha", "lora_dropout", "backend", "routing", "top_k", "temperature",
-    "sequence_top_k", "router_weighting", "balance_loss", "balance_coefficient", "z_loss_coefficient", "freeze_router",
+    "sequence_top_k", "router_weighting", "balance_loss", "balance_coefficient", "balance_update_rate",
+    "global_balance", "z_loss_coefficient", "freeze_router",
 )  # fmt: skip
 TRAIN_SETTING_DEFAULTS = {"num_experts": 4, "lora_alpha": 32.0, "routing": "token"}
 FLAG_HELP = {"num_experts": "LoRA experts, all created up front and mature"}
@@ -130,8 +131,15 @@ def _expert_arguments():
         ("sweep", str | None, _arg(
             None,
             'grid of train.py flags, e.g. "num_experts=2,4,8 top_k=1,2 temperature=1,2": one run per '
-            "configuration in its own sub-folder of --output_dir, then sweep.md, sweep.png and a wandb sweep YAML",
+            "configuration in its own sub-folder of --output_dir, then sweep.md, sweep.png and a wandb sweep YAML; "
+            "grids joined by ';' run the union of their configurations",
         )),
+        ("sweep_jobs", int, _arg(1, "configurations of --sweep run at a time")),
+        ("collapse_threshold", float | None, _arg(
+            None, "warn when one expert's share of the routed tokens stays above this (default: 2/E, at most "
+            "halfway to 1)",
+        )),
+        ("collapse_patience", int, _arg(3, "... over this many logged steps in a row")),
     ]  # fmt: skip
     settings = [_setting_field(fields[name], hints[name]) for name in FLAG_SETTINGS]
     cls = dataclasses.make_dataclass("ExpertArguments", settings + own)
@@ -358,6 +366,9 @@ CHECKS = (
     ("tiny_num_layers", lambda v, a: v >= 1, "an integer >= 1"),
     ("tiny_vocab_size", lambda v, a: v >= 300, "an integer >= 300 (256 bytes + special tokens + merges)"),
     *((name, *RULES[name]) for name in FLAG_SETTINGS if name in RULES),  # DyLoRAMoEConfig's rules
+    ("collapse_threshold", lambda v, a: v is None or 0 < v < 1, "a share in (0, 1)"),
+    ("collapse_patience", lambda v, a: v >= 1, "an integer >= 1"),
+    ("sweep_jobs", lambda v, a: v >= 1, "an integer >= 1"),
     ("max_length", lambda v, a: v >= 2, "an integer >= 2"),
     ("training_subset", lambda v, a: _percent(v), "a percent in (0, 100]"),
     ("eval_subset", lambda v, a: _percent(v), "a percent in (0, 100]"),
@@ -642,7 +653,7 @@ def main(argv=None) -> dict:
 
         argv = sys.argv[1:] if argv is None else list(argv)
         flags = set(build_parser()._option_string_actions) | set(_full_parser()._option_string_actions)
-        return {"sweep": run_sweep(args.sweep, argv, args.output_dir, known_flags=flags)}
+        return {"sweep": run_sweep(args.sweep, argv, args.output_dir, known_flags=flags, jobs=args.sweep_jobs)}
     started = time.time()
     from dylora_moe.train.runs import plan_run, start_run
 
@@ -675,6 +686,7 @@ def main(argv=None) -> dict:
 
     from dylora_moe.io.checkpoint import load_checkpoint
     from dylora_moe.model import DyLoRA_MoE
+    from dylora_moe.train.collapse import CollapseWatch
     from dylora_moe.train.console import Console
     from dylora_moe.train.gradient_coverage import GradientCoverage
     from dylora_moe.train.report import format_duration, write_report
@@ -715,6 +727,7 @@ def main(argv=None) -> dict:
             GradientCoverage(strict=args.strict_gradients),  # checks the first optimizer step's gradients
         ],
         load_weights=load_checkpoint,
+        collapse=CollapseWatch(args.num_experts, args.collapse_threshold, args.collapse_patience),
     )
     specialisation = SpecialisationCallback.attach(trainer)  # eval_spec_* metrics at every evaluation
     trainer.remove_callback(ProgressCallback)  # nested dict-printing bars; Console prints one line per log

@@ -45,6 +45,16 @@ def _has_gradient(param: torch.Tensor, expert: int | None = None) -> bool:
     return bool((grad if expert is None else grad[expert]).ne(0).any())
 
 
+def _gate_should_learn(model) -> bool:
+    """Whether a gradient can reach the gate: through an auxiliary loss, or through the LM loss once some expert's
+    LoRA delta is non-zero (at initialisation every B = 0, so with loss-free balancing and no z-loss the first
+    step's gate gradient is rightly zero)."""
+    aux = getattr(model, "balance_loss_form", "mse") in ("mse", "switch") and getattr(model, "balance_coefficient", 1)
+    if aux or getattr(model, "z_loss_coefficient", 0):
+        return True
+    return any(bool(layer.lora_B.ne(0).any()) for layer in model.handle.layers.values())
+
+
 def find_gradient_gaps(model, received: torch.Tensor) -> list[str]:
     """What lacks a gradient in ``model`` (a DyLoRA_MoE after ``backward``), given ``received`` [E] (bool, or the
     number of micro-batches in which each expert received tokens): one line per expert with the layers where its
@@ -68,7 +78,8 @@ def find_gradient_gaps(model, received: torch.Tensor) -> list[str]:
                 f"adapted layers: {', '.join(missing)}"
             )
     gate = model.router.gate
-    if model.num_experts > 1 and gate.weight.requires_grad and not _has_gradient(gate.weight):
+    learns = model.num_experts > 1 and gate.weight.requires_grad and _gate_should_learn(model)
+    if learns and not _has_gradient(gate.weight):
         gaps.append(
             "the gate (router.gate) is trainable but has a zero gradient: the routing weights do not reach the loss "
             "(router_weighting='original' with top_k=1 does this; use 'softmax', or freeze the router on purpose)"

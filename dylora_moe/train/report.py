@@ -1,5 +1,5 @@
-"""End-of-run report of train.py: ``summary.md`` (per-domain table, expert utilisation per domain, training
-metrics) and two PNG plots (loss curves; expert utilisation per domain and over training).
+"""End-of-run report of train.py: ``summary.md`` (per-domain table, the load balance up front, expert utilisation
+per domain, training metrics) and two PNG plots (loss curves; expert utilisation per domain and over training).
 
 Reads only plain dicts (the evaluation metrics and the records of ``metrics.jsonl``), so a report can be rebuilt
 from a finished run's files. Plots use matplotlib's object API (no pyplot global state, no display needed).
@@ -10,9 +10,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
+from .collapse import default_threshold
 from .runs import LOSS_PLOT, SUMMARY_FILE, UTIL_PLOT, read_metrics
-from .specialisation import SpecialisationStats
+from .specialisation import SpecialisationStats, entropy
 from .specialisation_report import specialisation_section
+
+WITHIN_DOMAIN = "Within a domain one expert may take most tokens (specialisation); balance counts over all."
 
 
 def domain_metrics(metrics: dict[str, float], domains: list[str], num_experts: int) -> dict[str, dict]:
@@ -58,6 +63,41 @@ def utilization_table(final: dict[str, dict]) -> str:
     num_experts = len(next(iter(final.values()))["util"])
     rows = [[d, *(f"{u:.3f}" for u in m["util"]), f"{m['entropy']:.3f}"] for d, m in final.items()]
     return _table(["domain", *(f"expert {e}" for e in range(num_experts)), "router entropy (nats)"], rows)
+
+
+def load_section(final: dict[str, dict], num_experts: int, specialisation: SpecialisationStats | None) -> str:
+    """Markdown: the load over all evaluation tokens (largest share x E, entropy, effective experts) in bold, per
+    domain the same, and a collapse notice naming the expert and the fix when one expert holds more than
+    :func:`~dylora_moe.train.collapse.default_threshold` of the tokens."""
+    if num_experts < 2:
+        return "One expert: nothing to balance."
+    rows, shares_all = [], None
+    if specialisation is not None:
+        per_domain = dict(zip(specialisation.domains, specialisation.shares()))
+        total = specialisation.domain_mass.sum(0)
+        shares_all = total / max(total.sum(), 1e-300)
+    else:
+        per_domain = {d: np.nan_to_num(np.asarray(m["util"], dtype=float)) for d, m in final.items()}
+    for domain, shares in per_domain.items():
+        top = int(np.argmax(shares))
+        rows.append([domain, f"{shares[top] * num_experts:.2f}", str(top), f"{np.exp(entropy(shares)):.2f}"])
+    table = _table(["domain", "largest share x E", "largest expert", "effective experts"], rows)
+    if shares_all is None:
+        return f"{table}\n\n{WITHIN_DOMAIN}"
+    top = int(np.argmax(shares_all))
+    h = entropy(shares_all)
+    text = (
+        f"**Largest expert share x E over all evaluation tokens: {shares_all[top] * num_experts:.2f}** (expert {top}; "
+        f"1 = balanced, {num_experts} = one expert takes all); entropy of the shares {h / math.log(num_experts):.3f} "
+        f"of log E; **{math.exp(h):.2f} effective experts of {num_experts}**."
+    )
+    if shares_all[top] > default_threshold(num_experts):
+        text += (
+            f"\n\n> **Router collapse:** expert {top} takes {shares_all[top]:.0%} of the evaluation tokens; the "
+            "mixture is close to a single LoRA. Fix: `--balance_loss loss_free` (raise `--balance_update_rate` for "
+            "short runs), or a larger `--balance_coefficient` with `--balance_loss switch`."
+        )
+    return f"{text}\n\n{table}\n\n{WITHIN_DOMAIN}"
 
 
 def training_logs(records: list[dict]) -> list[dict]:
@@ -189,6 +229,10 @@ def write_report(
 ## Evaluation per domain (initial = before training, final = the model kept at the end)
 
 {domain_table(first, last)}
+
+## Load balance (final model, evaluation tokens)
+
+{load_section(last, num_experts, specialisation)}
 
 ## Expert utilisation per domain (final model; share of routed tokens)
 

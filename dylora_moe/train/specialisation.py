@@ -12,6 +12,9 @@ From those masses, tallied per domain and per token id:
 - the mutual information between domain and expert, normalised to [0, 1] by the smaller of the two entropies:
   0 when every domain spreads over the experts alike, 1 when each expert serves one domain only (a one-to-one
   domain-expert map), so one number says how specialised the routing is;
+- how much of that information is above chance: the same MI with the domain labels shuffled over the evaluation
+  rows (a permutation baseline; a row is the unit, since the tokens of a row share its domain), its mean over the
+  shuffles subtracted, and the share of shuffles reaching the observed MI (a p-value);
 - the load: each expert's share of all tokens, as the largest share x E (1 = balanced) and the entropy of the shares
   relative to log E (1 = balanced);
 - per expert, the tokens it receives most often relative to their overall frequency (the lift, P(token | expert) /
@@ -67,6 +70,32 @@ def mutual_information(joint: np.ndarray) -> tuple[float, float]:
     mi = max(mi, 0.0)  # rounding can leave -1e-17 for independent variables
     bound = min(entropy(pd), entropy(pe))
     return mi, (min(mi / bound, 1.0) if bound > 1e-12 else 0.0)
+
+
+def mi_permutation_baseline(row_mass: list[np.ndarray], permutations: int = 200, seed: int = 0) -> dict[str, float]:
+    """The domain-expert MI against chance. ``row_mass``: per domain, [N_d, E] the routing mass of each evaluation
+    row. The domain labels of the rows are shuffled ``permutations`` times (domain sizes kept); returns the observed
+    ``mi`` / ``nmi``, the shuffles' means ``mi_chance`` / ``nmi_chance``, ``mi_above_chance`` /
+    ``nmi_above_chance`` (observed minus chance) and ``mi_p_value`` = (1 + shuffles with MI >= observed) /
+    (1 + shuffles)."""
+    sizes = [len(rows) for rows in row_mass]
+    rows = np.concatenate([np.asarray(r, dtype=np.float64).reshape(len(r), -1) for r in row_mass])
+    labels = np.repeat(np.arange(len(row_mass)), sizes)
+
+    def joint(of: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(row_mass), rows.shape[1]))
+        np.add.at(out, of, rows)
+        return out
+
+    mi, nmi = mutual_information(joint(labels))
+    rng = np.random.default_rng(seed)
+    null = np.array([mutual_information(joint(rng.permutation(labels))) for _ in range(permutations)])
+    mi_chance, nmi_chance = null.mean(0) if len(null) else (math.nan, math.nan)
+    p_value = (1 + int((null[:, 0] >= mi - 1e-12).sum())) / (1 + permutations) if len(null) else math.nan
+    return {
+        "mi": mi, "nmi": nmi, "mi_chance": float(mi_chance), "nmi_chance": float(nmi_chance),
+        "mi_above_chance": mi - float(mi_chance), "nmi_above_chance": nmi - float(nmi_chance), "mi_p_value": p_value,
+    }  # fmt: skip
 
 
 def load_figures(expert_mass: np.ndarray) -> dict[str, float]:
@@ -140,6 +169,7 @@ class Tally:
 
     token_mass: torch.Tensor | None = None
     examples: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    row_mass: list[torch.Tensor] = field(default_factory=list)  # per batch [B, E]: each row's routing mass
 
     def add(self, ids: torch.Tensor, real: torch.Tensor, mass: torch.Tensor, vocab: int, keep: int) -> None:
         """``ids`` [B, S], ``real`` [B, S] bool, ``mass`` [T, E] for the real tokens in row-major order."""
@@ -147,6 +177,9 @@ class Tally:
         if self.token_mass is None or self.token_mass.shape[1] != mass.shape[1]:
             self.token_mass = torch.zeros(vocab, mass.shape[1], dtype=torch.float64, device=mass.device)
         self.token_mass.index_add_(0, flat.to(mass.device), mass.to(torch.float64))
+        row_of = torch.arange(ids.shape[0], device=real.device)[:, None].expand_as(real)[real].to(mass.device)
+        rows = torch.zeros(ids.shape[0], mass.shape[1], dtype=torch.float64, device=mass.device)
+        self.row_mass.append(rows.index_add_(0, row_of, mass.to(torch.float64)))
         start = 0
         for row in range(min(ids.shape[0], keep - len(self.examples))):  # host syncs for the first rows only
             n = int(real[row].sum())
@@ -211,13 +244,15 @@ class RoutingRecorder:
 @dataclass
 class SpecialisationStats:
     """The routing masses of one evaluation: per domain the expert masses (``domain_mass`` [D, E]), per token id
-    ``token_mass`` [V, E] over all domains, a few :class:`Example` rows, and the ``routing`` mode."""
+    ``token_mass`` [V, E] over all domains, a few :class:`Example` rows, the ``routing`` mode, and per domain each
+    evaluation row's masses (``row_mass``, all processes' rows)."""
 
     domains: list[str]
     routing: str
     domain_mass: np.ndarray
     token_mass: np.ndarray
     examples: list[Example]
+    row_mass: list[np.ndarray] | None = None  # per domain [N_d, E], for the permutation baseline
 
     @classmethod
     def from_tallies(
@@ -250,11 +285,22 @@ class SpecialisationStats:
             for domain, tally in tallies.items()
             for ids, mass in tally.examples
         ]
-        return cls(list(tallies), routing, stacked.sum(1), stacked.sum(0), examples)
+        row_mass = [_rows_of(t, width, device) for t in tallies.values()]
+        if reduce and dist.is_available() and dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, row_mass)
+            row_mass = [np.concatenate([g[d] for g in gathered]) for d in range(len(row_mass))]
+        return cls(list(tallies), routing, stacked.sum(1), stacked.sum(0), examples, row_mass)
 
     @property
     def num_experts(self) -> int:
         return self.domain_mass.shape[1]
+
+    def chance(self) -> dict[str, float]:
+        """:func:`mi_permutation_baseline` of the rows (empty without row masses)."""
+        if not self.row_mass or sum(len(r) for r in self.row_mass) == 0:
+            return {}
+        return mi_permutation_baseline(self.row_mass)
 
     def shares(self) -> np.ndarray:
         """[D, E]: each domain's share of routing mass per expert (rows sum to 1)."""
@@ -265,10 +311,22 @@ class SpecialisationStats:
         of each expert (``<domain>_share_expert_<e>``, the heatmap's cells)."""
         mi, nmi = mutual_information(self.domain_mass)
         out = {f"{prefix}nmi": nmi, f"{prefix}mi": mi}
+        chance = self.chance()
+        for key in ("mi_chance", "nmi_chance", "mi_above_chance", "nmi_above_chance", "mi_p_value"):
+            if key in chance:
+                out[prefix + key] = chance[key]
         out.update({prefix + key: value for key, value in load_figures(self.domain_mass.sum(0)).items()})
         for d, domain in enumerate(self.domains):
             out.update({f"{prefix}{domain}_share_expert_{e}": float(s) for e, s in enumerate(self.shares()[d])})
         return out
+
+
+def _rows_of(tally: Tally, width: int, device) -> np.ndarray:
+    """[N, width] the row masses of a tally on the host (zero rows when it saw none)."""
+    if not tally.row_mass:
+        return np.zeros((0, width))
+    rows = torch.cat(tally.row_mass).cpu().numpy()
+    return np.pad(rows, ((0, 0), (0, width - rows.shape[1])))
 
 
 @torch.no_grad()

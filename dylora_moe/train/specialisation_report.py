@@ -169,6 +169,20 @@ def lift_markdown(stats: SpecialisationStats, tokenizer, top: int = 8, min_count
     return _table(["rank", *(f"expert {e}" for e in range(stats.num_experts))], rows)
 
 
+def _chance_text(stats: SpecialisationStats) -> str:
+    """The MI against the permutation baseline, as one sentence."""
+    chance = stats.chance()
+    if not chance:
+        return "above chance: not measured (no evaluation rows recorded)."
+    rows = sum(len(r) for r in stats.row_mass)
+    verdict = "above chance" if chance["mi_p_value"] <= 0.05 else "not distinguishable from chance"
+    return (
+        f"**above chance: {chance['nmi_above_chance']:+.3f} (normalised; {chance['mi_above_chance']:+.4f} nats)**, "
+        f"{verdict} (p = {chance['mi_p_value']:.3f}): the MI minus its mean ({chance['nmi_chance']:.3f} normalised) "
+        f"over 200 shuffles of the domain labels across the {rows} evaluation rows."
+    )
+
+
 def specialisation_section(
     stats: SpecialisationStats,
     tokenizer,
@@ -211,6 +225,7 @@ Routing mass per token: {how}.
 
 - **domain-expert mutual information: {nmi:.3f} (normalised; {mi:.4f} nats)**. 0: every domain spreads over the
   experts alike; 1: each expert serves one domain only.
+- {_chance_text(stats)}
 - load: largest expert share x E = {load["load_max_over_mean"]:.2f} (1 = balanced, {n_experts} = one expert takes all),
   entropy of the expert shares = {load["expert_entropy"]:.3f} of log E (1 = balanced).
 

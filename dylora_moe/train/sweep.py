@@ -3,14 +3,19 @@
     python train.py --sweep "num_experts=2,4,8 top_k=1,2 temperature=1,2"
 
 The grid is a space-separated list of ``flag=value,value,...`` over any train.py flag (``true``/``false`` for a
-switch: the flag given alone, or left out). Every configuration runs as its own ``train.py`` process (the other
+switch: the flag given alone, or left out); grids joined by ``;`` run the union of their configurations (e.g.
+``"balance_loss=mse,switch ; balance_loss=loss_free balance_update_rate=0.01,0.05"``). ``--sweep_jobs N`` runs N
+configurations at a time (each with 1/N of the CPU threads; the first runs alone, so later ones share its tiny base).
+Every configuration runs as its own ``train.py`` process (the other
 flags of the command line are kept) in a sub-folder of the output dir named after it, e.g.
 ``num_experts-2_top_k-1_temperature-1/``, with its log in ``train.log``. A configuration that fails (a bad
 combination such as top_k > num_experts, a crash) is reported with its exit status and last log line, and the
 sweep goes on. Afterwards, from each run's ``metrics.jsonl``:
 
 - ``sweep.md``: per configuration, the final eval loss per domain, the domain-expert mutual information
-  (normalised), router entropy, load, training tokens/s and wall time, plus the failures;
+  (normalised, and above chance), router entropy, load (largest share x E, entropy of the shares, effective
+  experts), training tokens/s and wall time, plus the failures; configurations that differ only in ``seed`` are
+  also averaged;
 - ``sweep.png``: the same numbers as bars, one group per configuration;
 - ``sweep_wandb.yaml``: a wandb sweep over the same grid for the real model on a GPU (``wandb sweep``, then
   ``wandb agent``).
@@ -33,6 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +51,7 @@ logger = logging.getLogger(__name__)
 TRAIN_COMMAND = (sys.executable, "-m", "dylora_moe.train.cli")
 SWEEP_MD, SWEEP_PLOT, WANDB_YAML, RUN_LOG = "sweep.md", "sweep.png", "sweep_wandb.yaml", "train.log"
 SWEEP_RUN_FOLDER = "outputs/wandb-sweep/$WANDB_RUN_ID"  # one folder per wandb run: a folder holds one run
-RESERVED = ("sweep", "output_dir")  # set by the sweep itself for each run
+RESERVED = ("sweep", "sweep_jobs", "output_dir")  # set by the sweep itself for each run
 BOOLEANS = {"true": True, "false": False}
 # What the wandb sweep fixes for the real job (the original's model on a GPU); everything else is train.py's default.
 REAL_MODEL = {"model_name": "google/codegemma-2b", "kernel": "triton", "bf16": True}
@@ -81,6 +87,37 @@ def parse_grid(grid: str, known_flags: Iterable[str] | None = None) -> dict[str,
 def configurations(axes: dict[str, list[str]]) -> list[dict[str, str]]:
     """Every combination of the grid's values (the last flag varies fastest)."""
     return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def parse_grids(grid: str, known_flags: Iterable[str] | None = None) -> list[dict[str, list[str]]]:
+    """The ``;``-separated grids of ``grid``, each read by :func:`parse_grid`."""
+    known = None if known_flags is None else list(known_flags)
+    parts = [part for part in grid.split(";") if part.strip()]
+    if not parts:
+        raise SweepError(f'empty sweep grid {grid!r}; expected e.g. "num_experts=2,4,8 top_k=1,2"')
+    return [parse_grid(part, known) for part in parts]
+
+
+def union_configurations(grids: list[dict[str, list[str]]]) -> list[dict[str, str]]:
+    """The configurations of every grid in order, each once."""
+    out, seen = [], set()
+    for axes in grids:
+        for config in configurations(axes):
+            key = tuple(sorted(config.items()))
+            if key not in seen:
+                seen.add(key)
+                out.append(config)
+    return out
+
+
+def merged_axes(grids: list[dict[str, list[str]]]) -> dict[str, list[str]]:
+    """Every flag of the grids with the union of its values (for the wandb sweep, which takes one grid)."""
+    axes: dict[str, list[str]] = {}
+    for grid in grids:
+        for name, values in grid.items():
+            axes.setdefault(name, [])
+            axes[name] += [v for v in values if v not in axes[name]]
+    return axes
 
 
 def config_name(config: dict[str, str]) -> str:
@@ -126,9 +163,19 @@ class RunResult:
     error: str = ""
     losses: dict[str, float] = field(default_factory=dict)
     nmi: float = math.nan
+    nmi_above_chance: float = math.nan
     router_entropy: float = math.nan
     load_max_over_mean: float = math.nan
+    expert_entropy: float = math.nan
     tokens_per_s: float = math.nan
+
+    @property
+    def effective_experts(self) -> float:
+        """exp(entropy of the expert shares) = E ** (entropy / log E): E when balanced, 1 when one expert takes all."""
+        num_experts = int(self.config.get("num_experts", 0)) or None
+        if num_experts is None or math.isnan(self.expert_entropy):
+            return math.nan
+        return num_experts**self.expert_entropy
 
     @property
     def ok(self) -> bool:
@@ -153,6 +200,8 @@ def read_run(result: RunResult) -> RunResult:
                 entropies[match.group(1)] = r.get(f"eval_{match.group(1)}_router_entropy", math.nan)
         if "eval_spec_nmi" in r:
             result.nmi, result.load_max_over_mean = r["eval_spec_nmi"], r.get("eval_spec_load_max_over_mean", math.nan)
+            result.expert_entropy = r.get("eval_spec_expert_entropy", math.nan)
+            result.nmi_above_chance = r.get("eval_spec_nmi_above_chance", math.nan)
     if entropies:
         result.router_entropy = sum(entropies.values()) / len(entropies)
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
@@ -177,18 +226,20 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": root if not path else os.pathsep.join([root, path])}
 
 
-def run_config(config, base_argv, folder: Path, command: Sequence[str], timeout: float | None) -> RunResult:
+def run_config(
+    config, base_argv, folder: Path, command: Sequence[str], timeout: float | None, threads: int | None = None
+) -> RunResult:
     """Run ``command`` (the training command) for one configuration in ``folder``; its stdout and stderr go to
-    ``folder/train.log``."""
+    ``folder/train.log``. ``threads``: the CPU threads the run may use (OMP_NUM_THREADS; default: torch's own)."""
     folder.mkdir(parents=True, exist_ok=True)
+    env = _child_env() if threads is None else {**_child_env(), "OMP_NUM_THREADS": str(threads)}
     cmd = [*command, *base_argv, *config_argv(config), "--output_dir", str(folder)]
     started = time.time()
     with (folder / RUN_LOG).open("w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         try:
-            run = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=_child_env())
-            code = run.returncode
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env).returncode
         except subprocess.TimeoutExpired:
             code = -1
             log.write(f"timed out after {timeout} s\n")
@@ -210,19 +261,53 @@ def _fmt(value: float, spec: str) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _row_numbers(r: RunResult, domains: list[str]) -> list[float]:
+    return [*(r.losses.get(d, math.nan) for d in domains), r.load_max_over_mean, r.expert_entropy,
+            r.effective_experts, r.nmi, r.nmi_above_chance, r.router_entropy]  # fmt: skip
+
+
+NUMBER_HEADER = ["load max×E", "load entropy", "effective experts", "MI (norm.)", "MI above chance", "router entropy"]
+NUMBER_FORMATS = [".2f", ".3f", ".2f", ".3f", ".3f", ".3f"]
+
+
 def sweep_table(results: list[RunResult]) -> str:
     domains = sorted({d for r in results for d in r.losses})
-    header = ["configuration", "status", *(f"{d} loss" for d in domains)]
-    header += ["MI (norm.)", "router entropy", "load max/mean", "tokens/s", "wall s", "summary"]
+    header = ["configuration", "status", *(f"{d} loss" for d in domains), *NUMBER_HEADER, "tokens/s", "wall s"]
+    header.append("summary")
+    formats = [".4f"] * len(domains) + NUMBER_FORMATS
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     for r in results:
         status = "ok" if r.ok else f"failed ({r.returncode})"
-        row = [r.label, status, *(_fmt(r.losses.get(d, math.nan), ".4f") for d in domains)]
-        row += [_fmt(r.nmi, ".3f"), _fmt(r.router_entropy, ".3f"), _fmt(r.load_max_over_mean, ".2f")]
+        row = [r.label, status, *(_fmt(v, f) for v, f in zip(_row_numbers(r, domains), formats))]
         row += [_fmt(r.tokens_per_s, ".0f"), f"{r.seconds:.0f}"]
         summary = r.folder / SUMMARY_FILE
         row.append(f"[{r.folder.name}]({r.folder.name}/{SUMMARY_FILE})" if summary.is_file() else f"{r.folder.name}/")
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def seed_mean_table(results: list[RunResult]) -> str:
+    """Finished runs that differ only in ``seed``, averaged (mean, and the spread max - min of each number);
+    empty when no configuration sets a seed."""
+    groups: dict[str, list[RunResult]] = {}
+    for r in results:
+        if r.ok and "seed" in r.config:
+            groups.setdefault(" ".join(f"{k}={v}" for k, v in r.config.items() if k != "seed"), []).append(r)
+    if not groups:
+        return ""
+    domains = sorted({d for r in results for d in r.losses})
+    header = ["configuration", "seeds", *(f"{d} loss" for d in domains), *NUMBER_HEADER]
+    formats = [".4f"] * len(domains) + NUMBER_FORMATS
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for label, runs in groups.items():
+        columns = list(zip(*(_row_numbers(r, domains) for r in runs)))
+        cells = []
+        for values, spec in zip(columns, formats):
+            values = [v for v in values if not math.isnan(v)]
+            mean = sum(values) / len(values) if values else math.nan
+            spread = f" ± {(max(values) - min(values)) / 2:{spec}}" if len(values) > 1 else ""
+            cells.append(_fmt(mean, spec) + spread)
+        lines.append("| " + " | ".join([label or "(all)", str(len(runs)), *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -311,29 +396,43 @@ def run_sweep(
     known_flags: Iterable[str] | None = None,
     script: str | Path | None = None,
     timeout: float | None = None,
+    jobs: int = 1,
 ) -> Path:
-    """Run every configuration of ``grid`` with the training command (:data:`TRAIN_COMMAND`; ``script``: a Python
-    script to run instead, e.g. a stand-in in tests) with ``base_argv`` (``--sweep`` and
-    ``--output_dir`` are dropped from it) in its own sub-folder of ``output_dir``; write sweep.md, sweep.png and
-    sweep_wandb.yaml there. Returns the path of sweep.md. A failed configuration is reported, never raised."""
-    axes = parse_grid(grid, known_flags)
+    """Run every configuration of ``grid`` (``;`` joins grids) with the training command (:data:`TRAIN_COMMAND`;
+    ``script``: a Python script to run instead, e.g. a stand-in in tests) with ``base_argv`` (``--sweep``,
+    ``--sweep_jobs`` and ``--output_dir`` are dropped from it) in its own sub-folder of ``output_dir``, ``jobs`` at a
+    time; write sweep.md, sweep.png and sweep_wandb.yaml there. Returns the path of sweep.md. A failed configuration
+    is reported, never raised."""
+    if jobs < 1:
+        raise SweepError(f"--sweep_jobs must be >= 1, got {jobs}")
+    grids = parse_grids(grid, known_flags)
     command = TRAIN_COMMAND if script is None else (sys.executable, str(script))
     base = strip_flags(list(base_argv), RESERVED)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    configs = configurations(axes)
-    results: list[RunResult] = []
-    for i, config in enumerate(configs, start=1):
+    configs = union_configurations(grids)
+    threads = None if jobs == 1 else max(1, (os.cpu_count() or 1) // jobs)
+    results: dict[int, RunResult] = {}
+
+    def run(i: int) -> RunResult:
+        config = configs[i]
         folder = output_dir / config_name(config)
-        _share_tiny_base([r for r in results if r.ok], folder)
-        logger.info("sweep %d/%d: %s -> %s", i, len(configs), " ".join(config_argv(config)), folder)
-        result = run_config(config, base, folder, command, timeout)
+        _share_tiny_base([r for r in results.values() if r.ok], folder)
+        logger.info("sweep %d/%d: %s -> %s", i + 1, len(configs), " ".join(config_argv(config)), folder)
+        result = run_config(config, base, folder, command, timeout, threads)
         if result.ok:
-            logger.info("sweep %d/%d finished in %.0f s", i, len(configs), result.seconds)
+            logger.info("sweep %d/%d finished in %.0f s", i + 1, len(configs), result.seconds)
         else:
-            logger.warning("sweep %d/%d failed (exit %d): %s", i, len(configs), result.returncode, result.error)
-        results.append(result)
-    return write_sweep(output_dir, grid, axes, base, results)
+            logger.warning("sweep %d/%d failed (exit %d): %s", i + 1, len(configs), result.returncode, result.error)
+        results[i] = result
+        return result
+
+    if configs:
+        run(0)  # alone: the later runs copy its tiny base model instead of each building one
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(run, range(1, len(configs))))
+    ordered = [results[i] for i in range(len(configs))]
+    return write_sweep(output_dir, grid, merged_axes(grids), base, ordered)
 
 
 def write_sweep(output_dir: Path, grid: str, axes: dict[str, list[str]], base: list[str], results: list[RunResult]):
@@ -343,6 +442,7 @@ def write_sweep(output_dir: Path, grid: str, axes: dict[str, list[str]], base: l
     metric = f"eval/{'code_alpaca' if 'code_alpaca' in domains else (domains or ['code_alpaca'])[0]}_loss"
     (output_dir / WANDB_YAML).write_text(wandb_sweep_yaml(axes, base, metric))
     failed = [r for r in results if not r.ok]
+    means = seed_mean_table(results)
     failures = "\n".join(
         f"- `{r.label}`: exit {r.returncode}: {r.error} (log: {r.folder.name}/{RUN_LOG})" for r in failed
     )
@@ -352,12 +452,14 @@ def write_sweep(output_dir: Path, grid: str, axes: dict[str, list[str]], base: l
 - other flags: `{" ".join(base) or "(none)"}`
 - configurations: {len(results)} ({len(results) - len(failed)} finished, {len(failed)} failed)
 
-Final evaluation of each run (the model kept at the end): eval loss per domain, the domain-expert mutual information
-(normalised: 0 = no specialisation, 1 = each expert serves one domain), router entropy (mean of the domains), load
-(largest expert share x E), and the mean training tokens/s.
+Final evaluation of each run (the model kept at the end): eval loss per domain; the load over the evaluation tokens of
+all domains (largest expert share x E: 1 = balanced, E = one expert takes all; entropy of the shares / log E; effective
+experts = exp(entropy)); the domain-expert mutual information (normalised: 0 = no specialisation, 1 = each expert
+serves one domain) and how much of it is above chance (minus the mean over shuffled domain labels); router entropy
+(mean of the domains); the mean training tokens/s.
 
 {sweep_table(results)}
-
+{(chr(10) + "Mean over seeds (± half the range):" + chr(10) + chr(10) + means + chr(10)) if means else ""}
 ![sweep comparison]({SWEEP_PLOT})
 
 {"## Failed configurations" + chr(10) + chr(10) + failures + chr(10) if failed else ""}

@@ -3,7 +3,8 @@
 What the stock Trainer (transformers 5) does not do for this model, and this module adds:
 
 - Logging: each logging step gets the LM loss, the load-balance loss, the router entropy and each expert's share of
-  the routed tokens (token-weighted over the steps since the last log and over all processes), the tokens per
+  the routed tokens (token-weighted over the steps since the last log and over all processes; a warning when one
+  expert keeps most of them, :mod:`~dylora_moe.train.collapse`), the loss-free selection bias per expert, the tokens per
   second of all processes together, and the main process's peak memory; :class:`MetricsFile` appends every log to
   ``metrics.jsonl`` (integrations such as wandb get the same dict through ``Trainer.log``).
 - Evaluation: the same routing statistics per evaluation set, plus perplexity (``eval_<domain>_ppl``).
@@ -14,11 +15,13 @@ What the stock Trainer (transformers 5) does not do for this model, and this mod
   cut short never leaves a ``checkpoint-N`` that resume would load. Every checkpoint records the run id
   (:class:`RunIdentity`, a stateful callback) and every ``metrics.jsonl`` row too (:class:`MetricsFile`).
 - Resume and best-model reload read those files back into the live model.
+- Balancing: the model's ``balance_step`` after every optimizer step (:class:`BalanceStep`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -34,7 +37,10 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..io.atomic_folder import is_staging_name, publish, staging_root
+from .collapse import CollapseWatch
 from .runs import TRAINER_STATE, CheckpointNotFound, read_metrics
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointNotFound", "DomainEarlyStopping", "MetricsFile", "MoETrainer", "RunIdentity", "RoutingStats"]
 
@@ -166,6 +172,17 @@ class StepClock(TrainerCallback):
         self.stats.stop_clock()
 
 
+class BalanceStep(TrainerCallback):
+    """Calls the model's ``balance_step`` after every optimizer step (once per gradient-accumulation window): the
+    loss-free selection bias moves toward equal load, and the next step's load window starts."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.model.balance_step()
+
+
 class DomainEarlyStopping(EarlyStoppingCallback):
     """Early stopping on ``metric_for_best_model`` when the evaluation set is a dict: each domain's evaluation
     reports its own metrics, and only the one carrying the watched metric counts (the others are skipped quietly
@@ -182,12 +199,15 @@ class MoETrainer(Trainer):
     checkpoints written atomically. ``load_weights(model, folder)`` reads a checkpoint written by ``_save`` back into
     the live model (resume, best-model reload)."""
 
-    def __init__(self, *args, load_weights, **kwargs):
+    def __init__(self, *args, load_weights, collapse: CollapseWatch | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.load_weights = load_weights
-        num_experts = self.accelerator.unwrap_model(self.model).num_experts
+        model = self.accelerator.unwrap_model(self.model)
+        num_experts = model.num_experts
         self.train_stats, self.eval_stats = RoutingStats(num_experts), RoutingStats(num_experts)
+        self.collapse = collapse if collapse is not None else CollapseWatch(num_experts)
         self.add_callback(StepClock(self.train_stats))
+        self.add_callback(BalanceStep(model))
 
     # ----- loss and metrics --------------------------------------------------------------------------------------
 
@@ -205,6 +225,12 @@ class MoETrainer(Trainer):
                 logs["router_entropy"] = stats["router_entropy"]
                 logs.update({k: v for k, v in stats.items() if k.startswith("util_expert_")})
                 logs["tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
+                warning = self.collapse.update(logs, self.state.global_step)
+                if warning and self.is_world_process_zero():
+                    logger.warning(warning)
+            router = self.accelerator.unwrap_model(self.model).router
+            if router.use_selection_bias:  # the loss-free bias per expert (one host read per log)
+                logs.update({f"balance_bias_expert_{e}": b for e, b in enumerate(router.selection_bias.tolist())})
             logs["peak_mem_mb"] = peak_memory_mb()
         super().log(logs, start_time)
 

@@ -110,3 +110,35 @@ def test_fullgraph_compile_with_the_fused_loss():
     assert_close(got.loss, want.loss, torch.float32, msg="loss")
     for name in want_grads:
         assert_close(got_grads[name], want_grads[name], torch.float32, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        pytest.param({"balance_loss": "loss_free", "balance_update_rate": 0.1}, id="loss-free"),
+        pytest.param({"balance_loss": "switch", "global_balance": True}, id="switch-global"),
+    ],
+)
+def test_fullgraph_compile_with_balancing(kw):
+    """Loss-free selection bias and the global-batch load window compile into the one graph: the same loss,
+    gradients and load window as eager (the window's in-place update happens in the compiled step), and the same
+    bias after balance_step."""
+    moe = build("token", "eager", **kw)
+    bias = torch.tensor([0.3, -0.2, 0.0])
+    moe.router.selection_bias.copy_(bias)
+    params = dict(moe.named_parameters())
+    inputs = padded_batch()
+    want, want_grads = loss_and_grads(moe, params, inputs)
+    want_window = moe.router.load_window.clone()
+    moe.balance_step()
+    want_bias = moe.router.selection_bias.clone()
+    moe.router.selection_bias.copy_(bias)
+    torch._dynamo.reset()
+    got, got_grads = loss_and_grads(torch.compile(moe, fullgraph=True, backend="aot_eager"), params, inputs)
+    assert_close(got.loss, want.loss, torch.float32, msg="loss")
+    torch.testing.assert_close(moe.router.load_window, want_window)
+    assert want_window.abs().sum() > 0
+    for name in want_grads:
+        assert_close(got_grads[name], want_grads[name], torch.float32, msg=f"grad of {name}")
+    moe.balance_step()
+    torch.testing.assert_close(moe.router.selection_bias, want_bias)

@@ -46,6 +46,8 @@ def test_defaults_agree_between_model_config_and_router():
         ({"renormalize": 1}, "renormalize must be a bool"),
         ({"balance_loss": "l1"}, "unknown balance_loss"),
         ({"balance_coefficient": float("nan")}, "balance_coefficient"),
+        ({"balance_update_rate": -0.001}, "balance_update_rate"),
+        ({"global_balance": 1}, "global_balance must be a bool"),
         ({"z_loss_coefficient": -1.0}, "z_loss_coefficient"),
         ({"num_experts": 4, "top_k": 2, "routing": "token", "mixture": "ffn"}, "sum to 1 per token"),
     ],

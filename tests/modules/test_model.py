@@ -389,7 +389,7 @@ ROUTING_MODES = [
 def test_all_padding_batch_has_a_defined_result(num_experts, routing, kw, backend):
     """A batch with no real token: finite logits, loss 0 (no label counts), aux losses 0, a backward that runs and
     gives zero LoRA gradients. (Sequence routing once crashed inside the HF model with a reshape error.)"""
-    moe = build(num_experts=num_experts, top_k=1, routing=routing, device=DEVICE, **kw).train()
+    moe = build(num_experts=num_experts, top_k=1, routing=routing, device=DEVICE, balance_loss="mse", **kw).train()
     moe.set_kernel(backend)
     input_ids = torch.zeros(2, 5, dtype=torch.long, device=DEVICE)
     mask = torch.zeros_like(input_ids)

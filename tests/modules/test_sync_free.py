@@ -104,6 +104,7 @@ ROUTINGS = [
     pytest.param("token", {}, id="token"),
     pytest.param("sequence", {"sequence_top_k": 2}, id="sequence-top2"),
     pytest.param("token", {"balance_loss": "switch"}, id="token-switch"),
+    pytest.param("token", {"balance_loss": "mse", "global_balance": True}, id="token-mse-global"),
 ]
 
 
@@ -117,6 +118,14 @@ def test_training_step_issues_no_host_sync(routing, kw, backend):
         out = step(moe, inputs)
     assert torch.isfinite(out.loss)
     assert recorder.syncs == [], f"host syncs in a training step: {recorder.syncs}"
+
+
+def test_loss_free_bias_step_issues_no_host_sync():
+    moe = build("token", "eager", balance_loss="loss_free")
+    step(moe, padded_batch())
+    with HostSyncRecorder() as recorder:
+        moe.balance_step()
+    assert recorder.syncs == [] and moe.router.selection_bias.abs().sum() > 0
 
 
 def test_recorder_catches_what_it_must():

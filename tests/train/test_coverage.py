@@ -113,11 +113,11 @@ def test_a_frozen_expert_is_named_with_its_layer():
 def test_gate_without_gradient_is_named():
     # The original's weighting at k = 1: the weight is the constant softmax over one logit, so no gradient reaches
     # the gate through the LM loss, and the MSE balance loss over those constant weights gives none either.
-    model = _model(router_weighting="original")
+    model = _model(router_weighting="original", balance_loss="mse")
     out = _backward(model)
     gaps = find_gradient_gaps(model, out.expert_token_fraction > 0)
     assert len(gaps) == 1 and gaps[0].startswith("the gate (router.gate) is trainable but has a zero gradient")
-    frozen = _model(router_weighting="original", freeze_router=True)
+    frozen = _model(router_weighting="original", balance_loss="mse", freeze_router=True)
     out = _backward(frozen)
     assert find_gradient_gaps(frozen, out.expert_token_fraction > 0) == []  # a frozen gate is not a gap
 
@@ -180,3 +180,17 @@ def test_strict_gradients_stops_train_py(tmp_path, monkeypatch):
     argv = [*TINY, "--kernel", "eager", "--max_steps", "2", "--freeze_router", "--strict_gradients"]
     with pytest.raises(GradientCoverageError, match=r"expert 1 received tokens .*layers.0.self_attn.q_proj"):
         train.main([*argv, "--output_dir", str(tmp_path)])
+
+
+def test_loss_free_gate_at_initialisation_is_not_a_gap():
+    """Loss-free balancing has no auxiliary loss, and at initialisation every B = 0, so no gradient can reach the
+    gate in the first step: not a gap. Once some B is non-zero, a missing gate gradient is one again."""
+    model = _model(balance_loss="loss_free")
+    out = _backward(model)
+    assert model.router.gate.weight.grad.abs().max() == 0  # control: the gradient is really zero
+    assert find_gradient_gaps(model, out.expert_token_fraction > 0) == []
+    original = _model(balance_loss="loss_free", router_weighting="original")  # k = 1: the gate never learns
+    with torch.no_grad():
+        next(iter(original.handle.layers.values())).lora_B.normal_()
+    out = _backward(original)
+    assert any(g.startswith("the gate") for g in find_gradient_gaps(original, out.expert_token_fraction > 0))

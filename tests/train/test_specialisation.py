@@ -16,6 +16,7 @@ from dylora_moe.train.specialisation import (
     collect_specialisation,
     lift_table,
     load_figures,
+    mi_permutation_baseline,
     mutual_information,
 )
 from dylora_moe.train.specialisation_report import specialisation_report
@@ -152,6 +153,14 @@ def test_recorder_matches_the_model_outputs(routing, kwargs):
     np.testing.assert_allclose(stats.examples[0].mass.sum(1), 1.0, rtol=1e-6)
     metrics = stats.metrics()
     assert 0.0 <= metrics["eval_spec_nmi"] <= 1.0
+    # one row mass per evaluation row, summing to its real tokens; their domain sums are the domain masses
+    assert [len(r) for r in stats.row_mass] == [5, 3]
+    np.testing.assert_allclose(stats.row_mass[0].sum(1), [16, 16, 16, 16, 9], rtol=1e-6)
+    for d in range(2):
+        np.testing.assert_allclose(stats.row_mass[d].sum(0), stats.domain_mass[d], rtol=1e-6)
+    chance = metrics["eval_spec_nmi"] - metrics["eval_spec_nmi_chance"]
+    assert metrics["eval_spec_nmi_above_chance"] == pytest.approx(chance)
+    assert 0 < metrics["eval_spec_mi_p_value"] <= 1
     assert sum(metrics[f"eval_spec_alpha_share_expert_{e}"] for e in range(3)) == pytest.approx(1.0)
 
 
@@ -179,6 +188,8 @@ def test_report_sections_and_pictures(routing, tmp_path):
     for heading in (
         "## Specialisation (final model, evaluation splits)",
         "**domain-expert mutual information: ",
+        "**above chance: ",
+        "shuffles of the domain labels across the 8 evaluation rows",
         "| domain | expert 0 | expert 1 | expert 2 | effective experts |",
         "### Tokens each expert receives more often than their overall frequency (lift)",
         "| rank | expert 0 | expert 1 | expert 2 |",
@@ -196,3 +207,27 @@ def test_report_sections_and_pictures(routing, tmp_path):
 def test_stats_need_some_tokens():
     with pytest.raises(ValueError, match="no evaluation token was recorded"):
         SpecialisationStats.from_tallies({"alpha": Tally()}, "token")
+
+
+def _rows(shares, n, seed):
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(16, shares, size=n).astype(float)  # 16 tokens a row, routed with these expert shares
+
+
+def test_permutation_baseline_tells_specialisation_from_chance():
+    """Domains with their own experts: MI far above the shuffles, p at its floor 1/201. Domains routed alike: the
+    MI is of the size of chance (a small sample alone gives MI > 0), nothing above it, p not small."""
+    special = mi_permutation_baseline([_rows([0.9, 0.1, 0, 0], 40, 1), _rows([0, 0.1, 0.9, 0], 6, 2)])
+    assert special["mi_p_value"] == pytest.approx(1 / 201)
+    assert special["nmi_above_chance"] > 0.5 and special["nmi_chance"] < 0.2
+    alike = mi_permutation_baseline([_rows([0.25] * 4, 40, 5), _rows([0.25] * 4, 6, 6)])
+    assert alike["mi"] > 0  # the plain MI of a finite sample is never exactly 0 ...
+    assert abs(alike["mi_above_chance"]) < 0.5 * alike["mi_chance"] + 1e-3 and alike["mi_p_value"] > 0.05
+
+
+def test_permutation_baseline_by_hand():
+    """Two rows, one per domain: every shuffle is the identity or the swap, both give the same MI -> nothing above
+    chance, p = 1."""
+    out = mi_permutation_baseline([np.array([[3.0, 1.0]]), np.array([[1.0, 3.0]])], permutations=10)
+    assert out["mi"] == pytest.approx(mutual_information(np.array([[3, 1], [1, 3]]))[0])
+    assert out["mi_above_chance"] == pytest.approx(0.0, abs=1e-12) and out["mi_p_value"] == 1.0

@@ -67,7 +67,8 @@ records = [
      "eval_mbpp_balance_loss": 0.01},  # not a domain called "mbpp_balance"
     {"step": 1, "eval_code_alpaca_loss": 1.0 / top_k, "eval_code_alpaca_router_entropy": 0.25,
      "eval_code_alpaca_runtime": 1},
-    {"step": 1, "eval_spec_nmi": 0.1 * top_k, "eval_spec_load_max_over_mean": 1.5},
+    {"step": 1, "eval_spec_nmi": 0.1 * top_k, "eval_spec_load_max_over_mean": 1.5, "eval_spec_expert_entropy": 0.5,
+     "eval_spec_nmi_above_chance": 0.05},
 ]
 open(out + "/metrics.jsonl", "w").write("\\n".join(json.dumps(r) for r in records))
 open(out + "/summary.md", "w").write("# summary")
@@ -84,10 +85,11 @@ def test_failed_configuration_is_reported_not_fatal(tmp_path):
     assert "- configurations: 3 (2 finished, 1 failed)" in text
     assert "- other flags: `--max_steps 1`" in text
     # final numbers: the last evaluation per domain, the mean training speed, the mean router entropy of the domains
-    assert "| configuration | status | code_alpaca loss | mbpp loss | MI (norm.) |" in text
-    assert "| top_k=1 | ok | 1.0000 | 2.0000 | 0.100 | 0.375 | 1.50 | 200 |" in text
-    assert "| top_k=2 | ok | 0.5000 | 1.0000 | 0.200 | 0.375 | 1.50 | 400 |" in text
-    assert "| top_k=3 | failed (1) | — | — | — | — | — | — |" in text
+    header = "| configuration | status | code_alpaca loss | mbpp loss | load max×E | load entropy | effective experts |"
+    assert header + " MI (norm.) | MI above chance | router entropy | tokens/s |" in text
+    assert "| top_k=1 | ok | 1.0000 | 2.0000 | 1.50 | 0.500 | — | 0.100 | 0.050 | 0.375 | 200 |" in text
+    assert "| top_k=2 | ok | 0.5000 | 1.0000 | 1.50 | 0.500 | — | 0.200 | 0.050 | 0.375 | 400 |" in text
+    assert "| top_k=3 | failed (1) | — | — | — | — | — | — | — | — | — |" in text
     assert "- `top_k=3`: exit 1: error: --top_k must be in [1, --num_experts=2], got 3 (log: top_k-3/train.log)" in text
     assert "[top_k-1](top_k-1/summary.md)" in text
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

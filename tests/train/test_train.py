@@ -312,3 +312,24 @@ def test_run_outputs_list_every_file_a_run_writes(straight_run):
     unlisted = {n for n in written if n not in RUN_OUTPUTS and not CHECKPOINT.match(n) and not n.startswith("tiny-")}
     assert not unlisted, unlisted
     assert {"specialisation.png", "routing_examples.png", "routing_examples.html"} <= written
+
+
+@pytest.mark.slow
+def test_loss_free_with_gradient_accumulation(tmp_path):
+    """--balance_loss loss_free over 2 micro-batches per step: the bias moves once per optimizer step (|b| = 0.1 per
+    step at most, opposite for 2 experts), is logged per expert, and is kept in the checkpoint; the summary shows the
+    load up front."""
+    out = tmp_path / "loss-free"
+    args = [*TINY, "--kernel", "eager", "--balance_loss", "loss_free", "--balance_update_rate", "0.1"]
+    train.main([*args, "--gradient_accumulation_steps", "2", "--max_steps", "2", "--output_dir", str(out)])
+    logs = _train_logs(out)
+    biases = [(logs[s]["balance_bias_expert_0"], logs[s]["balance_bias_expert_1"]) for s in (1, 2)]
+    assert abs(biases[0][0]) == pytest.approx(0.1) and biases[0][1] == pytest.approx(-biases[0][0])
+    assert abs(biases[1][0]) in (pytest.approx(0.0), pytest.approx(0.2))
+    assert biases[1][1] == pytest.approx(-biases[1][0])
+    assert logs[2]["balance_loss"] == 0 and logs[2]["loss"] == pytest.approx(logs[2]["lm_loss"], rel=1e-5)
+    saved = load_file(out / "checkpoint-2" / "router.safetensors")["selection_bias"]
+    assert saved.tolist() == pytest.approx(list(biases[1]))
+    summary = (out / "summary.md").read_text()
+    assert "## Load balance (final model, evaluation tokens)" in summary
+    assert "**Largest expert share x E over all evaluation tokens: " in summary
