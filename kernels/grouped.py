@@ -43,6 +43,7 @@ class GroupedConfig(NamedTuple):
     block_d: int
     num_warps: int
     num_stages: int
+    weights_stages: int  # of the weights pass, which pipelines two streams and spills sooner
 
 
 # fp32 elements each thread may hold in the rank tile [BLOCK_M, BLOCK_R], one [BLOCK_M, BLOCK_D] activation tile and
@@ -56,19 +57,21 @@ def grouped_config(rank: int, dtype: torch.dtype, spec: DeviceSpec, dropout: boo
 
     The rank block is the next power of two of max(r, 16); BLOCK_D shrinks as it grows so the live tiles fit the
     register budget per thread (dropout and fp32 halve it), and pipeline stages are dropped until the buffers fit
-    the target's shared memory per block."""
+    the target's shared memory per block. fp32 pipelines less: its 3-stage forward and 2-stage weights pass spill
+    at rank 128 (compile report)."""
     block_r = max(next_pow2(rank), 16)
     if not spec.is_gpu:  # the interpreter: few, small programs
-        return GroupedConfig(BLOCK_M, block_r, 32, 4, 1)
+        return GroupedConfig(BLOCK_M, block_r, 32, 4, 1, 1)
+    fp32 = dtype == torch.float32
     num_warps = 4 if block_r <= 32 else 8
-    budget = _ELEMENTS_PER_THREAD * 32 * num_warps // (2 if dropout or dtype == torch.float32 else 1)
+    budget = _ELEMENTS_PER_THREAD * 32 * num_warps // (2 if dropout or fp32 else 1)
     block_d = 128
     while BLOCK_M * block_r + BLOCK_M * block_d + block_r * block_d > budget and block_d > 16:
         block_d //= 2
-    num_stages = 3
+    num_stages = 2 if fp32 else 3
     while num_stages > 1 and grouped_shared_bytes(block_r, block_d, num_stages) > spec.shared_per_block:
         num_stages -= 1
-    return GroupedConfig(BLOCK_M, block_r, block_d, num_warps, num_stages)
+    return GroupedConfig(BLOCK_M, block_r, block_d, num_warps, num_stages, 1 if fp32 else num_stages)
 
 
 def grouped_shared_bytes(block_r: int, block_d: int, num_stages: int) -> int:
@@ -190,7 +193,8 @@ def grouped_backward(
                 **_strides("x", x), **_strides("m", mask_t), **_strides("dy", grad_y, "o"),
                 s_da_e=da.stride(0), s_da_r=da.stride(1), s_da_d=da.stride(2),
                 s_db_e=db.stride(0), s_db_o=db.stride(1), s_db_r=db.stride(2), p_drop=p,
-                HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None, **_meta(cfg), **flags,
+                HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None,
+                **{**_meta(cfg), "num_stages": cfg.weights_stages}, **flags,
             )  # fmt: skip
     da = torch.empty_like(lora_a) if da is None else da.to(lora_a.dtype)
     db = torch.empty_like(lora_b) if db is None else db.to(lora_b.dtype)

@@ -134,7 +134,7 @@ def moe_lora(
             backends draw the same mask (eager.philox_dropout_mask). Exclusive with ``dropout_mask``.
 
     Returns the delta (or base_output + delta) [..., d_out] in x's dtype (base_output's dtype when given).
-    Gradients flow to x, lora_a, lora_b, expert_weights and base_output (DESIGN 3); deterministic on every backend.
+    Gradients flow to x, lora_a, lora_b, expert_weights and base_output; deterministic on every backend.
     """
     _check_moe_lora_inputs(x, lora_a, lora_b, expert_ids, expert_weights, scaling, dropout_mask, base_output)
     if dropout_p and dropout_mask is not None:

@@ -39,8 +39,9 @@ from .device import DeviceSpec, device_spec
 
 # Each split of T in the weights pass is a multiple of this (and of every BLOCK_T).
 GRAD_SPLIT_ALIGN = 64 if interpreter_enabled() else 256
-# Widest stacked rank space (E * R) the kernels hold as one register tile; wider ones take the grouped path.
-MAX_RANK_WIDTH = 512
+# Widest stacked rank space (E * R) the kernels hold as one register tile; wider ones take the grouped path (at 512
+# the weights pass spills 200-260 B per thread in bf16 whatever the warps and tiles: compile report).
+MAX_RANK_WIDTH = 256
 # Fixed stand-in for the SM count in deterministic mode: the split of T (hence the summation order) is then the
 # same on every GPU model.
 _DETERMINISTIC_SMS = 132
@@ -52,6 +53,7 @@ class StackedConfig(NamedTuple):
     block_d: int
     num_warps: int
     num_stages: int
+    weights_stages: int  # of the weights pass, which pipelines three streams and spills sooner
 
 
 # fp32 elements each thread may hold in the rank tile [BLOCK_T, BLOCK_N] plus one pipelined [BLOCK_T, BLOCK_D]
@@ -73,7 +75,7 @@ def stacked_config(t_bucket: int, n: int, dtype: torch.dtype, spec: DeviceSpec, 
         )
     block_n = max(16, next_pow2(n))
     if not spec.is_gpu:  # the interpreter: few, small programs
-        return StackedConfig(min(32, max(16, next_pow2(t_bucket))), block_n, 32, 4, 1)
+        return StackedConfig(min(32, max(16, next_pow2(t_bucket))), block_n, 32, 4, 1, 1)
     fp32 = dtype == torch.float32
     num_warps = 4 if block_n <= 64 else 8
     budget = _ELEMENTS_PER_THREAD * 32 * num_warps // (2 if dropout or fp32 else 1)
@@ -85,7 +87,8 @@ def stacked_config(t_bucket: int, n: int, dtype: torch.dtype, spec: DeviceSpec, 
     num_stages = 3
     while num_stages > 1 and stacked_shared_bytes(block_t, block_n, block_d, num_stages) > spec.shared_per_block:
         num_stages -= 1
-    return StackedConfig(block_t, block_n, block_d, num_warps, num_stages)
+    # fp32 (a correctness mode): the 2-stage weights pass spills 8 B per thread at rank width 256 on sm_86
+    return StackedConfig(block_t, block_n, block_d, num_warps, num_stages, 1 if fp32 else num_stages)
 
 
 def stacked_shared_bytes(block_t: int, block_n: int, block_d: int, num_stages: int) -> int:
@@ -243,7 +246,7 @@ def stacked_backward(
                 scale_const=scale_c, p_drop=p,
                 HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None, HAS_SCALE_VEC=has_vec, COMPUTE_DX=need_x,
                 BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+                num_warps=cfg.num_warps, num_stages=cfg.weights_stages, **flags,
             )  # fmt: skip
             if splits > 1:  # a fixed-order sum: deterministic
                 total = partial.sum(0)
