@@ -492,8 +492,8 @@ def merge(reports: list[dict]) -> dict:
     merged["commit"] = ", ".join(dict.fromkeys(r["commit"] for r in reports))
     for row in merged["rows"]:  # checked again with this module's bounds
         row["problems"] = check(row, TARGETS[row["target"]])
-    merged["shapes"] = [s for r in reports for s in r["shapes"]]
     merged["targets"] = {t: spec for r in reports for t, spec in r["targets"].items()}
+    merged["shapes"] = shape_table(tuple(merged["targets"]), merged["rows"])
     merged["compile_seconds"] = round(sum(r["compile_seconds"] for r in reports), 1)
     return merged
 

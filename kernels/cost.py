@@ -91,13 +91,15 @@ def stacked_costs(s: Shape, spec: DeviceSpec) -> list[LaunchCost]:
 
 def grouped_costs(s: Shape, spec: DeviceSpec, block_m: int = 64) -> list[LaunchCost]:
     """The grouped path's launches (forward, dy pass, weights pass) and the ATen sums and adds around them."""
+    from .grouped import grouped_config
+
     a, w, T, E, R, K = _size(s.dtype), s.weight_bytes, s.num_tokens, s.num_experts, s.rank, s.top_k
     P = T * K
     P_pad = padded_rows(P, E, block_m)
     Rp = max(16, next_pow2(R))
     weights = E * R * (s.d_in + s.d_out) * w
     blocks = P_pad // block_m
-    block_d = 64
+    block_d = grouped_config(R, s.dtype, spec, s.dropout).block_d
     costs = [
         LaunchCost(
             "grouped forward", P * s.d_in * a + weights + P * 4 + P_pad * 4 + P * R * 4 + P * s.d_out * a,

@@ -78,8 +78,9 @@ def device_spec(device: torch.device) -> DeviceSpec:
 
 @functools.cache
 def _cuda_spec(index: int) -> DeviceSpec:
-    """Read from the driver: SM count, per-block and per-SM shared memory, threads, bandwidth; peak FLOPs from the
-    architecture's table row (the driver does not report them)."""
+    """Read from the driver: SM count, per-SM shared memory, threads, bandwidth (memory clock x bus width); the rest
+    (opt-in shared memory per block, registers, peak FLOPs) from the table row of its architecture, or of the closest
+    one below it, where this torch does not report them."""
     props = torch.cuda.get_device_properties(index)
     arch = props.major * 10 + props.minor
     row = _nearest_row(arch)
