@@ -372,8 +372,9 @@ SHAPES = (
 
 
 def shape_table(targets: tuple[str, ...], rows: list[dict]) -> list[dict]:
-    """Per representative shape and target in bf16 with dropout: the chosen path, each launch's config with its
-    compile numbers (when the grid compiled it) and the roofline time the cost model predicts."""
+    """Per representative shape and target in bf16 with in-kernel dropout, a base output and per-expert scaling: the
+    chosen path, each launch's config with its compile numbers (when the grid compiled it) and the roofline time
+    the cost model predicts."""
     table = []
     index = {(r["target"], r["kernel"], json.dumps(r["config"], sort_keys=True), r["dtype"],
               json.dumps(r["flags"], sort_keys=True)): r for r in rows}  # fmt: skip
@@ -382,7 +383,7 @@ def shape_table(targets: tuple[str, ...], rows: list[dict]) -> list[dict]:
         path = choose_path(E, r, k, num_tokens=T, d_in=d_in, d_out=d_out, spec=spec, dropout=True)
         shape = Shape(T, d_in, d_out, E, r, k, torch.bfloat16, dropout=True)
         costs = (stacked_costs if path == "stacked" else grouped_costs)(shape, spec)
-        case = LoraCase(path, T, d_in, d_out, E, r, k, "bf16", "seed", True, False)
+        case = LoraCase(path, T, d_in, d_out, E, r, k, "bf16", "seed", True, True)
         with pretend_device(spec):
             launches = lora_launches(case)
         kernels = []
@@ -455,7 +456,8 @@ def markdown(report: dict) -> str:
             f"| {target} | {kernel} | {len(rs)} | {max(r['regs'] for r in ok)} | {max(r['spill'] for r in ok)} | "
             f"{max(r['shared'] for r in ok) / 1024:.1f} | {min(r['occupancy'] for r in ok):.2f} |"
         )
-    lines += ["", "## Representative shapes (bf16, in-kernel dropout, base output): path, configs, roofline", ""]
+    lines += ["", "## Representative shapes (bf16, in-kernel dropout, base output, per-expert scaling): path, configs, "
+              "roofline", ""]
     lines += ["Predicted time: the cost model's roofline (kernels/cost.py) at the target's peak bandwidth / FLOP/s, "
               "forward + backward; measured times on a GPU come from benchmarks/run_gpu.sh.", ""]  # fmt: skip
     lines += ["| shape | target | path | predicted us | launches: config (regs / spill / shared KiB / occupancy) |",
