@@ -63,7 +63,8 @@ def table(rows: list[dict], spec, compile_kernels: bool) -> list[str]:
         "Compile numbers: registers / spill bytes per thread / shared KiB per block / occupancy of each launch's "
         "config, compiled for this architecture.",
         "",
-        "| shape | mode | dtype | path | measured ms | roofline ms | measured / roofline | launches: config (compile) |",
+        "| shape | mode | dtype | path | measured ms | roofline ms | measured / roofline "
+        "| launches: config (compile) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     compiled: dict[str, dict] = {}

@@ -258,7 +258,8 @@ def register_fused_op(
     outputs)``: a dict, by the names of ``backward``'s parameters, of what backward needs (tensors, None, or Python
     scalars), given the inputs by ``forward``'s parameter names. ``backward`` also receives each result's gradient
     under the parameter name ``grad_names`` gives it (None: not passed; the gradient itself is None in eager mode
-    when that result got none) and, if it has a ``needs`` parameter, which inputs need a gradient. ``input_grads(backward_outputs, result_grads, needs)``: a dict of gradients by input name
+    when that result got none) and, if it has a ``needs`` parameter, which inputs need a gradient.
+    ``input_grads(backward_outputs, result_grads, needs)``: a dict of gradients by input name
     (inputs left out get None). ``dirty``: the input that ``forward(..., inplace=True)`` may return as its first
     output, written in place (eager mode only).
     """

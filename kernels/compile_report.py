@@ -14,7 +14,8 @@ The grid (``--grid full``): MoE-LoRA with E in {1, 2, 4, 8, 16, 32, 64} experts 
 {64, 8192} tokens, widths d in {64, 4096} and 4096 -> 14336, dtypes fp32 / bf16 / fp16, dropout none / in-kernel /
 a given mask, with and without a base output, a float or a per-expert scaling, on both Triton paths (stacked only
 up to its widest rank tile); the router with E in {2, 4, 8, 16, 32, 64, 128, 256}, k in {1, 2, 4, 8} (k <= E),
-T = 32768 (smaller T only shrink BLOCK_T), logits in fp32 / bf16 / fp16. ``--grid ci`` compiles, per kernel, dtype and flag set, only the
+T = 32768 (smaller T only shrink BLOCK_T), logits in fp32 / bf16 / fp16. ``--grid ci`` compiles, per kernel, dtype
+and flag set, only the
 variant with the largest tiles (the one closest to spilling): what tests/test_compile_report.py checks.
 
 A variant passes when it compiles, uses at most the target's shared memory per block, and spills nothing in
@@ -440,7 +441,9 @@ def markdown(report: dict) -> str:
     failures = [r for r in report["rows"] if r["problems"]]
     lines += ["", f"## Problems: {len(failures)}", ""]
     for r in failures:
-        lines.append(f"- {r['target']} {r['kernel']} {r['dtype']} {r['config']} {r['flags']}: {'; '.join(r['problems'])}")
+        lines.append(
+            f"- {r['target']} {r['kernel']} {r['dtype']} {r['config']} {r['flags']}: {'; '.join(r['problems'])}"
+        )
     lines += ["", "## Summary per target and kernel (worst case over its variants)", "",
               "| target | kernel | variants | max regs | max spill B | max shared KiB | min occupancy |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -456,8 +459,11 @@ def markdown(report: dict) -> str:
             f"| {target} | {kernel} | {len(rs)} | {max(r['regs'] for r in ok)} | {max(r['spill'] for r in ok)} | "
             f"{max(r['shared'] for r in ok) / 1024:.1f} | {min(r['occupancy'] for r in ok):.2f} |"
         )
-    lines += ["", "## Representative shapes (bf16, in-kernel dropout, base output, per-expert scaling): path, configs, "
-              "roofline", ""]
+    lines += [
+        "",
+        "## Representative shapes (bf16, in-kernel dropout, base output, per-expert scaling): path, configs, roofline",
+        "",
+    ]
     lines += ["Predicted time: the cost model's roofline (kernels/cost.py) at the target's peak bandwidth / FLOP/s, "
               "forward + backward; measured times on a GPU come from benchmarks/run_gpu.sh.", ""]  # fmt: skip
     lines += ["| shape | target | path | predicted us | launches: config (regs / spill / shared KiB / occupancy) |",
@@ -467,8 +473,11 @@ def markdown(report: dict) -> str:
         for k in s["kernels"]:
             cfg = ",".join(f"{n.replace('BLOCK_', '')}{v}" for n, v in k["config"].items())
             c = k["compiled"]
-            numbers = "not in grid" if c is None else (
-                f"{c['regs']} / {c['spill']} / {c['shared'] / 1024:.0f} / {c['occupancy']}")
+            numbers = (
+                "not in grid"
+                if c is None
+                else (f"{c['regs']} / {c['spill']} / {c['shared'] / 1024:.0f} / {c['occupancy']}")
+            )
             parts.append(f"{k['kernel']} {cfg} ({numbers})")
         lines.append(f"| {s['shape']} | {s['target']} | {s['path']} | {s['predicted_total_us']} | "
                      f"{'<br>'.join(parts)} |")  # fmt: skip

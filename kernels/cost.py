@@ -140,7 +140,7 @@ def choose_path(
     spec: DeviceSpec = TARGETS["sm_90"],
     dropout: bool = False,
 ) -> str:
-    """"stacked" or "grouped": the path with the lower predicted forward + backward time on ``spec`` (defaults:
+    """ "stacked" or "grouped": the path with the lower predicted forward + backward time on ``spec`` (defaults:
     the reference layer, T = 8192, 4096 x 4096, bf16, H100). The stacked path only up to its widest rank tile.
     Cached: callers pass T rounded to a power of two, so each layer shape is modelled once."""
     from .stacked import MAX_RANK_WIDTH

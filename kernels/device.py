@@ -119,7 +119,11 @@ def occupancy(spec: DeviceSpec, num_warps: int, regs: int, shared: int) -> tuple
     if regs > spec.max_regs_per_thread or shared > spec.shared_per_block:
         return 0, 0.0
     regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
-    limits = [spec.max_blocks_per_sm, spec.max_threads_per_sm // threads, spec.regs_per_sm // (regs_per_warp * num_warps)]
+    limits = [
+        spec.max_blocks_per_sm,
+        spec.max_threads_per_sm // threads,
+        spec.regs_per_sm // (regs_per_warp * num_warps),
+    ]
     limits.append(spec.shared_per_sm // (shared + KIB))
     blocks = max(0, min(limits))
     return blocks, blocks * num_warps / (spec.max_threads_per_sm // 32)

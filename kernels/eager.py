@@ -2,7 +2,8 @@
 
 Shape letters: T tokens, K experts per token (top-k), E experts, D_in / D_out widths, R rank.
 
-The grouped MoE-LoRA op in its stacked form (one pass over x for all experts, no sort): with A_cat = A.reshape(E*R, D_in) and
+The grouped MoE-LoRA op in its stacked form (one pass over x for all experts, no sort): with
+A_cat = A.reshape(E*R, D_in) and
 B_cat[o, e*R + i] = B[e, o, i],
 
     S = x~ A_cat^T            [T, E*R]   rank-space activations, all experts at once

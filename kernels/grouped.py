@@ -18,14 +18,22 @@ The per-pair outputs are transient, summed over K in a fixed order. Dropout is d
 
 from __future__ import annotations
 
-import torch
-
 import functools
 from typing import NamedTuple
 
+import torch
+
 from . import grouped_kernels as GK
-from ._launch import ACTIVATION_DTYPES, cdiv, device_guard, dot_flags, interpreter_enabled, launch, next_pow2
-from ._launch import register_fused_op
+from ._launch import (
+    ACTIVATION_DTYPES,
+    cdiv,
+    device_guard,
+    dot_flags,
+    interpreter_enabled,
+    launch,
+    next_pow2,
+    register_fused_op,
+)
 from ._launch import strides3 as _weight_view
 from .cost import choose_path
 from .device import DeviceSpec, device_spec
@@ -272,8 +280,8 @@ def moe_lora_triton(
     num_experts, rank, d_in = lora_a.shape
     if path == "auto":
         path = choose_path(
-            num_experts, rank, routing.ids.shape[1], num_tokens=next_pow2(routing.num_tokens), d_in=d_in, d_out=lora_b.shape[1],
-            dtype=x.dtype, spec=device_spec(x.device), dropout=seed is not None,
+            num_experts, rank, routing.ids.shape[1], num_tokens=next_pow2(routing.num_tokens), d_in=d_in,
+            d_out=lora_b.shape[1], dtype=x.dtype, spec=device_spec(x.device), dropout=seed is not None,
         )  # fmt: skip
     scale_vec = scaling.float() if isinstance(scaling, torch.Tensor) else None
     scale_const = 1.0 if scale_vec is not None else float(scaling)

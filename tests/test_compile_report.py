@@ -38,7 +38,9 @@ def ci_report(tmp_path_factory):
 def test_every_kernel_variant_compiles_for_sm86_and_sm90_without_spills_within_shared_memory(ci_report):
     report, done = ci_report
     rows = report["rows"]
-    problems = [f"{r['target']} {r['kernel']} {r['dtype']} {r['config']}: {r['problems']}" for r in rows if r["problems"]]
+    problems = [
+        f"{r['target']} {r['kernel']} {r['dtype']} {r['config']}: {r['problems']}" for r in rows if r["problems"]
+    ]
     assert not problems, "\n".join(problems)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for target in compile_report.CI_TARGETS:

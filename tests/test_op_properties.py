@@ -3,7 +3,6 @@ the launch configuration (chosen once per shape bucket, pinned in deterministic 
 
 import dataclasses
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -14,8 +14,16 @@ from dylora_moe.kernels.device import TARGETS  # noqa: E402
 
 
 def _row(mode: str, value: float, E: int = 8) -> dict:
-    return dict(op="moe_lora", provider="triton", metric="kernel_time", mode=mode, value=value, dtype="bfloat16",
-                x_value=f"T8192-d4096x4096-E{E}-r16-k2", shape=dict(T=8192, d_in=4096, d_out=4096, E=E, r=16, k=2))
+    return dict(
+        op="moe_lora",
+        provider="triton",
+        metric="kernel_time",
+        mode=mode,
+        value=value,
+        dtype="bfloat16",
+        x_value=f"T8192-d4096x4096-E{E}-r16-k2",
+        shape=dict(T=8192, d_in=4096, d_out=4096, E=E, r=16, k=2),
+    )
 
 
 @pytest.mark.parametrize("target", ["sm_86", "sm_90"])
