@@ -54,9 +54,10 @@ class GroupedConfig(NamedTuple):
     weights_stages: int  # of the weights pass, which pipelines two streams and spills sooner
 
 
-# fp32 elements each thread may hold in the rank tile [BLOCK_M, BLOCK_R], one [BLOCK_M, BLOCK_D] activation tile and
-# one [BLOCK_R, BLOCK_D] weight tile; more spills past 255 registers (compile report).
-_ELEMENTS_PER_THREAD = 64
+# Share of a thread's registers for the fp32 elements of the rank tile [BLOCK_M, BLOCK_R], one [BLOCK_M, BLOCK_D]
+# activation tile and one [BLOCK_R, BLOCK_D] weight tile (the rest: addresses, masks, the pipeline); more spills
+# (compile report).
+_TILE_REGISTER_SHARE = 4
 
 
 @functools.lru_cache(maxsize=256)
@@ -72,7 +73,8 @@ def grouped_config(rank: int, dtype: torch.dtype, spec: DeviceSpec, dropout: boo
         return GroupedConfig(BLOCK_M, block_r, 32, 4, 1, 1)
     fp32 = dtype == torch.float32
     num_warps = 4 if block_r <= 32 else 8
-    budget = _ELEMENTS_PER_THREAD * 32 * num_warps // (2 if dropout or fp32 else 1)
+    per_thread = (spec.max_regs_per_thread + 1) // _TILE_REGISTER_SHARE
+    budget = per_thread * 32 * num_warps // (2 if dropout or fp32 else 1)
     block_d = 128
     while BLOCK_M * block_r + BLOCK_M * block_d + block_r * block_d > budget and block_d > 16:
         block_d //= 2

@@ -56,9 +56,10 @@ class StackedConfig(NamedTuple):
     weights_stages: int  # of the weights pass, which pipelines three streams and spills sooner
 
 
-# fp32 elements each thread may hold in the rank tile [BLOCK_T, BLOCK_N] plus one pipelined [BLOCK_T, BLOCK_D]
-# activation tile and one [BLOCK_N, BLOCK_D] weight tile; more spills past 255 registers (compile report).
-_ELEMENTS_PER_THREAD = 64
+# Share of a thread's registers for the fp32 elements of the rank tile [BLOCK_T, BLOCK_N], one pipelined
+# [BLOCK_T, BLOCK_D] activation tile and one [BLOCK_N, BLOCK_D] weight tile (the rest: addresses, masks, the
+# pipeline); more spills (compile report).
+_TILE_REGISTER_SHARE = 4
 
 
 @functools.lru_cache(maxsize=256)
@@ -78,7 +79,8 @@ def stacked_config(t_bucket: int, n: int, dtype: torch.dtype, spec: DeviceSpec, 
         return StackedConfig(min(32, max(16, next_pow2(t_bucket))), block_n, 32, 4, 1, 1)
     fp32 = dtype == torch.float32
     num_warps = 4 if block_n <= 64 else 8
-    budget = _ELEMENTS_PER_THREAD * 32 * num_warps // (2 if dropout or fp32 else 1)
+    per_thread = (spec.max_regs_per_thread + 1) // _TILE_REGISTER_SHARE
+    budget = per_thread * 32 * num_warps // (2 if dropout or fp32 else 1)
     block_t, block_d = 64, 64
     while block_t * block_n + block_t * block_d + block_n * block_d > budget and block_t > 16:
         block_t //= 2
