@@ -494,13 +494,16 @@ def markdown(report: dict) -> str:
 
 
 def merge(reports: list[dict]) -> dict:
-    """One report from several of the same grid, commit and Triton (compiled separately, e.g. one per target)."""
+    """One report from several compiled separately (e.g. one per target) with one Triton; each keeps its grid."""
     first = reports[0]
-    for r in reports[1:]:
-        if (r["grid"], r["triton"]) != (first["grid"], first["triton"]):
-            raise SystemExit("compile_report --merge: reports of different grids or Triton versions")
+    if any(r["triton"] != first["triton"] for r in reports):
+        raise SystemExit("compile_report --merge: reports of different Triton versions")
     merged = dict(first, rows=[row for r in reports for row in r["rows"]], fp32_spill_bound=FP32_SPILL_BOUND)
     merged["commit"] = ", ".join(dict.fromkeys(r["commit"] for r in reports))
+    grids: dict[str, list[str]] = {}
+    for r in reports:
+        grids.setdefault(r["grid"], []).extend(r["targets"])
+    merged["grid"] = "; ".join(f"{g} ({', '.join(ts)})" for g, ts in grids.items())
     for row in merged["rows"]:  # checked again with this module's bounds
         row["problems"] = check(row, TARGETS[row["target"]])
     merged["targets"] = {t: spec for r in reports for t, spec in r["targets"].items()}
@@ -531,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
     parser.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.md (default: print the summary)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                        help="combine reports of one grid (e.g. one per target) instead of compiling")  # fmt: skip
+                        help="combine reports (e.g. one per target) instead of compiling")  # fmt: skip
     args = parser.parse_args(argv)
     if args.merge:
         return write(merge([json.loads(open(p).read()) for p in args.merge]), args.out)
