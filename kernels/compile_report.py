@@ -238,8 +238,8 @@ def _largest_tiles(variants: dict) -> dict:
 
 
 def compile_variant(job: tuple[str, int, dict]) -> dict:
-    """Compile one variant for one architecture (in a worker process): registers, stack (spill) bytes per thread,
-    shared memory per block, or the compiler's error."""
+    """Compile one variant for one architecture (in a worker process): registers, stack and spill-store bytes per
+    thread, shared memory per block, or the compiler's error."""
     module, arch, variant = job
     import importlib
 
@@ -266,9 +266,11 @@ def compile_variant(job: tuple[str, int, dict]) -> dict:
         opts, signature, constexprs, attrs = kernel._pack_args(backend, options, bound, specialization, opts)
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=opts.__dict__)
         regs, stack = _res_usage(compiled.asm["cubin"])
-        result = dict(regs=regs, spill=stack, shared=compiled.metadata.shared, error=None)
+        spill = _spill_stores(compiled.asm["ptx"], arch) if stack else 0
+        result = dict(regs=regs, stack=stack, spill=spill, shared=compiled.metadata.shared, error=None)
     except Exception as error:  # the report names every failure; the test asserts there is none
-        result = dict(regs=None, spill=None, shared=None, error=f"{type(error).__name__}: {str(error)[:300]}")
+        message = f"{type(error).__name__}: {str(error)[:300]}"
+        result = dict(regs=None, stack=None, spill=None, shared=None, error=message)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
@@ -293,6 +295,23 @@ def _split(kwargs: dict) -> dict:
     flags = {k: v for k, v in kwargs.items() if isinstance(v, bool)}
     flags.update({k: (v["tl"] if isinstance(v, dict) else v) for k, v in kwargs.items() if k.startswith("DOT_")})
     return dict(config=config, flags=flags)
+
+
+def _spill_stores(ptx: str, arch: int) -> int:
+    """Bytes of spill stores per thread that ptxas reports for ``ptx`` (run again with -v, as Triton runs it): a
+    stack frame without spill stores is a local array, not register pressure."""
+    import re
+
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+               f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(tmp, "kernel.o")]  # fmt: skip
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    return int(re.search(r"(\d+) bytes spill stores", log).group(1))
 
 
 def _dtype_of(variant: dict) -> str:
@@ -426,7 +445,8 @@ def markdown(report: dict) -> str:
         "",
         f"Triton {report['triton']}, torch {report['torch']}, commit {report['commit']}, grid `{report['grid']}` "
         f"(kernels/compile_report.py), {len(report['rows'])} compilations in {report['compile_seconds']} s. "
-        "Registers and stack (spill) bytes per thread from `cuobjdump -res-usage`, shared memory per block from the "
+        "Registers and stack bytes per thread from `cuobjdump -res-usage`, spill stores (bytes per thread) from "
+        "ptxas -v where the stack is not empty, shared memory per block from the "
         "compiled metadata, occupancy = resident warps / the SM's warp slots. Pass: compiles, shared memory within "
         f"the target's per-block limit, no spill in bf16/fp16 (fp32: at most {report['fp32_spill_bound']} B).",
         "",
@@ -482,14 +502,16 @@ def markdown(report: dict) -> str:
         lines.append(f"| {s['shape']} | {s['target']} | {s['path']} | {s['predicted_total_us']} | "
                      f"{'<br>'.join(parts)} |")  # fmt: skip
     lines += ["", "## Every variant", "",
-              "| target | kernel | dtype | config | flags | regs | spill B | shared KiB | occupancy | problems |",
-              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| target | kernel | dtype | config | flags | regs | stack B | spill B | shared KiB | occupancy "
+              "| problems |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(report["rows"], key=lambda r: (r["target"], r["kernel"], r["dtype"], str(r["config"]))):
         cfg = ",".join(f"{n.replace('BLOCK_', '')}{v}" for n, v in r["config"].items())
         flags = ",".join(f"{n}" for n, v in r["flags"].items() if v is True)
         shared = "" if r["shared"] is None else f"{r['shared'] / 1024:.1f}"
         lines.append(f"| {r['target']} | {r['kernel']} | {r['dtype']} | {cfg} | {flags} | {r['regs']} | "
-                     f"{r['spill']} | {shared} | {r.get('occupancy', '')} | {'; '.join(r['problems'])} |")  # fmt: skip
+                     f"{r['stack']} | {r['spill']} | {shared} | {r.get('occupancy', '')} | "
+                     f"{'; '.join(r['problems'])} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

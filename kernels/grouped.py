@@ -66,8 +66,8 @@ def grouped_config(rank: int, dtype: torch.dtype, spec: DeviceSpec, dropout: boo
 
     The rank block is the next power of two of max(r, 16); BLOCK_D shrinks as it grows so the live tiles fit the
     register budget per thread (dropout and fp32 halve it), and pipeline stages are dropped until the buffers fit
-    the target's shared memory per block. fp32 pipelines less: its 3-stage forward and 2-stage weights pass spill
-    at rank 128 (compile report)."""
+    the target's shared memory per block. fp32 pipelines less: at rank 128 its 2- and 3-stage kernels spill
+    (compile report)."""
     block_r = max(next_pow2(rank), 16)
     if not spec.is_gpu:  # the interpreter: few, small programs
         return GroupedConfig(BLOCK_M, block_r, 32, 4, 1, 1)
@@ -78,7 +78,7 @@ def grouped_config(rank: int, dtype: torch.dtype, spec: DeviceSpec, dropout: boo
     block_d = 128
     while BLOCK_M * block_r + BLOCK_M * block_d + block_r * block_d > budget and block_d > 16:
         block_d //= 2
-    num_stages = 2 if fp32 else 3
+    num_stages = (1 if block_r >= 128 else 2) if fp32 else 3
     while num_stages > 1 and grouped_shared_bytes(block_r, block_d, num_stages) > spec.shared_per_block:
         num_stages -= 1
     return GroupedConfig(BLOCK_M, block_r, block_d, num_warps, num_stages, 1 if fp32 else num_stages)

@@ -46,6 +46,9 @@ __all__ = ["topk_route_triton", "topk_route_forward", "topk_route_backward", "to
 _TILE_ELEMENTS = 1024
 _MAX_BLOCK_T = 128
 _NUM_WARPS = 2
+# The backward holds more per element (p, g, the selection, the Jacobian terms): at 2 warps it spills 8 B per
+# thread on sm_80 (E 32-64, k 4-8; compile report), at 4 warps none.
+_BWD_NUM_WARPS = 4
 # The statistics kernel: 8 experts per program, [1024, 8] partials per step at 8 warps (32 values per thread);
 # at T = 32k, E = 64 that is 8 programs of 2 steps over the 2048 x 64 partials (each step one load latency).
 _STATS_BLOCK_E = 8
@@ -238,11 +241,12 @@ def _env_int(name: str, default: int) -> int:
     return int(value)
 
 
-def _launch_config(num_tokens: int, num_experts: int) -> tuple[int, int, int]:
+def _launch_config(num_tokens: int, num_experts: int, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_E, num_warps). ``DYLORA_ROUTER_BLOCK_T`` / ``DYLORA_ROUTER_NUM_WARPS`` pin the config."""
     block_e = triton.next_power_of_2(num_experts)
     block_t = min(_MAX_BLOCK_T, max(1, _TILE_ELEMENTS // block_e), triton.next_power_of_2(num_tokens))
-    return _env_int("DYLORA_ROUTER_BLOCK_T", block_t), block_e, _env_int("DYLORA_ROUTER_NUM_WARPS", _NUM_WARPS)
+    num_warps = _env_int("DYLORA_ROUTER_NUM_WARPS", _BWD_NUM_WARPS if backward else _NUM_WARPS)
+    return _env_int("DYLORA_ROUTER_BLOCK_T", block_t), block_e, num_warps
 
 
 def _or_dummy(grad: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
@@ -313,7 +317,7 @@ def topk_route_backward(
     dlogits = torch.empty(num_tokens, num_experts, device=logits.device, dtype=logits.dtype)
     if num_tokens == 0:
         return dlogits
-    block_t, block_e, num_warps = _launch_config(num_tokens, num_experts)
+    block_t, block_e, num_warps = _launch_config(num_tokens, num_experts, backward=True)
     with device_guard(logits):
         launch(
             _topk_route_bwd_kernel, (triton.cdiv(num_tokens, block_t),),

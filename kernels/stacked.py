@@ -86,7 +86,9 @@ def stacked_config(t_bucket: int, n: int, dtype: torch.dtype, spec: DeviceSpec, 
         block_t //= 2
     while block_t * block_n + block_t * block_d + block_n * block_d > budget and block_d > 16:
         block_d //= 2
-    num_stages = 3
+    if block_n >= 256:  # the widest rank tile: D tiles of 16 and two stages (more spills on sm_80: compile report)
+        block_d = 16
+    num_stages = 2 if block_n >= 256 else 3
     while num_stages > 1 and stacked_shared_bytes(block_t, block_n, block_d, num_stages) > spec.shared_per_block:
         num_stages -= 1
     # fp32 (a correctness mode): the 2-stage weights pass spills 8 B per thread at rank width 256 on sm_86
