@@ -42,10 +42,9 @@ from . import _launch
 from .cost import Shape, choose_path, grouped_costs, predicted_seconds, stacked_costs
 from .device import TARGETS, DeviceSpec, occupancy, pretend_device
 
-# Bytes of stack per thread allowed in fp32 (a correctness mode, not a fast one): on sm_90 a few fp32 stacked variants
-# spill 16 B (3-stage pipelines of fp32 tiles), and the router forward keeps one 8-byte slot at 78-109 registers on
-# sm_86/sm_90 (a local slot, not register pressure). bf16/fp16 must use none.
-FP32_SPILL_BOUND = 16
+# Bytes of spill stores per thread allowed in fp32 (a correctness mode, not a fast one): the grouped fp32 kernels at
+# rank 128 with dropout spill 24-36 B on sm_100/sm_120 even at one pipeline stage. bf16/fp16 must spill nothing.
+FP32_SPILL_BOUND = 64
 DEFAULT_TARGETS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")
 CI_TARGETS = ("sm_86", "sm_90")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
