@@ -443,7 +443,9 @@ def markdown(report: dict) -> str:
         "# Compile report: Triton kernels compiled for each GPU target on a CPU",
         "",
         f"Triton {report['triton']}, torch {report['torch']}, commit {report['commit']}, grid `{report['grid']}` "
-        f"(kernels/compile_report.py), {len(report['rows'])} compilations in {report['compile_seconds']} s. "
+        f"(kernels/compile_report.py), {len(report['rows'])} compilations ({report['compile_seconds']} s wall clock, "
+        f"{sum(r['seconds'] for r in report['rows']):.0f} s of compiler time summed over the workers, warm Triton "
+        "cache included). "
         "Registers and stack bytes per thread from `cuobjdump -res-usage`, spill stores (bytes per thread) from "
         "ptxas -v where the stack is not empty, shared memory per block from the "
         "compiled metadata, occupancy = resident warps / the SM's warp slots. Pass: compiles, shared memory within "
