@@ -466,18 +466,21 @@ def markdown(report: dict) -> str:
             f"- {r['target']} {r['kernel']} {r['dtype']} {r['config']} {r['flags']}: {'; '.join(r['problems'])}"
         )
     lines += ["", "## Summary per target and kernel (worst case over its variants)", "",
-              "| target | kernel | variants | max regs | max spill B | max shared KiB | min occupancy |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| target | kernel | variants | max regs | max spill B bf16/fp16 | max spill B fp32 | max shared KiB "
+              "| min occupancy |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in report["rows"]:
         groups.setdefault((r["target"], r["kernel"]), []).append(r)
     for (target, kernel), rs in sorted(groups.items()):
         ok = [r for r in rs if r["error"] is None]
         if not ok:
-            lines.append(f"| {target} | {kernel} | {len(rs)} | failed | | | |")
+            lines.append(f"| {target} | {kernel} | {len(rs)} | failed | | | | |")
             continue
+        half = [r["spill"] for r in ok if r["dtype"] != "float32"] or [0]
+        full = [r["spill"] for r in ok if r["dtype"] == "float32"] or [0]
         lines.append(
-            f"| {target} | {kernel} | {len(rs)} | {max(r['regs'] for r in ok)} | {max(r['spill'] for r in ok)} | "
+            f"| {target} | {kernel} | {len(rs)} | {max(r['regs'] for r in ok)} | {max(half)} | {max(full)} | "
             f"{max(r['shared'] for r in ok) / 1024:.1f} | {min(r['occupancy'] for r in ok):.2f} |"
         )
     lines += [
