@@ -7,7 +7,9 @@
 #
 # Output folder OUT_DIR (default benchmarks/out/<gpu>-<UTC date>, untracked): run.log (everything printed, appended
 # by every call), tests.xml (junit), ops.json + step.json (pytest-benchmark), all_benchmark_data.csv (the rows,
-# benchmarks/records.py), report.md and plots/. Phases called separately with the same OUT_DIR share one run id, so
+# benchmarks/records.py), report.md (ending with roofline.md: each Triton op's measured kernel time beside the cost
+# model's roofline time and the registers / spills / shared memory of the configs it launched, compiled for this
+# GPU's architecture by benchmarks/roofline.py) and plots/. Phases called separately with the same OUT_DIR share one run id, so
 # a machine that limits each command (10 minutes on a lent one) runs one phase per command:
 #   OUT_DIR=benchmarks/out/gpu bash benchmarks/run_gpu.sh tests
 #   OUT_DIR=benchmarks/out/gpu bash benchmarks/run_gpu.sh ops step report
@@ -113,6 +115,14 @@ for p in "${PHASES[@]}"; do
         if [ -s "$OUT/all_benchmark_data.csv" ]; then
             phase report "${REPORT_TIMEOUT:-120}" "$PY" benchmarks/report.py --data "$OUT/all_benchmark_data.csv" \
                 --run "$BENCH_RUN_ID" --out "$OUT/report.md" --plots "$OUT/plots"
+            # Without CUDA (ALLOW_CPU rehearsal) the roofline reads the limits of ROOFLINE_TARGET (default sm_90).
+            target=()
+            "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || target=(--target "${ROOFLINE_TARGET:-sm_90}")
+            phase roofline "${REPORT_TIMEOUT:-120}" env -u TRITON_INTERPRET "$PY" benchmarks/roofline.py \
+                --data "$OUT/all_benchmark_data.csv" --run "$BENCH_RUN_ID" --out "$OUT/roofline.md" "${target[@]}"
+            if [ -s "$OUT/roofline.md" ] && [ -s "$OUT/report.md" ]; then
+                { echo; cat "$OUT/roofline.md"; } >>"$OUT/report.md"
+            fi
             if [ "${UPDATE_RESULTS:-0}" = 1 ]; then
                 phase "update benchmarks/data" 60 "$PY" benchmarks/records.py merge "$OUT/all_benchmark_data.csv"
             fi

@@ -13,7 +13,10 @@ Backends:
 Files: ops.py (the public ops: input checks and dispatch), stacked.py / stacked_kernels.py (all experts as one
 rank space), grouped.py / grouped_kernels.py (pairs sorted by expert), router.py (the fused top-k router),
 eager.py (the PyTorch twins), routing_meta.py (gate, counts and sort built once per step), _launch.py (launch
-point, configs, the one op registration helper).
+point, the one op registration helper), device.py (each target's limits: shared memory, registers, SMs, peaks),
+cost.py (bytes, FLOPs and launches of each path: the path choice and the roofline time), compile_report.py (every
+config compiled for sm_80..sm_120 on the CPU: registers, spills, shared memory; ``python -m
+dylora_moe.kernels.compile_report``).
 """
 
 # This folder is the package `dylora_moe.kernels`, but whatever runs from the repository root (`python train.py`,

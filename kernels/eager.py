@@ -2,7 +2,8 @@
 
 Shape letters: T tokens, K experts per token (top-k), E experts, D_in / D_out widths, R rank.
 
-The grouped MoE-LoRA op in its stacked form (DESIGN 4b): with A_cat = A.reshape(E*R, D_in) and
+The grouped MoE-LoRA op in its stacked form (one pass over x for all experts, no sort): with
+A_cat = A.reshape(E*R, D_in) and
 B_cat[o, e*R + i] = B[e, o, i],
 
     S = x~ A_cat^T            [T, E*R]   rank-space activations, all experts at once
@@ -10,7 +11,7 @@ B_cat[o, e*R + i] = B[e, o, i],
     H = S * G (per expert)    [T, E*R]
     y = H B_cat^T             [T, D_out]
 
-Exact for any k: unselected experts have G = 0. Autograd gives the gradients of DESIGN 3.
+Exact for any k: unselected experts have G = 0. Autograd gives the gradients (those the Triton kernels compute).
 """
 
 from __future__ import annotations

@@ -18,31 +18,78 @@ The per-pair outputs are transient, summed over K in a fixed order. Dropout is d
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 
 from . import grouped_kernels as GK
-from ._launch import ACTIVATION_DTYPES, FusedOp, cdiv, device_guard, dot_flags, interpreter_enabled, launch, next_pow2
+from ._launch import (
+    ACTIVATION_DTYPES,
+    cdiv,
+    device_guard,
+    dot_flags,
+    interpreter_enabled,
+    launch,
+    next_pow2,
+    register_fused_op,
+)
 from ._launch import strides3 as _weight_view
+from .cost import choose_path
+from .device import DeviceSpec, device_spec
 from .routing_meta import RoutingMeta
 
+# Rows per block of the sorted pair list: one value per process, because the step's sort (routing_meta) is built
+# once for every layer, whatever its width or rank.
 BLOCK_M = 16 if interpreter_enabled() else 64
-BLOCK_D = 32 if interpreter_enabled() else 128
-
-# Above this stacked rank width (E * R), with sparse routing, the grouped path computes only the K selected
-# experts per token instead of all E. A first estimate from the bytes each path streams (stacked: one pass over
-# x per 128 rank columns; grouped: 3K + 1 passes), not yet tuned on a GPU.
-GROUPED_MIN_RANK_WIDTH = 512
 PATHS = ("auto", "stacked", "grouped")
 
 
-def choose_path(num_experts: int, rank: int, top_k: int) -> str:
-    """The Triton path for these sizes: "stacked" (all experts as one rank space) or "grouped" (sorted pairs)."""
-    sparse = top_k < num_experts
-    return "grouped" if sparse and num_experts * rank > GROUPED_MIN_RANK_WIDTH else "stacked"
+class GroupedConfig(NamedTuple):
+    block_m: int
+    block_r: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    weights_stages: int  # of the weights pass, which pipelines two streams and spills sooner
 
 
-def _block_r(rank: int) -> int:
-    return max(next_pow2(rank), 16)
+# Share of a thread's registers for the fp32 elements of the rank tile [BLOCK_M, BLOCK_R], one [BLOCK_M, BLOCK_D]
+# activation tile and one [BLOCK_R, BLOCK_D] weight tile (the rest: addresses, masks, the pipeline); more spills
+# (compile report).
+_TILE_REGISTER_SHARE = 4
+
+
+@functools.lru_cache(maxsize=256)
+def grouped_config(rank: int, dtype: torch.dtype, spec: DeviceSpec, dropout: bool = False) -> GroupedConfig:
+    """Launch config of the three grouped kernels per (rank, dtype, target, dropout), chosen once and cached.
+
+    The rank block is the next power of two of max(r, 16); BLOCK_D shrinks as it grows so the live tiles fit the
+    register budget per thread (dropout and fp32 halve it), and pipeline stages are dropped until the buffers fit
+    the target's shared memory per block. fp32 pipelines less: at rank 128 its 2- and 3-stage kernels spill
+    (compile report)."""
+    block_r = max(next_pow2(rank), 16)
+    if not spec.is_gpu:  # the interpreter: few, small programs
+        return GroupedConfig(BLOCK_M, block_r, 32, 4, 1, 1)
+    fp32 = dtype == torch.float32
+    num_warps = 4 if block_r <= 32 else 8
+    per_thread = (spec.max_regs_per_thread + 1) // _TILE_REGISTER_SHARE
+    budget = per_thread * 32 * num_warps // (2 if dropout or fp32 else 1)
+    block_d = 128
+    while BLOCK_M * block_r + BLOCK_M * block_d + block_r * block_d > budget and block_d > 16:
+        block_d //= 2
+    num_stages = (1 if block_r >= 128 else 2) if fp32 else 3
+    while num_stages > 1 and grouped_shared_bytes(block_r, block_d, num_stages) > spec.shared_per_block:
+        num_stages -= 1
+    # The weights pass at rank 128 spills 16 B per thread on sm_120 at three stages, none at two (compile report).
+    weights_stages = 1 if fp32 else min(num_stages, 2) if block_r >= 128 else num_stages
+    return GroupedConfig(BLOCK_M, block_r, block_d, num_warps, num_stages, weights_stages)
+
+
+def grouped_shared_bytes(block_r: int, block_d: int, num_stages: int) -> int:
+    """Upper estimate of a grouped kernel's shared memory: each pipeline stage buffers an fp32 [BLOCK_M, BLOCK_D]
+    activation tile and an fp32 [BLOCK_R, BLOCK_D] weight tile, plus one stage of staging for the dot operands."""
+    return (num_stages + 1) * 4 * (BLOCK_M * block_d + block_r * block_d)
 
 
 def _dropout_args(mask, seed, like):
@@ -80,14 +127,15 @@ def grouped_forward(
     # Rows of padding-only blocks are never written (those blocks exit at once) and every real pair row is.
     per_pair = torch.empty(num_pairs, d_out, device=x.device, dtype=x.dtype)
     mask_t, seed_t = _dropout_args(mask, seed, x)
+    cfg = grouped_config(rank, x.dtype, device_spec(x.device), seed is not None or mask is not None)
     with device_guard(x):
         launch(
             GK._grouped_fwd_kernel, (expert_of_block.numel(),),
-            x, mask_t, seed_t, lora_a, lora_b, coef, pair_of_row, expert_of_block, h, per_pair,
-            d_in, d_out, rank, num_slots, *x.stride(), *mask_t.stride(), *_weight_view(lora_a, 1),
-            lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), p,
-            HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None,
-            BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank), BLOCK_D=BLOCK_D, **dot_flags(x.dtype),
+            x_ptr=x, mask_ptr=mask_t, seed_ptr=seed_t, a_ptr=lora_a, b_ptr=lora_b, coef_ptr=coef,
+            pair_ptr=pair_of_row, block_expert_ptr=expert_of_block, h_ptr=h, out_ptr=per_pair,
+            D_IN=d_in, D_OUT=d_out, R=rank, K=num_slots, **_strides("x", x), **_strides("m", mask_t),
+            **_a_strides(lora_a), **_b_strides(lora_b), p_drop=p,
+            HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None, **_meta(cfg), **dot_flags(x.dtype),
         )  # fmt: skip
     return _sum_slots(per_pair, num_slots), h
 
@@ -126,6 +174,7 @@ def grouped_backward(
     num_pairs = coef.numel()
     flags = dot_flags(x.dtype)
     mask_t, seed_t = _dropout_args(mask, seed, x)
+    cfg = grouped_config(rank, x.dtype, device_spec(x.device), seed is not None or mask is not None)
     dx, dcoef = torch.empty_like(x), torch.empty(num_pairs, **f32)
     uw = torch.empty(num_pairs, rank, **f32)
     da = db = None
@@ -134,26 +183,30 @@ def grouped_backward(
             dx_pairs = torch.empty(num_pairs if need_x else 0, d_in, device=x.device, dtype=x.dtype)
             launch(
                 GK._grouped_dy_kernel, (expert_of_block.numel(),),
-                grad_y, mask_t, seed_t, lora_a, lora_b, coef, pair_of_row, expert_of_block, h, uw, dcoef, dx_pairs,
-                d_in, d_out, rank, num_slots, *grad_y.stride(), *mask_t.stride(), *_weight_view(lora_a, 1),
-                lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), p,
-                HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None, COMPUTE_DX=need_x,
-                BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank), BLOCK_D=BLOCK_D, **flags,
+                dy_ptr=grad_y, mask_ptr=mask_t, seed_ptr=seed_t, a_ptr=lora_a, b_ptr=lora_b, coef_ptr=coef,
+                pair_ptr=pair_of_row, block_expert_ptr=expert_of_block, h_ptr=h, uw_ptr=uw, dcoef_ptr=dcoef,
+                dx_ptr=dx_pairs, D_IN=d_in, D_OUT=d_out, R=rank, K=num_slots,
+                **_strides("dy", grad_y, "o"), **_strides("m", mask_t), **_a_strides(lora_a), **_b_strides(lora_b),
+                p_drop=p, HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None, COMPUTE_DX=need_x,
+                **_meta(cfg), **flags,
             )  # fmt: skip
             if need_x:
                 dx = _sum_slots(dx_pairs, num_slots)
-        in_tiles = cdiv(d_in, BLOCK_D) if need_a else 0
-        out_tiles = cdiv(d_out, BLOCK_D) if need_b else 0
+        in_tiles = cdiv(d_in, cfg.block_d) if need_a else 0
+        out_tiles = cdiv(d_out, cfg.block_d) if need_b else 0
         if in_tiles + out_tiles:
             da = torch.empty(num_experts, rank, d_in, **f32)
             db = torch.empty(num_experts, d_out, rank, **f32)
             launch(
                 GK._grouped_weights_kernel, (num_experts, in_tiles + out_tiles),
-                x, mask_t, seed_t, grad_y, uw, h, coef, pair_of_row, expert_offsets, da, db,
-                d_in, d_out, rank, num_slots, in_tiles, *x.stride(), *mask_t.stride(), *grad_y.stride(),
-                *da.stride(), *db.stride(), p,
+                x_ptr=x, mask_ptr=mask_t, seed_ptr=seed_t, dy_ptr=grad_y, uw_ptr=uw, h_ptr=h, coef_ptr=coef,
+                pair_ptr=pair_of_row, offsets_ptr=expert_offsets, da_ptr=da, db_ptr=db,
+                D_IN=d_in, D_OUT=d_out, R=rank, K=num_slots, N_IN_TILES=in_tiles,
+                **_strides("x", x), **_strides("m", mask_t), **_strides("dy", grad_y, "o"),
+                s_da_e=da.stride(0), s_da_r=da.stride(1), s_da_d=da.stride(2),
+                s_db_e=db.stride(0), s_db_o=db.stride(1), s_db_r=db.stride(2), p_drop=p,
                 HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None,
-                BLOCK_M=BLOCK_M, BLOCK_R=_block_r(rank), BLOCK_D=BLOCK_D, **flags,
+                **{**_meta(cfg), "num_stages": cfg.weights_stages}, **flags,
             )  # fmt: skip
     da = torch.empty_like(lora_a) if da is None else da.to(lora_a.dtype)
     db = torch.empty_like(lora_b) if db is None else db.to(lora_b.dtype)
@@ -164,18 +217,24 @@ def _fake_backward(grad_y, x, lora_a, lora_b, coef, *rest, needs):
     return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(coef)
 
 
-def _save(inputs, outputs):
-    x, lora_a, lora_b, coef, pair_of_row, expert_of_block, expert_offsets, mask, seed, p = inputs
-    return x, lora_a, lora_b, coef, outputs[1], pair_of_row, expert_of_block, expert_offsets, mask, seed, p
+def _save(inputs: dict, outputs: tuple) -> dict:
+    return {**{k: v for k, v in inputs.items() if k != "inplace"}, "h": outputs[1]}
 
 
-def _to_input_grads(grad_y, grads, needs):
+def _input_grads(grads: tuple, result_grads: dict, needs: list[bool]) -> dict:
     dx, da, db, dcoef = grads
-    return dx, da, db, dcoef, None, None, None, None, None, None
+    return dict(x=dx, lora_a=da, lora_b=db, coef=dcoef)
 
 
-grouped_op = FusedOp(
-    "moe_lora_grouped", grouped_forward, _fake_forward, grouped_backward, _fake_backward, _save, _to_input_grads
+grouped_op = register_fused_op(
+    "moe_lora_grouped",
+    forward=grouped_forward,
+    backward=grouped_backward,
+    fake_forward=_fake_forward,
+    fake_backward=_fake_backward,
+    save=_save,
+    input_grads=_input_grads,
+    grad_names=("grad_y",),
 )
 
 
@@ -188,6 +247,24 @@ def _stacked_gate(gate: torch.Tensor, scaling: float | torch.Tensor):
     if scaling.requires_grad and torch.is_grad_enabled():
         return gate * scaling.float(), None, 1.0
     return gate, scaling.float(), 1.0
+
+
+def _strides(prefix: str, t: torch.Tensor, col: str = "d") -> dict:
+    return {f"s_{prefix}_t": t.stride(0), f"s_{prefix}_{col}": t.stride(1)}
+
+
+def _a_strides(lora_a: torch.Tensor) -> dict:
+    s_e, s_r, s_d = _weight_view(lora_a, 1)
+    return dict(s_a_e=s_e, s_a_r=s_r, s_a_d=s_d)
+
+
+def _b_strides(lora_b: torch.Tensor) -> dict:
+    return dict(s_b_e=lora_b.stride(0), s_b_o=lora_b.stride(1), s_b_r=lora_b.stride(2))
+
+
+def _meta(cfg: GroupedConfig) -> dict:
+    return dict(BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)  # fmt: skip
 
 
 def moe_lora_triton(
@@ -218,9 +295,12 @@ def moe_lora_triton(
         )
     if path not in PATHS:
         raise ValueError(f"unknown Triton path {path!r}; expected one of {', '.join(PATHS)}")
-    num_experts, rank, _ = lora_a.shape
+    num_experts, rank, d_in = lora_a.shape
     if path == "auto":
-        path = choose_path(num_experts, rank, routing.ids.shape[1])
+        path = choose_path(
+            num_experts, rank, routing.ids.shape[1], num_tokens=next_pow2(routing.num_tokens), d_in=d_in,
+            d_out=lora_b.shape[1], dtype=x.dtype, spec=device_spec(x.device), dropout=seed is not None,
+        )  # fmt: skip
     if path == "stacked":
         gate, scale_vec, scale_const = _stacked_gate(routing.gate, scaling)
         return moe_lora_stacked(

@@ -155,8 +155,8 @@ def moe_lora(
             Exclusive with ``dropout_mask``.
 
     Returns the delta (or base_output + delta) [..., d_out] in x's dtype (base_output's dtype when given).
-    Gradients flow to x, lora_a, lora_b, expert_weights, base_output and a ``scaling`` tensor that requires grad
-    (DESIGN 3); deterministic on every backend.
+    Gradients flow to x, lora_a, lora_b, expert_weights, base_output and a ``scaling`` tensor that requires grad;
+    deterministic on every backend.
 
     The same rules on every backend: an expert that no token of the call selects (its id appears in no slot)
     contributes nothing: its weights are never read into an output or a gradient, so NaN/Inf there change

@@ -9,8 +9,8 @@ Dataflow:
             ``_route_stats_kernel`` then sums the NB partials in a fixed order (deterministic, no atomics)
             into counts [E] and mean_prob [E].
   backward  ``_topk_route_bwd_kernel``, one program per BLOCK_T rows: recompute p from the logits, scatter
-            dweights onto the selected experts via ids, add ddense there, and apply the closed forms of
-            DESIGN 4b plus the mean_prob term through the full softmax Jacobian:
+            dweights onto the selected experts via ids, add ddense there, and apply the closed-form softmax
+            gradients (no autograd through top-k) plus the mean_prob term through the full softmax Jacobian:
               normalize:  dz = (1/tau) [w * (g - <w, g>) on the selected set + p * (m - <p, m>)]
               otherwise:  dz = (1/tau) [p * (g - <p, g>) + p * (m - <p, m>)]
             with g[t, e] = dweights[t, j] + ddense[t, e] where ids[t, j] = e (0 off the set), m[e] = dmean[e] / T.
@@ -23,22 +23,21 @@ each). A ``tl.sort`` of the keys could replace the loop for K = E; it was not me
 ~10x slower in the interpreter, so there is one code path.
 With ``check_finite=False`` a NaN row gives NaN weights but ids that stay in [0, E).
 
-Registered as ``torch.ops.dylora_moe.topk_route`` / ``topk_route_backward`` (``custom_op`` with fake
-implementations and autograd), so ``torch.compile`` traces through it without a graph break (DESIGN 7).
+Registered as ``torch.ops.dylora_moe.topk_route`` / ``topk_route_backward`` through _launch.register_fused_op
+(custom ops with fake implementations and autograd), so ``torch.compile`` traces through it without a graph break.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch, resolve_backend
+from ._launch import capturing, device_guard, launch, register_fused_op, resolve_backend
 
-__all__ = ["topk_route_triton", "topk_route_forward", "topk_route_backward"]
+__all__ = ["topk_route_triton", "topk_route_forward", "topk_route_backward", "topk_route_op"]
 
 # Elements of the [BLOCK_T, BLOCK_E] tile per program: 16 per thread at 2 warps. Compiled for sm_90 (ptxas of the
 # triton wheel, no GPU) at E = 64, k = 2 this needs 111 (forward) / 122 (backward) registers and no spills, so
@@ -47,6 +46,9 @@ __all__ = ["topk_route_triton", "topk_route_forward", "topk_route_backward"]
 _TILE_ELEMENTS = 1024
 _MAX_BLOCK_T = 128
 _NUM_WARPS = 2
+# The backward holds more per element (p, g, the selection, the Jacobian terms): at 2 warps it spills 8 B per
+# thread on sm_80 (E 32-64, k 4-8; compile report), at 4 warps none.
+_BWD_NUM_WARPS = 4
 # The statistics kernel: 8 experts per program, [1024, 8] partials per step at 8 warps (32 values per thread);
 # at T = 32k, E = 64 that is 8 programs of 2 steps over the 2048 x 64 partials (each step one load latency).
 _STATS_BLOCK_E = 8
@@ -239,35 +241,32 @@ def _env_int(name: str, default: int) -> int:
     return int(value)
 
 
-def _launch_config(num_tokens: int, num_experts: int) -> tuple[int, int, int]:
+def _launch_config(num_tokens: int, num_experts: int, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_E, num_warps). ``DYLORA_ROUTER_BLOCK_T`` / ``DYLORA_ROUTER_NUM_WARPS`` pin the config."""
     block_e = triton.next_power_of_2(num_experts)
     block_t = min(_MAX_BLOCK_T, max(1, _TILE_ELEMENTS // block_e), triton.next_power_of_2(num_tokens))
-    return _env_int("DYLORA_ROUTER_BLOCK_T", block_t), block_e, _env_int("DYLORA_ROUTER_NUM_WARPS", _NUM_WARPS)
+    num_warps = _env_int("DYLORA_ROUTER_NUM_WARPS", _BWD_NUM_WARPS if backward else _NUM_WARPS)
+    return _env_int("DYLORA_ROUTER_BLOCK_T", block_t), block_e, num_warps
 
 
 def _or_dummy(grad: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
     return dummy if grad is None else grad
 
 
-def _strides(grad: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
-    return (0,) * ndim if grad is None else grad.stride()
+def _strides(prefix: str, grad: torch.Tensor | None, names: str) -> dict:
+    strides = (0,) * len(names) if grad is None else grad.stride()
+    return {f"stride_{prefix}{n}": s for n, s in zip(names, strides)}
 
 
-def _device_guard(tensor: torch.Tensor):
-    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _check_triton_device(logits: torch.Tensor) -> None:
-    resolve_backend("triton", logits.device)  # the one place that knows when Triton can run; names the fix
-
-
-def topk_route_forward(logits: torch.Tensor, top_k: int, temperature: float, normalize: bool):
+def topk_route_forward(
+    logits: torch.Tensor, top_k: int, temperature: float, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward: logits [T, E] -> (weights [T, K] fp32, ids [T, K] int64, dense [T, E] fp32,
     counts [E] int64, mean_prob [E] fp32). T = 0 launches nothing and returns zero statistics."""
     if logits.dim() != 2 or not 1 <= top_k <= logits.shape[1]:
         raise ValueError(f"expected logits [T, E] and 1 <= top_k <= E; got {tuple(logits.shape)} and top_k={top_k}")
-    _check_triton_device(logits)
+    if not capturing():
+        resolve_backend("triton", logits.device)  # the one place that knows when Triton can run; names the fix
     num_tokens, num_experts = logits.shape
     f32 = dict(device=logits.device, dtype=torch.float32)
     weights = torch.empty(num_tokens, top_k, **f32)
@@ -282,56 +281,59 @@ def topk_route_forward(logits: torch.Tensor, top_k: int, temperature: float, nor
     num_blocks = triton.cdiv(num_tokens, block_t)
     part_counts = torch.empty(num_blocks, num_experts, device=logits.device, dtype=torch.int32)
     part_probs = torch.empty(num_blocks, num_experts, **f32)
-    with _device_guard(logits):
+    with device_guard(logits):
         launch(
             _topk_route_fwd_kernel, (num_blocks,),
-            logits, weights, ids, dense, part_counts, part_probs,
-            num_tokens, num_experts, logits.stride(0), logits.stride(1), float(temperature),
-            K=top_k, NORMALIZE=bool(normalize),
-            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
-            num_warps=num_warps,
+            logits_ptr=logits, weights_ptr=weights, ids_ptr=ids, dense_ptr=dense, part_counts_ptr=part_counts,
+            part_probs_ptr=part_probs, T=num_tokens, E=num_experts, stride_lt=logits.stride(0),
+            stride_le=logits.stride(1), tau=float(temperature), K=top_k, NORMALIZE=bool(normalize),
+            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), num_warps=num_warps,
         )  # fmt: skip
         stats_block_e = min(block_e, _STATS_BLOCK_E)
         launch(
             _route_stats_kernel, (triton.cdiv(num_experts, stats_block_e),),
-            part_counts, part_probs, counts, mean_prob, num_blocks, num_experts, num_tokens,
+            part_counts_ptr=part_counts, part_probs_ptr=part_probs, counts_ptr=counts, mean_ptr=mean_prob,
+            NB=num_blocks, E=num_experts, T=num_tokens,
             BLOCK_N=min(_STATS_TILE_ELEMENTS // stats_block_e, triton.next_power_of_2(num_blocks)),
             BLOCK_E=stats_block_e, num_warps=_STATS_NUM_WARPS,
         )  # fmt: skip
     return weights, ids, dense, counts, mean_prob
 
 
-def topk_route_backward(logits, ids, dweights, ddense, dmean, temperature: float, normalize: bool) -> torch.Tensor:
+def topk_route_backward(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    dweights: torch.Tensor | None,
+    ddense: torch.Tensor | None,
+    dmean: torch.Tensor | None,
+    temperature: float,
+    normalize: bool,
+) -> torch.Tensor:
     """Launch the backward: dlogits [T, E] in the logits' dtype from the gradients of weights [T, K], dense [T, E]
     and mean_prob [E]; a gradient that is None counts as zero and is never read."""
-    _check_triton_device(logits)
+    if not capturing():
+        resolve_backend("triton", logits.device)
     num_tokens, num_experts = logits.shape
     dlogits = torch.empty(num_tokens, num_experts, device=logits.device, dtype=logits.dtype)
     if num_tokens == 0:
         return dlogits
-    block_t, block_e, num_warps = _launch_config(num_tokens, num_experts)
-    with _device_guard(logits):
+    block_t, block_e, num_warps = _launch_config(num_tokens, num_experts, backward=True)
+    with device_guard(logits):
         launch(
             _topk_route_bwd_kernel, (triton.cdiv(num_tokens, block_t),),
-            logits, ids, _or_dummy(dweights, logits), _or_dummy(ddense, logits), _or_dummy(dmean, logits), dlogits,
-            num_tokens, num_experts, *logits.stride(), *ids.stride(),
-            *_strides(dweights, 2), *_strides(ddense, 2), *_strides(dmean, 1),
-            float(temperature), K=ids.shape[1], NORMALIZE=bool(normalize),
+            logits_ptr=logits, ids_ptr=ids, dweights_ptr=_or_dummy(dweights, logits),
+            ddense_ptr=_or_dummy(ddense, logits), dmean_ptr=_or_dummy(dmean, logits), dlogits_ptr=dlogits,
+            T=num_tokens, E=num_experts, stride_lt=logits.stride(0), stride_le=logits.stride(1),
+            stride_it=ids.stride(0), stride_ik=ids.stride(1), **_strides("w", dweights, "tk"),
+            **_strides("d", ddense, "te"), stride_m=0 if dmean is None else dmean.stride(0),
+            tau=float(temperature), K=ids.shape[1], NORMALIZE=bool(normalize),
             HAS_DWEIGHTS=dweights is not None, HAS_DDENSE=ddense is not None, HAS_DMEAN=dmean is not None,
             BLOCK_T=block_t, BLOCK_E=block_e, num_warps=num_warps,
         )  # fmt: skip
     return dlogits
 
 
-@torch.library.custom_op("dylora_moe::topk_route", mutates_args=())
-def _topk_route_op(
-    logits: torch.Tensor, top_k: int, temperature: float, normalize: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return topk_route_forward(logits, top_k, temperature, normalize)
-
-
-@_topk_route_op.register_fake
-def _(logits, top_k, temperature, normalize):
+def _fake_forward(logits, top_k, temperature, normalize):
     num_tokens, num_experts = logits.shape
     f32, i64 = dict(dtype=torch.float32), dict(dtype=torch.int64)
     return (
@@ -343,74 +345,38 @@ def _(logits, top_k, temperature, normalize):
     )
 
 
-@torch.library.custom_op("dylora_moe::topk_route_backward", mutates_args=())
-def _topk_route_backward_op(
-    logits: torch.Tensor,
-    ids: torch.Tensor,
-    dweights: torch.Tensor,
-    ddense: torch.Tensor,
-    dmean: torch.Tensor,
-    temperature: float,
-    normalize: bool,
-) -> torch.Tensor:
-    return topk_route_backward(logits, ids, dweights, ddense, dmean, temperature, normalize)
-
-
-@_topk_route_backward_op.register_fake
-def _(logits, ids, dweights, ddense, dmean, temperature, normalize):
+def _fake_backward(logits, ids, dweights, ddense, dmean, temperature, normalize):
     return logits.new_empty(logits.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    logits, _, temperature, normalize = inputs
-    ctx.save_for_backward(logits, output[1])  # p is recomputed from the logits: no [T, E] fp32 saved
-    ctx.temperature, ctx.normalize = temperature, normalize
+def _save(inputs: dict, outputs: tuple) -> dict:
+    # p is recomputed from the logits: no [T, E] fp32 saved
+    return dict(logits=inputs["logits"], ids=outputs[1], temperature=inputs["temperature"],
+                normalize=inputs["normalize"])  # fmt: skip
 
 
-def _backward(ctx, dweights, _dids, ddense, _dcounts, dmean):
-    logits, ids = ctx.saved_tensors
-    num_tokens, num_experts = logits.shape
-    f32 = dict(device=logits.device, dtype=torch.float32)
-    dweights = torch.zeros(ids.shape, **f32) if dweights is None else dweights
-    ddense = torch.zeros(num_tokens, num_experts, **f32) if ddense is None else ddense
-    dmean = torch.zeros(num_experts, **f32) if dmean is None else dmean
-    dlogits = _topk_route_backward_op(logits, ids, dweights, ddense, dmean, ctx.temperature, ctx.normalize)
-    return dlogits, None, None, None
+def _input_grads(dlogits: torch.Tensor, result_grads: dict, needs: list[bool]) -> dict:
+    return dict(logits=dlogits)
 
 
-_topk_route_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class TopkRouteFunction(torch.autograd.Function):
-    """Eager-mode autograd over the same launchers. The custom op's Python dispatcher costs ~5x the host time of
-    an autograd.Function (116 vs 23 us per call measured on this repo's CPU host), which a ~10 us kernel feels;
-    gradients of unused outputs stay None here, so the backward skips reading them."""
-
-    @staticmethod
-    def forward(ctx, logits, top_k, temperature, normalize):
-        out = topk_route_forward(logits, top_k, temperature, normalize)
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(out[1], out[3])
-        ctx.save_for_backward(logits, out[1])
-        ctx.temperature, ctx.normalize = temperature, normalize
-        return out
-
-    @staticmethod
-    def backward(ctx, dweights, _dids, ddense, _dcounts, dmean):
-        logits, ids = ctx.saved_tensors
-        dlogits = topk_route_backward(logits, ids, dweights, ddense, dmean, ctx.temperature, ctx.normalize)
-        return dlogits, None, None, None
+# Eager mode goes through an autograd.Function: the custom op's Python dispatcher costs ~5x its host time (116 vs
+# 23 us per call measured on this repo's CPU host), which a ~10 us kernel feels; gradients of unused outputs stay
+# None there, so the backward skips reading them.
+topk_route_op = register_fused_op(
+    "topk_route",
+    forward=topk_route_forward,
+    backward=topk_route_backward,
+    fake_forward=_fake_forward,
+    fake_backward=_fake_backward,
+    save=_save,
+    input_grads=_input_grads,
+    grad_names=("dweights", None, "ddense", None, "dmean"),
+    non_differentiable=(1, 3),
+)
 
 
 def topk_route_triton(logits2d: torch.Tensor, top_k: int, temperature: float, normalize: bool):
     """Fused Triton router on flat logits [T, E]: (weights, ids, dense, counts, mean_prob); see the module docstring.
 
-    Differentiable in ``logits2d`` through weights, dense and mean_prob; deterministic (no atomics). Under
-    ``torch.compile`` it is the registered custom op; in eager mode the plain launcher (no grad needed) or
-    :class:`TopkRouteFunction`, which skip the dispatcher's host overhead."""
-    args = (logits2d, int(top_k), float(temperature), bool(normalize))
-    if torch.compiler.is_compiling():
-        return _topk_route_op(*args)
-    if torch.is_grad_enabled() and logits2d.requires_grad:
-        return TopkRouteFunction.apply(*args)
-    return topk_route_forward(*args)
+    Differentiable in ``logits2d`` through weights, dense and mean_prob; deterministic (no atomics)."""
+    return topk_route_op(logits2d, int(top_k), float(temperature), bool(normalize))

@@ -1,6 +1,7 @@
 """Host side of the stacked Triton MoE-LoRA path: launch configs, the three launches, registration.
 
-All E experts form one rank space of width N = E * R (DESIGN 4b), for small E * R or dense routing. Per layer and
+All E experts form one rank space of width N = E * R (exact, no sort or padding: unselected experts have gate 0),
+for small E * R or dense routing. Per layer and
 step, with the routing gate G [T, E] built once per step (routing_meta.RoutingMeta) and c [E] the per-expert
 scaling (alpha_e / r_e):
 
@@ -25,7 +26,6 @@ import torch
 
 from . import stacked_kernels as SK
 from ._launch import (
-    FusedOp,
     cdiv,
     deterministic_mode,
     device_guard,
@@ -33,12 +33,16 @@ from ._launch import (
     interpreter_enabled,
     launch,
     next_pow2,
-    num_sms,
+    register_fused_op,
     strides3,
 )
+from .device import DeviceSpec, device_spec
 
 # Each split of T in the weights pass is a multiple of this (and of every BLOCK_T).
 GRAD_SPLIT_ALIGN = 64 if interpreter_enabled() else 256
+# Widest stacked rank space (E * R) the kernels hold as one register tile; wider ones take the grouped path (at 512
+# the weights pass spills 200-260 B per thread in bf16 whatever the warps and tiles: compile report).
+MAX_RANK_WIDTH = 256
 # Fixed stand-in for the SM count in deterministic mode: the split of T (hence the summation order) is then the
 # same on every GPU model.
 _DETERMINISTIC_SMS = 132
@@ -50,28 +54,59 @@ class StackedConfig(NamedTuple):
     block_d: int
     num_warps: int
     num_stages: int
+    weights_stages: int  # of the weights pass, which pipelines three streams and spills sooner
+
+
+# Share of a thread's registers for the fp32 elements of the rank tile [BLOCK_T, BLOCK_N], one pipelined
+# [BLOCK_T, BLOCK_D] activation tile and one [BLOCK_N, BLOCK_D] weight tile (the rest: addresses, masks, the
+# pipeline); more spills (compile report).
+_TILE_REGISTER_SHARE = 4
 
 
 @functools.lru_cache(maxsize=256)
-def stacked_config(t_bucket: int, n: int, dtype: torch.dtype, device_type: str) -> StackedConfig:
-    """Launch config per (T bucket, rank width, dtype, device), chosen once and cached: no autotuner on the hot
-    path. The rank width is one register tile; BLOCK_T and BLOCK_D shrink as it grows so a weight tile
-    [BLOCK_N, BLOCK_D] (loaded as fp32 masters) stays <= 32 KiB per pipeline stage. A first estimate from tile
-    sizes, never timed on a GPU; it depends only on its key, so it is the same in every process."""
+def stacked_config(t_bucket: int, n: int, dtype: torch.dtype, spec: DeviceSpec, dropout: bool = False) -> StackedConfig:
+    """Launch config per (T bucket, rank width, dtype, target, dropout), chosen once and cached: no autotuner on the
+    hot path, the same in every process. The rank width is one register tile; BLOCK_T and BLOCK_D shrink as it
+    grows so the live tiles fit the register budget per thread (in-kernel dropout adds the Philox state and an fp32
+    copy of the activation tile), and pipeline stages are dropped until the buffers fit the target's shared memory
+    per block."""
+    if n > MAX_RANK_WIDTH:
+        raise ValueError(
+            f"the stacked Triton path holds E * r <= {MAX_RANK_WIDTH} rank columns in registers; got {n} "
+            "(use triton_path='grouped' or 'auto')"
+        )
     block_n = max(16, next_pow2(n))
-    if device_type != "cuda":  # the interpreter: few, small programs
-        return StackedConfig(min(32, max(16, next_pow2(t_bucket))), block_n, 32, 4, 1)
-    block_t = max(16, min(64, 8192 // block_n))
-    block_d = max(16, min(128, 8192 // block_n))
-    return StackedConfig(block_t, block_n, block_d, 4 if block_n <= 128 else 8, 2)
+    if not spec.is_gpu:  # the interpreter: few, small programs
+        return StackedConfig(min(32, max(16, next_pow2(t_bucket))), block_n, 32, 4, 1, 1)
+    fp32 = dtype == torch.float32
+    num_warps = 4 if block_n <= 64 else 8
+    per_thread = (spec.max_regs_per_thread + 1) // _TILE_REGISTER_SHARE
+    budget = per_thread * 32 * num_warps // (2 if dropout or fp32 else 1)
+    block_t, block_d = 64, 64
+    while block_t * block_n + block_t * block_d + block_n * block_d > budget and block_t > 16:
+        block_t //= 2
+    while block_t * block_n + block_t * block_d + block_n * block_d > budget and block_d > 16:
+        block_d //= 2
+    if block_n >= 256:  # the widest rank tile: D tiles of 16 and two stages (more spills on sm_80: compile report)
+        block_d = 16
+    num_stages = 2 if block_n >= 256 else 3
+    while num_stages > 1 and stacked_shared_bytes(block_t, block_n, block_d, num_stages) > spec.shared_per_block:
+        num_stages -= 1
+    # fp32 (a correctness mode): the 2-stage weights pass spills 8 B per thread at rank width 256 on sm_86
+    return StackedConfig(block_t, block_n, block_d, num_warps, num_stages, 1 if fp32 else num_stages)
 
 
-def grad_splits(num_tokens: int, d_tiles: int, device: torch.device) -> int:
-    """Tokens per split of the weights pass: about one program per SM."""
-    if device.type == "cuda":
-        sms = _DETERMINISTIC_SMS if deterministic_mode() else num_sms(device.index or 0)
-    else:
-        sms = 8
+def stacked_shared_bytes(block_t: int, block_n: int, block_d: int, num_stages: int) -> int:
+    """Upper estimate of the shared memory of the largest stacked kernel (the weights pass): each pipeline stage
+    buffers an fp32 [BLOCK_T, BLOCK_N] rank tile, an fp32 [BLOCK_T, BLOCK_D] activation tile and an fp32
+    [BLOCK_N, BLOCK_D] weight tile, plus one stage of staging for the dot operands."""
+    per_stage = 4 * (block_t * block_n + block_t * block_d + block_n * block_d)
+    return (num_stages + 1) * per_stage
+
+
+def grad_splits(num_tokens: int, d_tiles: int, spec: DeviceSpec) -> int:
+    """Tokens per split of the weights pass: about one program per SM of ``spec``."""
+    sms = _DETERMINISTIC_SMS if deterministic_mode() and spec.is_gpu else spec.sm_count
     splits = max(1, min(cdiv(sms, d_tiles), cdiv(num_tokens, GRAD_SPLIT_ALIGN)))
     return cdiv(cdiv(num_tokens, splits), GRAD_SPLIT_ALIGN) * GRAD_SPLIT_ALIGN
 
@@ -122,18 +157,22 @@ def stacked_forward(
     base2 = y2 if base is None or inplace else _flat(base)
     mask2 = x2 if mask is None else _flat(mask)
     scale_t, scale_c, has_vec = _scale_args(scale, scale_const, gate)
-    cfg = stacked_config(next_pow2(T), N, x.dtype, x.device.type)
+    cfg = stacked_config(next_pow2(T), N, x.dtype, device_spec(x.device), seed is not None or mask is not None)
+    s_a_e, s_a_r, s_a_d = strides3(lora_a, 1)
     with device_guard(x):
         launch(
             SK._stacked_fwd_kernel, (cdiv(T, cfg.block_t),),
-            x2, mask2, x2 if seed is None else seed, lora_a, lora_b, gate, counts, scale_t, base2, y2, s,
-            T, d_in, d_out, N, rank, *x2.stride(), *mask2.stride(), *strides3(lora_a, 1),
-            lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), *gate.stride(), *base2.stride(), *y2.stride(),
-            scale_c, p,
+            x_ptr=x2, mask_ptr=mask2, seed_ptr=x2 if seed is None else seed, a_ptr=lora_a, b_ptr=lora_b,
+            gate_ptr=gate, counts_ptr=counts, scale_ptr=scale_t, base_ptr=base2, y_ptr=y2, s_ptr=s,
+            T=T, D_IN=d_in, D_OUT=d_out, N=N, R=rank,
+            s_x_t=x2.stride(0), s_x_d=x2.stride(1), s_m_t=mask2.stride(0), s_m_d=mask2.stride(1),
+            s_a_e=s_a_e, s_a_r=s_a_r, s_a_d=s_a_d,
+            s_b_e=lora_b.stride(0), s_b_o=lora_b.stride(1), s_b_r=lora_b.stride(2),
+            s_g_t=gate.stride(0), s_g_e=gate.stride(1), s_base_t=base2.stride(0), s_base_d=base2.stride(1),
+            s_y_t=y2.stride(0), s_y_d=y2.stride(1), scale_const=scale_c, p_drop=p,
             HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None, HAS_SCALE_VEC=has_vec, HAS_BASE=base is not None,
             BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **dot_flags(x.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_flags(x.dtype),
         )  # fmt: skip
     return y, s
 
@@ -172,7 +211,8 @@ def stacked_backward(
     dgate = torch.empty(T, num_experts, **f32) if need_gate or T == 0 else torch.empty(0, num_experts, **f32)
     if T == 0:
         return dx, torch.zeros_like(lora_a), torch.zeros_like(lora_b), dgate
-    cfg = stacked_config(next_pow2(T), N, x.dtype, x.device.type)
+    spec = device_spec(x.device)
+    cfg = stacked_config(next_pow2(T), N, x.dtype, spec, seed is not None or mask is not None)
     flags = dot_flags(x.dtype)
     scale_t, scale_c, has_vec = _scale_args(scale, scale_const, gate)
     v = torch.empty(T, N, **f32)
@@ -180,16 +220,19 @@ def stacked_backward(
         if need_x or need_a or need_gate:
             launch(
                 SK._stacked_dy_kernel, (cdiv(T, cfg.block_t),),
-                dy, lora_b, s, gate, counts, scale_t, v, dgate if need_gate else v,
-                T, d_out, N, rank, num_experts if need_gate else 0, *dy.stride(),
-                lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), *gate.stride(), scale_c,
+                dy_ptr=dy, b_ptr=lora_b, s_ptr=s, gate_ptr=gate, counts_ptr=counts, scale_ptr=scale_t, v_ptr=v,
+                dgate_ptr=dgate if need_gate else v,
+                T=T, D_OUT=d_out, N=N, R=rank, E=num_experts if need_gate else 0,
+                s_dy_t=dy.stride(0), s_dy_o=dy.stride(1),
+                s_b_e=lora_b.stride(0), s_b_o=lora_b.stride(1), s_b_r=lora_b.stride(2),
+                s_g_t=gate.stride(0), s_g_e=gate.stride(1), scale_const=scale_c,
                 HAS_SCALE_VEC=has_vec, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
             )  # fmt: skip
         in_tiles = cdiv(d_in, cfg.block_d) if (need_x or need_a) else 0
         out_tiles = cdiv(d_out, cfg.block_d) if need_b else 0
         if in_tiles + out_tiles > 0:
-            t_per_split = grad_splits(T, in_tiles + out_tiles, x.device)
+            t_per_split = grad_splits(T, in_tiles + out_tiles, spec)
             splits = cdiv(T, t_per_split)
             size_a, size_b = lora_a.numel(), lora_b.numel()
             if splits == 1:
@@ -200,16 +243,21 @@ def stacked_backward(
                 partial = torch.empty(splits, size_a + size_b, **f32)
                 da_slab, db_slab, split_stride = partial, partial[:, size_a:], size_a + size_b
             mask2 = x2 if mask is None else _flat(mask)
+            s_a_e, s_a_r, s_a_d = strides3(lora_a, 1)
             launch(
                 SK._stacked_weights_kernel, (in_tiles + out_tiles, splits),
-                x2, mask2, x2 if seed is None else seed, lora_a, v, dx, dy, s, gate, counts, scale_t, da_slab, db_slab,
-                T, d_in, d_out, N, rank, t_per_split, in_tiles, *x2.stride(), *mask2.stride(), *strides3(lora_a, 1),
-                *dy.stride(), *gate.stride(),
-                split_stride, rank * d_in, d_in, 1, split_stride, d_out * rank, rank, 1,
-                scale_c, p,
+                x_ptr=x2, mask_ptr=mask2, seed_ptr=x2 if seed is None else seed, a_ptr=lora_a, v_ptr=v, dx_ptr=dx,
+                dy_ptr=dy, s_ptr=s, gate_ptr=gate, counts_ptr=counts, scale_ptr=scale_t, da_ptr=da_slab, db_ptr=db_slab,
+                T=T, D_IN=d_in, D_OUT=d_out, N=N, R=rank, T_PER_SPLIT=t_per_split, N_IN_TILES=in_tiles,
+                s_x_t=x2.stride(0), s_x_d=x2.stride(1), s_m_t=mask2.stride(0), s_m_d=mask2.stride(1),
+                s_a_e=s_a_e, s_a_r=s_a_r, s_a_d=s_a_d, s_dy_t=dy.stride(0), s_dy_o=dy.stride(1),
+                s_g_t=gate.stride(0), s_g_e=gate.stride(1),
+                s_da_split=split_stride, s_da_e=rank * d_in, s_da_r=d_in, s_da_d=1,
+                s_db_split=split_stride, s_db_e=d_out * rank, s_db_o=rank, s_db_r=1,
+                scale_const=scale_c, p_drop=p,
                 HAS_MASK=mask is not None, HAS_DROPOUT=seed is not None, HAS_SCALE_VEC=has_vec, COMPUTE_DX=need_x,
                 BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+                num_warps=cfg.num_warps, num_stages=cfg.weights_stages, **flags,
             )  # fmt: skip
             if splits > 1:  # a fixed-order sum: deterministic
                 total = partial.sum(0)
@@ -233,25 +281,28 @@ def _fake_backward(grad_y, x, lora_a, lora_b, gate, counts, scale, mask, seed, s
     )
 
 
-def _save(inputs, outputs):
-    x, lora_a, lora_b, gate, counts, scale, _base, mask, seed, scale_const, p, _donated = inputs
-    return x, lora_a, lora_b, gate, counts, scale, mask, seed, outputs[1], scale_const, p
+def _save(inputs: dict, outputs: tuple) -> dict:
+    saved = {
+        k: inputs[k] for k in ("x", "lora_a", "lora_b", "gate", "counts", "scale", "mask", "seed", "scale_const", "p")
+    }
+    return {**saved, "s": outputs[1]}
 
 
-def _to_input_grads(grad_y, grads, needs):
+def _input_grads(grads: tuple, result_grads: dict, needs: list[bool]) -> dict:
     dx, da, db, dgate = grads
-    return dx, da, db, dgate, None, None, grad_y if needs[6] else None, None, None, None, None, None
+    return dict(x=dx, lora_a=da, lora_b=db, gate=dgate, base=result_grads["grad_y"])
 
 
-stacked_op = FusedOp(
+stacked_op = register_fused_op(
     "moe_lora_stacked",
-    stacked_forward,
-    _fake_forward,
-    stacked_backward,
-    _fake_backward,
-    _save,
-    _to_input_grads,
-    dirty=lambda inputs: inputs[6],
+    forward=stacked_forward,
+    backward=stacked_backward,
+    fake_forward=_fake_forward,
+    fake_backward=_fake_backward,
+    save=_save,
+    input_grads=_input_grads,
+    grad_names=("grad_y",),
+    dirty="base",
 )
 
 

@@ -297,7 +297,8 @@ def test_auto_path_groups_only_sparse_routing_over_many_experts():
 
     assert choose_path(num_experts=8, rank=16, top_k=2) == "stacked"  # the goals' reference case: E * R = 128
     assert choose_path(num_experts=64, rank=16, top_k=2) == "grouped"
-    assert choose_path(num_experts=64, rank=16, top_k=64) == "stacked"  # dense routing uses every expert anyway
+    assert choose_path(num_experts=64, rank=16, top_k=64) == "grouped"  # E * R = 1024: wider than the stacked tile
+    assert choose_path(num_experts=8, rank=16, top_k=8) == "stacked"  # dense routing uses every expert anyway
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["p0", "dropout"])

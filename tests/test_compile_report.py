@@ -1,0 +1,89 @@
+"""The kernels fit real GPUs, shown without one: every kernel variant at its largest tiles, compiled by Triton for
+sm_86 (99 KiB of shared memory per block: RTX 3090/4090, A10, L4) and sm_90 (H100) on the CPU, compiles, spills
+nothing in bf16/fp16 (fp32 within compile_report.FP32_SPILL_BOUND) and stays within each target's shared memory
+per block; plus the occupancy arithmetic and the path cost model they are read with."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dylora_moe.kernels import compile_report, cost
+from dylora_moe.kernels.device import KIB, TARGETS, occupancy
+
+KERNELS = {
+    "_stacked_fwd_kernel", "_stacked_dy_kernel", "_stacked_weights_kernel",
+    "_grouped_fwd_kernel", "_grouped_dy_kernel", "_grouped_weights_kernel",
+    "_topk_route_fwd_kernel", "_topk_route_bwd_kernel", "_route_stats_kernel",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ci_report(tmp_path_factory):
+    """The CI grid compiled in a subprocess without TRITON_INTERPRET (the interpreter replaces the compiler), on
+    two worker processes: about 2-3 minutes on 2 cores."""
+    out = tmp_path_factory.mktemp("compile") / "report"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    cmd = [sys.executable, "-m", "dylora_moe.kernels.compile_report", "--grid", "ci", "--targets",
+           ",".join(compile_report.CI_TARGETS), "--jobs", "2", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert os.path.exists(f"{out}.json"), done.stdout + done.stderr
+    return json.loads(open(f"{out}.json").read()), done
+
+
+def test_every_kernel_variant_compiles_for_sm86_and_sm90_without_spills_within_shared_memory(ci_report):
+    report, done = ci_report
+    rows = report["rows"]
+    problems = [
+        f"{r['target']} {r['kernel']} {r['dtype']} {r['config']}: {r['problems']}" for r in rows if r["problems"]
+    ]
+    assert not problems, "\n".join(problems)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for target in compile_report.CI_TARGETS:
+        seen = {(r["kernel"], r["dtype"]) for r in rows if r["target"] == target}
+        assert {k for k, _ in seen} == KERNELS
+        for kernel in KERNELS - {"_route_stats_kernel"}:  # the statistics kernel reads only fp32/int32 partials
+            assert {d for k, d in seen if k == kernel} == {"float32", "bfloat16", "float16"}, kernel
+        for r in rows:
+            assert r["regs"] <= 255 and r["shared"] <= TARGETS[r["target"]].shared_per_block
+            assert r["blocks_per_sm"] >= 1
+
+
+def test_report_checks_catch_spills_and_shared_memory_over_the_limit():
+    spec = TARGETS["sm_86"]
+    row = dict(error=None, shared=100 * KIB, spill=0, dtype="bfloat16")
+    assert "shared" in compile_report.check(row, spec)[0]
+    row.update(shared=48 * KIB, spill=16)
+    assert "spills 16 B" in compile_report.check(row, spec)[0]
+    row.update(spill=0)
+    assert compile_report.check(row, spec) == []
+    assert compile_report.check(dict(row, error="boom"), spec) == ["compile failed: boom"]
+
+
+def test_occupancy_follows_registers_shared_memory_and_threads():
+    spec = TARGETS["sm_90"]  # 64 warp slots, 65536 registers, 228 KiB shared per SM
+    assert occupancy(spec, 4, 128, 0) == (4, 0.25)  # registers: 65536 / (128 * 128 threads) = 4 blocks
+    assert occupancy(spec, 4, 32, 100 * KIB)[0] == 2  # shared memory: 228 KiB / (100 + 1) KiB
+    assert occupancy(spec, 8, 32, 0) == (8, 1.0)  # threads: 2048 / 256
+    assert occupancy(TARGETS["sm_86"], 4, 64, 100 * KIB) == (0, 0.0)  # over the 99 KiB per block: no launch
+
+
+def test_cost_model_prefers_stacked_for_few_experts_and_grouped_for_many():
+    for target in ("sm_86", "sm_90"):
+        spec = TARGETS[target]
+        assert cost.choose_path(8, 16, 2, spec=spec) == "stacked"  # the reference case: E * r = 128
+        assert cost.choose_path(64, 16, 2, spec=spec) == "grouped"  # E * r = 1024: wider than the stacked tile
+        assert cost.choose_path(32, 16, 1, spec=spec) == "grouped"  # 32x the rank work for 1 expert per token
+    shape = cost.Shape(8192, 4096, 4096, 8, 16, 2)
+    fast, slow = TARGETS["sm_90"], TARGETS["sm_86"]
+    for costs in (cost.stacked_costs, cost.grouped_costs):
+        assert cost.predicted_seconds(costs(shape, fast), fast, torch.bfloat16) < cost.predicted_seconds(
+            costs(shape, slow), slow, torch.bfloat16
+        )
+    # The forward must at least read x and read-modify-write y: its roofline is never below those bytes.
+    forward = cost.stacked_costs(shape, fast)[0]
+    assert forward.seconds(fast, torch.bfloat16) >= 3 * 8192 * 4096 * 2 / fast.mem_bandwidth
