@@ -68,7 +68,7 @@ def test_splits_are_the_originals(tmp_path):
 
 @needs_data
 def test_shared_corpora_split_sizes():
-    # 2017 Code Alpaca rows -> 1815/202; 427 MBPP rows -> 341/43/43 (README of ../shared/data).
+    # 2017 Code Alpaca rows -> 1815/202; 427 MBPP rows -> 341/43/43 (the sizes of the two corpus files).
     alpaca, mbpp = load_domain(DATA_DIR, "code_alpaca"), load_domain(DATA_DIR, "mbpp")
     assert {k: len(v) for k, v in alpaca.texts.items()} == {"train": 1815, "validation": 202}
     assert {k: len(v) for k, v in mbpp.texts.items()} == {"train": 341, "validation": 43, "test": 43}
