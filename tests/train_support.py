@@ -8,12 +8,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+SHARED_DATA_DIR = Path(os.environ.get("DYLORA_DATA_DIR") or REPO.parent / "shared" / "data")
+HAS_SHARED_DATA = SHARED_DATA_DIR.is_dir()
+
+
 def _corpora_dir() -> Path:
     """The shared corpora (``$DYLORA_DATA_DIR`` or ../shared/data, as train.py's default). A clone with neither
     gets a synthetic pair of files in the same formats and sizes, so these tests run everywhere."""
-    shared = Path(os.environ.get("DYLORA_DATA_DIR") or REPO.parent / "shared" / "data")
-    if shared.is_dir():
-        return shared
+    if HAS_SHARED_DATA:
+        return SHARED_DATA_DIR
     folder = Path(tempfile.mkdtemp(prefix="dylora-corpora-"))
     alpaca = [
         {"instruction": f"Write a function that adds {i} to a number.", "input": "" if i % 2 else f"x = {i}",

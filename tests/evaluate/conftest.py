@@ -1,19 +1,20 @@
 """Fixtures of the functional-evaluation tests: the MBPP data folder, and a tiny DyLoRA_MoE with a BPE tokenizer."""
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from train_support import DATA_DIR, HAS_SHARED_DATA, SHARED_DATA_DIR
 
-DATA_DIR = Path(os.environ.get("DYLORA_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared" / "data")
-needs_data = pytest.mark.skipif(not (DATA_DIR / "mbpp.jsonl").is_file(), reason=f"MBPP not found at {DATA_DIR}")
+# Tests of the real file's task ids and solutions; the others run on the synthetic corpus of a clone without it.
+needs_shared_mbpp = pytest.mark.skipif(
+    not HAS_SHARED_DATA, reason=f"reads the real MBPP file (its task ids and solutions), not at {SHARED_DATA_DIR}"
+)
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    if not (DATA_DIR / "mbpp.jsonl").is_file():
-        pytest.skip(f"the shared MBPP file is not at {DATA_DIR} (set DYLORA_DATA_DIR)")
+    """The shared corpora, or the tests' synthetic corpus in the same formats (MBPP-style problems that run)."""
     return DATA_DIR
 
 

