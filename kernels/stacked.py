@@ -87,7 +87,9 @@ def stacked_config(t_bucket: int, n: int, dtype: torch.dtype, spec: DeviceSpec, 
         block_t //= 2
     while block_t * block_n + block_t * block_d + block_n * block_d > budget and block_d > 16:
         block_d //= 2
-    if block_n >= 256:  # the widest rank tile: D tiles of 16 and two stages (more spills on sm_80: compile report)
+    # D tiles of 16 for the widest rank tile (more spills on sm_80) and at 128 columns with in-kernel dropout (the
+    # forward spills 4 B per thread on sm_90 at D tiles of 32 since it reads the routing counts): compile report.
+    if block_n >= 256 or (block_n >= 128 and dropout):
         block_d = 16
     num_stages = 2 if block_n >= 256 else 3
     while num_stages > 1 and stacked_shared_bytes(block_t, block_n, block_d, num_stages) > spec.shared_per_block:
