@@ -127,3 +127,10 @@ def occupancy(spec: DeviceSpec, num_warps: int, regs: int, shared: int) -> tuple
     limits.append(spec.shared_per_sm // (shared + KIB))
     blocks = max(0, min(limits))
     return blocks, blocks * num_warps / (spec.max_threads_per_sm // 32)
+
+
+def tile_registers_per_thread(spec: DeviceSpec) -> int:
+    """Registers per thread the config choosers give the fp32 elements of a kernel's live tiles (the rank tile, one
+    activation tile and one weight tile): a quarter of the target's limit; the rest holds addresses, masks and the
+    pipeline. A larger share spilled (compile report)."""
+    return (spec.max_regs_per_thread + 1) // 4

@@ -36,7 +36,7 @@ from ._launch import (
 )
 from ._launch import strides3 as _weight_view
 from .cost import choose_path
-from .device import DeviceSpec, device_spec
+from .device import DeviceSpec, device_spec, tile_registers_per_thread
 from .routing_meta import RoutingMeta
 
 # Rows per block of the sorted pair list: one value per process, because the step's sort (routing_meta) is built
@@ -54,12 +54,6 @@ class GroupedConfig(NamedTuple):
     weights_stages: int  # of the weights pass, which pipelines two streams and spills sooner
 
 
-# Share of a thread's registers for the fp32 elements of the rank tile [BLOCK_M, BLOCK_R], one [BLOCK_M, BLOCK_D]
-# activation tile and one [BLOCK_R, BLOCK_D] weight tile (the rest: addresses, masks, the pipeline); more spills
-# (compile report).
-_TILE_REGISTER_SHARE = 4
-
-
 @functools.lru_cache(maxsize=256)
 def grouped_config(rank: int, dtype: torch.dtype, spec: DeviceSpec, dropout: bool = False) -> GroupedConfig:
     """Launch config of the three grouped kernels per (rank, dtype, target, dropout), chosen once and cached.
@@ -73,7 +67,7 @@ def grouped_config(rank: int, dtype: torch.dtype, spec: DeviceSpec, dropout: boo
         return GroupedConfig(BLOCK_M, block_r, 32, 4, 1, 1)
     fp32 = dtype == torch.float32
     num_warps = 4 if block_r <= 32 else 8
-    per_thread = (spec.max_regs_per_thread + 1) // _TILE_REGISTER_SHARE
+    per_thread = tile_registers_per_thread(spec)
     budget = per_thread * 32 * num_warps // (2 if dropout or fp32 else 1)
     block_d = 128
     while BLOCK_M * block_r + BLOCK_M * block_d + block_r * block_d > budget and block_d > 16:

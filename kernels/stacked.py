@@ -36,7 +36,7 @@ from ._launch import (
     register_fused_op,
     strides3,
 )
-from .device import DeviceSpec, device_spec
+from .device import DeviceSpec, device_spec, tile_registers_per_thread
 
 # Each split of T in the weights pass is a multiple of this (and of every BLOCK_T).
 GRAD_SPLIT_ALIGN = 64 if interpreter_enabled() else 256
@@ -57,12 +57,6 @@ class StackedConfig(NamedTuple):
     weights_stages: int  # of the weights pass, which pipelines three streams and spills sooner
 
 
-# Share of a thread's registers for the fp32 elements of the rank tile [BLOCK_T, BLOCK_N], one pipelined
-# [BLOCK_T, BLOCK_D] activation tile and one [BLOCK_N, BLOCK_D] weight tile (the rest: addresses, masks, the
-# pipeline); more spills (compile report).
-_TILE_REGISTER_SHARE = 4
-
-
 @functools.lru_cache(maxsize=256)
 def stacked_config(t_bucket: int, n: int, dtype: torch.dtype, spec: DeviceSpec, dropout: bool = False) -> StackedConfig:
     """Launch config per (T bucket, rank width, dtype, target, dropout), chosen once and cached: no autotuner on the
@@ -80,7 +74,7 @@ def stacked_config(t_bucket: int, n: int, dtype: torch.dtype, spec: DeviceSpec, 
         return StackedConfig(min(32, max(16, next_pow2(t_bucket))), block_n, 32, 4, 1, 1)
     fp32 = dtype == torch.float32
     num_warps = 4 if block_n <= 64 else 8
-    per_thread = (spec.max_regs_per_thread + 1) // _TILE_REGISTER_SHARE
+    per_thread = tile_registers_per_thread(spec)
     budget = per_thread * 32 * num_warps // (2 if dropout or fp32 else 1)
     block_t, block_d = 64, 64
     while block_t * block_n + block_t * block_d + block_n * block_d > budget and block_t > 16:
