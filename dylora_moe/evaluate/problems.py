@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..train.cli import default_data_dir
+from ..train.args import default_data_dir
 from ..train.data import HUB_IDS, HUB_SOURCE, LOCAL_FILES, DataError, _datasets, mbpp_text
 
 BENCHMARKS = ("mbpp", "humaneval")

@@ -199,7 +199,7 @@ def test_train_flags_are_the_config_settings():
     import dataclasses
 
     from dylora_moe.config import RULES
-    from dylora_moe.train import cli
+    from dylora_moe.train import args as cli
 
     flags = {f.name: f for f in dataclasses.fields(cli.ExpertArguments)}
     settings = {f.name: f for f in dataclasses.fields(DyLoRAMoEConfig)}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dylora_moe.train import args as train_args
 from dylora_moe.train import cli as train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,7 +74,7 @@ BAD_VALUES = [
 
 def _numeric_fields() -> set[str]:
     names = set()
-    for dtype in train.ARGUMENT_GROUPS.values():
+    for dtype in train_args.ARGUMENT_GROUPS.values():
         hints = typing.get_type_hints(dtype)
         for f in dataclasses.fields(dtype):
             if {int, float} & {hints[f.name], *typing.get_args(hints[f.name])}:
@@ -82,11 +83,11 @@ def _numeric_fields() -> set[str]:
 
 
 def test_every_numeric_flag_has_a_check_and_a_bad_value_here():
-    checked = {name for name, _, _ in train.CHECKS}
+    checked = {name for name, _, _ in train_args.CHECKS}
     assert _numeric_fields() <= checked, _numeric_fields() - checked
     flags = {flag for flag, _ in BAD_VALUES}
     for name in _numeric_fields():
-        assert f"--{train._flag(name)}" in flags or f"--{name}" in flags, name
+        assert f"--{train_args._flag(name)}" in flags or f"--{name}" in flags, name
 
 
 @pytest.fixture
@@ -125,7 +126,7 @@ def test_bad_value_exits_2_and_leaves_the_run_untouched(flag, value, existing_ru
 
 def test_num_experts_zero_blames_num_experts(capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--num_experts", "0"])
+        train_args.parse_args(["--num_experts", "0"])
     err = capsys.readouterr().err
     assert "argument --num_experts: expected an integer >= 1, got 0" in err and "top_k" not in err
 
@@ -142,25 +143,25 @@ def test_output_dir_naming_a_file(tmp_path, capsys):
 
 
 def test_original_flags_keep_their_meaning():
-    tiny = train.parse_args([])
+    tiny = train_args.parse_args([])
     assert (tiny.num_train_epochs, tiny.learning_rate, tiny.per_device_train_batch_size) == (1, 2e-3, 8)
     assert tiny.per_device_eval_batch_size == 8 and (tiny.eval_strategy, tiny.save_strategy) == ("epoch", "epoch")
-    args = train.parse_args(["--num_epochs", "3", "--batch_size", "2", "--eval_steps", "5", "--warmup_ratio", "0.2"])
+    args = train_args.parse_args(["--num_epochs", "3", "--batch_size", "2", "--eval_steps", "5", "--warmup_ratio", "0.2"])
     assert (args.num_train_epochs, args.per_device_train_batch_size, args.per_device_eval_batch_size) == (3, 2, 2)
     assert (args.eval_strategy, args.eval_steps, args.save_steps, args.warmup_steps) == ("steps", 5, 5, 0.2)
-    assert train.parse_args(["--eval_steps", "0"]).eval_strategy == "epoch"  # the original's 0: each epoch
-    assert train.parse_args(["--resume_from_checkpoint"]).resume_from_checkpoint == "last"
-    assert train.parse_args(["--bf16"]).bf16 is True and train.parse_args(["--compile"]).torch_compile is True
-    assert train.parse_args(["--freeze_router"]).freeze_router is True
-    plain = train.parse_args([])
+    assert train_args.parse_args(["--eval_steps", "0"]).eval_strategy == "epoch"  # the original's 0: each epoch
+    assert train_args.parse_args(["--resume_from_checkpoint"]).resume_from_checkpoint == "last"
+    assert train_args.parse_args(["--bf16"]).bf16 is True and train_args.parse_args(["--compile"]).torch_compile is True
+    assert train_args.parse_args(["--freeze_router"]).freeze_router is True
+    plain = train_args.parse_args([])
     assert (plain.freeze_router, plain.strict_gradients, plain.sweep) == (False, False, None)
 
 
 def test_trainer_arguments_take_every_trainer_flag(tmp_path):
     argv = ["--num_epochs", "2", "--batch_size", "3", "--optim", "adafactor", "--max_grad_norm", "0.5", "--compile"]
     argv += ["--output_dir", str(tmp_path), "--disable_tqdm", "true", "--torch_compile_backend", "eager"]
-    train.parse_args(argv)
-    targs = train.trainer_arguments(argv, report_to=[])
+    train_args.parse_args(argv)
+    targs = train_args.trainer_arguments(argv, report_to=[])
     assert (targs.num_train_epochs, targs.per_device_train_batch_size, targs.per_device_eval_batch_size) == (2, 3, 3)
     assert (targs.optim.value, targs.max_grad_norm, targs.torch_compile, targs.disable_tqdm) == (
         "adafactor",
@@ -176,10 +177,10 @@ def test_trainer_arguments_take_every_trainer_flag(tmp_path):
 def test_unknown_trainer_value_exits_2(tmp_path, capsys):
     argv = ["--optim", "no-such-optimizer", "--output_dir", str(tmp_path)]
     with pytest.raises(SystemExit) as exit_info:
-        train.trainer_arguments(argv, report_to=[])
+        train_args.trainer_arguments(argv, report_to=[])
     assert exit_info.value.code == 2 and "--optim" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        train.trainer_arguments(["--no_such_flag", "1"], report_to=[])
+        train_args.trainer_arguments(["--no_such_flag", "1"], report_to=[])
     assert exit_info.value.code == 2
 
 

@@ -6,12 +6,13 @@ import pytest
 from train_support import TINY
 
 from dylora_moe.evaluate import BENCHMARKS
+from dylora_moe.train import args as train_args
 from dylora_moe.train import cli as train
 from dylora_moe.train.runs import RUN_OUTPUTS
 
 
 def test_the_flag_knows_the_evaluators_benchmarks():
-    assert train.CODE_EVAL_BENCHMARKS == BENCHMARKS
+    assert train_args.CODE_EVAL_BENCHMARKS == BENCHMARKS
 
 
 @pytest.mark.parametrize(
