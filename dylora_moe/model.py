@@ -42,6 +42,7 @@ from .modules.fused_loss import chunked_linear_cross_entropy
 from .modules.router import DynamicHybridRouter, balance_loss, router_entropy, z_loss
 from .modules.routing import Routing, RoutingDecision, decide_routing, sequence_pairs, sequence_weights, token_routing
 from .modules.skills import NoveltyDetector, SkillLibrary
+from .quantized import require_bitsandbytes, uses_bitsandbytes
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +84,24 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (targets != -100).sum().clamp_min(1)
 
 
-def load_base_model(model_name, token=None, torch_dtype=None) -> PreTrainedModel:
-    """An already built PreTrainedModel as is, else a local path or hub id through AutoModelForCausalLM."""
+def load_base_model(model_name, token=None, torch_dtype=None, quantization_config=None) -> PreTrainedModel:
+    """An already built PreTrainedModel as is, else a local path or hub id through AutoModelForCausalLM, quantized
+    on loading when ``quantization_config`` is given (e.g. ``BitsAndBytesConfig(load_in_4bit=True)``: QLoRA)."""
     if isinstance(model_name, PreTrainedModel):
+        if quantization_config is not None:
+            raise ValueError(
+                "quantization_config applies when the base model is loaded from a hub id or local path; "
+                f"{type(model_name).__name__} was passed built: load it quantized yourself, or pass its name"
+            )
         return model_name
     if isinstance(model_name, (str, Path)):
         kwargs = {"token": token} if token else {}
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
+        if quantization_config is not None:
+            if uses_bitsandbytes(quantization_config):
+                require_bitsandbytes("quantization_config")
+            kwargs["quantization_config"] = quantization_config
         return AutoModelForCausalLM.from_pretrained(str(model_name), **kwargs)
     raise TypeError(f"model_name must be a hub id, a local path or a PreTrainedModel; got {type(model_name).__name__}")
 
@@ -145,8 +156,12 @@ class DyLoRA_MoE(nn.Module):
     - ``freeze_router``: keep the gate at its initial weights (no gradient, not in ``trainable_parameters``).
     - ``fused_loss``: False | True | "auto" (see :meth:`set_fused_loss`).
 
-    ``torch_dtype`` is the base model's load dtype (not a setting). ``moe_config`` gives the current settings back;
-    the settings below are attributes that read (and, assigned, check and change) the config the model keeps.
+    ``torch_dtype`` is the base model's load dtype and ``quantization_config`` (transformers', e.g.
+    ``BitsAndBytesConfig(load_in_4bit=True)``: QLoRA; needs ``pip install 'dylora-moe[quant]'``) its quantization
+    when it is loaded from a name; neither is a setting. On a quantized base the experts and the gate are float32
+    (the compute dtype's masters), the base stays as loaded and frozen; the experts load on the float base too.
+    ``moe_config`` gives the current settings back; the settings below are attributes that read (and, assigned,
+    check and change) the config the model keeps.
     """
 
     accepts_loss_kwargs = False  # HF Trainer: the loss is a per-token mean; do not pass num_items_in_batch
@@ -200,6 +215,7 @@ class DyLoRA_MoE(nn.Module):
         freeze_router: bool = FROM_CONFIG,
         fused_loss: bool | str = FROM_CONFIG,
         torch_dtype=None,
+        quantization_config=None,
     ):
         super().__init__()
         given = {name: value for name, value in locals().items() if name in SETTINGS and value is not FROM_CONFIG}
@@ -210,7 +226,7 @@ class DyLoRA_MoE(nn.Module):
         cfg = (config or DyLoRAMoEConfig()).replace(**given)
         self._settings = cfg  # the one copy of the settings (the router and experts hold theirs)
 
-        self.foundation_model = load_base_model(model_name, token, torch_dtype)
+        self.foundation_model = load_base_model(model_name, token, torch_dtype, quantization_config)
         self.expert_manager = ExpertManager(
             self.foundation_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
             target_modules=cfg.target_modules, kernel=cfg.backend, mixture=cfg.mixture,
@@ -356,9 +372,10 @@ class DyLoRA_MoE(nn.Module):
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _linear_head(self) -> nn.Linear | None:
-        """The output head when it is a plain nn.Linear (then logits are linear in the hidden states), else None."""
+        """The output head when it is a plain nn.Linear with a float weight (then logits are linear in the hidden
+        states and the fused loss may read the weight), else None (e.g. a quantized head: its module computes)."""
         head = self.foundation_model.get_output_embeddings()
-        return head if isinstance(head, nn.Linear) else None
+        return head if isinstance(head, nn.Linear) and head.weight.is_floating_point() else None
 
     def _softcap(self) -> float | None:
         return getattr(self.foundation_model.config, "final_logit_softcapping", None)

@@ -18,6 +18,7 @@ import re
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..quantized import keep_4bit_layers_differentiable
 from .ffn import MoELoRAMLP, is_gated_mlp
 from .growth import keep_parameter_identity
 from .layer import MoELoRALinear, check_kernel
@@ -205,6 +206,7 @@ def inject_moe_lora(
         raise ValueError("model already has MoE-LoRA layers; inject once and grow with handle.add_expert()")
     targets = find_targets(model, target_modules) if mixture == "linear" else find_mlp_targets(model, target_modules)
     model.requires_grad_(False)
+    keep_4bit_layers_differentiable(model)  # a quantized base: gradients must cross its 4-bit layers on the CPU too
     context = RoutingContext()
     layers = {}
     for name in targets:

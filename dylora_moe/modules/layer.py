@@ -46,6 +46,30 @@ def base_dims(base_layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"MoELoRALinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
 
 
+def compute_dtype(base_layer: nn.Module) -> torch.dtype:
+    """The float dtype ``base_layer`` computes in, which is not always its weight's storage dtype: a quantized layer
+    (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``) stores packed integers and computes in its ``compute_dtype``
+    (4-bit) or in its float bias's dtype; failing both, torch's default float dtype (8-bit casts its input itself)."""
+    weight = base_layer.weight
+    if weight.is_floating_point():
+        return weight.dtype
+    declared = getattr(base_layer, "compute_dtype", None)
+    if isinstance(declared, torch.dtype) and declared.is_floating_point:
+        return declared
+    bias = getattr(base_layer, "bias", None)
+    if isinstance(bias, torch.Tensor) and bias.is_floating_point():
+        return bias.dtype
+    return torch.get_default_dtype()
+
+
+def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
+    """The dtype of the trainable experts over ``base_layer``: its compute dtype (:func:`compute_dtype`), except
+    float32 over a half-precision one (as peft's autocast_adapter_dtype keeps adapters): an optimizer step of lr 2e-5
+    is below bf16's resolution. The ops read them as they are (no per-step cast)."""
+    dtype = compute_dtype(base_layer)
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _check_rank(r) -> int:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
@@ -96,9 +120,7 @@ class MoELoRALinear(nn.Module):
         self.kernel = check_kernel(kernel)
         self.expert_ranks, self.expert_alphas = ranks, alphas
         weight = base_layer.weight
-        # Trainable weights stay float32 over a half-precision base (as peft's autocast_adapter_dtype does): an
-        # optimizer step of lr 2e-5 is below bf16's resolution. The ops read them as they are (no per-step cast).
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        dtype = adapter_dtype(base_layer)
         max_rank = max(ranks, default=r)
         self.lora_A = nn.Parameter(torch.zeros(num_experts, max_rank, self.d_in, dtype=dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, self.d_out, max_rank, dtype=dtype, device=weight.device))

@@ -77,6 +77,16 @@ class ModelArguments:
     tiny_hidden_size: int = _arg(256, "tiny model: hidden size")
     tiny_num_layers: int = _arg(2, "tiny model: decoder layers")
     tiny_vocab_size: int = _arg(2048, "tiny model: BPE vocabulary size (>= 300)")
+    load_in_4bit: bool = _arg(
+        False,
+        "load the base model's linear layers in 4 bits (bitsandbytes, QLoRA); experts and router train in float32 "
+        "over it (needs pip install 'dylora-moe[quant]')",
+    )
+    load_in_8bit: bool = _arg(False, "load the base model's linear layers in 8 bits (bitsandbytes LLM.int8)")
+    bnb_4bit_quant_type: str | None = _arg(None, "4-bit data type of --load_in_4bit: nf4 (default) or fp4")
+    use_bnb_nested_quant: bool = _arg(
+        False, "with --load_in_4bit: quantize the quantization constants too (double quantization, ~0.4 bit/weight)"
+    )
 
 
 # The model settings that are train.py flags: name, type, choices and help come from DyLoRAMoEConfig (the one place a
@@ -347,6 +357,7 @@ CHECKS = (
     ("tiny_hidden_size", lambda v, a: v >= 1, "an integer >= 1"),
     ("tiny_num_layers", lambda v, a: v >= 1, "an integer >= 1"),
     ("tiny_vocab_size", lambda v, a: v >= 300, "an integer >= 300 (256 bytes + special tokens + merges)"),
+    ("bnb_4bit_quant_type", lambda v, a: v in (None, *BNB_4BIT_QUANT_TYPES), "nf4 or fp4"),
     *((name, *RULES[name]) for name in FLAG_SETTINGS if name in RULES),  # DyLoRAMoEConfig's rules
     ("collapse_threshold", lambda v, a: v is None or 0 < v < 1, "a share in (0, 1)"),
     ("collapse_patience", lambda v, a: v >= 1, "an integer >= 1"),
@@ -383,6 +394,7 @@ def _flag(name: str) -> str:
     return {"num_train_epochs": "num_epochs", "per_device_train_batch_size": "batch_size"}.get(name, name)
 
 
+BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")  # transformers' BitsAndBytesConfig(bnb_4bit_quant_type=...)
 TINY_MAX_LENGTH = 8192  # the tiny model's positions; a longer row is one padded giant (attention of length^2)
 
 
@@ -399,6 +411,7 @@ def check_combinations(parser: ArgumentParser, args: argparse.Namespace) -> None
     if args.model_name == "tiny" and args.max_length > TINY_MAX_LENGTH:
         parser.error(f"argument --max_length: at most {TINY_MAX_LENGTH} with --model_name tiny (its positions), got "
                      f"{args.max_length}")  # fmt: skip
+    check_quantization(parser, args)
     metrics = [f"eval_{d}_{m}" for d in DOMAINS for m in ("loss", "ppl")]
     metric = args.metric_for_best_model
     if metric is not None and (metric if metric.startswith("eval_") else f"eval_{metric}") not in metrics:
@@ -406,6 +419,34 @@ def check_combinations(parser: ArgumentParser, args: argparse.Namespace) -> None
     if args.eval_strategy == "no" and (args.early_stopping_patience or args.load_best_model_at_end):
         parser.error("argument --eval_strategy: 'no' leaves early stopping and the best-model reload nothing to "
                      "compare; add --early_stopping_patience 0 --load_best_model_at_end false")  # fmt: skip
+
+
+def check_quantization(parser: ArgumentParser, args: argparse.Namespace) -> None:
+    """The bitsandbytes flags: one precision, the 4-bit options only with 4 bits, and the package installed
+    (imported now, before the data and the model are loaded)."""
+    if args.load_in_4bit and args.load_in_8bit:
+        parser.error("argument --load_in_8bit: --load_in_4bit and --load_in_8bit exclude each other; pick one")
+    for name in ("bnb_4bit_quant_type", "use_bnb_nested_quant"):
+        if getattr(args, name) not in (None, False) and not args.load_in_4bit:
+            parser.error(f"argument --{name}: applies to --load_in_4bit only")
+    if args.load_in_4bit or args.load_in_8bit:
+        from dylora_moe.quantized import require_bitsandbytes
+
+        try:
+            require_bitsandbytes()
+        except ImportError as err:
+            parser.error(f"argument --load_in_{4 if args.load_in_4bit else 8}bit: {err}")
+
+
+def quantization_flags(args: argparse.Namespace) -> dict:
+    """The quantization flags given (none for a float base), as run.json records them."""
+    if args.load_in_4bit:
+        return {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": args.bnb_4bit_quant_type or "nf4",
+            "use_bnb_nested_quant": args.use_bnb_nested_quant,
+        }
+    return {"load_in_8bit": True} if args.load_in_8bit else {}
 
 
 def validate(parser: ArgumentParser, args: argparse.Namespace, argv=()) -> None:
@@ -516,7 +557,8 @@ def model_fingerprint(args: argparse.Namespace) -> dict:
     keys = ["model_name", "num_experts", "lora_r", "lora_alpha", "routing", "top_k", "sequence_top_k"]
     if args.model_name == "tiny":
         keys += ["tiny_hidden_size", "tiny_num_layers", "tiny_vocab_size"]
-    return {key: getattr(args, key) for key in keys}
+    # The base's quantization only when there is one: a float run's fingerprint is the same as before these flags.
+    return {key: getattr(args, key) for key in keys} | quantization_flags(args)
 
 
 def resolve_report_to(choice: str, output_dir: str) -> list[str]:

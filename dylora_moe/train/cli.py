@@ -53,9 +53,9 @@ def finished_at(checkpoint: str, max_steps: int) -> bool:
     return step >= (max_steps if max_steps > 0 else planned) > 0
 
 
-def load_model_and_tokenizer(args, splits, dtype):
+def load_model_and_tokenizer(args, splits, dtype, quantization=None):
     """The frozen base model and its tokenizer: tiny (built once from the full training text, cached in
-    --output_dir) or a hub id / local folder."""
+    --output_dir) or a hub id / local folder; either quantized by ``quantization`` (--load_in_4bit / 8bit)."""
     from dylora_moe.train.base_models import TinyConfig, load_or_build_tiny, load_pretrained
     from dylora_moe.train.data import training_texts
 
@@ -68,10 +68,10 @@ def load_model_and_tokenizer(args, splits, dtype):
             max_position_embeddings=max(2048, args.max_length),
             seed=args.seed,
         )
-        model, tokenizer, folder = load_or_build_tiny(args.output_dir, training_texts(splits), config)
+        model, tokenizer, folder = load_or_build_tiny(args.output_dir, training_texts(splits), config, quantization)
         logger.info("tiny base model and tokenizer (vocab %d) in %s", len(tokenizer), folder)
         return model, tokenizer
-    return load_pretrained(args.model_name, token=args.token, dtype=dtype)
+    return load_pretrained(args.model_name, token=args.token, dtype=dtype, quantization=quantization)
 
 
 def check_max_length(base, max_length: int) -> None:
@@ -174,8 +174,13 @@ def main(argv=None) -> dict:
     from dylora_moe.train.trainer import DomainEarlyStopping, MetricsFile, MoETrainer, RunIdentity
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar per load (base model, each checkpoint reload)
+    from dylora_moe.train.base_models import Quantization
+
     dtype = torch.bfloat16 if args.bf16 and torch.cuda.is_available() else None
-    base, tokenizer = load_model_and_tokenizer(args, splits, dtype)
+    quantization = Quantization.from_flags(args, dtype)
+    base, tokenizer = load_model_and_tokenizer(args, splits, dtype, quantization)
+    if quantization is not None:
+        logger.info("base model quantized on loading: %s", quantization.describe())
     check_max_length(base, args.max_length)  # before the rows are packed and a giant one allocated
     set_seed(args.seed)  # the expert init; the tiny base is seeded on its own, the Trainer seeds dropout and data order
     model = DyLoRA_MoE(base, token=args.token, config=model_config(args))
@@ -245,6 +250,7 @@ def main(argv=None) -> dict:
             "model": f"{args.model_name}, {args.num_experts} experts, r={args.lora_r}, routing={args.routing}, "
             f"top_k={args.top_k}, backend={args.backend}"
             + (", router frozen (--freeze_router)" if args.freeze_router else ""),
+            "base weights": quantization.describe() if quantization else str(base.dtype).removeprefix("torch."),
             "training": f"{trainer.state.global_step} optimizer steps, {trainer.state.epoch:.2f} epochs, "
             f"{corpus.train.num_tokens:,} training tokens per epoch, best checkpoint "
             f"{trainer.state.best_model_checkpoint or 'none (no evaluation during training)'}",
