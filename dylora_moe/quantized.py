@@ -1,4 +1,4 @@
-"""Quantized base models (QLoRA): the optional bitsandbytes package and what a run records about the quantization.
+"""Quantized base models (QLoRA): the optional bitsandbytes package, and a 4-bit base kept differentiable on the CPU.
 
 The experts never depend on it: a MoE-LoRA layer takes its dtype from the base layer's compute dtype
 (:func:`dylora_moe.modules.layer.compute_dtype`), so a 4-bit or 8-bit bitsandbytes base trains like a float one, and
@@ -21,18 +21,12 @@ def require_bitsandbytes(what: str | None = None) -> None:
 
 
 def uses_bitsandbytes(quantization_config) -> bool:
-    """Whether a transformers quantization config (an object or its dict) asks for bitsandbytes 4-bit or 8-bit."""
-    if quantization_config is None:
-        return False
+    """Whether a transformers quantization config (a ``BitsAndBytesConfig`` or its dict) is bitsandbytes'."""
     if isinstance(quantization_config, dict):
         method = quantization_config.get("quant_method")
-        wants = quantization_config.get("load_in_4bit") or quantization_config.get("load_in_8bit")
     else:
         method = getattr(quantization_config, "quant_method", None)
-        wants = getattr(quantization_config, "load_in_4bit", False) or getattr(quantization_config, "load_in_8bit", False)
-    return str(getattr(method, "value", method)) == "bitsandbytes" or bool(wants)
-
-
+    return str(getattr(method, "value", method)) == "bitsandbytes"
 
 
 def keep_4bit_layers_differentiable(model) -> list[str]:

@@ -72,7 +72,8 @@ class Quantization:
         if self.bits == 8:
             return "8-bit LLM.int8 (bitsandbytes)"
         nested = ", nested quantization" if self.nested else ""
-        return f"4-bit {self.quant_type}{nested} (bitsandbytes), compute {str(self.compute_dtype).removeprefix('torch.')}"
+        compute = str(self.compute_dtype).removeprefix("torch.")
+        return f"4-bit {self.quant_type}{nested} (bitsandbytes), compute {compute}"
 
 
 @dataclass(frozen=True)
