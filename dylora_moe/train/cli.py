@@ -87,6 +87,12 @@ def check_max_length(base, max_length: int) -> None:
         )
 
 
+def weights_in(param) -> int:
+    """The weights a parameter holds: a bitsandbytes 4-bit one packs two per byte (its quant_state has the shape)."""
+    state = getattr(param, "quant_state", None)
+    return state.shape.numel() if state is not None else param.numel()
+
+
 def parameter_breakdown(model) -> str:
     """LoRA (per expert) / router / frozen parameter counts; raises when no LoRA parameter is trainable."""
     lora = [(n, p) for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))]
@@ -97,7 +103,7 @@ def parameter_breakdown(model) -> str:
     router_frozen = sum(
         p.numel() for n, p in model.named_parameters() if n.startswith("router.") and not p.requires_grad
     )
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    frozen = sum(weights_in(p) for p in model.parameters() if not p.requires_grad)
     per_expert = trainable_lora // model.num_experts
     total = trainable_lora + router + frozen
     lines = [

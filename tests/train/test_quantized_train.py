@@ -65,7 +65,9 @@ def test_load_in_4bit_trains_the_tiny_model(tmp_path):
     import bitsandbytes as bnb
 
     assert isinstance(base.model.layers[0].mlp.gate_proj, bnb.nn.Linear4bit)
-    assert base.model.layers[0].mlp.gate_proj.weight.quant_state.quant_type == "fp4"
+    gate = base.model.layers[0].mlp.gate_proj.weight
+    assert gate.quant_state.quant_type == "fp4"
+    assert train.weights_in(gate) == 170 * 64 == 2 * gate.numel()  # the frozen count: weights, not packed bytes
     run = json.loads((out / "run.json").read_text())["fingerprint"]
     assert (run["load_in_4bit"], run["bnb_4bit_quant_type"], run["use_bnb_nested_quant"]) == (True, "fp4", True)
     summary = (out / "summary.md").read_text()
