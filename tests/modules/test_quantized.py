@@ -103,8 +103,7 @@ def _evaluate_then_train(model, handle, routing=None):
     return logits, loss.detach(), embeds.grad, grads
 
 
-@pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("mixture", ["linear", "ffn"])
+@pytest.mark.parametrize("bits,mixture", [("4bit", "linear"), ("8bit", "linear"), ("4bit", "ffn")])
 def test_every_layer_backend_trains_and_gradients_reach_the_input(saved, bits, mixture):
     results = {}
     for backend in ("eager", "loop", "triton"):  # triton: the kernels under the interpreter on the CPU
@@ -199,6 +198,24 @@ def test_reference_backend_equals_eager_on_a_4bit_base(saved):
     losses = []
     for backend in ("eager", "reference"):
         moe.set_backend(backend)
+        losses.append(moe(ids, attention_mask=mask, labels=labels).lm_loss.detach())
+    assert_close(losses[1], losses[0], torch.float32)
+
+
+@pytest.mark.parametrize("routing", ["token", "sequence"])
+def test_fused_loss_over_a_quantized_output_head(saved, routing):
+    """A 4-bit head (``llm_int8_skip_modules=[]`` quantizes it too) computes through its module: the fused loss,
+    which reads a float head weight, falls back to the plain loss instead of reading packed bytes."""
+    config = BitsAndBytesConfig(**FOUR_BIT, llm_int8_skip_modules=[])
+    ids, mask, labels = batch()
+    losses = []
+    for fused in (False, True):
+        moe = DyLoRA_MoE(
+            str(saved), num_experts=2, lora_r=4, lora_dropout=0.0, routing=routing, fused_loss=fused,
+            backend="eager", quantization_config=config,
+        )  # fmt: skip
+        assert isinstance(moe.foundation_model.get_output_embeddings(), bnb.nn.Linear4bit)
+        moe.train()
         losses.append(moe(ids, attention_mask=mask, labels=labels).lm_loss.detach())
     assert_close(losses[1], losses[0], torch.float32)
 
