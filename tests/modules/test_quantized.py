@@ -45,6 +45,10 @@ def _load(folder, **bnb_options):
     return AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**bnb_options))
 
 
+def _linear4bit(model) -> list:
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
 def _quantized_bytes(model) -> dict[str, torch.Tensor]:
     """The integer weights by the base model's names (an injected layer holds its base as ``.base_layer``)."""
     return {
@@ -65,6 +69,11 @@ def test_experts_take_the_compute_dtype_and_the_base_stays_frozen(saved, bits):
     model = _load(saved, **BITS[bits])
     stored = _quantized_bytes(model)
     assert stored, "the base was not quantized"
+    model.eval()
+    with torch.no_grad():  # a CPU evaluation before injection: bitsandbytes repacks 4-bit weights (undone below)
+        model(batch()[0])
+    if bits == "4bit" and bnb.functional.has_avx512bf16():  # the CPUs where bitsandbytes has that layout
+        assert any(m.weight.quant_state.packing_format_for_cpu for m in _linear4bit(model))
     handle = inject_moe_lora(model, num_experts=2, r=4, alpha=8, kernel="eager")
     for layer in handle.layers.values():
         assert isinstance(layer.base_layer, QUANTIZED[bits])
@@ -76,6 +85,7 @@ def test_experts_take_the_compute_dtype_and_the_base_stays_frozen(saved, bits):
     }
     after = _quantized_bytes(model)
     assert after.keys() == stored.keys() and all(torch.equal(after[n], stored[n]) for n in stored)  # as loaded
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in _linear4bit(model))
 
 
 def test_half_precision_compute_dtype_keeps_float32_masters(saved):
