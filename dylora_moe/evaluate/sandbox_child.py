@@ -179,6 +179,7 @@ def make_hook(
     _protected=(resolve, text),
     _path_events=tuple((name, tuple(spec)) for name, spec in PATH_EVENTS.items()),
     _path_event_names=frozenset(PATH_EVENTS),
+    _own_proc=f"/proc/{os.getpid()}",
     _write_flags=WRITE_FLAGS,
     _o_path=O_PATH,
     _type=type,
@@ -192,8 +193,9 @@ def make_hook(
     _S_IFDIR=S_IFDIR,
 ):
     """The audit hook for a program confined to ``root`` (a real path): refuses the events above, writes outside
-    ``root``, and opening a directory outside it (a descriptor through which a later ``dir_fd=`` call could write:
-    the ``open`` event does not carry ``dir_fd``). Every name it uses is one of its own default arguments."""
+    ``root``, opening a directory outside it (a descriptor through which a later ``dir_fd=`` call could write: the
+    ``open`` event does not carry ``dir_fd``), and reading other processes' /proc entries (their environment).
+    Every name it uses is one of its own default arguments."""
 
     def hook(
         event,
@@ -207,6 +209,7 @@ def make_hook(
         protected=_protected,
         path_events=_path_events,
         path_event_names=_path_event_names,
+        own_proc=_own_proc,
         write_flags=_write_flags,
         o_path=_o_path,
         type=_type,
@@ -240,6 +243,10 @@ def make_hook(
             where = resolve(path)
             if where == root or where.startswith(prefix):
                 return
+            if where.startswith("/proc/") and where[6:7].isdigit() and not (
+                where == own_proc or where.startswith(own_proc + "/")
+            ):
+                raise PermissionError(f"sandbox: reading another process's {where!r} is not allowed")
             if writes:
                 raise PermissionError(f"sandbox: open {where!r} for writing outside the working directory")
             try:
