@@ -66,7 +66,7 @@ def interpreter_paths() -> tuple[str, ...]:
     return tuple(sorted({os.path.realpath(p) for p in found if p and os.path.exists(p)}))
 
 
-def _untraversable_ancestors(path: str) -> list[str]:
+def untraversable_ancestors(path: str) -> list[str]:
     """Folders above ``path`` that other users cannot enter (a dedicated uid could not reach ``path``)."""
     out = []
     parent = os.path.dirname(path)
@@ -89,6 +89,6 @@ def covered_folders(keep: tuple[str, ...]) -> list[str]:
     except KeyError:
         pass
     for path in keep:
-        folders.update(_untraversable_ancestors(path))
+        folders.update(untraversable_ancestors(path))
     folders = {f for f in folders if f != "/" and not any(f == k or f.startswith(k + "/") for k in keep)}
     return sorted(f for f in folders if not any(f.startswith(o + "/") for o in folders))

@@ -240,12 +240,12 @@ def main(c: dict) -> str:
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != c["parent_pid"]:  # the evaluation died before the line above
         return "error: the evaluation ended"
-    prctl(PR_SET_DUMPABLE, 0)
     prctl(PR_SET_CHILD_SUBREAPER, 1)  # what the program leaves behind outside a PID namespace becomes ours
     status_read, c["status_fd"] = os.pipe()
     alive_read, alive_write = os.pipe()
     if c["level"] == "namespaces":
-        enter_namespaces(c)
+        enter_namespaces(c)  # before the next line: a process that is not dumpable cannot write its uid_map
+    prctl(PR_SET_DUMPABLE, 0)
     deadline = time.monotonic() + c["timeout_s"]
     pid = os.fork()
     if pid == 0:
