@@ -78,8 +78,7 @@ PATH_EVENTS = {
     "os.removexattr": ((0, None),),
     "os.rename": ((0, 2), (1, 3)),
     "os.link": ((0, 2), (1, 3)),
-    "shutil.rmtree": ((0, 1),),
-}
+}  # shutil.rmtree needs no entry: each of its removals (and the open of each folder) is an event above
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 O_PATH = getattr(os, "O_PATH", 0)
 S_IFMT, S_IFLNK, S_IFDIR = 0o170000, 0o120000, 0o040000
@@ -279,25 +278,33 @@ def make_hook(
     return hook
 
 
+def refusal(what: str):
+    """A function that stands in for ``what`` and refuses (it holds no reference to the original)."""
+
+    def refuse(*args, what=what, **kwargs):
+        raise PermissionError(f"sandbox: {what} is not allowed")
+
+    return refuse
+
+
 def harden() -> None:
-    """Before the hook: load every built-in module now, then remove what has no audit event and is not needed. The
-    pidfd functions signal other processes; ``_imp.create_builtin`` would make fresh posix/_signal modules that
-    still hold them (the modules a program imports later come from files, through ``_imp.create_dynamic``, whose
-    import event the hook sees)."""
+    """Before the hook: load every built-in module now, then replace what has no audit event and is not needed by
+    refusals. The pidfd functions signal other processes; ``_imp.create_builtin`` would make fresh posix/_signal
+    modules that still hold them (the modules a program imports later come from files, through
+    ``_imp.create_dynamic``, whose import event the hook sees)."""
     import _imp
     import signal
 
     for name in sys.builtin_module_names:
         if name not in sys.modules:
             __import__(name)
-    for module, names in ((os, ("pidfd_open",)), (sys.modules["posix"], ("pidfd_open",))):
-        for name in names:
-            if hasattr(module, name):
-                delattr(module, name)
-    for module in (signal, sys.modules["_signal"]):
-        if hasattr(module, "pidfd_send_signal"):
-            delattr(module, "pidfd_send_signal")
-    del _imp.create_builtin
+    for modules, name, what in (
+        ((os, sys.modules["posix"]), "pidfd_open", "os.pidfd_open"),
+        ((signal, sys.modules["_signal"]), "pidfd_send_signal", "signal.pidfd_send_signal"),
+        ((_imp,), "create_builtin", "_imp.create_builtin"),
+    ):
+        for module in modules:
+            setattr(module, name, refusal(what))
 
 
 def run(source: str) -> str:

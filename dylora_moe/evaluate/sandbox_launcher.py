@@ -187,29 +187,43 @@ def report(c: dict, line: str) -> None:
     os.write(c["status_fd"], (line + "\n").encode())
 
 
+def processes_of(uid: int) -> bool:
+    """Whether any process (zombies included) has ``uid`` as its real uid."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/status", encoding="utf-8") as status:
+                    for line in status:
+                        if line.startswith("Uid:"):
+                            if int(line.split()[1]) == uid:
+                                return True
+                            break
+            except (OSError, ValueError):  # gone meanwhile
+                pass
+    return False
+
+
 def kill_uid(uid: int) -> None:
-    """Kill every process of ``uid``: a helper takes that uid and sends SIGKILL to all it may signal (kill(-1)),
-    until none is left; the launcher, their subreaper, reaps the orphans in between (zombies still count)."""
+    """Kill every process of ``uid``: a helper takes that uid and sends SIGKILL to all it may signal (kill(-1): the
+    kernel checks the permission, so nothing else is hit), the launcher, their subreaper, reaps the orphans, until
+    no process of the uid is left."""
     for _ in range(1000):
         helper = os.fork()
         if helper == 0:
             try:
                 os.setuid(uid)
                 os.kill(-1, signal.SIGKILL)
-            except ProcessLookupError:
+            finally:
                 os._exit(0)
-            except BaseException:  # noqa: BLE001
-                os._exit(2)
-            os._exit(1)
-        _, status = os.waitpid(helper, 0)
-        if os.waitstatus_to_exitcode(status) != 1:
-            return
-        time.sleep(0.001)
+        os.waitpid(helper, 0)
         try:
             while os.waitpid(-1, os.WNOHANG)[0] > 0:
                 pass
         except ChildProcessError:
             pass
+        if not processes_of(uid):
+            return
+        time.sleep(0.001)
 
 
 def be_init(c: dict, alive_fd: int) -> None:

@@ -169,3 +169,44 @@ def test_an_unavailable_level_is_refused_with_its_reason(monkeypatch):
 def test_bad_isolation_is_named():
     with pytest.raises(ValueError, match="isolation must be one of"):
         Limits(isolation="docker")
+
+
+UID_CONFINED = """
+import errno, os
+assert os.getuid() >= 0x40000000, os.getuid()
+for path in ["$VICTIM", "/etc/dylora-escape-probe"]:
+    try:
+        open(path, "w")
+    except OSError as err:
+        assert err.errno == errno.EACCES, (path, err)
+    else:
+        raise AssertionError(f"wrote {path}")
+for action in (lambda: os.kill($PID, 0), lambda: open("/proc/$PID/environ", "rb").read()):
+    try:
+        action()
+    except PermissionError:
+        pass
+    else:
+        raise AssertionError("reached the evaluation")
+import subprocess
+subprocess.Popen(["sleep", "$MARKER"], start_new_session=True)
+"""
+
+
+@needs_root
+@pytest.mark.skipif(not os.access("/usr/bin/python3", os.X_OK), reason="needs a system /usr/bin/python3")
+def test_the_uid_level_confines_by_uid_alone(monkeypatch, tmp_path):
+    # here the venv's interpreter lives under /root (0700): a dedicated uid can run only an interpreter others can
+    # reach, so this uses the system one
+    monkeypatch.setattr(sys, "executable", "/usr/bin/python3")
+    monkeypatch.setattr(execution, "_probe", execution._probe.__wrapped__)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    tmp_path.chmod(0o755)
+    marker = f"{time.time() % 1000:.6f}"
+    program = UID_CONFINED.replace("$VICTIM", str(victim)).replace("$PID", str(os.getpid()))
+    limits = Limits(timeout_s=10, isolation="uid", audit=False)
+    assert run_program(program.replace("$MARKER", marker), limits).result == "passed"
+    assert victim.read_text() == "keep"
+    time.sleep(0.2)
+    assert [p for p in Path("/proc").iterdir() if p.name.isdigit() and marker in _cmdline(p)] == []
