@@ -40,7 +40,15 @@ TIMED_OUT = "timed out"
 MB = 1 << 20
 LAUNCH_GRACE_S = 30.0  # beyond the program's timeout, for the launcher itself (it enforces the timeout)
 
-__all__ = ["Limits", "Outcome", "SandboxUnavailableError", "isolation_level", "run_program", "run_programs"]
+__all__ = [
+    "Limits",
+    "Outcome",
+    "SandboxUnavailableError",
+    "isolation_level",
+    "isolation_record",
+    "run_program",
+    "run_programs",
+]
 
 
 @dataclass(frozen=True)
@@ -234,6 +242,11 @@ def isolation_level(limits: Limits = Limits()) -> str:
         f"refusing to run untrusted code without kernel isolation ({who} {'; '.join(reasons)}); pass "
         "--unsafe_no_isolation (Limits(unsafe_no_isolation=True)) to run it guarded by the audit hook alone"
     )
+
+
+def isolation_record(limits: Limits = Limits()) -> str:
+    """What the results record: the level programs run at under ``limits`` and what it means here, one line."""
+    return isolation.meaning(isolation_level(limits))
 
 
 def run_program(program: str, limits: Limits = Limits()) -> Outcome:

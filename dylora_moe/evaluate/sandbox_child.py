@@ -242,8 +242,10 @@ def make_hook(
             where = resolve(path)
             if where == root or where.startswith(prefix):
                 return
-            if where.startswith("/proc/") and where[6:7].isdigit() and not (
-                where == own_proc or where.startswith(own_proc + "/")
+            if (
+                where.startswith("/proc/")
+                and where[6:7].isdigit()
+                and not (where == own_proc or where.startswith(own_proc + "/"))
             ):
                 raise PermissionError(f"sandbox: reading another process's {where!r} is not allowed")
             if writes:

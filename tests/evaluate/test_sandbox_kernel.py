@@ -210,3 +210,24 @@ def test_the_uid_level_confines_by_uid_alone(monkeypatch, tmp_path):
     assert victim.read_text() == "keep"
     time.sleep(0.2)
     assert [p for p in Path("/proc").iterdir() if p.name.isdigit() and marker in _cmdline(p)] == []
+
+
+def test_the_cli_refuses_without_isolation_unless_asked_and_records_the_level(monkeypatch, data_dir, tmp_path, capsys):
+    import json
+
+    from dylora_moe.evaluate.cli import main
+    from dylora_moe.evaluate.problems import load_problems
+
+    problem = load_problems("mbpp", data_dir, limit=1)[0]
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"task_id": problem.task_id, "completion": problem.reference}) + "\n")
+    args = ["--benchmark", "mbpp", "--samples", str(samples), "--data_dir", str(data_dir), "--k", "1"]
+    monkeypatch.setattr(sandbox_isolation, "candidates", lambda: ())  # a machine that allows no isolation
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and "refusing to run untrusted code" in error and "--unsafe_no_isolation" in error
+    assert not (tmp_path / "s.jsonl_results.jsonl").exists()
+    assert main([*args, "--unsafe_no_isolation"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "s.jsonl_results.jsonl").read_text().splitlines()]
+    assert [(r["passed"], r["sandbox"].split(":")[0]) for r in rows] == [(True, "none")]
