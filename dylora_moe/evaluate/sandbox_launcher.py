@@ -55,7 +55,9 @@ def check(result: int, what: str) -> None:
 
 
 def prctl(option: int, value: int) -> None:
-    check(libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), f"prctl({option})")
+    """prctl(2) on Linux; elsewhere (level "none" only: the probe finds no other) there is none, and nothing to do."""
+    if sys.platform == "linux":
+        check(libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), f"prctl({option})")
 
 
 def mount(source, target: str, fstype, flags: int, data=None) -> None:
