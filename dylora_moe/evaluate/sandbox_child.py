@@ -43,15 +43,20 @@ DENIED = frozenset(
         "sys._current_frames",
         "code.__new__",
         "fcntl.ioctl",
+        "fcntl.flock",
+        "fcntl.lockf",
     }
 )
 DENIED_PREFIXES = ("socket.", "ctypes.")
 # _posixsubprocess.fork_exec spawns without an audit event; the sub-interpreter modules run code under no hook (hooks
-# are per interpreter); posix and _signal, imported afresh, would bring back the functions removed below.
+# are per interpreter); posix and _signal, imported afresh, would bring back the functions replaced by harden(); the
+# rest open, create or write files (or run code) in C, without an audit event: sqlite3 (ATTACH), dbm, POSIX shared
+# memory and semaphores, readline's history, syslog, curses, Tcl; the test modules and cffi reach memory directly.
 DENIED_IMPORTS = frozenset(
     {
         "_posixsubprocess",
         "_ctypes",
+        "_cffi_backend",
         "_xxsubinterpreters",
         "_interpreters",
         "_xxinterpchannels",
@@ -60,7 +65,37 @@ DENIED_IMPORTS = frozenset(
         "_interpqueues",
         "posix",
         "_signal",
+        "_sqlite3",
+        "_dbm",
+        "_gdbm",
+        "_posixshmem",
+        "_multiprocessing",
+        "readline",
+        "syslog",
+        "_curses",
+        "_curses_panel",
+        "_tkinter",
+        "ossaudiodev",
+        "_testcapi",
+        "_testinternalcapi",
+        "_testbuffer",
+        "_testmultiphase",
+        "_testsinglephase",
+        "_testimportmultiple",
+        "_testclinic",
+        "_ctypes_test",
+        "_xxtestfuzz",
     }
+)
+# Functions without an audit event that act on other processes: harden() replaces them by refusals.
+REPLACED = (
+    ("posix", "pidfd_open", "os.pidfd_open"),
+    ("posix", "setpriority", "os.setpriority"),
+    ("posix", "sched_setscheduler", "os.sched_setscheduler"),
+    ("posix", "sched_setparam", "os.sched_setparam"),
+    ("posix", "sched_setaffinity", "os.sched_setaffinity"),
+    ("_signal", "pidfd_send_signal", "signal.pidfd_send_signal"),
+    ("_imp", "create_builtin", "_imp.create_builtin"),  # would make a fresh posix or _signal with the originals
 )
 # Events that change the file system, with the positions of their path arguments and of each path's dir_fd (None:
 # no dir_fd). A path may also be an open descriptor (an int): then the file it refers to must be inside.
@@ -290,23 +325,19 @@ def refusal(what: str):
 
 
 def harden() -> None:
-    """Before the hook: load every built-in module now, then replace what has no audit event and is not needed by
-    refusals. The pidfd functions signal other processes; ``_imp.create_builtin`` would make fresh posix/_signal
-    modules that still hold them (the modules a program imports later come from files, through
-    ``_imp.create_dynamic``, whose import event the hook sees)."""
-    import _imp
+    """Before the hook: load every built-in module now (the modules a program imports later come from files, through
+    ``_imp.create_dynamic``, whose import event the hook sees), then replace the functions of ``REPLACED``, in their
+    module and wherever the standard library re-exports them (os, signal), by refusals."""
     import signal
 
     for name in sys.builtin_module_names:
         if name not in sys.modules:
             __import__(name)
-    for modules, name, what in (
-        ((os, sys.modules["posix"]), "pidfd_open", "os.pidfd_open"),
-        ((signal, sys.modules["_signal"]), "pidfd_send_signal", "signal.pidfd_send_signal"),
-        ((_imp,), "create_builtin", "_imp.create_builtin"),
-    ):
-        for module in modules:
-            setattr(module, name, refusal(what))
+    public = {"posix": os, "_signal": signal}
+    for module_name, name, what in REPLACED:
+        for module in (sys.modules[module_name], public.get(module_name)):
+            if module is not None and hasattr(module, name):
+                setattr(module, name, refusal(what))
 
 
 def run(source: str) -> str:

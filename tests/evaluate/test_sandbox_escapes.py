@@ -25,6 +25,7 @@ from dylora_moe.evaluate.execution import Limits, run_programs
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "sandbox.md"
 SECRET = "dylora-secret-7f3a"
 MTIME = 1_000_000
+SHM = f"dylora-escape-{os.getpid()}"
 
 # $V: the victim file (outside), $D: its folder, $P: a process outside (its environment holds $SECRET), $PORT: a
 # TCP server on 127.0.0.1 outside.
@@ -187,6 +188,18 @@ assert b"HOME=" in data
 import socket
 socket.create_connection(("127.0.0.1", $PORT), timeout=2).sendall(b"x")
 """,
+    "write outside through sqlite3's ATTACH": """
+import sqlite3
+sqlite3.connect(":memory:").execute("ATTACH DATABASE '$D/new.db' AS x").execute("CREATE TABLE x.t(a)")
+""",
+    "create a file in /dev/shm with POSIX shared memory": """
+from multiprocessing import shared_memory
+shared_memory.SharedMemory(name="$SHM", create=True, size=16)
+""",
+    "lower the priority of a process outside": """
+import os
+os.setpriority(os.PRIO_PROCESS, $P, 19)
+""",
     "raise a hard resource limit": """
 import resource
 resource.setrlimit(resource.RLIMIT_CPU, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
@@ -259,6 +272,7 @@ def run_attacks(tmp_path, outside, limits: Limits) -> dict[str, str]:
         folder = tmp_path / f"attack{i}"
         victim = make_victim(folder)
         values = {"V": victim, "D": folder, "P": outside["P"], "PORT": outside["PORT"], "SECRET": SECRET}
+        values["SHM"] = SHM
         programs.append(Template(template).substitute(values))
         folders.append(folder)
     outcomes = run_programs(programs, limits, workers=2)
@@ -270,6 +284,11 @@ def run_attacks(tmp_path, outside, limits: Limits) -> dict[str, str]:
             through[name] = damage(folder) + f" ({outcome.result})"
     if outside["sleeper"].poll() is not None:
         through["(the process outside)"] = "killed"
+    elif os.getpriority(os.PRIO_PROCESS, outside["P"]) != 0:
+        through["(the process outside)"] = "its priority changed"
+    if Path("/dev/shm", SHM).exists():
+        Path("/dev/shm", SHM).unlink()
+        through["(/dev/shm)"] = "a file was created"
     if outside["connections"]:
         through["(the server outside)"] = f"{len(outside['connections'])} connections"
     return through

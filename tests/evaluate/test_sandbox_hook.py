@@ -42,6 +42,14 @@ REFUSED = {
     "sys._current_frames": "import sys\nsys._current_frames()",
     "making code objects (code.__new__, code.replace)": "(lambda: 0).__code__.replace(co_consts=(1,))",
     "fcntl.ioctl": "import fcntl\nfcntl.ioctl(0, 0)",
+    "fcntl.flock and fcntl.lockf": "import fcntl\nfcntl.flock(open('program.py'), fcntl.LOCK_SH)",
+    "os.setpriority": "import os\nos.setpriority(os.PRIO_PROCESS, 0, 1)",
+    "os.sched_setscheduler, os.sched_setparam, os.sched_setaffinity": "import os\nos.sched_setaffinity(0, {0})",
+    "sqlite3": "import sqlite3",
+    "dbm": "import dbm.gnu",
+    "POSIX shared memory and semaphores": "from multiprocessing import shared_memory",
+    "readline, syslog, curses, tkinter": "import syslog",
+    "CPython's test modules and cffi": "import _testcapi",
     "rewriting the hook's helpers (__code__, __defaults__)": (
         "import __main__\n__main__.resolve.__defaults__ = __main__.resolve.__defaults__"
     ),
