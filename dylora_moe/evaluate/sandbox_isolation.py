@@ -25,6 +25,8 @@ MEANING = {
     "uid": "own uid/gid only: no namespaces, so the network and world-writable folders such as /tmp stay reachable",
     "none": "no kernel isolation: the audit hook alone (--unsafe_no_isolation)",
 }
+# The opt-in without a flag, for machines (CI) where no isolation is possible: as explicit as the flag.
+UNSAFE_ENV = "DYLORA_UNSAFE_NO_ISOLATION"
 # Folders covered by an empty tmpfs in the mount namespace (the interpreter's and the program's folders bound back).
 COVERED = ("/tmp", "/var/tmp", "/dev/shm", "/dev/pts", "/run", "/home", "/root")
 # Dedicated ids: one per program, from a range no account uses; the low bits count programs, the rest is the pid,
@@ -83,7 +85,7 @@ def untraversable_ancestors(path: str) -> list[str]:
 def covered_folders(keep: tuple[str, ...]) -> list[str]:
     """The folders to cover: the fixed list, the caller's home, and any folder above a kept path that others cannot
     enter; never a kept path or a folder inside one, never a folder inside another covered one."""
-    folders = set(COVERED)
+    folders = {os.path.realpath(f) for f in COVERED}
     try:
         folders.add(os.path.realpath(pwd.getpwuid(os.getuid()).pw_dir))
     except KeyError:

@@ -126,7 +126,10 @@ def build_file_system(c: dict) -> None:
     mount(workdir, workdir, None, MS_BIND)
     mount_setattr("/", AT_RECURSIVE, attr_set=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)
     mount_setattr(workdir, 0, attr_clr=MOUNT_ATTR_RDONLY)
-    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
+    try:
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
+    except PermissionError:  # a /proc partly masked (containers) cannot be mounted afresh: hide it instead
+        mount("tmpfs", "/proc", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "mode=0555,size=4k")
 
 
 def exec_program(c: dict) -> None:

@@ -150,16 +150,20 @@ stop.set()
 
 def test_no_isolation_is_refused_unless_asked_for(monkeypatch):
     monkeypatch.setattr(sandbox_isolation, "candidates", lambda: ())
+    monkeypatch.delenv("DYLORA_UNSAFE_NO_ISOLATION", raising=False)
     with pytest.raises(SandboxUnavailableError, match="--unsafe_no_isolation"):
         run_program("assert True", Limits(timeout_s=5))
     with pytest.raises(SandboxUnavailableError, match="--unsafe_no_isolation"):
         execution.run_programs(["assert True"], Limits(timeout_s=5))
     assert run_program("assert True", Limits(timeout_s=5, unsafe_no_isolation=True)).result == "passed"
     assert execution.isolation_level(Limits(unsafe_no_isolation=True)) == "none"
+    monkeypatch.setenv("DYLORA_UNSAFE_NO_ISOLATION", "1")
+    assert execution.isolation_level(Limits()) == "none"
 
 
 def test_an_unavailable_level_is_refused_with_its_reason(monkeypatch):
     monkeypatch.setattr(execution, "_probe", lambda level: "unshare: Operation not permitted")
+    monkeypatch.delenv("DYLORA_UNSAFE_NO_ISOLATION", raising=False)
     with pytest.raises(SandboxUnavailableError, match="'namespaces' is not available here: unshare: Operation"):
         execution.isolation_level(Limits(isolation="namespaces"))
     with pytest.raises(SandboxUnavailableError, match="refusing to run untrusted code without kernel isolation"):
@@ -223,6 +227,7 @@ def test_the_cli_refuses_without_isolation_unless_asked_and_records_the_level(mo
     samples.write_text(json.dumps({"task_id": problem.task_id, "completion": problem.reference}) + "\n")
     args = ["--benchmark", "mbpp", "--samples", str(samples), "--data_dir", str(data_dir), "--k", "1"]
     monkeypatch.setattr(sandbox_isolation, "candidates", lambda: ())  # a machine that allows no isolation
+    monkeypatch.delenv("DYLORA_UNSAFE_NO_ISOLATION", raising=False)
     with pytest.raises(SystemExit) as exit_:
         main(args)
     error = capsys.readouterr().err.strip().splitlines()[-1]
