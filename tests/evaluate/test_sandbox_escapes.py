@@ -158,8 +158,11 @@ import os, signal
 signal.pidfd_send_signal(os.pidfd_open($P), signal.SIGKILL)
 """,
     "kill the parent with pidfd_send_signal": """
-import os, signal
-signal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)
+import os, signal, time
+parent = os.getppid()
+signal.pidfd_send_signal(os.pidfd_open(parent), signal.SIGKILL)
+time.sleep(0.5)
+assert os.getppid() != parent
 """,
     "bring pidfd back with a fresh built-in module": """
 import _imp, signal
