@@ -14,7 +14,8 @@ Levels (``level`` in the JSON), strongest first:
   without capabilities. When process 1 ends, the kernel kills everything left in the namespace.
 - ``uid``: root without namespaces: the program runs as its own dedicated uid/gid; when it ends, every process of
   that uid is killed.
-- ``none``: no isolation at all (the audit hook alone; only when the user asked for it).
+- ``none``: no isolation at all (the audit hook alone; only when the user asked for it). What the program started
+  is killed at the end all the same: its process group, then every process the launcher, their subreaper, inherits.
 
 At every level the program runs in its own session with no new privileges (``PR_SET_NO_NEW_PRIVS``), dies with its
 parent (``PR_SET_PDEATHSIG``), has the resource limits it was given (only ever lowered), stdin/stdout/stderr on
@@ -192,6 +193,30 @@ def report(c: dict, line: str) -> None:
     os.write(c["status_fd"], (line + "\n").encode())
 
 
+def kill_descendants() -> None:
+    """Kill every child of the launcher until none is left: as the subreaper it inherits everything the program
+    started, even in another session; an unreaped child keeps its pid, so killing by pid hits no one else."""
+    for _ in range(1000):
+        try:
+            with open(f"/proc/self/task/{os.getpid()}/children", encoding="ascii") as f:
+                children = [int(pid) for pid in f.read().split()]
+        except OSError:  # no /proc: the group kill must do
+            return
+        if not children:
+            return
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            return
+        time.sleep(0.001)
+
+
 def processes_of(uid: int) -> bool:
     """Whether any process (zombies included) has ``uid`` as its real uid."""
     for name in os.listdir("/proc"):
@@ -286,6 +311,8 @@ def main(c: dict) -> str:
     _, status = os.waitpid(pid, 0)
     if c["level"] == "uid":
         kill_uid(c["uid"])
+    elif c["level"] == "none":
+        kill_descendants()
     reported = os.read(status_read, 4096).decode(errors="replace").split("\n")[0]
     if not exited:
         return "timeout"

@@ -209,3 +209,14 @@ def test_limits_are_only_ever_lowered():
     repo = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=repo, timeout=60)
     assert done.stdout.strip() == "failed: OSError: [Errno 27] File too large", done.stderr
+
+
+def test_a_grandchild_in_its_own_session_is_killed_too(tmp_path):
+    # it leaves the process group; the launcher, as its subreaper, still ends it
+    pid_file = tmp_path / "pid"
+    program = (
+        "import os, subprocess\n"
+        f"p = subprocess.Popen(['sleep', '60'], start_new_session=True)\nopen({str(pid_file)!r}, 'w').write(str(p.pid))"
+    )
+    assert run_program(program, BARE).result == "passed"
+    assert wait_dead(int(pid_file.read_text()))
