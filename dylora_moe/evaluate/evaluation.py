@@ -131,6 +131,7 @@ def evaluate_model(
     from .generation import Sampling, check_routing, generate_completions, routings_of
 
     sampling = sampling or Sampling()
+    sandbox = isolation_record(limits)  # refused here, before any generation, where no isolation is possible
     routings = list(routings or routings_of(model))
     for routing in routings:
         check_routing(model, routing)
@@ -143,8 +144,8 @@ def evaluate_model(
             done = [r for r in rows if r["benchmark"] == bench and r["routing"] == routing]
             logger.info("%s %s: %d/%d samples pass", bench, routing, sum(r["passed"] for r in done), len(done))
     summary, metrics = summarise(rows, ks, sampling.greedy)
-    summary["sandbox"] = isolation_record(limits)
-    summary["standard"] += f" Sandbox here: {summary['sandbox']}."
+    summary["sandbox"] = sandbox
+    summary["standard"] += f" Sandbox here: {sandbox}."
     if output_dir is not None:
         write_outputs(output_dir, rows, summary, metrics)
     return rows, summary, metrics

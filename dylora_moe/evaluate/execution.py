@@ -215,7 +215,10 @@ def _outcome(status: str, verdict: str) -> Outcome:
 @functools.cache
 def _probe(level: str) -> str | None:
     """None if ``level`` works here (a trivial program passes under it), else why not."""
-    status, verdict = _launch("pass", Limits(timeout_s=30), level)
+    try:
+        status, verdict = _launch("pass", Limits(timeout_s=30), level)
+    except (OSError, subprocess.SubprocessError) as err:  # e.g. the interpreter's paths could not be listed
+        return str(err)
     return None if verdict == PASSED else (status or verdict or "no status")
 
 

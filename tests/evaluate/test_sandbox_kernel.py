@@ -236,3 +236,24 @@ def test_the_cli_refuses_without_isolation_unless_asked_and_records_the_level(mo
     assert main([*args, "--unsafe_no_isolation"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "s.jsonl_results.jsonl").read_text().splitlines()]
     assert [(r["passed"], r["sandbox"].split(":")[0]) for r in rows] == [(True, "none")]
+
+
+def test_a_model_evaluation_records_the_level_and_is_refused_before_generating(
+    moe, tokenizer, data_dir, tmp_path, monkeypatch
+):
+    import json
+
+    from dylora_moe.evaluate import evaluate_model, generation
+    from dylora_moe.evaluate.generation import Sampling
+
+    options = {"routings": ["learned"], "limit": 1, "data_dir": data_dir, "sampling": Sampling(max_new_tokens=4)}
+    limits = Limits(timeout_s=5, unsafe_no_isolation=True)
+    evaluate_model(moe, tokenizer, ["mbpp"], limits=limits, output_dir=tmp_path, **options)
+    summary = json.loads((tmp_path / "code_eval.json").read_text())["summary"]
+    assert summary["sandbox"].split(":")[0] == execution.isolation_level(limits)
+    assert "Sandbox here: " + summary["sandbox"] in (tmp_path / "code_eval.md").read_text()
+    monkeypatch.setattr(sandbox_isolation, "candidates", lambda: ())
+    monkeypatch.delenv("DYLORA_UNSAFE_NO_ISOLATION", raising=False)
+    monkeypatch.setattr(generation, "generate_completions", lambda *a, **k: pytest.fail("generated"))
+    with pytest.raises(SandboxUnavailableError):
+        evaluate_model(moe, tokenizer, ["mbpp"], limits=Limits(timeout_s=5), **options)
