@@ -120,7 +120,10 @@ def _remove_tree(path: str) -> None:
 def _no_verdict(returncode: int) -> str:
     """Why a child that wrote no verdict ended."""
     if returncode < 0:
-        sig = signal.Signals(-returncode)
+        try:
+            sig = signal.Signals(-returncode)
+        except ValueError:  # a signal without a name (real-time)
+            return f"failed: killed by signal {-returncode}"
         why = {
             signal.SIGKILL: "killed (CPU-time limit, or killed from outside)",
             signal.SIGXCPU: "CPU-time limit exceeded",
@@ -177,6 +180,9 @@ def _launch(program: str, limits: Limits, level: str) -> tuple[str, str]:
                 pass_fds=(write_end,),
                 start_new_session=True,
             )
+        except BaseException:
+            os.close(read_end)
+            raise
         finally:
             os.close(write_end)
         try:
