@@ -28,8 +28,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import sandbox_isolation as isolation
-from .sandbox_isolation import SandboxUnavailableError
+from .sandbox_isolation import (
+    CHOICES,
+    UNSAFE_ENV,
+    SandboxUnavailableError,
+    candidates,
+    covered_folders,
+    dedicated_uid,
+    interpreter_paths,
+    is_root,
+    meaning,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +90,8 @@ class Limits:
             raise ValueError(
                 f"memory_mb must be >= 64 (the interpreter itself needs about 20 MB); got {self.memory_mb}"
             )
-        if self.isolation not in isolation.CHOICES:
-            raise ValueError(f"isolation must be one of {isolation.CHOICES}; got {self.isolation!r}")
+        if self.isolation not in CHOICES:
+            raise ValueError(f"isolation must be one of {CHOICES}; got {self.isolation!r}")
 
 
 @dataclass(frozen=True)
@@ -139,22 +148,22 @@ def _launch(program: str, limits: Limits, level: str) -> tuple[str, str]:
     workdir = os.path.realpath(tempfile.mkdtemp(prefix="dylora-eval-"))
     try:
         Path(workdir, "program.py").write_text(program, encoding="utf-8")
-        uid = isolation.dedicated_uid() if level in ("namespaces", "uid") and isolation.is_root() else None
+        uid = dedicated_uid() if level in ("namespaces", "uid") and is_root() else None
         if uid is not None:  # the program's own folder, and nothing else, belongs to its uid
             os.chown(workdir, uid, uid)
             os.chown(Path(workdir, "program.py"), uid, uid)
-        keep = isolation.interpreter_paths() if level == "namespaces" else ()
+        keep = interpreter_paths() if level == "namespaces" else ()
         cpu = math.ceil(limits.timeout_s) + 1
         read_end, write_end = os.pipe()
         config = {
             "level": level,
-            "userns": level == "namespaces" and not isolation.is_root(),
+            "userns": level == "namespaces" and not is_root(),
             "parent_pid": os.getpid(),
             "workdir": workdir,
             "uid": uid,
             "gid": uid,
             "keep": list(keep),
-            "hidden": isolation.covered_folders(keep) if level == "namespaces" else [],
+            "hidden": covered_folders(keep) if level == "namespaces" else [],
             "timeout_s": limits.timeout_s,
             "rlimits": [
                 ("RLIMIT_AS", limits.memory_mb * MB, limits.memory_mb * MB),
@@ -239,25 +248,25 @@ def isolation_level(limits: Limits = Limits()) -> str:
             raise SandboxUnavailableError(f"sandbox isolation {limits.isolation!r} is not available here: {why}")
         return limits.isolation
     reasons = []
-    for level in isolation.candidates():
+    for level in candidates():
         why = _probe(level)
         if why is None:
             return level
         reasons.append(f"{level}: {why}")
-    if limits.unsafe_no_isolation or os.environ.get(isolation.UNSAFE_ENV) == "1":
+    if limits.unsafe_no_isolation or os.environ.get(UNSAFE_ENV) == "1":
         logger.warning("sandbox: no kernel isolation here (%s); the audit hook alone guards", "; ".join(reasons))
         return "none"
-    who = "as root" if isolation.is_root() else "not root, and"
+    who = "as root" if is_root() else "not root, and"
     raise SandboxUnavailableError(
         f"refusing to run untrusted code without kernel isolation ({who} {'; '.join(reasons)}); pass "
-        f"--unsafe_no_isolation (Limits(unsafe_no_isolation=True), or {isolation.UNSAFE_ENV}=1) to run it guarded "
+        f"--unsafe_no_isolation (Limits(unsafe_no_isolation=True), or {UNSAFE_ENV}=1) to run it guarded "
         "by the audit hook alone"
     )
 
 
 def isolation_record(limits: Limits = Limits()) -> str:
     """What the results record: the level programs run at under ``limits`` and what it means here, one line."""
-    return isolation.meaning(isolation_level(limits))
+    return meaning(isolation_level(limits))
 
 
 def run_program(program: str, limits: Limits = Limits()) -> Outcome:

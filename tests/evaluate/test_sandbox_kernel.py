@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dylora_moe.evaluate import execution, sandbox_isolation
+from dylora_moe.evaluate import execution
 from dylora_moe.evaluate.execution import Limits, SandboxUnavailableError, run_program
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,7 +149,7 @@ stop.set()
 
 
 def test_no_isolation_is_refused_unless_asked_for(monkeypatch):
-    monkeypatch.setattr(sandbox_isolation, "candidates", lambda: ())
+    monkeypatch.setattr(execution, "candidates", lambda: ())
     monkeypatch.delenv("DYLORA_UNSAFE_NO_ISOLATION", raising=False)
     with pytest.raises(SandboxUnavailableError, match="--unsafe_no_isolation"):
         run_program("assert True", Limits(timeout_s=5))
@@ -226,7 +226,7 @@ def test_the_cli_refuses_without_isolation_unless_asked_and_records_the_level(mo
     samples = tmp_path / "s.jsonl"
     samples.write_text(json.dumps({"task_id": problem.task_id, "completion": problem.reference}) + "\n")
     args = ["--benchmark", "mbpp", "--samples", str(samples), "--data_dir", str(data_dir), "--k", "1"]
-    monkeypatch.setattr(sandbox_isolation, "candidates", lambda: ())  # a machine that allows no isolation
+    monkeypatch.setattr(execution, "candidates", lambda: ())  # a machine that allows no isolation
     monkeypatch.delenv("DYLORA_UNSAFE_NO_ISOLATION", raising=False)
     with pytest.raises(SystemExit) as exit_:
         main(args)
@@ -252,7 +252,7 @@ def test_a_model_evaluation_records_the_level_and_is_refused_before_generating(
     summary = json.loads((tmp_path / "code_eval.json").read_text())["summary"]
     assert summary["sandbox"].split(":")[0] == execution.isolation_level(limits)
     assert "Sandbox here: " + summary["sandbox"] in (tmp_path / "code_eval.md").read_text()
-    monkeypatch.setattr(sandbox_isolation, "candidates", lambda: ())
+    monkeypatch.setattr(execution, "candidates", lambda: ())
     monkeypatch.delenv("DYLORA_UNSAFE_NO_ISOLATION", raising=False)
     monkeypatch.setattr(generation, "generate_completions", lambda *a, **k: pytest.fail("generated"))
     with pytest.raises(SandboxUnavailableError):
