@@ -256,9 +256,9 @@ def isolation_level(limits: Limits = Limits()) -> str:
     if limits.unsafe_no_isolation or os.environ.get(UNSAFE_ENV) == "1":
         logger.warning("sandbox: no kernel isolation here (%s); the audit hook alone guards", "; ".join(reasons))
         return "none"
-    who = "as root" if is_root() else "not root, and"
+    who = "running as root" if is_root() else "not root"
     raise SandboxUnavailableError(
-        f"refusing to run untrusted code without kernel isolation ({who} {'; '.join(reasons)}); pass "
+        f"refusing to run untrusted code without kernel isolation ({who}; {'; '.join(reasons)}); pass "
         f"--unsafe_no_isolation (Limits(unsafe_no_isolation=True), or {UNSAFE_ENV}=1) to run it guarded "
         "by the audit hook alone"
     )
