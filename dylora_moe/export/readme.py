@@ -40,8 +40,17 @@ Cost: one forward of the base decoder over the prompt (a prefill without the LM 
 {serve_line}{token_note}"""
 
 
-def adapters_readme(out: str, base: str, experts: list[tuple[str, int, float]], routing: str, fmt: str) -> str:
-    """README of a ``peft`` or ``vllm`` export: ``experts`` = (folder, rank, alpha) each."""
+def target_names(target_modules) -> list[str]:
+    """The module names (last name components) an adapter's ``target_modules`` lists, as vLLM checks them."""
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    return sorted({name.rsplit(".", 1)[-1] for name in names})
+
+
+def adapters_readme(
+    out: str, base: str, experts: list[tuple[str, int, float]], targets: list[str], routing: str, fmt: str
+) -> str:
+    """README of a ``peft`` or ``vllm`` export: ``experts`` = (folder, rank, alpha) each; ``targets`` the target
+    module names."""
     rows = "\n".join(f"| `{name}/` | {r} | {alpha:g} |" for name, r, alpha in experts)
     max_rank = max(r for _, r, _ in experts)
     if fmt == "vllm":
@@ -55,7 +64,9 @@ vllm serve {base} --enable-lora --max-lora-rank {vllm_max_lora_rank(max_rank)} -
 ```
 
 Largest expert rank: {max_rank} (`--max-lora-rank` must be at least that, and one of vLLM's values
-{", ".join(map(str, VLLM_MAX_LORA_RANKS))}). A request names its expert as the model: `"model": "expert_0"`.
+{", ".join(map(str, VLLM_MAX_LORA_RANKS))}). Target modules: {", ".join(targets)} (full module names in each
+`adapter_config.json`); vLLM's class for the base architecture must support LoRA on them. A request names its
+expert as the model: `"model": "expert_0"`.
 """
         serve_line = 'With vLLM: send the request with `"model": "expert_<e>"`.\n'
     else:

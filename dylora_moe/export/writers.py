@@ -13,7 +13,7 @@ from ..io.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ROUTER_NAME
 from ..io.peft_format import expert_name
 from ..serving import ROUTING_FILE, RoutingSettings
 from . import folders
-from .readme import adapters_readme, merged_readme, vllm_max_lora_rank
+from .readme import adapters_readme, merged_readme, target_names, vllm_max_lora_rank
 from .source import Checkpoint, ExportError
 
 FORMATS = ("peft", "merged", "vllm")
@@ -89,7 +89,8 @@ def export_adapters(ckpt: Checkpoint, out: Path, fmt: str, base: str, progress: 
     record = routing_record(ckpt, base)
     _write_router(ckpt, out, record)
     experts = [(expert_name(i), c["r"], float(c["lora_alpha"])) for i, c in enumerate(configs)]
-    (out / README).write_text(adapters_readme(str(out), base, experts, record["routing"], fmt))
+    targets = target_names([t for c in configs for t in target_names(c["target_modules"])])
+    (out / README).write_text(adapters_readme(str(out), base, experts, targets, record["routing"], fmt))
     progress(f"wrote {out / ROUTER_NAME}, {out / ROUTING_FILE} and {out / README} (how to route)")
     folders.write_marker(out, entries, fmt, complete=True)
 
