@@ -1,8 +1,7 @@
 """Per-domain routing for ``--per_domain``: each training domain's average routing weights over its tokens.
 
-Two sources of the same quantity, each expert's mean routing weight over the domain's real evaluation tokens,
-normalised to sum to 1 (the measured one averages the per-sequence weights ``generate`` uses, each row counted by
-its tokens: the mean token weights again, except that ``sequence_top_k`` keeps only each row's best experts):
+Two sources of the same quantity, each expert's mean routing weight over the domain's real evaluation tokens (what
+the model's ``expert_utilization`` output reports), normalised to sum to 1:
 
 - measured now on the validation split of each domain in ``--data_dir`` (the split train.py evaluates on);
 - read from the training run the checkpoint belongs to: the last evaluation in ``metrics.jsonl`` beside ``final/``
@@ -56,7 +55,7 @@ def from_run(checkpoint: Path, num_experts: int) -> tuple[dict[str, list[float]]
 @torch.no_grad()
 def measured(moe, tokenizer, data_dir: Path, max_length: int = 512) -> tuple[dict[str, list[float]], str]:
     """``{domain: weights}`` measured with ``moe``'s router on each domain's validation split in ``data_dir``
-    (one routing pass per row, rows truncated to ``max_length`` tokens)."""
+    (one routing pass of the base model per row, rows truncated to ``max_length`` tokens)."""
     from ..train.data import DOMAINS, load_domain
 
     if tokenizer is None:
@@ -72,6 +71,7 @@ def measured(moe, tokenizer, data_dir: Path, max_length: int = 512) -> tuple[dic
             ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
             if ids.shape[1] == 0:
                 continue
-            total += moe.prompt_expert_weights(ids.to(moe.device))[0].double().cpu() * ids.shape[1]
+            route = moe._routing_pass(ids.to(moe.device), torch.ones_like(ids, device=moe.device)).route
+            total += 1.0 if route is None else route.dense.double().sum(0).cpu()
         out[domain] = _normalised(total.tolist(), f"--data_dir {data_dir}, domain {domain}")
     return out, f"measured now on the validation splits in {data_dir} ({', '.join(DOMAINS)})"
