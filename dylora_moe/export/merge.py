@@ -139,3 +139,24 @@ def merged_model(moe, expert: int | None = None, weights=None):
             _set_module(model, mlp_name, _plain_mlp(moe, mlp_name, projections, act_fn))
     model.requires_grad_(True)  # as from_pretrained gives it: the MoE froze the base, the copy is a plain model
     return model.train(source.training)
+
+
+@torch.no_grad()
+def logit_mix_gap(moe, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, weights=None) -> dict:
+    """How far the merge of a mix is from sequence routing's forward on these inputs: ``max_abs_logit`` (the largest
+    |logit difference| over real tokens) and ``mean_kl`` (mean KL(logit mix || merged mix) per real token), for the
+    mix ``weights`` [E]. The logit mix is ``sum_e w_e * logits_e``, each expert's logits from its exact merge."""
+    w = routing_weights(moe.num_experts, weights=weights)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    real = mask.bool()
+
+    def logits(model):
+        return model(input_ids=input_ids, attention_mask=mask).logits.float()[real]
+
+    mixed = sum(w_e * logits(merged_model(moe, expert=e)) for e, w_e in enumerate(w.tolist()) if w_e != 0)
+    merged = logits(merged_model(moe, weights=w))
+    p, q = torch.log_softmax(mixed, -1), torch.log_softmax(merged, -1)
+    return {
+        "max_abs_logit": (merged - mixed).abs().max().item(),
+        "mean_kl": (p.exp() * (p - q)).sum(-1).mean().item(),
+    }

@@ -9,7 +9,7 @@ import torch
 from moe_models import batch, randomize_experts, tiny_gpt2, tiny_llama
 
 from dylora_moe import DyLoRA_MoE
-from dylora_moe.export.merge import MergeError, merged_delta
+from dylora_moe.export.merge import MergeError, logit_mix_gap, merged_delta
 from dylora_moe.modules.routing import Routing
 
 GENERATE = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -73,18 +73,17 @@ def test_mix_merge_equals_the_in_layer_mix(build):
 
 def test_sequence_routing_logit_mix_is_not_a_weight_merge():
     """Sequence routing's forward (the original's) mixes the experts' logits; a merge of the mix does not. One
-    expert is the same either way; a mix differs (docs/export.md states the size measured here)."""
+    expert is the same either way; a mix differs, by less than the experts differ among themselves (docs/export.md
+    states the size measured here)."""
     moe = trained_like()
     input_ids, mask, _ = batch()
-    mix = torch.tensor([0.2, 0.5, 0.3])
+    one = logit_mix_gap(moe, input_ids, mask, [0.0, 1.0, 0.0])
+    assert one["max_abs_logit"] < 1e-5 and abs(one["mean_kl"]) < 1e-6
+    gap = logit_mix_gap(moe, input_ids, mask, [0.2, 0.5, 0.3])
     with torch.no_grad():
-        per_expert = [fixed_routing_logits(moe, input_ids, mask, torch.eye(3)[e]) for e in range(3)]
-        logit_mix = sum(w * logits for w, logits in zip(mix, per_expert))
-        merged_mix = moe.merged(weights=mix)(input_ids=input_ids, attention_mask=mask).logits
-    real = mask.bool()
-    gap = (merged_mix - logit_mix)[real].abs().max().item()
-    spread = max((a - b)[real].abs().max().item() for a in per_expert for b in per_expert)
-    assert 1e-3 < gap < spread  # not equal, and smaller than the experts' own disagreement
+        per_expert = [fixed_routing_logits(moe, input_ids, mask, torch.eye(3)[e])[mask.bool()] for e in range(3)]
+    spread = max((a - b).abs().max().item() for a in per_expert for b in per_expert)
+    assert 1e-3 < gap["max_abs_logit"] < spread and gap["mean_kl"] > 1e-5
 
 
 @pytest.mark.parametrize("backend", ["eager", "reference", "triton"])
