@@ -10,6 +10,7 @@ the model's ``expert_utilization`` output reports), normalised to sum to 1:
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -28,13 +29,26 @@ def _normalised(values: list[float], where: str) -> list[float]:
     return [v / total for v in values]
 
 
+def _records(path: Path) -> list[dict]:
+    """The JSON objects of a ``metrics.jsonl`` (a torn or foreign line is skipped); none if there is no file."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def from_run(checkpoint: Path, num_experts: int) -> tuple[dict[str, list[float]], str]:
     """``{domain: weights}`` from the last evaluation record of the run folder holding ``checkpoint``, and a line
     naming the source; an ExportError when the run has none."""
-    from ..train.runs import read_metrics  # standard library only
-
     path = checkpoint.resolve().parent / METRICS_FILE
-    for record in reversed(read_metrics(path)[0]):
+    for record in reversed(_records(path)):
         found: dict[str, dict[int, float]] = {}
         for key, value in record.items():
             match = UTIL_KEY.fullmatch(key)
@@ -56,7 +70,7 @@ def from_run(checkpoint: Path, num_experts: int) -> tuple[dict[str, list[float]]
 def measured(moe, tokenizer, data_dir: Path, max_length: int = 512) -> tuple[dict[str, list[float]], str]:
     """``{domain: weights}`` measured with ``moe``'s router on each domain's validation split in ``data_dir``
     (one routing pass of the base model per row, rows truncated to ``max_length`` tokens)."""
-    from ..train.data import DOMAINS, load_domain
+    from ..train.data import DOMAINS, load_domain  # the corpora's readers (dylora_moe.corpora after issue 25)
 
     if tokenizer is None:
         raise ExportError("--per_domain --data_dir needs a tokenizer: none in the checkpoint or the base model folder")
