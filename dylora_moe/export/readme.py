@@ -31,7 +31,7 @@ then serve it with the chosen expert:
 from dylora_moe.serving import PromptRouter
 
 router = PromptRouter.load("{out}")
-weights = router.route(base_model, input_ids, attention_mask)  # [batch, experts]
+weights = router.route(base_model, input_ids, attention_mask)  # [batch, experts]; base_model: the plain base
 expert = weights.argmax(-1)                                     # serve row b with expert_<expert[b]>
 ```
 
@@ -94,7 +94,7 @@ Base model: `{base}`. Each folder is a stock peft LoRA adapter (`adapter_config.
 {_routing_section(out, routing, serve_line).replace("{experts}", str(len(experts)))}"""
 
 
-def merged_readme(out: str, base: str, folders: list[tuple[str, str]], routing: str) -> str:
+def merged_readme(out: str, base: str, folders: list[tuple[str, str]], routing: str, num_experts: int) -> str:
     """README of a ``merged`` export: ``folders`` = (folder, what was merged) each."""
     rows = "\n".join(f"| `{name}/` | {what} |" for name, what in folders)
     serve_line = "Serve each folder as its own model; send a request to the folder of its expert.\n"
@@ -107,4 +107,4 @@ without dylora_moe): the base with the routing fixed as below and merged into it
 | --- | --- |
 {rows}
 
-{_routing_section(out, routing, serve_line).replace("{experts}", "E")}"""
+{_routing_section(out, routing, serve_line).replace("{experts}", str(num_experts))}"""

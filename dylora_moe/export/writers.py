@@ -152,6 +152,6 @@ def export_merged(
         del model
         progress(f"wrote {out / name}/ (merged model: {what})")
     _write_router(ckpt, out, routing_record(ckpt, base, domains))
-    (out / README).write_text(merged_readme(str(out), base, [(n, w) for n, _, w in plan], moe.routing))
+    (out / README).write_text(merged_readme(str(out), base, [(n, w) for n, _, w in plan], moe.routing, moe.num_experts))
     progress(f"wrote {out / ROUTER_NAME}, {out / ROUTING_FILE} and {out / README} (how to route)")
     folders.write_marker(out, entries, "merged", complete=True)
