@@ -105,8 +105,8 @@ def load_model(ckpt: Checkpoint, base: str, progress: Callable[[str], None]):
     progress(f"loading base model {base} with the {ckpt.num_experts} experts of {ckpt.path}")
     try:
         moe = DyLoRA_MoE.from_pretrained(base, ckpt.path, backend="eager").eval()
-    except OSError as err:
-        raise ExportError(f"cannot load base model {base!r}: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError) as err:  # a missing or unreadable base, a CheckpointError
+        raise ExportError(f"cannot load {ckpt.path} on base model {base!r}: {str(err).splitlines()[0]}") from None
     tokenizer = None
     for source in (ckpt.path, base):
         try:

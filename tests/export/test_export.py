@@ -196,6 +196,19 @@ def test_output_folder_is_never_overwritten_unless_ours(run, tmp_path):
         export_checkpoint(final, ours, "peft", progress=quiet)
 
 
+def test_merged_refusals_come_before_anything_is_written(run, tmp_path):
+    root, _ = run
+    ffn = DyLoRA_MoE(str(root / "base"), num_experts=2, lora_r=4, lora_alpha=8, backend="eager", mixture="ffn")
+    ffn.save_pretrained(tmp_path / "run" / "final")
+    record = {f"eval_mbpp_util_expert_{e}": 0.5 for e in range(2)}
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(ExportError, match="mixture='ffn' mixes the experts' whole MLP outputs"):
+        export_checkpoint(tmp_path / "run" / "final", tmp_path / "out", "merged", per_domain=True, progress=quiet)
+    with pytest.raises(ExportError, match="cannot load .* on base model"):
+        export_checkpoint(root / "run" / "final", tmp_path / "out", "merged", base_model=str(tmp_path), progress=quiet)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_errors_are_one_line_and_exit_2(run, tmp_path, capsys):
     root, _ = run
     final, out = str(root / "run" / "final"), str(tmp_path / "out")
