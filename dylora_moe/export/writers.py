@@ -12,7 +12,7 @@ from pathlib import Path
 from ..io.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ROUTER_NAME
 from ..io.peft_format import expert_name
 from ..serving import ROUTING_FILE, RoutingSettings
-from . import folders
+from .folders import prepare, write_marker
 from .readme import adapters_readme, merged_readme, target_names, vllm_max_lora_rank
 from .source import Checkpoint, ExportError
 
@@ -79,7 +79,7 @@ def export_adapters(ckpt: Checkpoint, out: Path, fmt: str, base: str, progress: 
             config = vllm_adapter_config(config, str(ckpt.path / expert_name(i) / ADAPTER_CONFIG))
         configs.append(config)
     entries = [expert_name(i) for i in range(ckpt.num_experts)] + [ROUTER_NAME, ROUTING_FILE, README]
-    folders.prepare(out, entries, fmt)
+    prepare(out, entries, fmt)
     for i, config in enumerate(configs):
         folder = out / expert_name(i)
         folder.mkdir()
@@ -92,7 +92,7 @@ def export_adapters(ckpt: Checkpoint, out: Path, fmt: str, base: str, progress: 
     targets = target_names([t for c in configs for t in target_names(c["target_modules"])])
     (out / README).write_text(adapters_readme(str(out), base, experts, targets, record["routing"], fmt))
     progress(f"wrote {out / ROUTER_NAME}, {out / ROUTING_FILE} and {out / README} (how to route)")
-    folders.write_marker(out, entries, fmt, complete=True)
+    write_marker(out, entries, fmt, complete=True)
 
 
 def load_model(ckpt: Checkpoint, base: str, progress: Callable[[str], None]):
@@ -143,7 +143,7 @@ def export_merged(
     except MergeError as err:
         raise ExportError(str(err)) from None
     entries = [name for name, _, _ in plan] + [ROUTER_NAME, ROUTING_FILE, README]
-    folders.prepare(out, entries, "merged")
+    prepare(out, entries, "merged")
     for name, how, what in plan:
         model = moe.merged(**how)
         model.save_pretrained(out / name)
@@ -154,4 +154,4 @@ def export_merged(
     _write_router(ckpt, out, routing_record(ckpt, base, domains))
     (out / README).write_text(merged_readme(str(out), base, [(n, w) for n, _, w in plan], moe.routing, moe.num_experts))
     progress(f"wrote {out / ROUTER_NAME}, {out / ROUTING_FILE} and {out / README} (how to route)")
-    folders.write_marker(out, entries, "merged", complete=True)
+    write_marker(out, entries, "merged", complete=True)
