@@ -95,12 +95,9 @@ def merged_linear(layer, weights: torch.Tensor) -> nn.Module:
     return base
 
 
-def _plain_mlp(moe, mlp_name: str, projections: dict[str, nn.Module], act_fn) -> nn.Module:
-    """The base model's own MLP class at ``mlp_name`` (built on the meta device from the config, so it costs no
-    memory), with the merged projections and the activation put in."""
-    base = moe.foundation_model
-    with torch.device("meta"):
-        skeleton = type(base)(copy.deepcopy(base.config))
+def _plain_mlp(skeleton: nn.Module, mlp_name: str, projections: dict[str, nn.Module], act_fn) -> nn.Module:
+    """The base model's own MLP at ``mlp_name``, taken from ``skeleton`` (the model built on the meta device from
+    its config, which costs no memory), with the merged projections and the activation put in."""
     mlp = skeleton.get_submodule(mlp_name)
     for proj, linear in projections.items():
         setattr(mlp, proj, linear)
@@ -133,10 +130,12 @@ def merged_model(moe, expert: int | None = None, weights=None):
         for name, linear in merged.items():
             _set_module(model, name, linear)
     else:
+        with torch.device("meta"):
+            skeleton = type(source)(copy.deepcopy(source.config))
         for mlp_name in dict.fromkeys(name.rpartition(".")[0] for name in layers):
             projections = {n.rpartition(".")[2]: m for n, m in merged.items() if n.rpartition(".")[0] == mlp_name}
             act_fn = model.get_submodule(mlp_name).act_fn
-            _set_module(model, mlp_name, _plain_mlp(moe, mlp_name, projections, act_fn))
+            _set_module(model, mlp_name, _plain_mlp(skeleton, mlp_name, projections, act_fn))
     model.requires_grad_(True)  # as from_pretrained gives it: the MoE froze the base, the copy is a plain model
     return model.train(source.training)
 
