@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from .folders import earlier_entries
 from .source import ExportError, open_checkpoint
 from .writers import FORMATS, export_adapters, export_merged
 
@@ -45,6 +46,7 @@ def export_checkpoint(
         raise ExportError(f"--per_domain merges each domain's routing: it needs --format merged, not {fmt}")
     ckpt = open_checkpoint(checkpoint)
     out = Path(out)
+    earlier_entries(out)  # a folder that is not ours is refused now, before a base model is loaded
     base = base_model or ckpt.base_model
     if fmt == "merged" and not base:
         raise ExportError(f"{ckpt.path} records no base model; pass --base_model")

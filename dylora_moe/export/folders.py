@@ -16,7 +16,7 @@ from .source import ExportError
 MARKER = ".dylora_moe_export.json"
 
 
-def _earlier_entries(out: Path) -> list[str]:
+def earlier_entries(out: Path) -> list[str]:
     """What an earlier export into ``out`` wrote (its marker's list); refuse a folder that is not one of ours."""
     if not out.exists():
         return []
@@ -40,7 +40,7 @@ def _earlier_entries(out: Path) -> list[str]:
 def prepare(out: Path, entries: list[str], fmt: str) -> None:
     """Make ``out`` ready to receive ``entries``: refuse a foreign folder, remove what our earlier export wrote,
     and write the marker listing the new entries (before any of them)."""
-    earlier = _earlier_entries(out)
+    earlier = earlier_entries(out)
     clashes = [e for e in entries if (out / e).exists() and e not in earlier]
     if clashes:
         shown = ", ".join(clashes)

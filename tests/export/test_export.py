@@ -177,6 +177,8 @@ def test_output_folder_is_never_overwritten_unless_ours(run, tmp_path):
     (user / "notes.txt").write_text("keep me")
     with pytest.raises(ExportError, match="holds files this exporter did not write"):
         export_checkpoint(final, user, "peft", progress=quiet)
+    with pytest.raises(ExportError, match="holds files this exporter did not write"):  # before loading any model
+        export_checkpoint(final, user, "merged", base_model=str(tmp_path / "no_model_here"), progress=quiet)
     assert [p.name for p in user.iterdir()] == ["notes.txt"]
     with pytest.raises(ExportError, match="is a file, not a folder"):
         export_checkpoint(final, user / "notes.txt", "peft", progress=quiet)
