@@ -37,6 +37,8 @@ _EXPORTS = {
     "print_trainable_parameters": ".io.original_state",
     "save_dylo_moe_state": ".io.original_state",
     "save_lora_experts": ".io.original_state",
+    "export_checkpoint": ".export",
+    "PromptRouter": ".serving",
 }
 
 
@@ -68,12 +70,14 @@ __all__ = [
     "MoELoRALinear",
     "MoELoRAMLP",
     "NoveltyDetector",
+    "PromptRouter",
     "Routing",
     "RoutingContext",
     "SkillLibrary",
     "TwoPhaseLRScheduler",
     "balance_loss",
     "default_targets",
+    "export_checkpoint",
     "find_targets",
     "inject_moe_lora",
     "load_dylo_moe_state",

@@ -651,6 +651,19 @@ class DyLoRA_MoE(nn.Module):
         returned = generate_kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", None)) or 1
         return max(int(beams), int(returned))
 
+    def merged(self, expert: int | None = None, weights=None) -> PreTrainedModel:
+        """A plain transformers model with the routing fixed and merged into the base weights: ``expert=i`` (one
+        expert) or ``weights=[w_0, ..., w_{E-1}]`` (a fixed mix). A copy: this model is untouched. It saves with
+        ``save_pretrained`` and loads with ``AutoModelForCausalLM.from_pretrained`` without this package.
+
+        Equal to this model with that routing in every layer (``generate(..., expert_weights=...)``): in float32
+        up to the order of the sums; a bf16/fp16 base is merged in float32 and rounded once. Refused: a quantized
+        base, and a mix of experts with ``mixture="ffn"``. Sequence routing's training forward mixes logits, which
+        no merge reproduces (docs/export.md gives the difference measured). See :mod:`dylora_moe.export.merge`."""
+        from .export.merge import merged_model
+
+        return merged_model(self, expert=expert, weights=weights)
+
     def save_pretrained(self, save_directory, **_ignored) -> None:
         """Write every expert as a peft adapter, the router and a JSON config (atomically); see checkpoint.py."""
         from .io.checkpoint import save_checkpoint
