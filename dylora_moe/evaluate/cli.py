@@ -23,8 +23,9 @@ import re
 import sys
 from pathlib import Path
 
+from ..corpora import default_data_dir
 from .execution import Limits
-from .problems import BENCHMARKS, SPLITS, default_data_dir
+from .problems import BENCHMARKS, SPLITS
 
 
 def _list(kind, choices=None):
@@ -212,8 +213,8 @@ def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     check(args, p)
-    from ..train.base_models import ModelLoadError
-    from ..train.data import DataError
+    from ..base_models import ModelLoadError
+    from ..corpora import DataError
     from .problems import MissingHumanEvalError
 
     try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..base_models import TINY, ModelLoadError, load_pretrained
 from ..model import DyLoRA_MoE, is_checkpoint_dir
-from ..train.base_models import TINY, ModelLoadError, load_pretrained
 
 
 def checkpoint_folder(path: str | Path) -> Path:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from dylora_moe.config import CHOICES, RENAMED, RULES, DyLoRAMoEConfig, SettingError
+from dylora_moe.corpora import DOMAINS, default_data_dir
 
 REPO = Path(__file__).resolve().parents[2]
 logger = logging.getLogger("train")
@@ -47,10 +48,6 @@ TINY_DEFAULTS = {
     "logging_steps": 5,
     "training_subset": 50.0,
 }
-
-
-def default_data_dir() -> str:
-    return os.environ.get("DYLORA_DATA_DIR") or str(REPO.parent / "shared" / "data")
 
 
 def _arg(default, help: str, **metadata):
@@ -149,8 +146,9 @@ class DataArguments:
 
     data_dir: str = _arg(
         default_data_dir,
-        "folder with code_alpaca_2k.json and mbpp.jsonl (env DYLORA_DATA_DIR, else ../shared/data next to "
-        "the repo), or 'hub' to download sahil2801/CodeAlpaca-20k and google-research-datasets/mbpp",
+        "folder with code_alpaca_2k.json and mbpp.jsonl, or 'hub' to download sahil2801/CodeAlpaca-20k and "
+        "google-research-datasets/mbpp (cached); default: env DYLORA_DATA_DIR, else ../shared/data next to the "
+        "repo when present, else 'hub'",
     )
     max_length: int | None = _arg(None, _tiny_or_original("max_length", "tokens per packed row, >= 2"))
     training_subset: float | None = _arg(
@@ -389,8 +387,6 @@ TINY_MAX_LENGTH = 8192  # the tiny model's positions; a longer row is one padded
 def check_combinations(parser: ArgumentParser, args: argparse.Namespace) -> None:
     """Flags that are each valid but do not go together, refused before anything is written (a run that would
     fail after training, or silently ignore a flag)."""
-    from dylora_moe.train.data import DOMAINS  # standard library only
-
     if "$" in args.output_dir:
         parser.error(f"argument --output_dir: {args.output_dir}: an environment variable in it is not set")
     if args.routing == "token" and args.sequence_top_k is not None:

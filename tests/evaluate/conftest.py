@@ -29,8 +29,8 @@ def problems(data_dir):
 
 @pytest.fixture(scope="session")
 def tokenizer(data_dir):
+    from dylora_moe.base_models import train_tokenizer
     from dylora_moe.evaluate.problems import load_problems
-    from dylora_moe.train.base_models import train_tokenizer
 
     texts = [p.prompt + p.reference for p in load_problems("mbpp", data_dir, split="all")]
     return train_tokenizer(texts, 400)

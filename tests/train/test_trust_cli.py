@@ -196,7 +196,7 @@ def test_a_full_disk_says_so_and_where(tmp_path, monkeypatch, raises):
 def test_rows_longer_than_the_base_models_positions_are_refused():
     from moe_models import tiny_llama
 
-    from dylora_moe.train.base_models import ModelLoadError
+    from dylora_moe.base_models import ModelLoadError
 
     base = tiny_llama(layers=1)  # 64 positions
     train.check_max_length(base, 64)
