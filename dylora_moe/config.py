@@ -16,7 +16,11 @@ import math
 from dataclasses import InitVar, dataclass, field
 from types import SimpleNamespace
 
-BACKENDS = ("auto", "triton", "eager", "reference")
+BACKENDS = ("auto", "triton", "eager", "reference")  # the one list of backends (model, layers, train.py, evaluate)
+# What a MoE-LoRA layer runs for each backend: the op's backend of that name (dylora_moe.kernels), except
+# "reference": the model runs peft adapters for it, a lone layer its per-expert loop (the op's "loop", also taken by
+# that name).
+LAYER_BACKENDS = {**{name: name for name in BACKENDS}, "reference": "loop", "loop": "loop"}
 WEIGHTINGS = ("original", "softmax")
 ROUTINGS = ("sequence", "token")
 BALANCE_LOSSES = ("mse", "switch", "loss_free", "none")

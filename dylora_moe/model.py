@@ -213,7 +213,7 @@ class DyLoRA_MoE(nn.Module):
         self.foundation_model = load_base_model(model_name, token, torch_dtype)
         self.expert_manager = ExpertManager(
             self.foundation_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-            target_modules=cfg.target_modules, kernel=cfg.backend, mixture=cfg.mixture,
+            target_modules=cfg.target_modules, backend=cfg.backend, mixture=cfg.mixture,
         )  # fmt: skip
         for i in range(cfg.num_experts):
             self.expert_manager.create_expert(
@@ -305,7 +305,7 @@ class DyLoRA_MoE(nn.Module):
         self._current_settings().replace(backend=name)  # the config's rules: a known name; "reference" where it fits
         if name == "triton":
             resolve_backend("triton", self.device)  # fail now, naming the fix, rather than in the first forward
-        self.handle.set_kernel("loop" if name == "reference" else name)  # the layers' loop; the peft reference is here
+        self.handle.set_backend(name)  # the layers' loop; the peft reference is here
         self.router.backend = name if name in ("auto", "triton") else "eager"
         self._settings = self._settings.replace(backend=name)
         if name == "reference":

@@ -23,6 +23,7 @@ import re
 import sys
 from pathlib import Path
 
+from ..config import BACKENDS
 from ..corpora import default_data_dir
 from .execution import Limits
 from .problems import BENCHMARKS, SPLITS
@@ -101,7 +102,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--max_new_tokens", type=_positive(int), default=512)
     gen.add_argument("--batch_size", type=_positive(int), default=8)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--kernel", default="auto", choices=["auto", "triton", "eager", "reference"])
+    gen.add_argument(
+        "--backend", "--kernel", default="auto", choices=BACKENDS, help="what runs the experts (--kernel: former name)"
+    )
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--bf16", action="store_true", help="load the base model in bfloat16")
     run = p.add_argument_group("scoring")
@@ -185,7 +188,7 @@ def evaluate_checkpoint(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.bf16 else None
     model, tokenizer = load_for_evaluation(
-        args.checkpoint, args.model_name, kernel=args.kernel, dtype=dtype, device=device
+        args.checkpoint, args.model_name, backend=args.backend, dtype=dtype, device=device
     )
     sampling = Sampling(
         n=args.n_samples,

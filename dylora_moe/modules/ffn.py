@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer import MoELoRALinear
+from .layer import MoELoRALinear, backend_argument, check_backend
 from .routing import Routing, RoutingContext
 
 
@@ -48,9 +48,14 @@ class MoELoRAMLP(nn.Module):
         r: int,
         alpha: float,
         dropout: float = 0.0,
-        kernel: str = "auto",
+        backend: str = "auto",
         context: RoutingContext | None = None,
+        *,
+        kernel: str | None = None,
     ):
+        """Put ``num_experts`` LoRA experts (rank ``r``, alpha ``alpha``, input ``dropout``) on each projection of the
+        gated ``mlp``, run by ``backend`` (``kernel``: its former name), routed by ``context`` (a new one when
+        None)."""
         super().__init__()
         if not is_gated_mlp(mlp):
             raise TypeError(
@@ -58,8 +63,9 @@ class MoELoRAMLP(nn.Module):
                 f"{type(mlp).__name__}"
             )
         self.context = context if context is not None else RoutingContext()
+        backend = check_backend(*backend_argument(backend, kernel))
         for proj in self.PROJECTIONS:
-            layer = MoELoRALinear(getattr(mlp, proj), num_experts, r, alpha, dropout, kernel, self.context)
+            layer = MoELoRALinear(getattr(mlp, proj), num_experts, r, alpha, dropout, backend, self.context)
             setattr(self, proj, layer)
         self.act_fn = mlp.act_fn
 
