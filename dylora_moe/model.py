@@ -35,7 +35,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .config import BACKENDS, SETTINGS, DyLoRAMoEConfig, check_setting, original_growth_rank
+from .config import BACKENDS, BALANCE_FORMS, SETTINGS, DyLoRAMoEConfig, check_setting, original_growth_rank
 from .kernels import resolve_backend
 from .modules.experts import ExpertManager
 from .modules.fused_loss import chunked_linear_cross_entropy
@@ -239,9 +239,9 @@ class DyLoRA_MoE(nn.Module):
 
     def _apply_balance(self, cfg: DyLoRAMoEConfig) -> None:
         """The router's balancing state: the loss-free bias, and whether training forwards count the step's load."""
-        self.router.use_selection_bias = cfg.balance_loss == "loss_free"
+        self.router.use_selection_bias = BALANCE_FORMS[cfg.balance_loss].selection_bias
         self.router.update_rate = float(cfg.balance_update_rate)
-        self.router.track_load = cfg.balance_loss == "loss_free" or cfg.global_balance
+        self.router.track_load = BALANCE_FORMS[cfg.balance_loss].selection_bias or cfg.global_balance
 
     def balance_step(self) -> None:
         """Call once after each optimizer step: moves the loss-free selection bias toward equal load over the step
