@@ -14,7 +14,7 @@ Every forward (E > 1):
      [B, S, V] logits.
 
 With token routing, and sequence routing with ``sequence_top_k``, a training step issues no host sync and compiles
-as one graph (:meth:`DyLoRA_MoE.compile`). The routing decisions live in :mod:`dylora_moe.routing`.
+as one graph (:meth:`DyLoRA_MoE.compile`). The routing decisions live in :mod:`dylora_moe.modules.routing`.
 
 ``backend="reference"`` runs the same routing decision through the original algorithm on peft adapters
 (:mod:`dylora_moe.modules.reference`): one full pass per expert, or a loop over experts in each layer.
@@ -201,6 +201,10 @@ class DyLoRA_MoE(nn.Module):
         fused_loss: bool | str = FROM_CONFIG,
         torch_dtype=None,
     ):
+        """Load ``model_name`` (hub id, local path or a built model), inject ``num_experts`` LoRA experts and the
+        router. Positional arguments are the original's; every other setting is a keyword, its default taken from
+        ``config`` (a :class:`~dylora_moe.config.DyLoRAMoEConfig`, default: its defaults); the class docstring lists
+        them. ``kernel`` is the former name of ``backend``; ``torch_dtype`` the base model's dtype when loaded."""
         super().__init__()
         given = {name: value for name, value in locals().items() if name in SETTINGS and value is not FROM_CONFIG}
         if kernel is not None:  # the former name of backend
@@ -334,15 +338,15 @@ class DyLoRA_MoE(nn.Module):
 
     def decide_routing(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> RoutingDecision:
         """Route the real tokens of ``hidden`` [B, S, H] (last hidden states of the routing pass); see
-        :func:`dylora_moe.routing.decide_routing`."""
+        :func:`dylora_moe.modules.routing.decide_routing`."""
         return decide_routing(self.router if self.num_experts > 1 else None, hidden, attention_mask)
 
     def sequence_weights(self, decision: RoutingDecision) -> torch.Tensor:
-        """[B, E] per-sequence weights; see :func:`dylora_moe.routing.sequence_weights`."""
+        """[B, E] per-sequence weights; see :func:`dylora_moe.modules.routing.sequence_weights`."""
         return sequence_weights(decision, self.num_experts, self.sequence_top_k)
 
     def token_routing(self, decision: RoutingDecision) -> Routing:
-        """[B, S, k] experts of every token; see :func:`dylora_moe.routing.token_routing`."""
+        """[B, S, k] experts of every token; see :func:`dylora_moe.modules.routing.token_routing`."""
         return token_routing(decision)
 
     # ----- forward ------------------------------------------------------------------------------------------
@@ -423,7 +427,7 @@ class DyLoRA_MoE(nn.Module):
     # ----- fused linear + cross-entropy (large vocabularies) -----------------------------------------------------
 
     def set_fused_loss(self, mode: bool | str = True, chunk_rows: int | None = None) -> None:
-        """Compute the LM loss without the full [B, S, V] logits (:mod:`dylora_moe.fused_loss`: the head and the
+        """Compute the LM loss without the full [B, S, V] logits (:mod:`dylora_moe.modules.fused_loss`: the head and the
         cross-entropy in row chunks, gradients in the same pass). ``mode``: False (off, the default) | True (every
         forward with labels) | "auto" (forwards with labels in training mode). When it applies, the output's
         ``logits`` is None (call again without labels, or in eval mode with "auto", for logits).
@@ -478,6 +482,10 @@ class DyLoRA_MoE(nn.Module):
         super().compile(*args, fullgraph=fullgraph, **kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None) -> DyLoRAMoEOutput:
+        """Route and run one batch: ``input_ids`` [B, S] (required), ``attention_mask`` [B, S] (padding is neither
+        routed nor counted), ``labels`` [B, S] (-100 ignored) for the shifted cross-entropy. Returns a
+        :class:`DyLoRAMoEOutput`: logits (None under the fused loss), the LM loss, the auxiliary losses and the
+        routing weights."""
         if input_ids is None:
             raise ValueError("input_ids are required")
         check_batch(input_ids)

@@ -33,7 +33,7 @@ class ExpertSettings:
 
 class ExpertManager:
     """Creates and addresses the LoRA experts of ``model``; every expert lives in the stacked tensors of each
-    injected :class:`~dylora_moe.layer.MoELoRALinear` (expert i = row i of every ``lora_A``/``lora_B``).
+    injected :class:`~dylora_moe.modules.layer.MoELoRALinear` (expert i = row i of every ``lora_A``/``lora_B``).
 
     The model is injected with zero experts on construction; :meth:`create_expert` adds one to every layer.
     Experts may have their own rank and alpha (the stacked weights are zero-padded to the largest rank, which is

@@ -10,9 +10,9 @@ after the nonlinearity. The weights should sum to 1 per token (renormalised top-
 inside every expert, so unnormalised weights would scale the base model's MLP output too.
 
 Computation: one row per (token, slot) [T * k, D]; each row goes through the three projections with its own expert
-(routing k = 1, weight 1 on that row), which are ordinary :class:`~dylora_moe.layer.MoELoRALinear` layers running the
-``moe_lora`` op; the k rows of a token are then summed with its routing weights. The frozen gate/up GEMMs run on the
-T * k rows too (k times a plain MLP's).
+(routing k = 1, weight 1 on that row), which are ordinary :class:`~dylora_moe.modules.layer.MoELoRALinear` layers
+running the ``moe_lora`` op; the k rows of a token are then summed with its routing weights. The frozen gate/up GEMMs
+run on the T * k rows too (k times a plain MLP's).
 """
 
 from __future__ import annotations
@@ -98,6 +98,8 @@ class MoELoRAMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP of each token under each of its experts, summed with its routing weights (the frozen MLP alone
+        when adapters are disabled or there are no experts)."""
         if not self.context.adapters_enabled or self.num_experts == 0:
             return self._mlp(x)  # the projections run their frozen base layers alone
         ids, weights = self._routing_for(x)

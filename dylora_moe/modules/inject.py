@@ -7,7 +7,7 @@ The drop-in entry point for other MoE-LoRA projects::
     loss = model(input_ids, labels=labels).loss
 
 ``mixture="ffn"`` makes each expert a LoRA on the gate/up/down projections of every MLP, the top-k experts' whole
-MLP outputs mixed after the nonlinearity (MixLoRA's model; :class:`~dylora_moe.ffn.MoELoRAMLP`).
+MLP outputs mixed after the nonlinearity (MixLoRA's model; :class:`~dylora_moe.modules.ffn.MoELoRAMLP`).
 """
 
 from __future__ import annotations
@@ -203,8 +203,9 @@ def inject_moe_lora(
 
     ``mixture="linear"`` (default): each target linear layer becomes a :class:`MoELoRALinear` mixing the token's
     experts inside it; ``target_modules``: last name components (``"q_proj"``) or full module names, default
-    :func:`default_targets`. ``mixture="ffn"``: each gated MLP becomes a :class:`~dylora_moe.ffn.MoELoRAMLP` (experts
-    = LoRA on gate/up/down, whole MLP outputs mixed); ``target_modules`` then selects MLP modules (default: all).
+    :func:`default_targets`. ``mixture="ffn"``: each gated MLP becomes a
+    :class:`~dylora_moe.modules.ffn.MoELoRAMLP` (experts = LoRA on gate/up/down, whole MLP outputs mixed);
+    ``target_modules`` then selects MLP modules (default: all).
     ``backend``: what runs the layers (:data:`dylora_moe.config.BACKENDS`; ``kernel`` is its former name).
     Returns a :class:`MoELoRAHandle` to set routing and list the injected linear layers.
     """

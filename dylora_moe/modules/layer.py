@@ -5,8 +5,8 @@ Shape letters: B batch, S sequence, E experts, k experts per token, R rank, D_in
     y = base(x) + sum_j w[t, j] * s_e * B[e] A[e] dropout(x)[t],   e = e[t, j],  s_e = alpha_e / r_e
 
 The LoRA delta is one call of the op :func:`dylora_moe.kernels.moe_lora` (Triton or eager); the layer knows nothing
-of Triton. The experts of each token come from the model's :class:`~dylora_moe.routing.RoutingContext`, so HF model
-code runs unchanged.
+of Triton. The experts of each token come from the model's :class:`~dylora_moe.modules.routing.RoutingContext`, so HF
+model code runs unchanged.
 """
 
 from __future__ import annotations
@@ -192,6 +192,8 @@ class MoELoRALinear(nn.Module):
         return delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base_layer(x)`` plus each token's routed mixture of expert deltas (experts and weights from the routing
+        context); the base layer alone when adapters are disabled or there are no experts."""
         if not self.context.adapters_enabled or self.num_experts == 0:
             return self.base_layer(x)
         routing = self._routing(x)

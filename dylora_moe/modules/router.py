@@ -75,6 +75,9 @@ class DynamicHybridRouter(nn.Module):
         renormalize: bool = False,
         backend: str = "auto",
     ):
+        """A gate ``Linear(input_size, num_experts)`` picking ``top_k`` experts per token at ``temperature`` (the
+        original's arguments); ``weighting`` / ``renormalize`` as the class docstring says; ``backend`` runs the
+        fused top-k op ("auto" | "triton" | "eager")."""
         super().__init__()
         check_setting("num_experts", num_experts)
         check_setting("top_k", top_k, num_experts=num_experts)

@@ -1,7 +1,7 @@
 """Run identity of train.py's output folder: one run per folder, resume only from that run's checkpoints.
 
 A fresh run writes ``run.json`` (a random run id and the flags that shape the model) into ``--output_dir``; each
-checkpoint carries the same id in its ``trainer_state.json`` (through :class:`~dylora_moe.training.RunIdentity`, a
+checkpoint carries the same id in its ``trainer_state.json`` (through :class:`~dylora_moe.train.trainer.RunIdentity`, a
 stateful Trainer callback) and each ``metrics.jsonl`` row carries it too. Before anything is written:
 
 - a fresh run into a folder that holds a run is refused (``--resume_from_checkpoint`` continues it,
