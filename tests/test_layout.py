@@ -7,6 +7,7 @@ ties two modules into one unit (neither can move, be read or tested without the 
 """
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,12 @@ def test_no_module_of_the_apps_is_over_600_lines():
     long = {name: n for name, path in _modules().items() if name.startswith(("dylora_moe.train", "dylora_moe.evaluate"))
             if (n := len(path.read_text().splitlines())) > 600}  # fmt: skip
     assert not long, long
+
+
+def test_tests_are_named_by_unit_and_import_helpers_not_conftest():
+    tests = REPO / "tests"
+    assert not list(tests.rglob("test_trust_*.py")), "a test file is named after the work, not the unit it tests"
+    importing = [
+        p.relative_to(REPO) for p in tests.rglob("*.py") if re.search(r"^from \.?conftest import", p.read_text(), re.M)
+    ]
+    assert (tests / "helpers.py").is_file() and not importing, importing

@@ -4,12 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_support import DATA_DIR, HAS_SHARED_DATA, SHARED_DATA_DIR
-
-# Tests of the real file's task ids and solutions; the others run on the synthetic corpus of a clone without it.
-needs_shared_mbpp = pytest.mark.skipif(
-    not HAS_SHARED_DATA, reason=f"reads the real MBPP file (its task ids and solutions), not at {SHARED_DATA_DIR}"
-)
+from train_support import DATA_DIR
 
 
 @pytest.fixture(scope="session")

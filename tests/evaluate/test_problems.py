@@ -5,12 +5,11 @@ solutions passing (a sample here; every problem: ``python -m dylora_moe.evaluate
 import json
 
 import pytest
+from helpers import needs_shared_mbpp
 
 from dylora_moe.corpora import DataError
 from dylora_moe.evaluate.execution import Limits, run_programs
 from dylora_moe.evaluate.problems import Problem, cut_at_stop, load_problems
-
-from .conftest import needs_shared_mbpp
 
 # The local MBPP copy is the sanitized subset without its `test_imports` field: these tasks' asserts call
 # math.isclose and fail with NameError unless the program imports math itself.

@@ -1,5 +1,6 @@
-"""train.py never deletes a file it did not write, checks every flag combination before it writes anything, and
-ends a failure a user can act on with one line (issue 17: items 3, 6, 7 and 8)."""
+"""The training command's run (dylora_moe.train.cli): it never deletes a file it did not write, checks every flag
+combination before it writes anything, and ends a failure a user can act on with one line (issue 17: items 3, 6, 7
+and 8)."""
 
 import errno
 import json
