@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..config import BACKENDS
 from ..corpora import default_data_dir
+from ..flags import SuggestingParser
 from .execution import Limits
 from .problems import BENCHMARKS, SPLITS
 
@@ -60,7 +61,7 @@ def _positive(kind):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = SuggestingParser(
         prog="python -m dylora_moe.evaluate", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
     )  # fmt: skip
