@@ -139,7 +139,7 @@ def _setting(default, help: str):
 
 @dataclass
 class DyLoRAMoEConfig:
-    """Settings of a :class:`~dylora_moe.DyLoRA_MoE`; each field's ``help`` says what it does (the README's table
+    """Settings of a :class:`~dylora_moe.DyLoRA_MoE`; each field's ``help`` says what it does (docs/model.md's table
     says which give which semantics). ``kernel=`` is the former name of ``backend=`` and still works."""
 
     # The original's settings.
@@ -184,7 +184,7 @@ class DyLoRAMoEConfig:
     )
     # Losses.
     balance_loss: str = _setting(
-        "loss_free",  # measured: the only form that kept the default job balanced (README, Sweeps)
+        "loss_free",  # measured: the only form that kept the default job balanced (docs/sweeps.md)
         "load balancing: mse or switch (an auxiliary loss), loss_free (a per-expert selection bias moved by "
         "balance_update_rate after each optimizer step, no loss), none",
     )

@@ -87,3 +87,17 @@ def test_a_new_domain_entry_is_read_and_split(monkeypatch, tmp_path):
     splits = load_domain(tmp_path, "prose")
     assert sorted(splits.texts) == ["train", "validation"]
     assert len(splits.texts["train"]) == 5 and len(splits.texts["validation"]) == 5
+
+
+def test_the_evaluation_reads_mbpp_from_the_hub_on_a_fresh_clone(monkeypatch, fresh_clone):
+    from dylora_moe.evaluate.problems import load_problems
+
+    row = {"task_id": 11, "text": "t", "code": "pass", "test_list": ["assert True"], "test_setup_code": ""}
+
+    class Hub:
+        @staticmethod
+        def load_dataset(name, config):
+            return {"test": [row]}
+
+    monkeypatch.setattr(corpora, "datasets_package", lambda: Hub)
+    assert [p.task_id for p in load_problems("mbpp")] == [11]

@@ -126,10 +126,8 @@ def load_mbpp(data_dir: str | Path | None = None, split: str = "test") -> list[P
     """MBPP problems of ``split`` (see the module docstring) from the local data directory, by task id."""
     if split not in SPLITS["mbpp"]:
         raise ValueError(f"unknown MBPP split {split!r}; expected one of {SPLITS['mbpp']}")
-    if str(data_dir) == HUB_SOURCE:
-        rows = _hub_mbpp_rows()
-    else:
-        rows = _mbpp_rows(_mbpp_file(Path(data_dir if data_dir is not None else default_data_dir())))
+    data_dir = default_data_dir() if data_dir is None else data_dir
+    rows = _hub_mbpp_rows() if str(data_dir) == HUB_SOURCE else _mbpp_rows(_mbpp_file(Path(data_dir)))
     problems = []
     for row, where in sorted(rows, key=lambda rw: rw[0]["task_id"]):
         low, high = MBPP_SPLITS.get(split, (-(10**9), 10**9))
