@@ -147,3 +147,12 @@ def test_the_settings_table_quotes_the_configs_defaults():
             assert value == repr(getattr(defaults, name)).replace("'", '"'), (name, value)
             checked += 1
     assert checked >= 12
+
+
+def test_the_training_defaults_table_quotes_the_code():
+    """docs/training.md's table of the defaults that depend on the base model is args.py's two dicts."""
+    from dylora_moe.train.args import ORIGINAL_DEFAULTS, TINY_DEFAULTS
+
+    rows = re.findall(r"^\| `--(\w+)` \| ([^|]+) \| ([^|]+) \|$", (REPO / "docs" / "training.md").read_text(), re.M)
+    table = {name: (tiny.strip(), other.strip()) for name, tiny, other in rows}
+    assert table == {name: (str(TINY_DEFAULTS[name]), str(ORIGINAL_DEFAULTS[name])) for name in TINY_DEFAULTS}
