@@ -9,7 +9,7 @@ settings object ``DyLoRAMoEConfig``, and the drop-in layers ``MoELoRALinear``, `
 
 from importlib import import_module
 
-# Names load on first use (PEP 562), so `import dylora_moe.train.data` or `python train.py --help` does not pay
+# Names load on first use (PEP 562), so `import dylora_moe.corpora` or `python train.py --help` does not pay
 # for torch.
 _EXPORTS = {
     "DyLoRAMoEConfig": ".config",

@@ -14,7 +14,7 @@ Every forward (E > 1):
      [B, S, V] logits.
 
 With token routing, and sequence routing with ``sequence_top_k``, a training step issues no host sync and compiles
-as one graph (:meth:`DyLoRA_MoE.compile`). The routing decisions live in :mod:`dylora_moe.routing`.
+as one graph (:meth:`DyLoRA_MoE.compile`). The routing decisions live in :mod:`dylora_moe.modules.routing`.
 
 ``backend="reference"`` runs the same routing decision through the original algorithm on peft adapters
 (:mod:`dylora_moe.modules.reference`): one full pass per expert, or a loop over experts in each layer.
@@ -35,7 +35,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .config import BACKENDS, SETTINGS, DyLoRAMoEConfig, check_setting, original_growth_rank
+from .config import BACKENDS, BALANCE_FORMS, SETTINGS, DyLoRAMoEConfig, check_setting, original_growth_rank
 from .kernels import resolve_backend
 from .modules.experts import ExpertManager
 from .modules.fused_loss import chunked_linear_cross_entropy
@@ -217,6 +217,10 @@ class DyLoRA_MoE(nn.Module):
         torch_dtype=None,
         quantization_config=None,
     ):
+        """Load ``model_name`` (hub id, local path or a built model), inject ``num_experts`` LoRA experts and the
+        router. Positional arguments are the original's; every other setting is a keyword, its default taken from
+        ``config`` (a :class:`~dylora_moe.config.DyLoRAMoEConfig`, default: its defaults); the class docstring lists
+        them. ``kernel`` is the former name of ``backend``; ``torch_dtype`` the base model's dtype when loaded."""
         super().__init__()
         given = {name: value for name, value in locals().items() if name in SETTINGS and value is not FROM_CONFIG}
         if kernel is not None:  # the former name of backend
@@ -229,7 +233,7 @@ class DyLoRA_MoE(nn.Module):
         self.foundation_model = load_base_model(model_name, token, torch_dtype, quantization_config)
         self.expert_manager = ExpertManager(
             self.foundation_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-            target_modules=cfg.target_modules, kernel=cfg.backend, mixture=cfg.mixture,
+            target_modules=cfg.target_modules, backend=cfg.backend, mixture=cfg.mixture,
         )  # fmt: skip
         for i in range(cfg.num_experts):
             self.expert_manager.create_expert(
@@ -255,9 +259,9 @@ class DyLoRA_MoE(nn.Module):
 
     def _apply_balance(self, cfg: DyLoRAMoEConfig) -> None:
         """The router's balancing state: the loss-free bias, and whether training forwards count the step's load."""
-        self.router.use_selection_bias = cfg.balance_loss == "loss_free"
+        self.router.use_selection_bias = BALANCE_FORMS[cfg.balance_loss].selection_bias
         self.router.update_rate = float(cfg.balance_update_rate)
-        self.router.track_load = cfg.balance_loss == "loss_free" or cfg.global_balance
+        self.router.track_load = BALANCE_FORMS[cfg.balance_loss].selection_bias or cfg.global_balance
 
     def balance_step(self) -> None:
         """Call once after each optimizer step: moves the loss-free selection bias toward equal load over the step
@@ -321,7 +325,7 @@ class DyLoRA_MoE(nn.Module):
         self._current_settings().replace(backend=name)  # the config's rules: a known name; "reference" where it fits
         if name == "triton":
             resolve_backend("triton", self.device)  # fail now, naming the fix, rather than in the first forward
-        self.handle.set_kernel("loop" if name == "reference" else name)  # the layers' loop; the peft reference is here
+        self.handle.set_backend(name)  # the layers' loop; the peft reference is here
         self.router.backend = name if name in ("auto", "triton") else "eager"
         self._settings = self._settings.replace(backend=name)
         if name == "reference":
@@ -350,15 +354,15 @@ class DyLoRA_MoE(nn.Module):
 
     def decide_routing(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> RoutingDecision:
         """Route the real tokens of ``hidden`` [B, S, H] (last hidden states of the routing pass); see
-        :func:`dylora_moe.routing.decide_routing`."""
+        :func:`dylora_moe.modules.routing.decide_routing`."""
         return decide_routing(self.router if self.num_experts > 1 else None, hidden, attention_mask)
 
     def sequence_weights(self, decision: RoutingDecision) -> torch.Tensor:
-        """[B, E] per-sequence weights; see :func:`dylora_moe.routing.sequence_weights`."""
+        """[B, E] per-sequence weights; see :func:`dylora_moe.modules.routing.sequence_weights`."""
         return sequence_weights(decision, self.num_experts, self.sequence_top_k)
 
     def token_routing(self, decision: RoutingDecision) -> Routing:
-        """[B, S, k] experts of every token; see :func:`dylora_moe.routing.token_routing`."""
+        """[B, S, k] experts of every token; see :func:`dylora_moe.modules.routing.token_routing`."""
         return token_routing(decision)
 
     # ----- forward ------------------------------------------------------------------------------------------
@@ -440,7 +444,7 @@ class DyLoRA_MoE(nn.Module):
     # ----- fused linear + cross-entropy (large vocabularies) -----------------------------------------------------
 
     def set_fused_loss(self, mode: bool | str = True, chunk_rows: int | None = None) -> None:
-        """Compute the LM loss without the full [B, S, V] logits (:mod:`dylora_moe.fused_loss`: the head and the
+        """Compute the LM loss without the full [B, S, V] logits (:mod:`dylora_moe.modules.fused_loss`: the head and the
         cross-entropy in row chunks, gradients in the same pass). ``mode``: False (off, the default) | True (every
         forward with labels) | "auto" (forwards with labels in training mode). When it applies, the output's
         ``logits`` is None (call again without labels, or in eval mode with "auto", for logits).
@@ -495,6 +499,10 @@ class DyLoRA_MoE(nn.Module):
         super().compile(*args, fullgraph=fullgraph, **kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None) -> DyLoRAMoEOutput:
+        """Route and run one batch: ``input_ids`` [B, S] (required), ``attention_mask`` [B, S] (padding is neither
+        routed nor counted), ``labels`` [B, S] (-100 ignored) for the shifted cross-entropy. Returns a
+        :class:`DyLoRAMoEOutput`: logits (None under the fused loss), the LM loss, the auxiliary losses and the
+        routing weights."""
         if input_ids is None:
             raise ValueError("input_ids are required")
         check_batch(input_ids)

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..train.data import DataError
+from ..corpora import DataError
 from .execution import Limits, isolation_record, run_programs
 from .passk import mean_pass_at_k
 from .problems import BENCHMARKS, Problem, load_problems

@@ -70,7 +70,7 @@ def from_run(checkpoint: Path, num_experts: int) -> tuple[dict[str, list[float]]
 def measured(moe, tokenizer, data_dir: Path, max_length: int = 512) -> tuple[dict[str, list[float]], str]:
     """``{domain: weights}`` measured with ``moe``'s router on each domain's validation split in ``data_dir``
     (one routing pass of the base model per row, rows truncated to ``max_length`` tokens)."""
-    from ..train.data import DOMAINS, load_domain  # the corpora's readers (dylora_moe.corpora after issue 25)
+    from ..corpora import DOMAINS, load_domain
 
     if tokenizer is None:
         raise ExportError("--per_domain --data_dir needs a tokenizer: none in the checkpoint or the base model folder")

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Literal
 
 from dylora_moe.config import CHOICES, RENAMED, RULES, DyLoRAMoEConfig, SettingError
+from dylora_moe.corpora import DOMAINS, default_data_dir
+from dylora_moe.flags import dataclass_flags, program, unrecognized, with_suggestion
 
 REPO = Path(__file__).resolve().parents[2]
 logger = logging.getLogger("train")
@@ -47,10 +49,6 @@ TINY_DEFAULTS = {
     "logging_steps": 5,
     "training_subset": 50.0,
 }
-
-
-def default_data_dir() -> str:
-    return os.environ.get("DYLORA_DATA_DIR") or str(REPO.parent / "shared" / "data")
 
 
 def _arg(default, help: str, **metadata):
@@ -159,8 +157,9 @@ class DataArguments:
 
     data_dir: str = _arg(
         default_data_dir,
-        "folder with code_alpaca_2k.json and mbpp.jsonl (env DYLORA_DATA_DIR, else ../shared/data next to "
-        "the repo), or 'hub' to download sahil2801/CodeAlpaca-20k and google-research-datasets/mbpp",
+        "folder with code_alpaca_2k.json and mbpp.jsonl, or 'hub' to download sahil2801/CodeAlpaca-20k and "
+        "google-research-datasets/mbpp (cached); default: env DYLORA_DATA_DIR, else ../shared/data next to the "
+        "repo when present, else 'hub'",
     )
     max_length: int | None = _arg(None, _tiny_or_original("max_length", "tokens per packed row, >= 2"))
     training_subset: float | None = _arg(
@@ -261,10 +260,25 @@ SCRIPT_ONLY_TRAINING_FLAGS = ("overwrite_output_dir", "early_stopping_patience")
 # ----- parsing and validation (standard library only) --------------------------------------------------------------
 
 
+INSTALLED_COMMAND = "dylora-moe-train"  # pyproject.toml's [project.scripts]
+
+
+def prog() -> str:
+    """``dylora-moe-train`` when run as the installed command, else ``train.py``."""
+    return program("train.py", INSTALLED_COMMAND)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """Errors as one line, ``train.py: error: argument --x: ...`` with exit code 2 (no usage block, no traceback)."""
+    """Errors as one line, ``train.py: error: argument --x: ...`` with exit code 2 (no usage block, no traceback);
+    an unrecognized flag gets the closest known one (``known_flags``: beyond this parser's own)."""
+
+    known_flags: set[str] = set()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})  # --num_expert is not --num_experts
 
     def error(self, message):
+        message = with_suggestion(message, set(self._option_string_actions) | self.known_flags)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -310,7 +324,7 @@ def build_parser() -> ArgumentParser:
     """The project's flags (standard library only: answers --help at once). Every other TrainingArguments option is
     accepted too and checked by the full parser (:func:`trainer_arguments`)."""
     p = ArgumentParser(
-        prog="train.py",
+        prog=prog(),
         description="Train a mixture of LoRA experts (DyLoRA-MoE) on Code Alpaca + MBPP.",
         formatter_class=_HelpFormatter,
         epilog="Every other transformers TrainingArguments option is a flag too (--optim, --max_grad_norm, "
@@ -401,8 +415,6 @@ TINY_MAX_LENGTH = 8192  # the tiny model's positions; a longer row is one padded
 def check_combinations(parser: ArgumentParser, args: argparse.Namespace) -> None:
     """Flags that are each valid but do not go together, refused before anything is written (a run that would
     fail after training, or silently ignore a flag)."""
-    from dylora_moe.train.data import DOMAINS  # standard library only
-
     if "$" in args.output_dir:
         parser.error(f"argument --output_dir: {args.output_dir}: an environment variable in it is not set")
     if args.routing == "token" and args.sequence_top_k is not None:
@@ -492,7 +504,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The project's flags, resolved and validated (exit 2 on a bad value). Trainer-only flags are left for
     :func:`trainer_arguments`; ``--help_trainer`` prints the full parser's help."""
     parser = build_parser()
+    trainer_flags = dataclass_flags("transformers.training_args", "TrainingArguments")  # read, not imported
+    parser.known_flags = trainer_flags or set()
     args, unknown = parser.parse_known_args(argv)
+    if trainer_flags and (wrong := unrecognized(unknown, set(parser._option_string_actions) | trainer_flags)):
+        parser.error(f"unrecognized arguments: {' '.join(wrong)}")  # a typo, answered before anything is set up
     args.trainer_only = unknown  # TrainingArguments flags (or typos): the full parser checks them
     if args.help_trainer:
         full_parser().print_help()
@@ -511,10 +527,13 @@ def full_parser():
     TrainArguments = dataclass(TrainArguments)
 
     class Parser(HfArgumentParser):
+        known_flags: set[str] = set()
         error = ArgumentParser.error
 
     parser = Parser(
-        (ModelArguments, ExpertArguments, DataArguments, CodeEvalArguments, TrainArguments), prog="train.py"
+        (ModelArguments, ExpertArguments, DataArguments, CodeEvalArguments, TrainArguments),
+        prog=prog(),
+        allow_abbrev=False,
     )
     parser.train_arguments_class = TrainArguments
     _bare_booleans(parser, TrainArguments)

@@ -23,14 +23,12 @@ import datetime
 import logging
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from dylora_moe.provenance import commit, machine
 from dylora_moe.train.args import (
-    REPO,
     build_parser,
     full_parser,
     model_config,
@@ -56,7 +54,7 @@ def finished_at(checkpoint: str, max_steps: int) -> bool:
 def load_model_and_tokenizer(args, splits, dtype, quantization=None):
     """The frozen base model and its tokenizer: tiny (built once from the full training text, cached in
     --output_dir) or a hub id / local folder; either quantized by ``quantization`` (--load_in_4bit / 8bit)."""
-    from dylora_moe.train.base_models import TinyConfig, load_or_build_tiny, load_pretrained
+    from dylora_moe.base_models import TinyConfig, load_or_build_tiny, load_pretrained
     from dylora_moe.train.data import training_texts
 
     if args.model_name == "tiny":
@@ -77,7 +75,7 @@ def load_model_and_tokenizer(args, splits, dtype, quantization=None):
 def check_max_length(base, max_length: int) -> None:
     """Refuse rows longer than the base model's positions (a ModelLoadError: one ``error:`` line, before the data is
     packed; the run has no checkpoint yet, so the corrected command reuses the folder)."""
-    from dylora_moe.train.base_models import ModelLoadError
+    from dylora_moe.base_models import ModelLoadError
 
     positions = getattr(base.config.get_text_config(), "max_position_embeddings", None)
     if positions and max_length > positions:
@@ -116,22 +114,6 @@ def parameter_breakdown(model) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} visible)"
-    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU"
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.sweep:  # one train.py process per configuration of the grid, then sweep.md (dylora_moe/train/sweep.py)
@@ -157,7 +139,8 @@ def main(argv=None) -> dict:
         check_conflicts=is_main,
     )
     # ----- data (errors show before the heavy imports), then the Trainer's arguments ------------------------------
-    from dylora_moe.train.data import DOMAINS, build_corpus, load_domain
+    from dylora_moe.corpora import DOMAINS, load_domain
+    from dylora_moe.train.data import build_corpus
 
     splits = [load_domain(args.data_dir, domain) for domain in DOMAINS]
     training_args = training_args or trainer_arguments(argv, report_to)
@@ -180,7 +163,7 @@ def main(argv=None) -> dict:
     from dylora_moe.train.trainer import DomainEarlyStopping, MetricsFile, MoETrainer, RunIdentity
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar per load (base model, each checkpoint reload)
-    from dylora_moe.train.base_models import Quantization
+    from dylora_moe.base_models import Quantization
 
     dtype = torch.bfloat16 if args.bf16 and torch.cuda.is_available() else None
     quantization = Quantization.from_flags(args, dtype)
@@ -380,8 +363,8 @@ def cli() -> None:
             sys.exit(print(f"train.py: error: {err}", file=sys.stderr) or 2)
         known = [CheckpointNotFound]
         for module, name in (
-            ("dylora_moe.train.data", "DataError"),
-            ("dylora_moe.train.base_models", "ModelLoadError"),
+            ("dylora_moe.corpora", "DataError"),
+            ("dylora_moe.base_models", "ModelLoadError"),
             ("dylora_moe.train.gradient_coverage", "GradientCoverageError"),
             ("dylora_moe.train.sweep", "SweepError"),
         ):

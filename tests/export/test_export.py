@@ -117,7 +117,7 @@ def test_per_domain_measured_on_the_validation_splits(run, tmp_path):
     weights, source = domains.measured(moe, CharTokenizer(), tmp_path, max_length=24)
     assert set(weights) == {"code_alpaca", "mbpp"} and str(tmp_path) in source
     # Independently: the forward's mean routing weight per row (expert_utilization), counted by its tokens.
-    from dylora_moe.train.data import load_domain
+    from dylora_moe.corpora import load_domain
 
     texts = load_domain(tmp_path, "mbpp").texts["validation"]
     total = torch.zeros(3, dtype=torch.float64)

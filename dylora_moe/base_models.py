@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.atomic_folder import new_staging, publish
+from .io.atomic_folder import new_staging, publish
 
 TINY = "tiny"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
