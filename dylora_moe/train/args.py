@@ -24,6 +24,7 @@ from typing import Literal
 from dylora_moe.config import CHOICES, RENAMED, RULES, DyLoRAMoEConfig, SettingError
 from dylora_moe.corpora import DOMAINS, default_data_dir
 from dylora_moe.flags import dataclass_flags, program, unrecognized, with_suggestion
+from dylora_moe.train.parsing import HelpFormatter, add_fields, bare_booleans
 
 REPO = Path(__file__).resolve().parents[2]
 logger = logging.getLogger("train")
@@ -282,58 +283,20 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends the default to each help text, unless the text already states it."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        return text if "default" in text or action.default in (None, False) else super()._get_help_string(action)
-
-
-def _str_to_bool(value) -> bool:
-    text = str(value).lower()
-    if text in ("yes", "true", "t", "y", "1"):
-        return True
-    if text in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
-
-
-def _add_fields(group, dtype) -> None:
-    """One flag per dataclass field, with the conventions of transformers' HfArgumentParser (``--a_b`` and
-    ``--a-b``, ``--flag`` alone for a bool, ``--no_flag`` for a bool that defaults to True, Literal -> choices)."""
-    hints = typing.get_type_hints(dtype)
-    for f in dataclasses.fields(dtype):
-        kind, meta = hints[f.name], dict(f.metadata)
-        names = [f"--{f.name}", *([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []), *meta.pop("aliases", [])]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs = {"dest": f.name, "default": default, **meta}
-        options = [a for a in typing.get_args(kind) if a is not type(None)]
-        if kind is bool or options == [bool]:
-            kwargs.update(type=_str_to_bool, nargs="?", const=True)
-        elif typing.get_origin(kind) is Literal:
-            kwargs.update(choices=typing.get_args(kind))
-        else:
-            kwargs.setdefault("type", options[0] if options else kind)
-        group.add_argument(*names, **kwargs)
-        if default is True:
-            group.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
-
-
 def build_parser() -> ArgumentParser:
     """The project's flags (standard library only: answers --help at once). Every other TrainingArguments option is
     accepted too and checked by the full parser (:func:`trainer_arguments`)."""
     p = ArgumentParser(
         prog=prog(),
         description="Train a mixture of LoRA experts (DyLoRA-MoE) on Code Alpaca + MBPP.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="Every other transformers TrainingArguments option is a flag too (--optim, --max_grad_norm, "
         "--disable_tqdm, --torch_compile_backend, --activation_checkpointing, ...); --help_trainer lists them all "
         "(it imports transformers: a few seconds).",
     )
     p.add_argument("--help_trainer", action="store_true", help="list every TrainingArguments flag, then exit")
     for title, dtype in ARGUMENT_GROUPS.items():
-        _add_fields(p.add_argument_group(title), dtype)
+        add_fields(p.add_argument_group(title), dtype)
     return p
 
 
@@ -536,19 +499,8 @@ def full_parser():
         allow_abbrev=False,
     )
     parser.train_arguments_class = TrainArguments
-    _bare_booleans(parser, TrainArguments)
+    bare_booleans(parser, TrainArguments)
     return parser
-
-
-def _bare_booleans(parser, dtype) -> None:
-    """Every ``bool`` and ``bool | None`` field a switch that also takes a value (``--disable_tqdm`` alone or
-    ``--disable_tqdm false``), as transformers' parser does for plain ``bool``: its ``bool | None`` fields
-    (``--disable_tqdm``, ...) otherwise demand a value."""
-    hints = typing.get_type_hints(dtype)
-    booleans = {name for name, kind in hints.items() if kind is bool or bool in typing.get_args(kind)}
-    for action in parser._actions:
-        if action.dest in booleans and action.nargs is None and not action.option_strings[0].startswith("--no_"):
-            action.nargs, action.const, action.type = "?", True, _str_to_bool
 
 
 def trainer_arguments(argv, report_to: list[str]):
