@@ -35,10 +35,12 @@ import torch.distributed as dist
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.training_args import ParallelMode
 
 from ..io.atomic_folder import is_staging_name, publish, staging_root
 from .collapse import CollapseWatch
 from .runs import TRAINER_STATE, CheckpointNotFound, read_metrics
+from .sharding import PaddedForRanks
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +61,12 @@ def _publish(staging: str, target: str, last: str) -> None:
 class RoutingStats:
     """Token-weighted sums of a model output's routing statistics between two reads.
 
-    One float64 vector ``[tokens, lm_loss, balance_loss, router_entropy, share of expert 0..E-1]`` (fixed layout, so
-    processes can sum it), kept on the model's device so accumulating costs no host sync; :meth:`read` syncs once and
-    sums over processes (every process must call it, as the Trainer's logging and evaluation do).
+    One float64 vector ``[routed tokens, labelled tokens, lm_loss, balance_loss, router_entropy, share of expert
+    0..E-1]`` (fixed layout, so processes can sum it): the LM loss (a mean over the batch's labelled tokens) weighted
+    by the labelled tokens, the rest by the routed (attention-mask) tokens. So a mean read back is the mean over all
+    tokens added, however they were batched or spread over processes. Kept on the model's device so accumulating
+    costs no host sync; :meth:`read` syncs once and sums over processes (every process must call it, as the Trainer's
+    logging and evaluation do).
     """
 
     KEYS = ("lm_loss", "balance_loss", "router_entropy")
@@ -79,19 +84,26 @@ class RoutingStats:
             self.seconds += time.perf_counter() - self.running_since
             self.running_since = None
 
-    def add(self, output, attention_mask: torch.Tensor) -> None:
+    def add(self, output, attention_mask: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Add one forward's statistics; ``labels`` (-100 where nothing is scored) count the LM loss's tokens
+        (shifted by one, as the loss is), else every routed token does. A batch with no token adds zeros."""
         tokens = attention_mask.sum().to(torch.float64)
+        scored = tokens if labels is None else (labels[:, 1:] != -100).sum().to(torch.float64)
         zero = tokens.new_zeros(())
         values = [getattr(output, key, None) for key in self.KEYS]
         values = [zero if v is None else v.detach().to(torch.float64).reshape(()) for v in values]
         shares = output.expert_token_fraction.detach().to(torch.float64).reshape(-1)
-        row = torch.cat([tokens.new_ones(1), torch.stack(values), shares]) * tokens
+        lm_loss, balance_loss, router_entropy = values
+        head = torch.stack([tokens, scored, lm_loss * scored, balance_loss * tokens, router_entropy * tokens])
+        row = torch.cat([head, shares * tokens])
+        row = torch.where(tokens > 0, row, torch.zeros_like(row))  # no token: nothing (an empty mean may be NaN)
         self.sums = row if self.sums is None else self.sums + row
 
     def read(self) -> dict[str, float]:
-        """Token-weighted means since the last read (``util_expert_i`` per expert), the ``tokens`` routed and the
-        ``seconds`` the clock ran; resets. Empty when no process added anything."""
-        sums = self.sums if self.sums is not None else torch.zeros(4 + self.num_experts, dtype=torch.float64)
+        """Token-weighted means since the last read (``util_expert_i`` per expert), the ``tokens`` routed, the
+        ``scored_tokens`` of the LM loss and the ``seconds`` the clock ran; resets. Empty when no process added
+        anything."""
+        sums = self.sums if self.sums is not None else torch.zeros(5 + self.num_experts, dtype=torch.float64)
         running = self.running_since is not None
         self.stop_clock()
         elapsed = self.seconds
@@ -102,12 +114,13 @@ class RoutingStats:
         self.sums, self.seconds = None, 0.0
         if running:
             self.start_clock()
-        tokens = float(sums[0])
+        tokens, scored = float(sums[0]), float(sums[1])
         if tokens == 0:
             return {}
-        out = {key: float(value) / tokens for key, value in zip(self.KEYS, sums[1:4])}
-        out.update({f"util_expert_{e}": float(share) / tokens for e, share in enumerate(sums[4:])})
-        out["tokens"], out["seconds"] = tokens, elapsed
+        out = {"lm_loss": float(sums[2]) / max(scored, 1.0)}
+        out.update({key: float(value) / tokens for key, value in zip(self.KEYS[1:], sums[3:5])})
+        out.update({f"util_expert_{e}": float(share) / tokens for e, share in enumerate(sums[5:])})
+        out["tokens"], out["scored_tokens"], out["seconds"] = tokens, scored, elapsed
         return out
 
 
@@ -213,7 +226,9 @@ class MoETrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"])
-        (self.train_stats if model.training else self.eval_stats).add(outputs, inputs["attention_mask"])
+        (self.train_stats if model.training else self.eval_stats).add(
+            outputs, inputs["attention_mask"], inputs["labels"]
+        )
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -237,16 +252,48 @@ class MoETrainer(Trainer):
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
+        """The stock loop, then the routing statistics of its forwards; the loss is the LM loss over all labelled
+        tokens of the set (the stock loop's mean of batch means would depend on the batching and the processes)."""
         self.eval_stats.read()  # drop anything left from an interrupted loop
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         stats = self.eval_stats.read()
+        if "lm_loss" in stats:
+            output.metrics[f"{metric_key_prefix}_loss"] = stats["lm_loss"]
         for key, value in stats.items():
-            if key not in ("lm_loss", "tokens", "seconds"):  # eval loss is the LM loss already
+            if key not in ("lm_loss", "tokens", "scored_tokens", "seconds"):
                 output.metrics[f"{metric_key_prefix}_{key}"] = value
         loss = output.metrics.get(f"{metric_key_prefix}_loss")
         if loss is not None:
             output.metrics[f"{metric_key_prefix}_ppl"] = math.exp(min(loss, 700.0))
         return output
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """The stock loader over the set padded with blank rows for the ranks (:class:`PaddedForRanks`), so that no
+        row is evaluated twice when the set does not split evenly over the processes."""
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if self.args.world_size > 1 and dataset is not None:
+            dataset = PaddedForRanks(dataset, self.args.world_size * self.args.eval_batch_size)
+        return super().get_eval_dataloader(dataset)
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``, after undoing what an evaluation before training did to the model under DDP.
+
+        ``Trainer.evaluate`` before ``train`` prepares the bare model for evaluation only, and accelerate marks it
+        prepared; ``train`` would then not wrap it in DistributedDataParallel, and every process would train its
+        own copy on its own batches (gradients never averaged: the ranks' experts drift apart, an evaluation mixes
+        them, and the checkpoint holds rank 0's alone). FSDP and DeepSpeed prepare the model fully at that evaluation,
+        so they are left as they are."""
+        model = self.model
+        distributed = self.args.parallel_mode == ParallelMode.DISTRIBUTED
+        if distributed and not (self.is_fsdp_enabled or self.is_deepspeed_enabled) and self.model_wrapped is model:
+            if vars(model).pop("_is_accelerate_prepared", False):
+                self.accelerator._models[:] = [m for m in self.accelerator._models if m is not model]
+                if "_original_forward" in vars(model):  # accelerate's autocast wrapper: prepare puts it back
+                    vars(model).pop("forward", None)
+                    vars(model).pop("_original_forward")
+        return super().train(*args, **kwargs)
 
     # ----- saving and loading ------------------------------------------------------------------------------------
 
