@@ -7,7 +7,11 @@ What the stock Trainer (transformers 5) does not do for this model, and this mod
   expert keeps most of them, :mod:`~dylora_moe.train.collapse`), the loss-free selection bias per expert, the tokens per
   second of all processes together, and the main process's peak memory; :class:`MetricsFile` appends every log to
   ``metrics.jsonl`` (integrations such as wandb get the same dict through ``Trainer.log``).
-- Evaluation: the same routing statistics per evaluation set, plus perplexity (``eval_<domain>_ppl``).
+- Evaluation: the same routing statistics per evaluation set, plus perplexity (``eval_<domain>_ppl``); the loss is
+  the LM loss over all labelled tokens of the set. Under several processes each set is padded with blank rows, not
+  repeated ones (:class:`~dylora_moe.train.sharding.PaddedForRanks`), and the sums are taken over all ranks, so an
+  evaluation equals the one-process evaluation of the same model.
+- Several processes: :meth:`MoETrainer.train` makes sure DDP wraps the model even after an evaluation before training.
 - Saving: ``DyLoRA_MoE`` is not a PreTrainedModel, so the stock Trainer would write its whole state dict (the frozen
   base included, which fails on tied embeddings); :meth:`MoETrainer._save` (the Trainer's extension point for the
   model files) writes experts + router through ``save_pretrained`` instead. The rest of a checkpoint is the stock
