@@ -42,6 +42,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.training_args import ParallelMode
 
 from ..io.atomic_folder import is_staging_name, publish, staging_root
+from ..io.checkpoint import save_checkpoint
+from ..io.full_state import is_sharded
 from .collapse import CollapseWatch
 from .runs import TRAINER_STATE, CheckpointNotFound, read_metrics
 from .sharding import PaddedForRanks
@@ -225,6 +227,14 @@ class MoETrainer(Trainer):
         self.collapse = collapse if collapse is not None else CollapseWatch(num_experts)
         self.add_callback(StepClock(self.train_stats))
         self.add_callback(BalanceStep(model))
+        if getattr(model, "_no_split_modules", None) is None:  # FSDP's auto-wrap: one unit per decoder block
+            model._no_split_modules = getattr(model.foundation_model, "_no_split_modules", None)
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            logger.warning(
+                "--fsdp is not applied: accelerate shards only on accelerators (GPU, NPU, XPU, ...), so this run is "
+                "%s (run.json records it); see docs/distributed.md",
+                "DDP" if self.args.world_size > 1 else "one process",
+            )
 
     # ----- loss and metrics --------------------------------------------------------------------------------------
 
@@ -313,7 +323,7 @@ class MoETrainer(Trainer):
         output_dir = os.path.abspath(output_dir or os.path.join(self.args.output_dir, "final"))
         parent, name = os.path.split(output_dir)
         if is_staging_name(name) or is_staging_name(os.path.basename(parent)):
-            self._write_model(output_dir)
+            self._write_model(output_dir, state_dict)
             return
         if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(_args_file(output_dir)):
             raise FileExistsError(
@@ -321,11 +331,17 @@ class MoETrainer(Trainer):
             )
         staging = str(staging_root(Path(output_dir)))
         shutil.rmtree(staging, ignore_errors=True)
-        self._write_model(staging)
+        self._write_model(staging, state_dict)
         _publish(staging, output_dir, last=TRAINING_ARGS_FILE)
 
-    def _write_model(self, folder: str) -> None:
-        self.accelerator.unwrap_model(self.model).save_pretrained(folder)
+    def _write_model(self, folder: str, state_dict=None) -> None:
+        """The model's checkpoint; a model sharded by FSDP is written from the full ``state_dict`` the Trainer
+        gathered on every rank before calling :meth:`_save` (the same files one process writes)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if state_dict and is_sharded(model):
+            save_checkpoint(model, folder, state_dict=state_dict)
+        else:
+            model.save_pretrained(folder)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(folder)
         Path(_args_file(folder)).write_text(self.args.to_json_string())  # JSON: nothing to unpickle at load
