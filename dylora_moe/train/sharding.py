@@ -59,11 +59,8 @@ def sharding_record(trainer) -> dict:
         else:
             record["sharding_strategy"] = str(getattr(plugin.sharding_strategy, "name", plugin.sharding_strategy))
         policy = plugin.auto_wrap_policy
-        record["auto_wrap_policy"] = (
-            getattr(policy, "__name__", None)
-            or getattr(getattr(policy, "func", None), "__name__", None)
-            or (str(policy) if policy else None)
-        )
+        policy = getattr(policy, "func", policy)  # a functools.partial of the policy function
+        record["auto_wrap_policy"] = getattr(policy, "__name__", str(policy)) if policy else None
     elif trainer.is_deepspeed_enabled:
         config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
         record.update(strategy="deepspeed", zero_stage=config.get("zero_optimization", {}).get("stage"))
