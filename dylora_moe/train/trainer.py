@@ -335,10 +335,11 @@ class MoETrainer(Trainer):
         _publish(staging, output_dir, last=TRAINING_ARGS_FILE)
 
     def _write_model(self, folder: str, state_dict=None) -> None:
-        """The model's checkpoint; a model sharded by FSDP is written from the full ``state_dict`` the Trainer
-        gathered on every rank before calling :meth:`_save` (the same files one process writes)."""
+        """The model's checkpoint; a model sharded by FSDP or DeepSpeed ZeRO is written from the full
+        ``state_dict`` the Trainer gathered on every rank before calling :meth:`_save` (the same files one process
+        writes)."""
         model = self.accelerator.unwrap_model(self.model)
-        if state_dict and is_sharded(model):
+        if state_dict and (is_sharded(model) or self.is_deepspeed_enabled):
             save_checkpoint(model, folder, state_dict=state_dict)
         else:
             model.save_pretrained(folder)
