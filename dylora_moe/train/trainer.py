@@ -240,9 +240,9 @@ class MoETrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"])
-        (self.train_stats if model.training else self.eval_stats).add(
-            outputs, inputs["attention_mask"], inputs["labels"]
-        )
+        training = self.accelerator.unwrap_model(model).training  # the model's own mode (a DeepSpeed engine's may
+        # say training during an evaluation before train())
+        (self.train_stats if training else self.eval_stats).add(outputs, inputs["attention_mask"], inputs["labels"])
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -292,13 +292,14 @@ class MoETrainer(Trainer):
         return super().get_eval_dataloader(dataset)
 
     def train(self, *args, **kwargs):
-        """``Trainer.train``, after undoing what an evaluation before training did to the model under DDP.
+        """``Trainer.train``, after undoing what an evaluation before training did to the model.
 
-        ``Trainer.evaluate`` before ``train`` prepares the bare model for evaluation only, and accelerate marks it
-        prepared; ``train`` would then not wrap it in DistributedDataParallel, and every process would train its
-        own copy on its own batches (gradients never averaged: the ranks' experts drift apart, an evaluation mixes
-        them, and the checkpoint holds rank 0's alone). FSDP and DeepSpeed prepare the model fully at that evaluation,
-        so they are left as they are."""
+        ``Trainer.evaluate`` before ``train`` prepares the model for evaluation only. Under DDP accelerate marks the
+        bare model prepared, and ``train`` would then not wrap it in DistributedDataParallel: every process would
+        train its own copy on its own batches (gradients never averaged: the ranks' experts drift apart, an
+        evaluation mixes them, and the checkpoint holds rank 0's alone). Under DeepSpeed the evaluation's engine has
+        no optimizer, and ``train`` would keep it (its backward fails). FSDP shards the model for good at that
+        evaluation, which training keeps."""
         model = self.model
         distributed = self.args.parallel_mode == ParallelMode.DISTRIBUTED
         if distributed and not (self.is_fsdp_enabled or self.is_deepspeed_enabled) and self.model_wrapped is model:
@@ -307,6 +308,9 @@ class MoETrainer(Trainer):
                 if "_original_forward" in vars(model):  # accelerate's autocast wrapper: prepare puts it back
                     vars(model).pop("forward", None)
                     vars(model).pop("_original_forward")
+        if self.is_deepspeed_enabled and self.model_wrapped is not model and self.optimizer is None:
+            self.model_wrapped, self.deepspeed = model, None  # train() builds the training engine
+            self.accelerator._models.clear()
         return super().train(*args, **kwargs)
 
     # ----- saving and loading ------------------------------------------------------------------------------------
