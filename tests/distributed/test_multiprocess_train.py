@@ -5,9 +5,11 @@ dropout off (its random masks depend on how the rows are split) and plain SGD (A
 of each gradient entry, which turns rounding differences of near-zero entries into whole steps), so every number must
 agree to rounding: the
 training losses (DDP averages the gradients), every evaluation (no row counted twice, losses over all tokens of all
-ranks, routing statistics gathered) and the final evaluation, which equals the last step's.
+ranks, routing statistics gathered) and the final evaluation, which equals the last step's. DeepSpeed ZeRO-3 through
+the Trainer does the same where deepspeed is installed.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -28,9 +30,17 @@ COMMON += ["--max_steps", "4", "--eval_steps", "2"]
 TIMING_KEYS = ("runtime", "per_second", "preparation_time", "tokens_per_s", "peak_mem_mb")
 
 
-def _run(out: Path, processes: int) -> None:
+# DeepSpeed ZeRO-3 through the Trainer (deepspeed is not a dependency: the test runs where it is installed).
+ZERO3 = {
+    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+    "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+    "zero_allow_untested_optimizer": True,
+}  # fmt: skip
+
+
+def _run(out: Path, processes: int, *extra: str) -> None:
     batch = str(8 // processes)
-    args = [str(REPO / "train.py"), *COMMON, "--batch_size", batch, "--output_dir", str(out)]
+    args = [str(REPO / "train.py"), *COMMON, "--batch_size", batch, "--output_dir", str(out), *extra]
     if processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     else:
@@ -61,7 +71,26 @@ def runs(tmp_path_factory):
 
 
 def test_two_processes_log_what_one_process_logs(runs):
-    one, two = map(_series, runs)
+    _assert_same_logs(*runs)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_deepspeed_zero3_logs_what_one_process_logs(runs, tmp_path):
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps(ZERO3))
+    _run(tmp_path / "zero3", 2, "--deepspeed", str(config))
+    _assert_same_logs(runs[0], tmp_path / "zero3")
+    assert json.loads((tmp_path / "zero3" / "run.json").read_text())["sharding"] == {
+        "world_size": 2, "strategy": "deepspeed", "zero_stage": 3,
+    }  # fmt: skip
+    files = sorted(p.relative_to(runs[0] / "final") for p in (runs[0] / "final").rglob("*"))
+    assert (
+        sorted(p.relative_to(tmp_path / "zero3" / "final") for p in (tmp_path / "zero3" / "final").rglob("*")) == files
+    )
+
+
+def _assert_same_logs(one_dir: Path, other_dir: Path) -> None:
+    one, two = _series(one_dir), _series(other_dir)
     assert set(one) == set(two)
     assert {"loss", "eval_code_alpaca_loss", "eval_mbpp_util_expert_0", "eval_spec_nmi", "eval_spec_mi_chance"} <= set(
         one
