@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 
 from ..config import RENAMED
 from .atomic_folder import fsync_path, new_staging, publish, remove_stale_staging, stale_staging
-from .full_state import CheckpointTensors, checkpoint_tensors, is_sharded
+from .full_state import CheckpointTensors, checkpoint_tensors, is_sharded, write_whole
 from .peft_format import expert_name, lora_config, peft_key
 
 logger = logging.getLogger(__name__)
@@ -459,6 +459,9 @@ def read_checkpoint(moe, save_directory) -> _StagedCheckpoint:
 
 @torch.no_grad()
 def _apply(moe, staged: _StagedCheckpoint) -> None:
+    if is_sharded(moe):
+        _apply_sharded(moe, staged)
+        return
     for i, expert in enumerate(staged.experts):
         r = expert.rank
         for name, layer in moe.handle.layers.items():
@@ -468,6 +471,26 @@ def _apply(moe, staged: _StagedCheckpoint) -> None:
             layer.lora_B[i, :, :r].copy_(b)
             layer.lora_B[i, :, r:].zero_()
     moe.router.load_state_dict(staged.router)
+
+
+def _apply_sharded(moe, staged: _StagedCheckpoint) -> None:
+    """:func:`_apply` for a model sharded over processes (FSDP2), on every rank: each stack is gathered whole,
+    updated as above, and each rank keeps its shard."""
+    stacks = checkpoint_tensors(moe).layers
+    for name, layer in moe.handle.layers.items():
+        lora_a, lora_b = stacks[name]
+        for i, expert in enumerate(staged.experts):
+            r = expert.rank
+            a, b = expert.tensors[name]
+            lora_a[i, :r].copy_(a)
+            lora_a[i, r:].zero_()
+            lora_b[i, :, :r].copy_(b)
+            lora_b[i, :, r:].zero_()
+        write_whole(layer.lora_A, lora_a)
+        write_whole(layer.lora_B, lora_b)
+    for key, value in moe.router.state_dict().items():
+        if key in staged.router:  # an optional tensor an older checkpoint lacks keeps its value
+            write_whole(value, staged.router[key])
 
 
 def load_checkpoint(moe, save_directory) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 try:  # torch.distributed may be built without DTensor support
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # pragma: no cover - builds without torch.distributed
     DTensor = ()
 
@@ -29,6 +29,15 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     if DTensor and isinstance(tensor, DTensor):
         tensor = tensor.full_tensor()
     return tensor.detach().contiguous().cpu()
+
+
+@torch.no_grad()
+def write_whole(target: torch.Tensor, source: torch.Tensor) -> None:
+    """Copy the whole tensor ``source`` into ``target``, a parameter or buffer; a DTensor ``target`` takes its own
+    shard of ``source`` (every rank must call this with the same ``source``)."""
+    if DTensor and isinstance(target, DTensor):
+        source = distribute_tensor(source.to(target.dtype), target.device_mesh, target.placements)
+    target.copy_(source)
 
 
 @dataclass

@@ -4,7 +4,8 @@ Each rank trains on its half of the same global batch (every row full, so the me
 is the global token mean, which FSDP's averaged gradients follow). Checked: the expert stacks are sharded along the
 experts, the losses and the loss-free selection bias equal the one-process run's at every step, the bias is the same
 on both ranks, and the checkpoint the sharded run writes (every rank calls save_pretrained; rank 0 writes) holds
-the files one process writes and loads in one process with the one-process run's weights.
+the files one process writes, loads in one process with the one-process run's weights, and loads back into the
+sharded model (every rank reads it; each keeps its shard).
 """
 
 import os
@@ -17,6 +18,8 @@ import torch.multiprocessing as mp
 from moe_models import VOCAB, tiny_llama
 
 from dylora_moe.config import DyLoRAMoEConfig
+from dylora_moe.io.checkpoint import load_checkpoint
+from dylora_moe.io.full_state import checkpoint_tensors
 from dylora_moe.model import DyLoRA_MoE
 
 EXPERTS, ROWS, LENGTH, STEPS = 4, 4, 12, 3
@@ -77,8 +80,21 @@ def _worker(rank: int, port: int, folder: str) -> None:
         assert layer.lora_B.to_local().shape[0] == EXPERTS // 2  # each rank holds half of the experts
         half = ROWS // 2
         losses, biases = _train(moe, _batch(slice(rank * half, (rank + 1) * half)), _mean_over_ranks)
+        trained = checkpoint_tensors(moe)  # whole tensors (a gather)
         moe.save_pretrained(os.path.join(folder, "sharded"))  # every rank: a gather, then rank 0 writes
-        torch.save({"losses": losses, "biases": biases}, os.path.join(folder, f"rank{rank}.pt"))
+        dist.barrier()
+        with torch.no_grad():  # spoil this rank's shards, then load the checkpoint back into the sharded model
+            for layer in moe.handle.layers.values():
+                layer.lora_B.to_local().fill_(7.0)
+            moe.router.selection_bias.fill_(7.0)
+        load_checkpoint(moe, os.path.join(folder, "sharded"))
+        reloaded = checkpoint_tensors(moe)
+        same = all(
+            torch.equal(trained.layers[n][0], reloaded.layers[n][0]) and torch.equal(trained.layers[n][1], b)
+            for n, (_, b) in reloaded.layers.items()
+        ) and all(torch.equal(trained.router[k], v) for k, v in reloaded.router.items())
+        record = {"losses": losses, "biases": biases, "reload_equal": same}
+        torch.save(record, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -100,6 +116,7 @@ def test_fsdp2_equals_one_process(tmp_path):
 
     assert ranks[0]["biases"] == ranks[1]["biases"] == biases  # counts summed over the ranks before each update
     assert ranks[0]["losses"] == ranks[1]["losses"]
+    assert ranks[0]["reload_equal"] and ranks[1]["reload_equal"]  # the checkpoint loads back into the sharded model
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
     assert len(set(losses)) == STEPS  # it trained
 
