@@ -227,6 +227,8 @@ class MoETrainer(Trainer):
         self.collapse = collapse if collapse is not None else CollapseWatch(num_experts)
         self.add_callback(StepClock(self.train_stats))
         self.add_callback(BalanceStep(model))
+        if self.eval_dataset is not None:
+            self.eval_dataset = self._padded_for_ranks(self.eval_dataset)
         if getattr(model, "_no_split_modules", None) is None:  # FSDP's auto-wrap: one unit per decoder block
             model._no_split_modules = getattr(model.foundation_model, "_no_split_modules", None)
         if self.args.fsdp and not self.is_fsdp_enabled:
@@ -282,14 +284,22 @@ class MoETrainer(Trainer):
         return output
 
     def get_eval_dataloader(self, eval_dataset=None):
-        """The stock loader over the set padded with blank rows for the ranks (:class:`PaddedForRanks`), so that no
-        row is evaluated twice when the set does not split evenly over the processes."""
-        if isinstance(eval_dataset, str):
-            eval_dataset = self.eval_dataset[eval_dataset]
-        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
-        if self.args.world_size > 1 and dataset is not None:
-            dataset = PaddedForRanks(dataset, self.args.world_size * self.args.eval_batch_size)
-        return super().get_eval_dataloader(dataset)
+        """The stock loader; under several processes over the set padded with blank rows for the ranks
+        (:class:`PaddedForRanks`), so that no row is evaluated twice when the set does not split evenly. The sets
+        given to the constructor are padded there (so the stock loader's per-name cache stays per name), a set
+        passed here is padded here."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self._padded_for_ranks(eval_dataset)
+        return super().get_eval_dataloader(eval_dataset)
+
+    def _padded_for_ranks(self, dataset):
+        """``dataset`` (or each of a dict) padded to a multiple of world size x evaluation batch; as it is in one
+        process."""
+        if isinstance(dataset, dict):
+            return {name: self._padded_for_ranks(part) for name, part in dataset.items()}
+        if self.args.world_size == 1 or isinstance(dataset, PaddedForRanks):
+            return dataset
+        return PaddedForRanks(dataset, self.args.world_size * self.args.eval_batch_size)
 
     def train(self, *args, **kwargs):
         """``Trainer.train``, after undoing what an evaluation before training did to the model.
