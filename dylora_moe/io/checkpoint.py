@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 
 from ..config import RENAMED
 from .atomic_folder import fsync_path, new_staging, publish, remove_stale_staging, stale_staging
+from .full_state import CheckpointTensors, checkpoint_tensors, is_sharded, write_whole
 from .peft_format import expert_name, lora_config, peft_key
 
 logger = logging.getLogger(__name__)
@@ -150,8 +151,9 @@ def _seal(path: Path, mode: int) -> dict:
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _write(moe, folder: Path) -> None:
-    """Every checkpoint file into the empty ``folder``, the config (with every other file's checksum) last."""
+def _write(moe, folder: Path, tensors: CheckpointTensors) -> None:
+    """Every checkpoint file into the empty ``folder`` from the whole ``tensors``, the config (with every other
+    file's checksum) last."""
     layers = moe.handle.layers
     base_name = _base_model_name(moe)
     mode = stat.S_IMODE(folder.stat().st_mode) & 0o666  # the folder was made with the umask: files follow it
@@ -162,15 +164,18 @@ def _write(moe, folder: Path) -> None:
         config = lora_config(moe, layers, r=r, alpha=alpha)
         config.base_model_name_or_path = base_name or None
         config.save_pretrained(str(expert_dir))
-        tensors = {}
-        for name, layer in layers.items():
-            tensors[peft_key(name, "lora_A")] = layer.lora_A[i, :r].detach().contiguous().cpu()
-            tensors[peft_key(name, "lora_B")] = layer.lora_B[i, :, :r].detach().contiguous().cpu()
-        save_file(tensors, str(expert_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        adapter = {}
+        for name, (lora_a, lora_b) in tensors.layers.items():
+            adapter[peft_key(name, "lora_A")] = lora_a[i, :r].contiguous()
+            adapter[peft_key(name, "lora_B")] = lora_b[i, :, :r].contiguous()
+        save_file(adapter, str(expert_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         for file_name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             files[f"{expert_name(i)}/{file_name}"] = _seal(expert_dir / file_name, mode)
         fsync_path(expert_dir)
-    moe.router.save(folder / ROUTER_NAME)
+    if is_sharded(moe.router):  # DynamicHybridRouter.save's format, from the gathered tensors
+        save_file(tensors.router, str(folder / ROUTER_NAME), metadata={"config": json.dumps(moe.router.config())})
+    else:
+        moe.router.save(folder / ROUTER_NAME)
     files[ROUTER_NAME] = _seal(folder / ROUTER_NAME, mode)
     config = {
         "format_version": FORMAT_VERSION,
@@ -205,18 +210,24 @@ def _check_destination(target: Path) -> bool:
     )
 
 
-def save_checkpoint(moe, save_directory) -> Path:
+def save_checkpoint(moe, save_directory, state_dict: dict | None = None) -> Path:
     """Write ``moe``'s experts, router and config to ``save_directory`` atomically; returns the folder written.
 
-    Refuses a destination that is a file or holds anything but an earlier checkpoint (see the module docstring)."""
+    Refuses a destination that is a file or holds anything but an earlier checkpoint (see the module docstring).
+    A model sharded over processes (FSDP2) is saved by calling this on every rank: the tensors are gathered whole
+    and rank 0 writes the same files one process would (the other ranks write nothing). ``state_dict``: a full
+    state dict of ``moe`` gathered already (the Trainer's under FSDP), written instead of the live parameters."""
     target = Path(save_directory).resolve()
+    tensors = checkpoint_tensors(moe, state_dict)  # a collective when the model is sharded
+    if state_dict is None and is_sharded(moe) and torch.distributed.get_rank() != 0:
+        return target
     replace = _check_destination(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_staging(target, _holds_only_checkpoint_files, _is_checkpoint):
         logger.info("removed %s, left by a save that did not finish", stale)
     staging = new_staging(target)
     try:
-        _write(moe, staging)
+        _write(moe, staging, tensors)
         replace = _check_destination(target)  # again: the folder may have changed while we wrote
         publish(staging, target, replace=replace, last=CONFIG_NAME)
     except BaseException:
@@ -448,6 +459,9 @@ def read_checkpoint(moe, save_directory) -> _StagedCheckpoint:
 
 @torch.no_grad()
 def _apply(moe, staged: _StagedCheckpoint) -> None:
+    if is_sharded(moe):
+        _apply_sharded(moe, staged)
+        return
     for i, expert in enumerate(staged.experts):
         r = expert.rank
         for name, layer in moe.handle.layers.items():
@@ -457,6 +471,26 @@ def _apply(moe, staged: _StagedCheckpoint) -> None:
             layer.lora_B[i, :, :r].copy_(b)
             layer.lora_B[i, :, r:].zero_()
     moe.router.load_state_dict(staged.router)
+
+
+def _apply_sharded(moe, staged: _StagedCheckpoint) -> None:
+    """:func:`_apply` for a model sharded over processes (FSDP2), on every rank: each stack is gathered whole,
+    updated as above, and each rank keeps its shard."""
+    stacks = checkpoint_tensors(moe).layers
+    for name, layer in moe.handle.layers.items():
+        lora_a, lora_b = stacks[name]
+        for i, expert in enumerate(staged.experts):
+            r = expert.rank
+            a, b = expert.tensors[name]
+            lora_a[i, :r].copy_(a)
+            lora_a[i, r:].zero_()
+            lora_b[i, :, :r].copy_(b)
+            lora_b[i, :, r:].zero_()
+        write_whole(layer.lora_A, lora_a)
+        write_whole(layer.lora_B, lora_b)
+    for key, value in moe.router.state_dict().items():
+        if key in staged.router:  # an optional tensor an older checkpoint lacks keeps its value
+            write_whole(value, staged.router[key])
 
 
 def load_checkpoint(moe, save_directory) -> None:

@@ -159,6 +159,8 @@ def main(argv=None) -> dict:
     from dylora_moe.train.console import Console
     from dylora_moe.train.gradient_coverage import GradientCoverage
     from dylora_moe.train.report import format_duration, write_report
+    from dylora_moe.train.runs import record_sharding
+    from dylora_moe.train.sharding import sharding_record
     from dylora_moe.train.specialisation import SpecialisationCallback
     from dylora_moe.train.trainer import DomainEarlyStopping, MetricsFile, MoETrainer, RunIdentity
 
@@ -203,6 +205,8 @@ def main(argv=None) -> dict:
         load_weights=load_checkpoint,
         collapse=CollapseWatch(args.num_experts, args.collapse_threshold, args.collapse_patience),
     )
+    if trainer.is_world_process_zero():
+        record_sharding(args.output_dir, sharding_record(trainer))  # run.json: processes, DDP / FSDP / DeepSpeed
     specialisation = SpecialisationCallback.attach(trainer)  # eval_spec_* metrics at every evaluation
     trainer.remove_callback(ProgressCallback)  # nested dict-printing bars; Console prints one line per log
     trainer.remove_callback(PrinterCallback)

@@ -295,3 +295,12 @@ def start_run(plan: RunPlan) -> None:
     kept = [r for r in rows if r.get("run_id", plan.run_id) == plan.run_id and r.get("step", 0) <= plan.resume_step]
     if metrics.is_file() and (dropped or len(kept) != len(rows)):
         write_text_atomic(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def record_sharding(output_dir: str | Path, sharding: dict) -> None:
+    """Add ``sharding`` (world size and strategy: :func:`~dylora_moe.train.sharding.sharding_record`) to the run's
+    ``run.json``, main process only. A resumed run records the processes of its latest segment."""
+    path = Path(output_dir) / RUN_FILE
+    record = read_json(path) or {}
+    record["sharding"] = sharding
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")

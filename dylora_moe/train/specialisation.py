@@ -29,6 +29,7 @@ a plain loop over datasets. :mod:`dylora_moe.train.specialisation_report` draws 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -179,7 +180,8 @@ class Tally:
         self.token_mass.index_add_(0, flat.to(mass.device), mass.to(torch.float64))
         row_of = torch.arange(ids.shape[0], device=real.device)[:, None].expand_as(real)[real].to(mass.device)
         rows = torch.zeros(ids.shape[0], mass.shape[1], dtype=torch.float64, device=mass.device)
-        self.row_mass.append(rows.index_add_(0, row_of, mass.to(torch.float64)))
+        rows.index_add_(0, row_of, mass.to(torch.float64))
+        self.row_mass.append(rows[real.any(1).to(mass.device)])  # blank rows (padding for the ranks) are no rows
         start = 0
         for row in range(min(ids.shape[0], keep - len(self.examples))):  # host syncs for the first rows only
             n = int(real[row].sum())
@@ -260,7 +262,9 @@ class SpecialisationStats:
     ) -> SpecialisationStats:
         """Combine per-domain tallies; with ``reduce`` and torch.distributed initialised, sum them over processes
         (every process must call this, with the same ``shape`` (V, E) so that a process that saw no token still
-        contributes; the examples stay each process's own)."""
+        contributes; the examples stay each process's own). The row masses of all processes are put back in the
+        evaluation set's order (batch i of rank r is the set's batch i x world size + r, as the Trainer's loader
+        splits it), so the permutation baseline is the one process's."""
         masses = [t.token_mass for t in tallies.values() if t.token_mass is not None]
         vocab, width = shape if shape is not None else (masses[0].shape[0] if masses else 0, 0)
         width = max([width, *(m.shape[1] for m in masses)])
@@ -285,11 +289,12 @@ class SpecialisationStats:
             for domain, tally in tallies.items()
             for ids, mass in tally.examples
         ]
-        row_mass = [_rows_of(t, width, device) for t in tallies.values()]
+        batches = [_batches_of(t, width) for t in tallies.values()]  # per domain, per batch [B, width]
         if reduce and dist.is_available() and dist.is_initialized():
             gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, row_mass)
-            row_mass = [np.concatenate([g[d] for g in gathered]) for d in range(len(row_mass))]
+            dist.all_gather_object(gathered, batches)
+            batches = [_interleaved([g[d] for g in gathered]) for d in range(len(batches))]
+        row_mass = [np.concatenate(b) if b else np.zeros((0, width)) for b in batches]
         return cls(list(tallies), routing, stacked.sum(1), stacked.sum(0), examples, row_mass)
 
     @property
@@ -321,12 +326,14 @@ class SpecialisationStats:
         return out
 
 
-def _rows_of(tally: Tally, width: int, device) -> np.ndarray:
-    """[N, width] the row masses of a tally on the host (zero rows when it saw none)."""
-    if not tally.row_mass:
-        return np.zeros((0, width))
-    rows = torch.cat(tally.row_mass).cpu().numpy()
-    return np.pad(rows, ((0, 0), (0, width - rows.shape[1])))
+def _batches_of(tally: Tally, width: int) -> list[np.ndarray]:
+    """Per batch [B, width] the row masses of a tally on the host."""
+    return [np.pad(rows.cpu().numpy(), ((0, 0), (0, width - rows.shape[1]))) for rows in tally.row_mass]
+
+
+def _interleaved(per_rank: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """The batches of all ranks in the order of the set: batch 0 of each rank in rank order, then batch 1, ..."""
+    return [batch for step in itertools.zip_longest(*per_rank) for batch in step if batch is not None]
 
 
 @torch.no_grad()

@@ -7,7 +7,11 @@ What the stock Trainer (transformers 5) does not do for this model, and this mod
   expert keeps most of them, :mod:`~dylora_moe.train.collapse`), the loss-free selection bias per expert, the tokens per
   second of all processes together, and the main process's peak memory; :class:`MetricsFile` appends every log to
   ``metrics.jsonl`` (integrations such as wandb get the same dict through ``Trainer.log``).
-- Evaluation: the same routing statistics per evaluation set, plus perplexity (``eval_<domain>_ppl``).
+- Evaluation: the same routing statistics per evaluation set, plus perplexity (``eval_<domain>_ppl``); the loss is
+  the LM loss over all labelled tokens of the set. Under several processes each set is padded with blank rows, not
+  repeated ones (:class:`~dylora_moe.train.sharding.PaddedForRanks`), and the sums are taken over all ranks, so an
+  evaluation equals the one-process evaluation of the same model.
+- Several processes: :meth:`MoETrainer.train` makes sure DDP wraps the model even after an evaluation before training.
 - Saving: ``DyLoRA_MoE`` is not a PreTrainedModel, so the stock Trainer would write its whole state dict (the frozen
   base included, which fails on tied embeddings); :meth:`MoETrainer._save` (the Trainer's extension point for the
   model files) writes experts + router through ``save_pretrained`` instead. The rest of a checkpoint is the stock
@@ -35,10 +39,14 @@ import torch.distributed as dist
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.training_args import ParallelMode
 
 from ..io.atomic_folder import is_staging_name, publish, staging_root
+from ..io.checkpoint import save_checkpoint
+from ..io.full_state import is_sharded
 from .collapse import CollapseWatch
 from .runs import TRAINER_STATE, CheckpointNotFound, read_metrics
+from .sharding import PaddedForRanks
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +67,12 @@ def _publish(staging: str, target: str, last: str) -> None:
 class RoutingStats:
     """Token-weighted sums of a model output's routing statistics between two reads.
 
-    One float64 vector ``[tokens, lm_loss, balance_loss, router_entropy, share of expert 0..E-1]`` (fixed layout, so
-    processes can sum it), kept on the model's device so accumulating costs no host sync; :meth:`read` syncs once and
-    sums over processes (every process must call it, as the Trainer's logging and evaluation do).
+    One float64 vector ``[routed tokens, labelled tokens, lm_loss, balance_loss, router_entropy, share of expert
+    0..E-1]`` (fixed layout, so processes can sum it): the LM loss (a mean over the batch's labelled tokens) weighted
+    by the labelled tokens, the rest by the routed (attention-mask) tokens. So a mean read back is the mean over all
+    tokens added, however they were batched or spread over processes. Kept on the model's device so accumulating
+    costs no host sync; :meth:`read` syncs once and sums over processes (every process must call it, as the Trainer's
+    logging and evaluation do).
     """
 
     KEYS = ("lm_loss", "balance_loss", "router_entropy")
@@ -79,19 +90,26 @@ class RoutingStats:
             self.seconds += time.perf_counter() - self.running_since
             self.running_since = None
 
-    def add(self, output, attention_mask: torch.Tensor) -> None:
+    def add(self, output, attention_mask: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Add one forward's statistics; ``labels`` (-100 where nothing is scored) count the LM loss's tokens
+        (shifted by one, as the loss is), else every routed token does. A batch with no token adds zeros."""
         tokens = attention_mask.sum().to(torch.float64)
+        scored = tokens if labels is None else (labels[:, 1:] != -100).sum().to(torch.float64)
         zero = tokens.new_zeros(())
         values = [getattr(output, key, None) for key in self.KEYS]
         values = [zero if v is None else v.detach().to(torch.float64).reshape(()) for v in values]
         shares = output.expert_token_fraction.detach().to(torch.float64).reshape(-1)
-        row = torch.cat([tokens.new_ones(1), torch.stack(values), shares]) * tokens
+        lm_loss, balance_loss, router_entropy = values
+        head = torch.stack([tokens, scored, lm_loss * scored, balance_loss * tokens, router_entropy * tokens])
+        row = torch.cat([head, shares * tokens])
+        row = torch.where(tokens > 0, row, torch.zeros_like(row))  # no token: nothing (an empty mean may be NaN)
         self.sums = row if self.sums is None else self.sums + row
 
     def read(self) -> dict[str, float]:
-        """Token-weighted means since the last read (``util_expert_i`` per expert), the ``tokens`` routed and the
-        ``seconds`` the clock ran; resets. Empty when no process added anything."""
-        sums = self.sums if self.sums is not None else torch.zeros(4 + self.num_experts, dtype=torch.float64)
+        """Token-weighted means since the last read (``util_expert_i`` per expert), the ``tokens`` routed, the
+        ``scored_tokens`` of the LM loss and the ``seconds`` the clock ran; resets. Empty when no process added
+        anything."""
+        sums = self.sums if self.sums is not None else torch.zeros(5 + self.num_experts, dtype=torch.float64)
         running = self.running_since is not None
         self.stop_clock()
         elapsed = self.seconds
@@ -102,12 +120,13 @@ class RoutingStats:
         self.sums, self.seconds = None, 0.0
         if running:
             self.start_clock()
-        tokens = float(sums[0])
+        tokens, scored = float(sums[0]), float(sums[1])
         if tokens == 0:
             return {}
-        out = {key: float(value) / tokens for key, value in zip(self.KEYS, sums[1:4])}
-        out.update({f"util_expert_{e}": float(share) / tokens for e, share in enumerate(sums[4:])})
-        out["tokens"], out["seconds"] = tokens, elapsed
+        out = {"lm_loss": float(sums[2]) / max(scored, 1.0)}
+        out.update({key: float(value) / tokens for key, value in zip(self.KEYS[1:], sums[3:5])})
+        out.update({f"util_expert_{e}": float(share) / tokens for e, share in enumerate(sums[5:])})
+        out["tokens"], out["scored_tokens"], out["seconds"] = tokens, scored, elapsed
         return out
 
 
@@ -208,12 +227,24 @@ class MoETrainer(Trainer):
         self.collapse = collapse if collapse is not None else CollapseWatch(num_experts)
         self.add_callback(StepClock(self.train_stats))
         self.add_callback(BalanceStep(model))
+        if self.eval_dataset is not None:
+            self.eval_dataset = self._padded_for_ranks(self.eval_dataset)
+        if getattr(model, "_no_split_modules", None) is None:  # FSDP's auto-wrap: one unit per decoder block
+            model._no_split_modules = getattr(model.foundation_model, "_no_split_modules", None)
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            logger.warning(
+                "--fsdp is not applied: accelerate shards only on accelerators (GPU, NPU, XPU, ...), so this run is "
+                "%s (run.json records it); see docs/distributed.md",
+                "DDP" if self.args.world_size > 1 else "one process",
+            )
 
     # ----- loss and metrics --------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"])
-        (self.train_stats if model.training else self.eval_stats).add(outputs, inputs["attention_mask"])
+        training = self.accelerator.unwrap_model(model).training  # the model's own mode (a DeepSpeed engine's may
+        # say training during an evaluation before train())
+        (self.train_stats if training else self.eval_stats).add(outputs, inputs["attention_mask"], inputs["labels"])
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -237,16 +268,60 @@ class MoETrainer(Trainer):
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
+        """The stock loop, then the routing statistics of its forwards; the loss is the LM loss over all labelled
+        tokens of the set (the stock loop's mean of batch means would depend on the batching and the processes)."""
         self.eval_stats.read()  # drop anything left from an interrupted loop
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         stats = self.eval_stats.read()
+        if "lm_loss" in stats:
+            output.metrics[f"{metric_key_prefix}_loss"] = stats["lm_loss"]
         for key, value in stats.items():
-            if key not in ("lm_loss", "tokens", "seconds"):  # eval loss is the LM loss already
+            if key not in ("lm_loss", "tokens", "scored_tokens", "seconds"):
                 output.metrics[f"{metric_key_prefix}_{key}"] = value
         loss = output.metrics.get(f"{metric_key_prefix}_loss")
         if loss is not None:
             output.metrics[f"{metric_key_prefix}_ppl"] = math.exp(min(loss, 700.0))
         return output
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """The stock loader; under several processes over the set padded with blank rows for the ranks
+        (:class:`PaddedForRanks`), so that no row is evaluated twice when the set does not split evenly. The sets
+        given to the constructor are padded there (so the stock loader's per-name cache stays per name), a set
+        passed here is padded here."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self._padded_for_ranks(eval_dataset)
+        return super().get_eval_dataloader(eval_dataset)
+
+    def _padded_for_ranks(self, dataset):
+        """``dataset`` (or each of a dict) padded to a multiple of world size x evaluation batch; as it is in one
+        process."""
+        if isinstance(dataset, dict):
+            return {name: self._padded_for_ranks(part) for name, part in dataset.items()}
+        if self.args.world_size == 1 or isinstance(dataset, PaddedForRanks):
+            return dataset
+        return PaddedForRanks(dataset, self.args.world_size * self.args.eval_batch_size)
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``, after undoing what an evaluation before training did to the model.
+
+        ``Trainer.evaluate`` before ``train`` prepares the model for evaluation only. Under DDP accelerate marks the
+        bare model prepared, and ``train`` would then not wrap it in DistributedDataParallel: every process would
+        train its own copy on its own batches (gradients never averaged: the ranks' experts drift apart, an
+        evaluation mixes them, and the checkpoint holds rank 0's alone). Under DeepSpeed the evaluation's engine has
+        no optimizer, and ``train`` would keep it (its backward fails). FSDP shards the model for good at that
+        evaluation, which training keeps."""
+        model = self.model
+        distributed = self.args.parallel_mode == ParallelMode.DISTRIBUTED
+        if distributed and not (self.is_fsdp_enabled or self.is_deepspeed_enabled) and self.model_wrapped is model:
+            if vars(model).pop("_is_accelerate_prepared", False):
+                self.accelerator._models[:] = [m for m in self.accelerator._models if m is not model]
+                if "_original_forward" in vars(model):  # accelerate's autocast wrapper: prepare puts it back
+                    vars(model).pop("forward", None)
+                    vars(model).pop("_original_forward")
+        if self.is_deepspeed_enabled and self.model_wrapped is not model and self.optimizer is None:
+            self.model_wrapped, self.deepspeed = model, None  # train() builds the training engine
+            self.accelerator._models.clear()
+        return super().train(*args, **kwargs)
 
     # ----- saving and loading ------------------------------------------------------------------------------------
 
@@ -262,7 +337,7 @@ class MoETrainer(Trainer):
         output_dir = os.path.abspath(output_dir or os.path.join(self.args.output_dir, "final"))
         parent, name = os.path.split(output_dir)
         if is_staging_name(name) or is_staging_name(os.path.basename(parent)):
-            self._write_model(output_dir)
+            self._write_model(output_dir, state_dict)
             return
         if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(_args_file(output_dir)):
             raise FileExistsError(
@@ -270,11 +345,18 @@ class MoETrainer(Trainer):
             )
         staging = str(staging_root(Path(output_dir)))
         shutil.rmtree(staging, ignore_errors=True)
-        self._write_model(staging)
+        self._write_model(staging, state_dict)
         _publish(staging, output_dir, last=TRAINING_ARGS_FILE)
 
-    def _write_model(self, folder: str) -> None:
-        self.accelerator.unwrap_model(self.model).save_pretrained(folder)
+    def _write_model(self, folder: str, state_dict=None) -> None:
+        """The model's checkpoint; a model sharded by FSDP or DeepSpeed ZeRO is written from the full
+        ``state_dict`` the Trainer gathered on every rank before calling :meth:`_save` (the same files one process
+        writes)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if state_dict and (is_sharded(model) or self.is_deepspeed_enabled):
+            save_checkpoint(model, folder, state_dict=state_dict)
+        else:
+            model.save_pretrained(folder)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(folder)
         Path(_args_file(folder)).write_text(self.args.to_json_string())  # JSON: nothing to unpickle at load

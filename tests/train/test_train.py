@@ -92,14 +92,15 @@ def test_end_to_end_metrics_report_and_reload(straight_run):
     base = AutoModelForCausalLM.from_pretrained(next(out.glob("tiny-*")))
     reloaded = DyLoRA_MoE.from_pretrained(base, out / "final").eval()
     dataset = trainer.eval_dataset["code_alpaca"]
-    total, rows = 0.0, 0
+    total, tokens = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(dataset), 4):  # the Trainer's eval loss: batch means weighted by batch rows
+        for start in range(0, len(dataset), 4):  # the eval loss: the mean over all labelled tokens of the set
             batch = [dataset[i] for i in range(start, min(start + 4, len(dataset)))]
             inputs = {k: torch.stack([b[k] for b in batch]) for k in ("input_ids", "attention_mask", "labels")}
-            total += float(reloaded(**inputs).loss) * len(batch)
-            rows += len(batch)
-    assert math.isclose(total / rows, final["eval_code_alpaca_loss"], rel_tol=1e-5)
+            scored = int((inputs["labels"][:, 1:] != -100).sum())
+            total += float(reloaded(**inputs).loss) * scored
+            tokens += scored
+    assert math.isclose(total / tokens, final["eval_code_alpaca_loss"], rel_tol=1e-5)
 
 
 class _Interrupt(Exception):
