@@ -8,7 +8,6 @@ On a machine without CUDA the Triton kernels run in Triton's interpreter, which 
 triton is first imported; this file does that, so a plain ``pytest`` works the same as ``.ci/run``.
 """
 
-import importlib.util
 import os
 
 import torch
@@ -21,7 +20,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-from helpers import DEVICE, HAS_CUDA  # noqa: E402
+from helpers import DEVICE, HAS_CUDA, HAS_DATASETS, NEEDS_DATASETS  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +36,6 @@ def device():
     return DEVICE
 
 
-HAS_DATASETS = importlib.util.find_spec("datasets") is not None
-NEEDS_DATASETS = "needs the datasets package to read the corpora (not installed here: pip install datasets)"
 # Files whose tests run train.py end to end (in process or as subprocesses) or read the corpora.
 TRAINING_FILES = {
     "test_data.py",

@@ -1,6 +1,8 @@
 """What tests import from one another: the device they run on, the GPU marker and the shared-data marker (pytest
 discourages importing conftest.py, which only sets the session up)."""
 
+import importlib.util
+
 import pytest
 import torch
 from train_support import HAS_SHARED_DATA, SHARED_DATA_DIR
@@ -13,3 +15,7 @@ requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (bf16 T
 needs_shared_mbpp = pytest.mark.skipif(
     not HAS_SHARED_DATA, reason=f"reads the real MBPP file (its task ids and solutions), not at {SHARED_DATA_DIR}"
 )
+
+# The corpora's reader (a GPU machine's image has no datasets package: those tests skip there, saying so).
+HAS_DATASETS = importlib.util.find_spec("datasets") is not None
+NEEDS_DATASETS = "needs the datasets package to read the corpora (not installed here: pip install datasets)"

@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import HAS_DATASETS, NEEDS_DATASETS
 from train_support import REPO, TINY
-
-from conftest import HAS_DATASETS, NEEDS_DATASETS
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAS_DATASETS, reason=NEEDS_DATASETS)]
 
