@@ -44,6 +44,7 @@ def _is_number(value) -> bool:
 # alpha / r, and fp16 ends at 65504 (bf16 trains in fp32 here, but its products are cast back for the base).
 TEMPERATURE_RANGE = (1e-3, 1e3)
 MAX_LORA_ALPHA = 1e4
+_ALPHA_RANGE = f"in (0, {MAX_LORA_ALPHA:g}]"
 
 
 def _is_alpha(value) -> bool:
@@ -82,12 +83,12 @@ def check_setting(name: str, value, **others) -> None:
 RULES = {
     "num_experts": (lambda v, c: _is_int(v) and v >= 1, "an {int} >= 1"),
     "lora_r": (lambda v, c: _is_int(v) and v >= 1, "an {int} >= 1"),
-    "lora_alpha": (lambda v, c: _is_alpha(v), f"a {{number}} in (0, {MAX_LORA_ALPHA:g}] (alpha / r scales the experts)"),
+    "lora_alpha": (lambda v, c: _is_alpha(v), "a {number} " + _ALPHA_RANGE + " (alpha / r scales the experts)"),
     "lora_dropout": (lambda v, c: _is_number(v) and 0.0 <= v < 1.0, "{probability}in [0, 1)"),
     "top_k": (lambda v, c: _is_int(v) and 1 <= v <= c.num_experts, "an {int} in [1, {num_experts}]"),
     "temperature": (
         lambda v, c: _is_number(v) and TEMPERATURE_RANGE[0] <= v <= TEMPERATURE_RANGE[1],
-        "a {number} in [%g, %g] (the router divides its logits by it)" % TEMPERATURE_RANGE,
+        "a {{number}} in [{:g}, {:g}] (the router divides its logits by it)".format(*TEMPERATURE_RANGE),
     ),
     "sequence_top_k": (
         lambda v, c: v is None or (_is_int(v) and 1 <= v <= c.num_experts),
@@ -210,7 +211,7 @@ class DyLoRAMoEConfig:
             if not self.target_modules:
                 raise ValueError("target_modules is empty; pass None for the architecture's defaults")
             self.target_modules = list(self.target_modules)
-        experts = (("expert_ranks", _is_int, "int >= 1"), ("expert_alphas", _is_alpha, f"number in (0, {MAX_LORA_ALPHA:g}]"))
+        experts = (("expert_ranks", _is_int, "int >= 1"), ("expert_alphas", _is_alpha, f"number {_ALPHA_RANGE}"))
         for name, check, what in experts:
             values = getattr(self, name)
             if values is None:

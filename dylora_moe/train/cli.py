@@ -19,6 +19,7 @@ With --sweep: one sub-folder per configuration, sweep.md, sweep.png and sweep_wa
 """
 
 import argparse
+import contextlib
 import datetime
 import logging
 import math
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 from dylora_moe.train.args import (
+    CHANGEABLE_SETTINGS,
     REPO,
     build_parser,
     full_parser,
@@ -134,6 +136,16 @@ def main(argv=None) -> dict:
         argv = sys.argv[1:] if argv is None else list(argv)
         flags = set(build_parser()._option_string_actions) | set(full_parser()._option_string_actions)
         return {"sweep": run_sweep(args.sweep, argv, args.output_dir, known_flags=flags, jobs=args.sweep_jobs)}
+    from dylora_moe.train.runs import RunFolderLock
+
+    # One run per folder: the main process holds the folder's lock until the run ends (under torchrun the other
+    # processes stop when a refused main process exits).
+    with RunFolderLock(args.output_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        return run_training(args, argv)
+
+
+def run_training(args: argparse.Namespace, argv) -> dict:
+    """One training run into ``args.output_dir`` (:func:`main` holds the folder's lock)."""
     started = time.time()
     from dylora_moe.train.runs import plan_run, start_run
 
@@ -149,6 +161,8 @@ def main(argv=None) -> dict:
         resume=args.resume_from_checkpoint,
         overwrite=args.overwrite_output_dir,
         check_conflicts=is_main,
+        allow_changes=frozenset(CHANGEABLE_SETTINGS if args.allow_setting_changes else ()),
+        changeable=frozenset(CHANGEABLE_SETTINGS),
     )
     # ----- data (errors show before the heavy imports), then the Trainer's arguments ------------------------------
     from dylora_moe.train.data import DOMAINS, build_corpus, load_domain
@@ -327,25 +341,18 @@ def interrupted_message(argv: list[str]) -> str:
 
 
 def disk_full_message(err: BaseException, argv: list[str]) -> str | None:
-    """The message for a write that failed for want of space ("no space left on device" and where; torch.save
-    reports it as a bare ``basic_ios::clear: iostream error``); None for any other error."""
-    import errno
-    import shutil
+    """The message for a write that failed for want of space ("no space left on device" and where), however the
+    library words it (:mod:`dylora_moe.io.disk_full`); None for any other error."""
+    from dylora_moe.io.disk_full import failed_path, free_bytes, is_disk_full
 
     out = _output_dir(argv)
-    try:
-        free = shutil.disk_usage(next(p for p in (out, *out.parents) if p.exists())).free
-    except (OSError, StopIteration):
+    if not is_disk_full(err, out):
         return None
-    full = getattr(err, "errno", None) == errno.ENOSPC or (
-        isinstance(err, RuntimeError) and "iostream error" in str(err) and free < 64 * 2**20
-    )
-    if not full:
-        return None
-    where = getattr(err, "filename", None) or out
+    where, free = failed_path(err) or out, free_bytes(out)
+    space = f" ({free / 2**20:.0f} MiB free there now)" if free is not None else ""
     return (
-        f"error: no space left on device while writing to {where} ({free / 2**20:.0f} MiB free there): free some "
-        "space or pass another --output_dir; the checkpoints already written are complete, and "
+        f"error: no space left on device while writing to {where}{space}: free some space or pass another "
+        "--output_dir; the unfinished save was removed, the checkpoints already written are complete, and "
         "--resume_from_checkpoint continues from the last one"
     )
 
@@ -368,6 +375,7 @@ def cli() -> None:
             sys.exit(print(f"train.py: error: {err}", file=sys.stderr) or 2)
         known = [CheckpointNotFound]
         for module, name in (
+            ("dylora_moe.io.checkpoint", "CheckpointError"),
             ("dylora_moe.train.data", "DataError"),
             ("dylora_moe.train.base_models", "ModelLoadError"),
             ("dylora_moe.train.gradient_coverage", "GradientCoverageError"),

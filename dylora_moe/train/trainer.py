@@ -12,8 +12,12 @@ What the stock Trainer (transformers 5) does not do for this model, and this mod
   base included, which fails on tied embeddings); :meth:`MoETrainer._save` (the Trainer's extension point for the
   model files) writes experts + router through ``save_pretrained`` instead. The rest of a checkpoint is the stock
   ``Trainer._save_checkpoint``, pointed at a staging folder and published by one rename when complete, so a save
-  cut short never leaves a ``checkpoint-N`` that resume would load. Every checkpoint records the run id
-  (:class:`RunIdentity`, a stateful callback) and every ``metrics.jsonl`` row too (:class:`MetricsFile`).
+  cut short never leaves a ``checkpoint-N`` that resume would load (a failed save removes its staging folder; a full
+  disk is reported as ENOSPC). Every checkpoint records the run id (:class:`RunIdentity`, a stateful callback) and
+  the files it holds (:func:`~dylora_moe.train.runs.write_manifest`), and every ``metrics.jsonl`` row the run id
+  too (:class:`MetricsFile`).
+- Rotation (``save_total_limit``) removes only this run's checkpoints, never another run's or one holding a file
+  train.py did not write (the stock rotation prunes every ``checkpoint-*`` of the folder).
 - Resume and best-model reload read those files back into the live model.
 - Balancing: the model's ``balance_step`` after every optimizer step (:class:`BalanceStep`).
 """
@@ -34,11 +38,23 @@ import torch
 import torch.distributed as dist
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..io.atomic_folder import is_staging_name, publish, staging_root
+from ..io.disk_full import as_disk_full
 from .collapse import CollapseWatch
-from .runs import TRAINER_STATE, CheckpointNotFound, read_metrics
+from .runs import (
+    TRAINER_STATE,
+    CheckpointNotFound,
+    RunConflict,
+    checkpoint_identity,
+    checkpoints,
+    foreign_files,
+    own_checkpoints,
+    read_metrics,
+    rotation_victims,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +70,16 @@ def _args_file(folder: str) -> str:
 def _publish(staging: str, target: str, last: str) -> None:
     """Make ``staging`` visible as ``target``, replacing an earlier ``target`` whole in one step."""
     publish(Path(staging), Path(target), replace=os.path.exists(target), last=last)
+
+
+def _give_up(staging: str, err: BaseException):
+    """A save failed: remove its staging folder (a full disk must not stay full) and raise ``err``, as ENOSPC
+    where it was a full disk in other words (torch's ``unexpected pos``, safetensors' ``os error 28``)."""
+    disk_full = as_disk_full(err, staging)  # judged before the clean-up frees the space
+    shutil.rmtree(staging, ignore_errors=True)
+    if disk_full is not None:
+        raise disk_full from err
+    raise err
 
 
 class RoutingStats:
@@ -208,6 +234,8 @@ class MoETrainer(Trainer):
         self.collapse = collapse if collapse is not None else CollapseWatch(num_experts)
         self.add_callback(StepClock(self.train_stats))
         self.add_callback(BalanceStep(model))
+        self._published: set[str] = set()  # checkpoint folders this trainer wrote (rotation without a run id)
+        self.checkpoint_limit = self.args.save_total_limit  # what _rotate keeps (train() hides it from the stock loop)
 
     # ----- loss and metrics --------------------------------------------------------------------------------------
 
@@ -270,8 +298,11 @@ class MoETrainer(Trainer):
             )
         staging = str(staging_root(Path(output_dir)))
         shutil.rmtree(staging, ignore_errors=True)
-        self._write_model(staging)
-        _publish(staging, output_dir, last=TRAINING_ARGS_FILE)
+        try:
+            self._write_model(staging)
+            _publish(staging, output_dir, last=TRAINING_ARGS_FILE)
+        except BaseException as err:
+            _give_up(staging, err)
 
     def _write_model(self, folder: str) -> None:
         self.accelerator.unwrap_model(self.model).save_pretrained(folder)
@@ -294,10 +325,14 @@ class MoETrainer(Trainer):
         staged = os.path.join(root, name)
         if self.args.should_save:
             shutil.rmtree(root, ignore_errors=True)
+            if os.path.exists(final):
+                self._check_replaceable(final)
         self._barrier()
         self._staging_root = root
         try:
             super()._save_checkpoint(model, trial)  # writes <staging_root>/checkpoint-N
+        except BaseException as err:
+            _give_up(root, err)
         finally:
             self._staging_root = None
         best = self.state.best_model_checkpoint
@@ -307,16 +342,64 @@ class MoETrainer(Trainer):
                 self.state.save_to_json(os.path.join(staged, TRAINER_STATE))
         self._barrier()  # every process has written its part
         if self.args.should_save:
-            # A checkpoint of the same step (an abandoned segment of the run) is replaced.
-            _publish(staged, final, last=TRAINER_STATE)
+            try:
+                write_manifest(Path(staged))
+                # A checkpoint of the same step (an abandoned segment of this run) is replaced.
+                _publish(staged, final, last=TRAINER_STATE)
+            except BaseException as err:
+                _give_up(root, err)
             shutil.rmtree(root)
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
+            self._rotate(run_dir, keep=(final, self.state.best_model_checkpoint), limit=self.checkpoint_limit)
         self._barrier()
+
+    # ----- rotation: this run's checkpoints only -----------------------------------------------------------------
+
+    def _run_id(self) -> str | None:
+        identity = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, RunIdentity)), None)
+        return identity.run_id if identity is not None else None
+
+    def _is_own(self, checkpoint: str) -> bool:
+        """Whether ``checkpoint`` is one of this run's (its recorded run id, or published by this trainer where no
+        :class:`RunIdentity` names the run) and holds only files train.py wrote."""
+        run_id = self._run_id()
+        if run_id is None:
+            mine = os.path.abspath(checkpoint) in self._published
+        else:
+            mine = (checkpoint_identity(Path(checkpoint)) or {}).get("run_id") == run_id
+        return mine and not foreign_files(Path(checkpoint))
+
+    def _check_replaceable(self, checkpoint: str) -> None:
+        if not self._is_own(checkpoint):
+            raise RunConflict(
+                f"{checkpoint} is not a checkpoint of this run, or holds files train.py did not write: not replacing "
+                "it (move it elsewhere; the checkpoints before it are complete)"
+            )
+
+    def _rotate(self, run_dir: str, keep: tuple, limit: int | None) -> None:
+        """``save_total_limit`` over this run's checkpoints only (the newest and the best always stay)."""
+        self._published.add(os.path.abspath(keep[0]))
+        run_id = self._run_id()
+        if run_id is not None:
+            candidates = [p for _, p in own_checkpoints(Path(run_dir), run_id)]
+        else:  # no run id to tell the run's checkpoints by: only those this trainer published
+            candidates = [p for _, p in checkpoints(Path(run_dir)) if str(p.absolute()) in self._published]
+        for path in rotation_victims(candidates, limit, keep):
+            logger.info("deleting %s (save_total_limit %s)", path, limit)
+            shutil.rmtree(path, ignore_errors=True)
+
+    def train(self, *args, **kwargs):
+        """The stock training loop, with rotation kept here: the stock loop's own pruning (with a limit of 1, every
+        ``checkpoint-*`` but the best, at the end) would reach other runs' checkpoints."""
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        self.checkpoint_limit = limit
+        try:
+            result = super().train(*args, **kwargs)
+        finally:
+            self.args.save_total_limit = limit
+        best = self.state.best_model_checkpoint
+        if limit == 1 and best and self.args.should_save:
+            self._rotate(self.args.output_dir, keep=(best,), limit=1)
+        return result
 
     def _get_output_dir(self, trial) -> str:
         """The staging folder while :meth:`_save_checkpoint` runs the stock save, else the stock run folder."""
