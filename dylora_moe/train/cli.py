@@ -21,6 +21,7 @@ With --sweep: one sub-folder per configuration, sweep.md, sweep.png and sweep_wa
 import argparse
 import contextlib
 import datetime
+import functools
 import logging
 import math
 import os
@@ -136,18 +137,14 @@ def main(argv=None) -> dict:
         argv = sys.argv[1:] if argv is None else list(argv)
         flags = set(build_parser()._option_string_actions) | set(full_parser()._option_string_actions)
         return {"sweep": run_sweep(args.sweep, argv, args.output_dir, known_flags=flags, jobs=args.sweep_jobs)}
-    from dylora_moe.train.runs import RunFolderLock
-
-    # One run per folder: the main process holds the folder's lock until the run ends (under torchrun the other
-    # processes stop when a refused main process exits).
-    with RunFolderLock(args.output_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
-        return run_training(args, argv)
+    with contextlib.ExitStack() as held:  # the output folder's lock, from the run's first write to its end
+        return run_training(args, argv, held)
 
 
-def run_training(args: argparse.Namespace, argv) -> dict:
-    """One training run into ``args.output_dir`` (:func:`main` holds the folder's lock)."""
+def run_training(args: argparse.Namespace, argv, held: contextlib.ExitStack) -> dict:
+    """One training run into ``args.output_dir``; ``held`` keeps the folder's lock until :func:`main` returns."""
     started = time.time()
-    from dylora_moe.train.runs import plan_run, start_run
+    from dylora_moe.train.runs import RunFolderLock, plan_run, start_run
 
     report_to = resolve_report_to(args.report_to, args.output_dir)
     # Flags only the Trainer knows (or typos) are checked first, so a typo gets its own error even where the folder
@@ -155,7 +152,10 @@ def run_training(args: argparse.Namespace, argv) -> dict:
     training_args = trainer_arguments(argv, report_to) if args.trainer_only else None
     # ----- output folder: one run per folder, decided before anything is written -------------------------------
     is_main = int(os.environ.get("RANK", "0")) == 0
-    plan = plan_run(
+    if is_main:
+        RunFolderLock.refuse_if_held(args.output_dir)  # another run writing there: say so before anything else
+    plan_for_folder = functools.partial(
+        plan_run,
         args.output_dir,
         model_fingerprint(args),
         resume=args.resume_from_checkpoint,
@@ -164,6 +164,7 @@ def run_training(args: argparse.Namespace, argv) -> dict:
         allow_changes=frozenset(CHANGEABLE_SETTINGS if args.allow_setting_changes else ()),
         changeable=frozenset(CHANGEABLE_SETTINGS),
     )
+    plan = plan_for_folder()
     # ----- data (errors show before the heavy imports), then the Trainer's arguments ------------------------------
     from dylora_moe.train.data import DOMAINS, build_corpus, load_domain
 
@@ -172,6 +173,10 @@ def run_training(args: argparse.Namespace, argv) -> dict:
     shown = {k: v for k, v in vars(args).items() if k not in ("help_trainer", "trainer_only")}
     logger.info("arguments: %s", shown | {"token": "***" if args.token else None})
     if is_main:
+        # One run per folder: the lock is held until the run ends (under torchrun by the main process only; the
+        # others stop when a refused main process exits). Planned again under it: another run may have written here.
+        held.enter_context(RunFolderLock(args.output_dir))
+        plan = plan_for_folder()
         start_run(plan)  # the first write: staging leftovers go, run.json, metrics.jsonl cut to the checkpoint
 
     import torch

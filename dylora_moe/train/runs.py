@@ -82,27 +82,46 @@ class CheckpointNotFound(FileNotFoundError):
 
 class RunFolderLock:
     """An exclusive lock on a run folder for as long as the run lives: ``fcntl.flock`` on :data:`LOCK_FILE` inside
-    it. The kernel drops the lock when the process ends, however it ends (a kill included), so a stale lock never
-    blocks the next run; a second run while the first is alive is refused with :class:`RunConflict`. Under torchrun
-    only the main process takes it (the others stop when it exits)."""
+    it (the file holds the holder's process id). The kernel drops the lock when the process ends, however it ends (a
+    kill included), so a stale lock never blocks the next run; a second run while the first is alive is refused with
+    :class:`RunConflict`. Under torchrun only the main process takes it (the others stop when it exits)."""
 
     def __init__(self, folder: str | Path):
         self.folder, self.fd = Path(folder), None
 
-    def __enter__(self) -> RunFolderLock:
+    @staticmethod
+    def _take(fd: int, folder: Path) -> None:
         import fcntl
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
             raise RunConflict(
-                f"--output_dir {self.folder} is in use by another run (process {holder} holds {LOCK_FILE}): one run "
-                "per folder; wait for it to end, or pass another --output_dir"
+                f"--output_dir {folder} is in use by another run (process {holder} holds {folder / LOCK_FILE}): one "
+                "run per folder; wait for it to end, or pass another --output_dir"
             ) from None
+
+    @classmethod
+    def refuse_if_held(cls, folder: str | Path) -> None:
+        """Raise :class:`RunConflict` when a live run holds ``folder``'s lock; writes nothing."""
+        try:
+            fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        try:
+            cls._take(fd, Path(folder))
+        finally:
+            os.close(fd)  # releases the probe's lock at once
+
+    def __enter__(self) -> RunFolderLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._take(fd, self.folder)
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
