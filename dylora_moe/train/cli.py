@@ -152,8 +152,12 @@ def run_training(args: argparse.Namespace, argv, held: contextlib.ExitStack) -> 
     training_args = trainer_arguments(argv, report_to) if args.trainer_only else None
     # ----- output folder: one run per folder, decided before anything is written -------------------------------
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main:
-        RunFolderLock.refuse_if_held(args.output_dir)  # another run writing there: say so before anything else
+    # One run per folder: the main process holds the folder's lock until the run ends (under torchrun the others
+    # stop when a refused main process exits). A folder that does not exist yet is created, and locked, only at the
+    # first write below.
+    locked = is_main and Path(args.output_dir).is_dir()
+    if locked:
+        held.enter_context(RunFolderLock(args.output_dir))
     plan_for_folder = functools.partial(
         plan_run,
         args.output_dir,
@@ -173,10 +177,9 @@ def run_training(args: argparse.Namespace, argv, held: contextlib.ExitStack) -> 
     shown = {k: v for k, v in vars(args).items() if k not in ("help_trainer", "trainer_only")}
     logger.info("arguments: %s", shown | {"token": "***" if args.token else None})
     if is_main:
-        # One run per folder: the lock is held until the run ends (under torchrun by the main process only; the
-        # others stop when a refused main process exits). Planned again under it: another run may have written here.
-        held.enter_context(RunFolderLock(args.output_dir))
-        plan = plan_for_folder()
+        if not locked:  # planned for a folder that did not exist: planned again under the lock, in case it does now
+            held.enter_context(RunFolderLock(args.output_dir))
+            plan = plan_for_folder()
         start_run(plan)  # the first write: staging leftovers go, run.json, metrics.jsonl cut to the checkpoint
 
     import torch

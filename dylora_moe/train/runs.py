@@ -102,18 +102,6 @@ class RunFolderLock:
                 "run per folder; wait for it to end, or pass another --output_dir"
             ) from None
 
-    @classmethod
-    def refuse_if_held(cls, folder: str | Path) -> None:
-        """Raise :class:`RunConflict` when a live run holds ``folder``'s lock; writes nothing."""
-        try:
-            fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        try:
-            cls._take(fd, Path(folder))
-        finally:
-            os.close(fd)  # releases the probe's lock at once
-
     def __enter__(self) -> RunFolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -374,8 +362,9 @@ def plan_run(
             )
         chosen, damaged = newest_intact(own)
         if chosen is None:
-            raise CheckpointNotFound(f"--resume_from_checkpoint: no intact checkpoint of run {run['run_id']}: "
-                                     f"{'; '.join(damaged)}")  # fmt: skip
+            raise CheckpointNotFound(
+                f"--resume_from_checkpoint: no intact checkpoint of run {run['run_id']}: {'; '.join(damaged)}"
+            )
         step, path = chosen
         if damaged:
             logger.warning("%s; resuming from %s, the newest intact checkpoint", "; ".join(damaged), path.name)

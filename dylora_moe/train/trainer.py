@@ -388,16 +388,19 @@ class MoETrainer(Trainer):
             shutil.rmtree(path, ignore_errors=True)
 
     def train(self, *args, **kwargs):
-        """The stock training loop, with rotation kept here: the stock loop's own pruning (with a limit of 1, every
-        ``checkpoint-*`` but the best, at the end) would reach other runs' checkpoints."""
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
-        self.checkpoint_limit = limit
+        """The stock training loop. With ``save_total_limit`` 1 it would end by deleting every ``checkpoint-*`` of
+        the folder but the best, other runs' too: the limit is hidden from it meanwhile, and the same prune is done
+        here over this run's checkpoints (rotation after each save is :meth:`_rotate`)."""
+        limit = self.checkpoint_limit = self.args.save_total_limit
+        if limit != 1:
+            return super().train(*args, **kwargs)
+        self.args.save_total_limit = None
         try:
             result = super().train(*args, **kwargs)
         finally:
             self.args.save_total_limit = limit
         best = self.state.best_model_checkpoint
-        if limit == 1 and best and self.args.should_save:
+        if best and self.args.should_save:
             self._rotate(self.args.output_dir, keep=(best,), limit=1)
         return result
 

@@ -95,8 +95,8 @@ def test_the_lock_is_held_for_the_run_and_released_after(tmp_path, monkeypatch):
 
     def run_training(args, argv, held):
         held.enter_context(RunFolderLock(args.output_dir))
-        with pytest.raises(RunConflict):
-            RunFolderLock.refuse_if_held(args.output_dir)
+        with pytest.raises(RunConflict), RunFolderLock(args.output_dir):
+            pass
         seen.append("ran")
         raise ValueError("the run failed")
 
@@ -104,7 +104,8 @@ def test_the_lock_is_held_for_the_run_and_released_after(tmp_path, monkeypatch):
     with pytest.raises(ValueError):
         train.main(["--output_dir", str(out)])
     assert seen == ["ran"]
-    RunFolderLock.refuse_if_held(out)  # released when the run ended, on an error too
+    with RunFolderLock(out):  # released when the run ended, on an error too
+        pass
 
 
 # ----- rotation and overwrite: the identified run's checkpoints only ----------------------------------------------
