@@ -25,15 +25,13 @@ import functools
 import logging
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from dylora_moe.provenance import commit, machine
 from dylora_moe.train.args import (
     CHANGEABLE_SETTINGS,
-    REPO,
     build_parser,
     full_parser,
     model_config,
@@ -56,10 +54,10 @@ def finished_at(checkpoint: str, max_steps: int) -> bool:
     return step >= (max_steps if max_steps > 0 else planned) > 0
 
 
-def load_model_and_tokenizer(args, splits, dtype):
+def load_model_and_tokenizer(args, splits, dtype, quantization=None):
     """The frozen base model and its tokenizer: tiny (built once from the full training text, cached in
-    --output_dir) or a hub id / local folder."""
-    from dylora_moe.train.base_models import TinyConfig, load_or_build_tiny, load_pretrained
+    --output_dir) or a hub id / local folder; either quantized by ``quantization`` (--load_in_4bit / 8bit)."""
+    from dylora_moe.base_models import TinyConfig, load_or_build_tiny, load_pretrained
     from dylora_moe.train.data import training_texts
 
     if args.model_name == "tiny":
@@ -71,16 +69,16 @@ def load_model_and_tokenizer(args, splits, dtype):
             max_position_embeddings=max(2048, args.max_length),
             seed=args.seed,
         )
-        model, tokenizer, folder = load_or_build_tiny(args.output_dir, training_texts(splits), config)
+        model, tokenizer, folder = load_or_build_tiny(args.output_dir, training_texts(splits), config, quantization)
         logger.info("tiny base model and tokenizer (vocab %d) in %s", len(tokenizer), folder)
         return model, tokenizer
-    return load_pretrained(args.model_name, token=args.token, dtype=dtype)
+    return load_pretrained(args.model_name, token=args.token, dtype=dtype, quantization=quantization)
 
 
 def check_max_length(base, max_length: int) -> None:
     """Refuse rows longer than the base model's positions (a ModelLoadError: one ``error:`` line, before the data is
     packed; the run has no checkpoint yet, so the corrected command reuses the folder)."""
-    from dylora_moe.train.base_models import ModelLoadError
+    from dylora_moe.base_models import ModelLoadError
 
     positions = getattr(base.config.get_text_config(), "max_position_embeddings", None)
     if positions and max_length > positions:
@@ -88,6 +86,12 @@ def check_max_length(base, max_length: int) -> None:
             f"--max_length {max_length} is longer than the base model's {positions} positions "
             f"(max_position_embeddings): pass --max_length <= {positions}"
         )
+
+
+def weights_in(param) -> int:
+    """The weights a parameter holds: a bitsandbytes 4-bit one packs two per byte (its quant_state has the shape)."""
+    state = getattr(param, "quant_state", None)
+    return state.shape.numel() if state is not None else param.numel()
 
 
 def parameter_breakdown(model) -> str:
@@ -100,7 +104,7 @@ def parameter_breakdown(model) -> str:
     router_frozen = sum(
         p.numel() for n, p in model.named_parameters() if n.startswith("router.") and not p.requires_grad
     )
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    frozen = sum(weights_in(p) for p in model.parameters() if not p.requires_grad)
     per_expert = trainable_lora // model.num_experts
     total = trainable_lora + router + frozen
     lines = [
@@ -111,22 +115,6 @@ def parameter_breakdown(model) -> str:
         f"total:  {total:>12,} ({100 * (trainable_lora + router) / total:.2f}% trainable)",
     ]
     return "\n".join(lines)
-
-
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} visible)"
-    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU"
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main(argv=None) -> dict:
@@ -170,7 +158,8 @@ def run_training(args: argparse.Namespace, argv, held: contextlib.ExitStack) -> 
     )
     plan = plan_for_folder()
     # ----- data (errors show before the heavy imports), then the Trainer's arguments ------------------------------
-    from dylora_moe.train.data import DOMAINS, build_corpus, load_domain
+    from dylora_moe.corpora import DOMAINS, load_domain
+    from dylora_moe.train.data import build_corpus
 
     splits = [load_domain(args.data_dir, domain) for domain in DOMAINS]
     training_args = training_args or trainer_arguments(argv, report_to)
@@ -196,8 +185,13 @@ def run_training(args: argparse.Namespace, argv, held: contextlib.ExitStack) -> 
     from dylora_moe.train.trainer import DomainEarlyStopping, MetricsFile, MoETrainer, RunIdentity
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar per load (base model, each checkpoint reload)
+    from dylora_moe.base_models import Quantization
+
     dtype = torch.bfloat16 if args.bf16 and torch.cuda.is_available() else None
-    base, tokenizer = load_model_and_tokenizer(args, splits, dtype)
+    quantization = Quantization.from_flags(args, dtype)
+    base, tokenizer = load_model_and_tokenizer(args, splits, dtype, quantization)
+    if quantization is not None:
+        logger.info("base model quantized on loading: %s", quantization.describe())
     check_max_length(base, args.max_length)  # before the rows are packed and a giant one allocated
     set_seed(args.seed)  # the expert init; the tiny base is seeded on its own, the Trainer seeds dropout and data order
     model = DyLoRA_MoE(base, token=args.token, config=model_config(args))
@@ -267,6 +261,7 @@ def run_training(args: argparse.Namespace, argv, held: contextlib.ExitStack) -> 
             "model": f"{args.model_name}, {args.num_experts} experts, r={args.lora_r}, routing={args.routing}, "
             f"top_k={args.top_k}, backend={args.backend}"
             + (", router frozen (--freeze_router)" if args.freeze_router else ""),
+            "base weights": quantization.describe() if quantization else str(base.dtype).removeprefix("torch."),
             "training": f"{trainer.state.global_step} optimizer steps, {trainer.state.epoch:.2f} epochs, "
             f"{corpus.train.num_tokens:,} training tokens per epoch, best checkpoint "
             f"{trainer.state.best_model_checkpoint or 'none (no evaluation during training)'}",
@@ -384,8 +379,8 @@ def cli() -> None:
         known = [CheckpointNotFound]
         for module, name in (
             ("dylora_moe.io.checkpoint", "CheckpointError"),
-            ("dylora_moe.train.data", "DataError"),
-            ("dylora_moe.train.base_models", "ModelLoadError"),
+            ("dylora_moe.corpora", "DataError"),
+            ("dylora_moe.base_models", "ModelLoadError"),
             ("dylora_moe.train.gradient_coverage", "GradientCoverageError"),
             ("dylora_moe.train.sweep", "SweepError"),
         ):

@@ -3,9 +3,9 @@ returning gradients that are silently wrong; the eager backend stays twice diffe
 
 import pytest
 import torch
+from helpers import DEVICE
 
 import dylora_moe.kernels as ops
-from conftest import DEVICE
 
 T, D, E, R, K = 4, 8, 3, 2, 2
 TWICE = r"backend 'triton' is not twice differentiable.*use backend='eager'"
