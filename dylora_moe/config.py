@@ -73,6 +73,18 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# Bounds that keep the router and the experts finite: the router divides its logits by the temperature (and adds
+# temperature * selection_bias), so 1e-39 gives inf logits and NaN weights; an expert's output is scaled by
+# alpha / r, and fp16 ends at 65504 (bf16 trains in fp32 here, but its products are cast back for the base).
+TEMPERATURE_RANGE = (1e-3, 1e3)
+MAX_LORA_ALPHA = 1e4
+_ALPHA_RANGE = f"in (0, {MAX_LORA_ALPHA:g}]"
+
+
+def _is_alpha(value) -> bool:
+    return _is_number(value) and 0 < value <= MAX_LORA_ALPHA
+
+
 class SettingError(ValueError):
     """A setting with a value its rule refuses. ``str()`` words it for Python callers (``top_k must be an int in
     [1, num_experts=2], got 3``); :meth:`as_flag` for train.py (``expected an integer in [1, --num_experts=2]``).
@@ -105,10 +117,13 @@ def check_setting(name: str, value, **others) -> None:
 RULES = {
     "num_experts": (lambda v, c: _is_int(v) and v >= 1, "an {int} >= 1"),
     "lora_r": (lambda v, c: _is_int(v) and v >= 1, "an {int} >= 1"),
-    "lora_alpha": (lambda v, c: _is_number(v) and v > 0, "a {number} > 0"),
+    "lora_alpha": (lambda v, c: _is_alpha(v), "a {number} " + _ALPHA_RANGE + " (alpha / r scales the experts)"),
     "lora_dropout": (lambda v, c: _is_number(v) and 0.0 <= v < 1.0, "{probability}in [0, 1)"),
     "top_k": (lambda v, c: _is_int(v) and 1 <= v <= c.num_experts, "an {int} in [1, {num_experts}]"),
-    "temperature": (lambda v, c: _is_number(v) and v > 0, "a {number} > 0"),
+    "temperature": (
+        lambda v, c: _is_number(v) and TEMPERATURE_RANGE[0] <= v <= TEMPERATURE_RANGE[1],
+        "a {{number}} in [{:g}, {:g}] (the router divides its logits by it)".format(*TEMPERATURE_RANGE),
+    ),
     "sequence_top_k": (
         lambda v, c: v is None or (_is_int(v) and 1 <= v <= c.num_experts),
         "None or an {int} in [1, {num_experts}]",
@@ -197,7 +212,9 @@ class DyLoRAMoEConfig:
     )
     z_loss_coefficient: float = _setting(0.0, "weight of the router z-loss, >= 0")
     mature_experts: bool = _setting(True, "mark the initial experts mature, so top-k applies from the start")
-    freeze_router: bool = _setting(False, "keep the gate at its initial weights; experts train")
+    freeze_router: bool = _setting(
+        False, "keep the gate at its initial weights and the loss-free selection bias where it is; experts train"
+    )
     fused_loss: bool | str = _setting(
         False,
         "the LM loss in row chunks from the hidden states, never the full [batch, length, vocabulary] logits "
@@ -228,7 +245,8 @@ class DyLoRAMoEConfig:
             if not self.target_modules:
                 raise ValueError("target_modules is empty; pass None for the architecture's defaults")
             self.target_modules = list(self.target_modules)
-        for name, check, what in (("expert_ranks", _is_int, "int >= 1"), ("expert_alphas", _is_number, "number > 0")):
+        experts = (("expert_ranks", _is_int, "int >= 1"), ("expert_alphas", _is_alpha, f"number {_ALPHA_RANGE}"))
+        for name, check, what in experts:
             values = getattr(self, name)
             if values is None:
                 continue
@@ -241,6 +259,11 @@ class DyLoRAMoEConfig:
             raise ValueError(f"growth_rank must be 'same', 'original' or an int >= 1, got {self.growth_rank!r}")
 
     def _check_combinations(self) -> None:
+        if self.routing == "token" and self.sequence_top_k is not None:
+            raise ValueError(
+                f"sequence_top_k={self.sequence_top_k} applies to routing='sequence' only; routing='token' keeps "
+                "top_k experts per token (pass sequence_top_k=None, or routing='sequence')"
+            )
         if self.backend == "reference" and self.mixture == "ffn":
             raise ValueError(
                 "backend='reference' runs the original algorithm on peft adapters of linear layers: no FFN-expert "

@@ -194,6 +194,11 @@ class FusedOp:
 
             @staticmethod
             def backward(ctx, *grads):
+                if torch.is_grad_enabled():  # create_graph=True: the kernels' backward has no backward of its own
+                    raise RuntimeError(
+                        f"{op.name}: backend 'triton' is not twice differentiable (create_graph=True, e.g. a "
+                        "gradient penalty); use backend='eager'"
+                    )
                 return op._input_grads(ctx, grads, op.backward)
 
         Eager.__name__ = Eager.__qualname__ = f"{name}_function"

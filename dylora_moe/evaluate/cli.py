@@ -110,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--bf16", action="store_true", help="load the base model in bfloat16")
     run = p.add_argument_group("scoring")
     run.add_argument(
-        "--k", type=_list(int), default=None, help="pass@k values (default: 1,10,100 for --samples, else 1)"
+        "--k", type=_list(_positive(int)), default=None, help="pass@k values (default: 1,10,100 for --samples, else 1)"
     )
     run.add_argument("--timeout", type=_positive(float), default=3.0, help="seconds per program (wall clock)")
     run.add_argument("--memory_mb", type=_positive(int), default=1024, help="address-space limit per program")

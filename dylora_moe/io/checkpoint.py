@@ -428,9 +428,48 @@ class _StagedCheckpoint:
     router: dict[str, torch.Tensor]
 
 
+READ_ATTEMPTS = 20  # reads of a folder that saves keep replacing, before its error is believed
+
+
+def _replaced(held: int, directory: Path) -> bool:
+    """Whether the folder at ``directory`` is no longer the one the descriptor ``held`` opened (a save swapped a new
+    version in)."""
+    try:
+        now = os.stat(directory)
+    except OSError:
+        return True
+    then = os.fstat(held)
+    return (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino)
+
+
+def _read_consistently(directory: Path, read):
+    """``read()`` a checkpoint folder that a save may replace meanwhile: the reader gets the old checkpoint or the
+    new one, never a false "corrupted". Every file is checked against the checksums of the config read first, so a
+    read that succeeds is one version; a read that fails while a save swapped the folder (:func:`publish`) is
+    started again. The folder is held open meanwhile, so its identity cannot be reused by a later one."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            held = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return read()  # not a folder: read() says so
+        try:
+            return read()
+        except (CheckpointError, OSError):
+            if attempt + 1 == READ_ATTEMPTS or not _replaced(held, directory):
+                raise
+            logger.debug("%s was replaced while it was read; reading it again", directory)
+        finally:
+            os.close(held)
+
+
 def read_checkpoint(moe, save_directory) -> _StagedCheckpoint:
-    """Read and check everything ``load_checkpoint`` would apply to ``moe``, without touching it."""
+    """Read and check everything ``load_checkpoint`` would apply to ``moe``, without touching it (a save replacing
+    the folder meanwhile gives the old or the new checkpoint, see :func:`_read_consistently`)."""
     directory = Path(save_directory)
+    return _read_consistently(directory, lambda: _read_checkpoint(moe, directory))
+
+
+def _read_checkpoint(moe, directory: Path) -> _StagedCheckpoint:
     config = read_config(directory)
     section = config["checkpoint"]
     num_experts, records = section["num_experts"], section.get("files")

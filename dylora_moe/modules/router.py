@@ -215,9 +215,10 @@ class DynamicHybridRouter(nn.Module):
     @torch.no_grad()
     def balance_step(self) -> None:
         """After an optimizer step: with ``use_selection_bias``, move the bias by ``update_rate`` toward equal load
-        (the window's picks summed over ranks; on the device, no host sync); then start a new window."""
+        (the window's picks summed over ranks; on the device, no host sync); then start a new window. A frozen gate
+        (``freeze_router``) keeps its bias too: the routing stays exactly as it was."""
         window = self._window(self.gate.weight.device)
-        if self.use_selection_bias and self.update_rate > 0:
+        if self.use_selection_bias and self.update_rate > 0 and self.gate.weight.requires_grad:
             picks, _, _ = split_window(summed_over_ranks(window), self.num_experts)
             self.selection_bias.copy_(bias_update(self.selection_bias, picks, self.update_rate))
         window.zero_()

@@ -203,6 +203,11 @@ class TrainingFlags:
         nargs="?",
         const="last",
     )
+    allow_setting_changes: bool = _arg(
+        False,
+        "resume even where a setting that changes what the model computes (--temperature, --router_weighting, the "
+        "balancing flags, --z_loss_coefficient, --lora_dropout, --freeze_router) differs from the run's",
+    )
     num_train_epochs: float | None = _arg(
         None, _tiny_or_original("num_train_epochs", "epochs"), aliases=["--num_epochs"]
     )
@@ -255,7 +260,7 @@ ARGUMENT_GROUPS = {
     "training": TrainingFlags,
 }
 # The flags of TrainingFlags that are not TrainingArguments fields (the parser's own, handled by this script).
-SCRIPT_ONLY_TRAINING_FLAGS = ("overwrite_output_dir", "early_stopping_patience")
+SCRIPT_ONLY_TRAINING_FLAGS = ("overwrite_output_dir", "allow_setting_changes", "early_stopping_patience")
 
 
 # ----- parsing and validation (standard library only) --------------------------------------------------------------
@@ -523,13 +528,24 @@ def trainer_arguments(argv, report_to: list[str]):
         parser.error(str(err).strip().splitlines()[0])
 
 
+# The flags that fix the trained weights' shapes and meaning: a resume must agree with the run on each.
+SHAPE_SETTINGS = ("model_name", "num_experts", "lora_r", "lora_alpha", "routing", "top_k", "sequence_top_k")
+# The flags that change what the model computes or how it trains (routing semantics, balancing, regularisation): a
+# resume refuses a change unless --allow_setting_changes. The backend and the fused loss compute the same values.
+CHANGEABLE_SETTINGS = (
+    "temperature", "router_weighting", "balance_loss", "balance_coefficient", "balance_update_rate",
+    "global_balance", "z_loss_coefficient", "lora_dropout", "freeze_router",
+)  # fmt: skip
+
+
 def model_fingerprint(args: argparse.Namespace) -> dict:
-    """The flags that shape the trained weights: a resume must agree with the run on each."""
-    keys = ["model_name", "num_experts", "lora_r", "lora_alpha", "routing", "top_k", "sequence_top_k"]
+    """The flags that shape the trained model (:data:`SHAPE_SETTINGS`, the tiny base's size, and
+    :data:`CHANGEABLE_SETTINGS`): recorded with the run and in each checkpoint, compared on resume."""
+    keys = list(SHAPE_SETTINGS)
     if args.model_name == "tiny":
         keys += ["tiny_hidden_size", "tiny_num_layers", "tiny_vocab_size"]
     # The base's quantization only when there is one: a float run's fingerprint is the same as before these flags.
-    return {key: getattr(args, key) for key in keys} | quantization_flags(args)
+    return {key: getattr(args, key) for key in [*keys, *CHANGEABLE_SETTINGS]} | quantization_flags(args)
 
 
 def resolve_report_to(choice: str, output_dir: str) -> list[str]:

@@ -19,7 +19,9 @@ With --sweep: one sub-folder per configuration, sweep.md, sweep.png and sweep_wa
 """
 
 import argparse
+import contextlib
 import datetime
+import functools
 import logging
 import math
 import os
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from dylora_moe.provenance import commit, machine
 from dylora_moe.train.args import (
+    CHANGEABLE_SETTINGS,
     build_parser,
     full_parser,
     model_config,
@@ -122,8 +125,14 @@ def main(argv=None) -> dict:
         argv = sys.argv[1:] if argv is None else list(argv)
         flags = set(build_parser()._option_string_actions) | set(full_parser()._option_string_actions)
         return {"sweep": run_sweep(args.sweep, argv, args.output_dir, known_flags=flags, jobs=args.sweep_jobs)}
+    with contextlib.ExitStack() as held:  # the output folder's lock, from the run's first write to its end
+        return run_training(args, argv, held)
+
+
+def run_training(args: argparse.Namespace, argv, held: contextlib.ExitStack) -> dict:
+    """One training run into ``args.output_dir``; ``held`` keeps the folder's lock until :func:`main` returns."""
     started = time.time()
-    from dylora_moe.train.runs import plan_run, start_run
+    from dylora_moe.train.runs import RunFolderLock, plan_run, start_run
 
     report_to = resolve_report_to(args.report_to, args.output_dir)
     # Flags only the Trainer knows (or typos) are checked first, so a typo gets its own error even where the folder
@@ -131,13 +140,23 @@ def main(argv=None) -> dict:
     training_args = trainer_arguments(argv, report_to) if args.trainer_only else None
     # ----- output folder: one run per folder, decided before anything is written -------------------------------
     is_main = int(os.environ.get("RANK", "0")) == 0
-    plan = plan_run(
+    # One run per folder: the main process holds the folder's lock until the run ends (under torchrun the others
+    # stop when a refused main process exits). A folder that does not exist yet is created, and locked, only at the
+    # first write below.
+    locked = is_main and Path(args.output_dir).is_dir()
+    if locked:
+        held.enter_context(RunFolderLock(args.output_dir))
+    plan_for_folder = functools.partial(
+        plan_run,
         args.output_dir,
         model_fingerprint(args),
         resume=args.resume_from_checkpoint,
         overwrite=args.overwrite_output_dir,
         check_conflicts=is_main,
+        allow_changes=frozenset(CHANGEABLE_SETTINGS if args.allow_setting_changes else ()),
+        changeable=frozenset(CHANGEABLE_SETTINGS),
     )
+    plan = plan_for_folder()
     # ----- data (errors show before the heavy imports), then the Trainer's arguments ------------------------------
     from dylora_moe.corpora import DOMAINS, load_domain
     from dylora_moe.train.data import build_corpus
@@ -147,6 +166,9 @@ def main(argv=None) -> dict:
     shown = {k: v for k, v in vars(args).items() if k not in ("help_trainer", "trainer_only")}
     logger.info("arguments: %s", shown | {"token": "***" if args.token else None})
     if is_main:
+        if not locked:  # planned for a folder that did not exist: planned again under the lock, in case it does now
+            held.enter_context(RunFolderLock(args.output_dir))
+            plan = plan_for_folder()
         start_run(plan)  # the first write: staging leftovers go, run.json, metrics.jsonl cut to the checkpoint
 
     import torch
@@ -326,25 +348,18 @@ def interrupted_message(argv: list[str]) -> str:
 
 
 def disk_full_message(err: BaseException, argv: list[str]) -> str | None:
-    """The message for a write that failed for want of space ("no space left on device" and where; torch.save
-    reports it as a bare ``basic_ios::clear: iostream error``); None for any other error."""
-    import errno
-    import shutil
+    """The message for a write that failed for want of space ("no space left on device" and where), however the
+    library words it (:mod:`dylora_moe.io.disk_full`); None for any other error."""
+    from dylora_moe.io.disk_full import failed_path, free_bytes, is_disk_full
 
     out = _output_dir(argv)
-    try:
-        free = shutil.disk_usage(next(p for p in (out, *out.parents) if p.exists())).free
-    except (OSError, StopIteration):
+    if not is_disk_full(err, out):
         return None
-    full = getattr(err, "errno", None) == errno.ENOSPC or (
-        isinstance(err, RuntimeError) and "iostream error" in str(err) and free < 64 * 2**20
-    )
-    if not full:
-        return None
-    where = getattr(err, "filename", None) or out
+    where, free = failed_path(err) or out, free_bytes(out)
+    space = f" ({free / 2**20:.0f} MiB free there now)" if free is not None else ""
     return (
-        f"error: no space left on device while writing to {where} ({free / 2**20:.0f} MiB free there): free some "
-        "space or pass another --output_dir; the checkpoints already written are complete, and "
+        f"error: no space left on device while writing to {where}{space}: free some space or pass another "
+        "--output_dir; the unfinished save was removed, the checkpoints already written are complete, and "
         "--resume_from_checkpoint continues from the last one"
     )
 
@@ -367,6 +382,7 @@ def cli() -> None:
             sys.exit(print(f"train.py: error: {err}", file=sys.stderr) or 2)
         known = [CheckpointNotFound]
         for module, name in (
+            ("dylora_moe.io.checkpoint", "CheckpointError"),
             ("dylora_moe.corpora", "DataError"),
             ("dylora_moe.base_models", "ModelLoadError"),
             ("dylora_moe.train.gradient_coverage", "GradientCoverageError"),

@@ -9,15 +9,24 @@ stateful Trainer callback) and each ``metrics.jsonl`` row carries it too. Before
   :func:`run_outputs`); a run that stopped before its first checkpoint is replaced by the next one;
 - a folder whose run outputs cannot be identified (no run.json, a final/ not written by train.py, another run's
   checkpoint) is refused, with or without ``--overwrite_output_dir``: nothing deletes a file a user may own;
-- a resume picks the newest complete checkpoint of the folder's run, and refuses when the model flags differ.
+- a resume picks the newest intact checkpoint of the folder's run (a damaged newer one is named and skipped), and
+  refuses when a setting that changes what the model computes differs (unless the caller allows those changes) or
+  when another run's checkpoint sits where this run would save next.
+
+While it runs, a run holds a lock on its folder (:class:`RunFolderLock`): a second run into the folder is refused.
+Each checkpoint lists the files train.py wrote into it, with their sizes and sha256 (:data:`MANIFEST`): rotation
+(``--save_total_limit``) and ``--overwrite_output_dir`` remove only checkpoints of the run whose files are all
+listed, and a resume checks the files against the list. See docs/runs.md.
 
 Standard library only: these checks run before the heavy imports, so a refused run answers at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import uuid
@@ -56,6 +65,14 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
     "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
 )  # fmt: skip
+LOCK_FILE = ".train.lock"  # held (flock) by the run writing the folder; never removed
+MANIFEST = "checkpoint_files.json"  # in each checkpoint-N: {relative path: {"size", "sha256"}} of what train.py wrote
+# What a checkpoint written before the manifest holds (the stock Trainer's files, the model's, the tokenizer's).
+_UNLISTED_CHECKPOINT_FILE = re.compile(
+    r"trainer_state\.json|training_args\.(json|bin)|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|"
+    r"router\.safetensors|dylora_moe_config\.json|expert_\d+/adapter_(config\.json|model\.safetensors)|"
+    + "|".join(re.escape(name) for name in TOKENIZER_FILES)
+)
 
 
 class RunConflict(ValueError):
@@ -64,6 +81,47 @@ class RunConflict(ValueError):
 
 class CheckpointNotFound(FileNotFoundError):
     """Resume was asked for, and the run folder holds no complete checkpoint of its run."""
+
+
+class RunFolderLock:
+    """An exclusive lock on a run folder for as long as the run lives: ``fcntl.flock`` on :data:`LOCK_FILE` inside
+    it (the file holds the holder's process id). The kernel drops the lock when the process ends, however it ends (a
+    kill included), so a stale lock never blocks the next run; a second run while the first is alive is refused with
+    :class:`RunConflict`. Under torchrun only the main process takes it (the others stop when it exits)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder, self.fd = Path(folder), None
+
+    @staticmethod
+    def _take(fd: int, folder: Path) -> None:
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RunConflict(
+                f"--output_dir {folder} is in use by another run (process {holder} holds {folder / LOCK_FILE}): one "
+                "run per folder; wait for it to end, or pass another --output_dir"
+            ) from None
+
+    def __enter__(self) -> RunFolderLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._take(fd, self.folder)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
 
 
 @dataclass
@@ -107,14 +165,64 @@ def checkpoint_identity(checkpoint: Path) -> dict | None:
     return args if isinstance(args, dict) and "run_id" in args else None
 
 
-def fingerprint_mismatch(recorded: dict, current: dict) -> str | None:
-    """``--flag A (this command) vs B (the run)`` for each model flag that differs, or None."""
-    diffs = [
-        f"--{key} {current.get(key)!r} here vs {recorded.get(key)!r} in the run"
-        for key in sorted(set(recorded) | set(current))
-        if recorded.get(key) != current.get(key)
-    ]
-    return "; ".join(diffs) or None
+def fingerprint_mismatch(recorded: dict, current: dict, allowed=frozenset(), changeable=frozenset()) -> str | None:
+    """``--flag A here vs B in the run`` for each model flag that differs and is not ``allowed`` to, or None; a flag
+    the run did not record (an older train.py) is not compared. When every refused flag is ``changeable``, the
+    message says how to continue with the new values."""
+    changed = [key for key in sorted(set(recorded) & set(current)) if recorded[key] != current[key]]
+    refused = [key for key in changed if key not in allowed]
+    if not refused:
+        return None
+    diffs = "; ".join(f"--{key} {current[key]!r} here vs {recorded[key]!r} in the run" for key in refused)
+    if set(refused) <= set(changeable):
+        diffs += " (pass --allow_setting_changes to continue the run with the new values)"
+    return diffs
+
+
+def _file_record(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _files_in(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def write_manifest(checkpoint: Path) -> None:
+    """List every file of a checkpoint being written (a staging folder) with its size and sha256, as :data:`MANIFEST`:
+    what rotation and overwrite may remove, and what a resume checks."""
+    files = {name: _file_record(checkpoint / name) for name in _files_in(checkpoint) if name != MANIFEST}
+    (checkpoint / MANIFEST).write_text(json.dumps(files, indent=1) + "\n")
+
+
+def foreign_files(checkpoint: Path) -> list[str]:
+    """Files inside a checkpoint that train.py did not write there (a user's notes): not in its manifest, or, for a
+    checkpoint written before the manifest, not named as the Trainer's, the model's or the tokenizer's files."""
+    listed = read_json(checkpoint / MANIFEST)
+    if listed is not None:
+        return [name for name in _files_in(checkpoint) if name not in listed and name != MANIFEST]
+    return [name for name in _files_in(checkpoint) if not _UNLISTED_CHECKPOINT_FILE.fullmatch(name)]
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from (a file missing, truncated or changed since it was saved), or None.
+    Checks the manifest's sizes and sha256; a checkpoint written before the manifest, the model files' checksums
+    recorded in its model config."""
+    if read_json(checkpoint / TRAINER_STATE) is None:
+        return f"no readable {TRAINER_STATE}"
+    records = read_json(checkpoint / MANIFEST)
+    if records is None:
+        records = ((read_json(checkpoint / MODEL_CONFIG) or {}).get("checkpoint") or {}).get("files") or {}
+    for name, record in sorted(records.items()):
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if not isinstance(record, dict) or _file_record(path) != {k: record.get(k) for k in ("size", "sha256")}:
+            return f"{name} does not match the size and sha256 recorded when it was saved"
+    return None
 
 
 def run_outputs(folder: Path, run: dict | None) -> tuple[list[Path], list[str]]:
@@ -136,6 +244,8 @@ def run_outputs(folder: Path, run: dict | None) -> tuple[list[Path], list[str]]:
             in_the_way.append(f"{', '.join(added[:5])} (in {FINAL_DIR}/, not written by train.py)")
         elif CHECKPOINT.match(path.name) and (checkpoint_identity(path) or {}).get("run_id") != run_id:
             in_the_way.append(f"{path.name}/ (not a checkpoint of run {run_id})")
+        elif CHECKPOINT.match(path.name) and (added := foreign_files(path)):
+            in_the_way.append(f"{', '.join(added[:5])} (in {path.name}/, not written by train.py)")
         else:
             ours.append(path)
     return ours, in_the_way
@@ -166,6 +276,35 @@ def _has_progress(outputs: list[Path]) -> bool:
     return any(p.name == FINAL_DIR or CHECKPOINT.match(p.name) for p in outputs)
 
 
+def own_checkpoints(folder: Path, run_id: str) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the checkpoints of run ``run_id`` in ``folder``, oldest first."""
+    return [(step, p) for step, p in checkpoints(folder) if (checkpoint_identity(p) or {}).get("run_id") == run_id]
+
+
+def newest_intact(candidates: list[tuple[int, Path]]) -> tuple[tuple[int, Path] | None, list[str]]:
+    """The newest checkpoint of ``candidates`` (oldest first) whose files are as saved, and the damaged newer ones
+    (described)."""
+    damaged = []
+    for step, path in reversed(candidates):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return (step, path), damaged
+        damaged.append(f"{path} is damaged ({problem})")
+    return None, damaged
+
+
+def _refuse_later_foreign(folder: Path, run_id: str, step: int) -> None:
+    """A resumed run saves checkpoint-N for steps after ``step``: another run's checkpoint there would be in its way."""
+    ours = {p for _, p in own_checkpoints(folder, run_id)}
+    later = [p.name for s, p in checkpoints(folder) if s > step and p not in ours]
+    if later:
+        raise RunConflict(
+            f"--output_dir {folder} holds {', '.join(later[:5])}, not of run {run_id}, where the resumed run would "
+            "save its next checkpoints; train.py never replaces them: move them elsewhere or resume into another "
+            "--output_dir"
+        )
+
+
 def plan_run(
     output_dir: str | Path,
     fingerprint: dict,
@@ -173,15 +312,26 @@ def plan_run(
     resume: str | None,
     overwrite: bool,
     check_conflicts: bool = True,
+    allow_changes=frozenset(),
+    changeable=frozenset(),
 ) -> RunPlan:
     """Decide fresh / resume / overwrite for ``output_dir``; raise before anything is written when they conflict.
 
-    ``resume`` is None (fresh), ``"last"`` (the newest checkpoint of the folder's run) or a checkpoint folder.
+    ``resume`` is None (fresh), ``"last"`` (the newest intact checkpoint of the folder's run) or a checkpoint folder.
     ``check_conflicts=False`` (processes other than the main one) skips the refusals the main process makes.
+    ``allow_changes``: fingerprint keys a resume may change (``--allow_setting_changes``); ``changeable``: those the
+    user could allow (named in the refusal).
     """
     folder = Path(output_dir)
     run = read_json(folder / RUN_FILE)
     existing, in_the_way = run_outputs(folder, run)
+
+    def mismatch(recorded: dict) -> str | None:
+        if allowed := fingerprint_mismatch(recorded, fingerprint, changeable=()):
+            if refused := fingerprint_mismatch(recorded, fingerprint, allow_changes, changeable):
+                return refused
+            logger.warning("--allow_setting_changes: continuing the run with %s", allowed)
+        return None
 
     if resume is None:
         if not check_conflicts:
@@ -208,19 +358,24 @@ def plan_run(
                     "the checkpoint folder itself, --resume_from_checkpoint <dir>/checkpoint-N"
                 )
             raise CheckpointNotFound(f"--resume_from_checkpoint: no complete checkpoint-N folder in {folder}")
-        mismatch = fingerprint_mismatch(run.get("fingerprint", {}), fingerprint)
-        if mismatch:
-            raise RunConflict(f"--resume_from_checkpoint: the flags differ from the run in {folder}: {mismatch}")
-        own = [
-            (step, p)
-            for step, p in checkpoints(folder)
-            if (checkpoint_identity(p) or {}).get("run_id") == run["run_id"]
-        ]
+        own = own_checkpoints(folder, run["run_id"])
         if not own:
             raise CheckpointNotFound(
                 f"--resume_from_checkpoint: no complete checkpoint-N folder of run {run['run_id']} in {folder}"
             )
-        step, path = own[-1]
+        chosen, damaged = newest_intact(own)
+        if chosen is None:
+            raise CheckpointNotFound(
+                f"--resume_from_checkpoint: no intact checkpoint of run {run['run_id']}: {'; '.join(damaged)}"
+            )
+        step, path = chosen
+        if damaged:
+            logger.warning("%s; resuming from %s, the newest intact checkpoint", "; ".join(damaged), path.name)
+        recorded = (checkpoint_identity(path) or {}).get("fingerprint") or run.get("fingerprint", {})
+        if changes := mismatch(recorded):
+            raise RunConflict(f"--resume_from_checkpoint: the flags differ from the run in {folder}: {changes}")
+        if check_conflicts:
+            _refuse_later_foreign(folder, run["run_id"], step)
         return RunPlan(folder, run["run_id"], fingerprint, resume_from=str(path), resume_step=step, fresh=False)
 
     path = Path(resume)
@@ -228,10 +383,14 @@ def plan_run(
     if not path.is_dir() or state is None:
         raise CheckpointNotFound(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {TRAINER_STATE})")
     identity = checkpoint_identity(path)
+    if problem := checkpoint_problem(path):
+        siblings = own_checkpoints(path.parent, identity["run_id"]) if identity else []
+        intact, _ = newest_intact([(s, p) for s, p in siblings if p.resolve() != path.resolve()])
+        hint = f"; the newest intact checkpoint of its run is {intact[1]}" if intact else ""
+        raise CheckpointNotFound(f"--resume_from_checkpoint {path}: the checkpoint is damaged ({problem}){hint}")
     if identity is not None:
-        mismatch = fingerprint_mismatch(identity.get("fingerprint", {}), fingerprint)
-        if mismatch:
-            raise RunConflict(f"--resume_from_checkpoint {path}: the flags differ from its run: {mismatch}")
+        if changes := mismatch(identity.get("fingerprint", {})):
+            raise RunConflict(f"--resume_from_checkpoint {path}: the flags differ from its run: {changes}")
     else:
         logger.warning("%s records no run id (an older train.py): resuming without checking the model flags", path)
     run_id = (identity or {}).get("run_id") or uuid.uuid4().hex[:12]
@@ -240,11 +399,31 @@ def plan_run(
             f"--output_dir {folder} holds run {run.get('run_id')}, not the run of {path} ({run_id}): pass another "
             "--output_dir, or --overwrite_output_dir to replace the run there"
         )
+    inside = (folder / path.name).resolve() == path.resolve()  # resuming a checkpoint of this very folder
     if overwrite and check_conflicts:
-        _refuse_foreign(folder, [w for w in in_the_way if not w.startswith(path.name + "/")])
-    remove = [p for p in existing if p.resolve() != path.resolve()] if overwrite else []
+        _refuse_foreign(folder, [w for w in in_the_way if not (inside and w.startswith(path.name + "/"))])
     step = int(state.get("global_step", 0))
+    if check_conflicts and not overwrite:
+        _refuse_later_foreign(folder, run_id, step)
+    remove = [p for p in existing if p.resolve() != path.resolve()] if overwrite else []
     return RunPlan(folder, run_id, fingerprint, resume_from=str(path), resume_step=step, fresh=False, remove=remove)
+
+
+def rotation_victims(candidates: list[Path], limit: int | None, keep: tuple = ()) -> list[Path]:
+    """The checkpoints of a run (``candidates``, oldest first) that ``--save_total_limit`` removes: all but the newest
+    ``limit``, where ``keep`` (the newest and the best) always stay. A checkpoint holding a file train.py did not
+    write is kept, with a warning, and not counted."""
+    if not limit or limit <= 0:
+        return []
+    own = []
+    for path in candidates:
+        if added := foreign_files(path):
+            logger.warning("keeping %s: it holds %s, not written by train.py", path, ", ".join(added[:5]))
+        else:
+            own.append(path)
+    protected = {Path(p).resolve() for p in keep if p}
+    excess = len(own) - max(limit, len([p for p in own if p.resolve() in protected]))
+    return [p for p in own if p.resolve() not in protected][: max(excess, 0)]
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], int]:
@@ -284,10 +463,9 @@ def start_run(plan: RunPlan) -> None:
         record = {"run_id": plan.run_id, "fingerprint": plan.fingerprint}
         write_text_atomic(folder / RUN_FILE, json.dumps(record, indent=2) + "\n")
         return
-    if not (folder / RUN_FILE).is_file():  # resuming from a checkpoint elsewhere: this folder continues that run
-        write_text_atomic(
-            folder / RUN_FILE, json.dumps({"run_id": plan.run_id, "fingerprint": plan.fingerprint}) + "\n"
-        )
+    record = {"run_id": plan.run_id, "fingerprint": plan.fingerprint}
+    if read_json(folder / RUN_FILE) != record:  # a checkpoint from elsewhere, or settings changed on purpose
+        write_text_atomic(folder / RUN_FILE, json.dumps(record, indent=2) + "\n")
     metrics = folder / METRICS_FILE
     rows, dropped = read_metrics(metrics)
     if dropped:

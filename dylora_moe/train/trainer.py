@@ -16,8 +16,12 @@ What the stock Trainer (transformers 5) does not do for this model, and this mod
   base included, which fails on tied embeddings); :meth:`MoETrainer._save` (the Trainer's extension point for the
   model files) writes experts + router through ``save_pretrained`` instead. The rest of a checkpoint is the stock
   ``Trainer._save_checkpoint``, pointed at a staging folder and published by one rename when complete, so a save
-  cut short never leaves a ``checkpoint-N`` that resume would load. Every checkpoint records the run id
-  (:class:`RunIdentity`, a stateful callback) and every ``metrics.jsonl`` row too (:class:`MetricsFile`).
+  cut short never leaves a ``checkpoint-N`` that resume would load (a failed save removes its staging folder; a full
+  disk is reported as ENOSPC). Every checkpoint records the run id (:class:`RunIdentity`, a stateful callback) and
+  the files it holds (:func:`~dylora_moe.train.runs.write_manifest`), and every ``metrics.jsonl`` row the run id
+  too (:class:`MetricsFile`).
+- Rotation (``save_total_limit``) removes only this run's checkpoints, never another run's or one holding a file
+  train.py did not write (the stock rotation prunes every ``checkpoint-*`` of the folder).
 - Resume and best-model reload read those files back into the live model.
 - Balancing: the model's ``balance_step`` after every optimizer step (:class:`BalanceStep`).
 """
@@ -38,14 +42,26 @@ import torch
 import torch.distributed as dist
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.training_args import ParallelMode
 
 from ..io.atomic_folder import is_staging_name, publish, staging_root
 from ..io.checkpoint import save_checkpoint
+from ..io.disk_full import as_disk_full
 from ..io.full_state import is_sharded
 from .collapse import CollapseWatch
-from .runs import TRAINER_STATE, CheckpointNotFound, read_metrics
+from .runs import (
+    TRAINER_STATE,
+    CheckpointNotFound,
+    RunConflict,
+    checkpoint_identity,
+    checkpoints,
+    foreign_files,
+    own_checkpoints,
+    read_metrics,
+    rotation_victims,
+    write_manifest,
+)
 from .sharding import PaddedForRanks
 
 logger = logging.getLogger(__name__)
@@ -62,6 +78,16 @@ def _args_file(folder: str) -> str:
 def _publish(staging: str, target: str, last: str) -> None:
     """Make ``staging`` visible as ``target``, replacing an earlier ``target`` whole in one step."""
     publish(Path(staging), Path(target), replace=os.path.exists(target), last=last)
+
+
+def _give_up(staging: str, err: BaseException):
+    """A save failed: remove its staging folder (a full disk must not stay full) and raise ``err``, as ENOSPC
+    where it was a full disk in other words (torch's ``unexpected pos``, safetensors' ``os error 28``)."""
+    disk_full = as_disk_full(err, staging)  # judged before the clean-up frees the space
+    shutil.rmtree(staging, ignore_errors=True)
+    if disk_full is not None:
+        raise disk_full from err
+    raise err
 
 
 class RoutingStats:
@@ -237,6 +263,8 @@ class MoETrainer(Trainer):
                 "%s (run.json records it); see docs/distributed.md",
                 "DDP" if self.args.world_size > 1 else "one process",
             )
+        self._published: set[str] = set()  # checkpoint folders this trainer wrote (rotation without a run id)
+        self.checkpoint_limit = self.args.save_total_limit  # what _rotate keeps (train() hides it from the stock loop)
 
     # ----- loss and metrics --------------------------------------------------------------------------------------
 
@@ -301,8 +329,8 @@ class MoETrainer(Trainer):
             return dataset
         return PaddedForRanks(dataset, self.args.world_size * self.args.eval_batch_size)
 
-    def train(self, *args, **kwargs):
-        """``Trainer.train``, after undoing what an evaluation before training did to the model.
+    def _undo_evaluation_prepare(self) -> None:
+        """Undo what an evaluation before training did to the model (called by :meth:`train`).
 
         ``Trainer.evaluate`` before ``train`` prepares the model for evaluation only. Under DDP accelerate marks the
         bare model prepared, and ``train`` would then not wrap it in DistributedDataParallel: every process would
@@ -321,7 +349,6 @@ class MoETrainer(Trainer):
         if self.is_deepspeed_enabled and self.model_wrapped is not model and self.optimizer is None:
             self.model_wrapped, self.deepspeed = model, None  # train() builds the training engine
             self.accelerator._models.clear()
-        return super().train(*args, **kwargs)
 
     # ----- saving and loading ------------------------------------------------------------------------------------
 
@@ -345,8 +372,11 @@ class MoETrainer(Trainer):
             )
         staging = str(staging_root(Path(output_dir)))
         shutil.rmtree(staging, ignore_errors=True)
-        self._write_model(staging, state_dict)
-        _publish(staging, output_dir, last=TRAINING_ARGS_FILE)
+        try:
+            self._write_model(staging, state_dict)
+            _publish(staging, output_dir, last=TRAINING_ARGS_FILE)
+        except BaseException as err:
+            _give_up(staging, err)
 
     def _write_model(self, folder: str, state_dict=None) -> None:
         """The model's checkpoint; a model sharded by FSDP or DeepSpeed ZeRO is written from the full
@@ -376,10 +406,14 @@ class MoETrainer(Trainer):
         staged = os.path.join(root, name)
         if self.args.should_save:
             shutil.rmtree(root, ignore_errors=True)
+            if os.path.exists(final):
+                self._check_replaceable(final)
         self._barrier()
         self._staging_root = root
         try:
             super()._save_checkpoint(model, trial)  # writes <staging_root>/checkpoint-N
+        except BaseException as err:
+            _give_up(root, err)
         finally:
             self._staging_root = None
         best = self.state.best_model_checkpoint
@@ -389,16 +423,68 @@ class MoETrainer(Trainer):
                 self.state.save_to_json(os.path.join(staged, TRAINER_STATE))
         self._barrier()  # every process has written its part
         if self.args.should_save:
-            # A checkpoint of the same step (an abandoned segment of the run) is replaced.
-            _publish(staged, final, last=TRAINER_STATE)
+            try:
+                write_manifest(Path(staged))
+                # A checkpoint of the same step (an abandoned segment of this run) is replaced.
+                _publish(staged, final, last=TRAINER_STATE)
+            except BaseException as err:
+                _give_up(root, err)
             shutil.rmtree(root)
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
+            self._rotate(run_dir, keep=(final, self.state.best_model_checkpoint), limit=self.checkpoint_limit)
         self._barrier()
+
+    # ----- rotation: this run's checkpoints only -----------------------------------------------------------------
+
+    def _run_id(self) -> str | None:
+        identity = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, RunIdentity)), None)
+        return identity.run_id if identity is not None else None
+
+    def _is_own(self, checkpoint: str) -> bool:
+        """Whether ``checkpoint`` is one of this run's (its recorded run id, or published by this trainer where no
+        :class:`RunIdentity` names the run) and holds only files train.py wrote."""
+        run_id = self._run_id()
+        if run_id is None:
+            mine = os.path.abspath(checkpoint) in self._published
+        else:
+            mine = (checkpoint_identity(Path(checkpoint)) or {}).get("run_id") == run_id
+        return mine and not foreign_files(Path(checkpoint))
+
+    def _check_replaceable(self, checkpoint: str) -> None:
+        if not self._is_own(checkpoint):
+            raise RunConflict(
+                f"{checkpoint} is not a checkpoint of this run, or holds files train.py did not write: not replacing "
+                "it (move it elsewhere; the checkpoints before it are complete)"
+            )
+
+    def _rotate(self, run_dir: str, keep: tuple, limit: int | None) -> None:
+        """``save_total_limit`` over this run's checkpoints only (the newest and the best always stay)."""
+        self._published.add(os.path.abspath(keep[0]))
+        run_id = self._run_id()
+        if run_id is not None:
+            candidates = [p for _, p in own_checkpoints(Path(run_dir), run_id)]
+        else:  # no run id to tell the run's checkpoints by: only those this trainer published
+            candidates = [p for _, p in checkpoints(Path(run_dir)) if str(p.absolute()) in self._published]
+        for path in rotation_victims(candidates, limit, keep):
+            logger.info("deleting %s (save_total_limit %s)", path, limit)
+            shutil.rmtree(path, ignore_errors=True)
+
+    def train(self, *args, **kwargs):
+        """The stock training loop. With ``save_total_limit`` 1 it would end by deleting every ``checkpoint-*`` of
+        the folder but the best, other runs' too: the limit is hidden from it meanwhile, and the same prune is done
+        here over this run's checkpoints (rotation after each save is :meth:`_rotate`)."""
+        self._undo_evaluation_prepare()
+        limit = self.checkpoint_limit = self.args.save_total_limit
+        if limit != 1:
+            return super().train(*args, **kwargs)
+        self.args.save_total_limit = None
+        try:
+            result = super().train(*args, **kwargs)
+        finally:
+            self.args.save_total_limit = limit
+        best = self.state.best_model_checkpoint
+        if best and self.args.should_save:
+            self._rotate(self.args.output_dir, keep=(best,), limit=1)
+        return result
 
     def _get_output_dir(self, trial) -> str:
         """The staging folder while :meth:`_save_checkpoint` runs the stock save, else the stock run folder."""

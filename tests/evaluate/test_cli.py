@@ -54,6 +54,8 @@ def test_samples_file_is_scored(data_dir, tmp_path):
         (["--benchmark", "mbpp", "--references", "--limit", "x"], "expected a int"),
         (["--benchmark", "mbpp", "--model_name", "m", "--output_dir", "{out}", "--routing", "expert"], "expert_<i>"),
         (["--benchmark", "mbpp", "--references", "--routing", "base"], "model evaluation only"),
+        (["--benchmark", "mbpp", "--samples", "{samples}", "--k", "1,0"], "argument --k: must be > 0, got 0"),
+        (["--benchmark", "mbpp", "--references", "--k", "0"], "argument --k: must be > 0, got 0"),
     ],
 )
 def test_bad_flags_exit_2_before_writing(args, message, tmp_path, capsys):

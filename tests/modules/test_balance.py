@@ -314,3 +314,15 @@ def test_ddp_bias_uses_the_loads_summed_over_ranks(tmp_path):
     mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         assert torch.load(tmp_path / f"bias{rank}.pt").tolist() == [-0.5, -0.5, 0.5, 0.5]
+
+
+def test_a_frozen_router_keeps_its_selection_bias():
+    """freeze_router freezes the routing: the loss-free bias stays where it is (the load window still restarts)."""
+    moe = build(freeze_router=True)
+    bias = torch.tensor([0.0, 0.4, -0.4])
+    moe.router.selection_bias.copy_(bias)
+    for seed in (1, 2):
+        moe(*batch(rows=3, length=6, seed=seed))
+        moe.balance_step()
+        torch.testing.assert_close(moe.router.selection_bias, bias)
+        assert not moe.router.load_window.any()

@@ -50,6 +50,12 @@ def test_defaults_agree_between_model_config_and_router():
         ({"global_balance": 1}, "global_balance must be a bool"),
         ({"z_loss_coefficient": -1.0}, "z_loss_coefficient"),
         ({"num_experts": 4, "top_k": 2, "routing": "token", "mixture": "ffn"}, "sum to 1 per token"),
+        # Issue 24: settings that overflow the router or the experts, and a setting token routing would ignore.
+        ({"temperature": 1e-39}, r"temperature must be a finite number in \[0.001, 1000\].*got 1e-39"),
+        ({"temperature": 1e300}, "temperature must be"),
+        ({"lora_alpha": 1e300}, r"lora_alpha must be a finite number in \(0, 10000\]"),
+        ({"num_experts": 2, "expert_alphas": [8, 1e300]}, "expert_alphas"),
+        ({"num_experts": 2, "routing": "token", "sequence_top_k": 1}, r"sequence_top_k=1 applies to routing='seq"),
     ],
 )
 def test_validation_names_the_setting(kwargs, pattern):
@@ -224,3 +230,8 @@ def test_reference_is_the_peft_model_backend_and_loop_the_layers_per_expert_loop
     assert moe.backend == "reference" and moe.handle.kernel == "loop"  # the forward runs the peft reference
     with pytest.raises(ValueError, match="unknown backend 'loop'"):
         DyLoRAMoEConfig(backend="loop")  # the model has no per-expert-loop backend of its own
+
+
+def test_the_model_refuses_sequence_top_k_with_token_routing():
+    with pytest.raises(ValueError, match=r"sequence_top_k=1 applies to routing='sequence' only"):
+        DyLoRA_MoE(tiny_llama(layers=1), num_experts=2, routing="token", sequence_top_k=1, kernel="eager")

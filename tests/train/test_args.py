@@ -36,6 +36,8 @@ BAD_VALUES = [
     ("--top_k", "5"),
     ("--temperature", "0"),
     ("--temperature", "inf"),
+    ("--temperature", "1e-39"),  # 1 / temperature overflows: inf logits
+    ("--lora_alpha", "1e300"),  # alpha / r overflows
     ("--sequence_top_k", "0"),
     ("--balance_coefficient", "-1"),
     ("--balance_update_rate", "-0.001"),

@@ -66,12 +66,12 @@ def test_resume_picks_the_newest_checkpoint_of_the_same_run(tmp_path):
     out = _run(tmp_path / "out", "run-a")
     _checkpoint(out, 2, "run-a")
     _checkpoint(out, 4, "run-a")
-    _checkpoint(out, 6, "run-b")  # another run's checkpoint left in the folder
-    _checkpoint(out, 8, None)  # an older train.py's
+    _checkpoint(out, 3, "run-b")  # another run's checkpoint left in the folder
+    _checkpoint(out, 1, None)  # an older train.py's
     (out / ".staging-checkpoint-10").mkdir()
     plan = plan_run(out, PRINT, resume="last", overwrite=False)
     assert (plan.resume_from, plan.resume_step, plan.run_id) == (str(out / "checkpoint-4"), 4, "run-a")
-    assert checkpoint_identity(out / "checkpoint-6")["run_id"] == "run-b"
+    assert checkpoint_identity(out / "checkpoint-3")["run_id"] == "run-b"
 
 
 def test_resume_refuses_other_model_flags_and_other_runs(tmp_path):

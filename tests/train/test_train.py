@@ -124,9 +124,8 @@ def test_resume_after_interrupted_save_matches_straight_run(straight_run, tmp_pa
     with pytest.raises(_Interrupt):
         train.main(args)
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
-    assert (out / ".staging-checkpoint-4" / "checkpoint-4" / "expert_0").is_dir() and not (
-        out / "checkpoint-4"
-    ).exists()
+    assert not (out / "checkpoint-4").exists()
+    assert not (out / ".staging-checkpoint-4").exists()  # a failed save removes its staging folder (a kill leaves it)
 
     monkeypatch.setattr(MoETrainer, "_save_optimizer_and_scheduler", stock)
     train.main([*args, "--resume_from_checkpoint"])  # the last COMPLETE checkpoint: 2
@@ -139,6 +138,36 @@ def test_resume_after_interrupted_save_matches_straight_run(straight_run, tmp_pa
         b = load_file(out / "checkpoint-4" / name / "adapter_model.safetensors")
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
+
+
+def test_rotation_and_resume_leave_other_runs_and_user_files_alone(straight_run, tmp_path):
+    """Issue 24: a bare resume with --save_total_limit 1 into a folder that also holds another run's checkpoint (with
+    the user's notes) and a checkpoint of the run where the user added a file: both stay byte for byte; of the run's
+    other checkpoints only the best is left. Every checkpoint train.py writes lists its files (checked on resume)."""
+    from dylora_moe.train.runs import checkpoint_problem, checkpoints, foreign_files
+
+    out = tmp_path / "out"
+    shutil.copytree(straight_run[0], out)
+    for _, path in checkpoints(out):
+        assert checkpoint_problem(path) is None and foreign_files(path) == [], path
+    foreign = out / "checkpoint-1"
+    shutil.copytree(out / "checkpoint-2", foreign)
+    state = json.loads((foreign / "trainer_state.json").read_text())
+    state["stateful_callbacks"]["RunIdentity"]["args"]["run_id"] = "another-run"
+    (foreign / "trainer_state.json").write_text(json.dumps(state))
+    (foreign / "NOTES").write_text("another run's notes")
+    (out / "checkpoint-2" / "NOTES").write_text("the user's notes")
+    kept = {name: _tree(out / name) for name in ("checkpoint-1", "checkpoint-2")}
+    args = [*TINY, "--kernel", "eager", "--max_steps", "8", "--eval_steps", "2", "--save_total_limit", "1"]
+    result = train.main([*args, "--output_dir", str(out), "--resume_from_checkpoint"])
+    assert {name: _tree(out / name) for name in kept} == kept
+    best = Path(result["trainer"].state.best_model_checkpoint)
+    assert {p.name for _, p in checkpoints(out)} == {"checkpoint-1", "checkpoint-2", best.name}
+    assert checkpoint_problem(best) is None
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow
@@ -306,11 +335,12 @@ def test_compile_flag_on_the_cpu(tmp_path):
 def test_run_outputs_list_every_file_a_run_writes(straight_run):
     """runs.RUN_OUTPUTS is the one list of a run's outputs (--overwrite_output_dir removes exactly these): every
     top-level entry of a finished run is in it, a checkpoint, or the tiny base model's cache."""
-    from dylora_moe.train.runs import CHECKPOINT, RUN_OUTPUTS
+    from dylora_moe.train.runs import CHECKPOINT, LOCK_FILE, RUN_OUTPUTS
 
     out = straight_run[0]
     written = {p.name for p in out.iterdir()}
-    unlisted = {n for n in written if n not in RUN_OUTPUTS and not CHECKPOINT.match(n) and not n.startswith("tiny-")}
+    listed = (*RUN_OUTPUTS, LOCK_FILE)  # the lock file is never removed (another run may be waiting on it)
+    unlisted = {n for n in written if n not in listed and not CHECKPOINT.match(n) and not n.startswith("tiny-")}
     assert not unlisted, unlisted
     assert {"specialisation.png", "routing_examples.png", "routing_examples.html"} <= written
 
