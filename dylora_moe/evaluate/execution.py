@@ -162,13 +162,21 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
     return Outcome(verdict == PASSED, verdict)
 
 
-def run_programs(programs: Sequence[str], limits: Limits = Limits(), workers: int | None = None) -> list[Outcome]:
+def run_programs(
+    programs: Sequence[str], limits: Limits = Limits(), workers: int | None = None, progress=None
+) -> list[Outcome]:
     """Verdicts of ``programs`` in order, ``workers`` at a time (default: the number of CPUs). Threads suffice: each
-    waits on its own child process."""
+    waits on its own child process. ``progress``: a bar advanced as each program ends."""
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"workers must be >= 1; got {workers}")
     if not programs:
         return []
     with ThreadPoolExecutor(max_workers=min(workers, len(programs))) as pool:
-        return list(pool.map(lambda program: run_program(program, limits), programs))
+        def run(program: str) -> Outcome:
+            outcome = run_program(program, limits)
+            if progress is not None:
+                progress.update(1)
+            return outcome
+
+        return list(pool.map(run, programs))

@@ -301,6 +301,9 @@ def setup_logging() -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")  # read when transformers is first imported
+    from dylora_moe.logs import one_line_per_record
+
+    one_line_per_record()  # the hub's retry warnings once, not twice
 
 
 def _output_dir(argv: list[str]) -> Path:
