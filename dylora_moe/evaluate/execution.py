@@ -173,6 +173,7 @@ def run_programs(
     if not programs:
         return []
     with ThreadPoolExecutor(max_workers=min(workers, len(programs))) as pool:
+
         def run(program: str) -> Outcome:
             outcome = run_program(program, limits)
             if progress is not None:

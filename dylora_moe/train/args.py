@@ -11,8 +11,8 @@ are torch and transformers imported.
 import argparse
 import contextlib
 import dataclasses
-import io
 import importlib.util
+import io
 import logging
 import math
 import netrc
