@@ -53,6 +53,24 @@ def finished_at(checkpoint: str, max_steps: int) -> bool:
     return step >= (max_steps if max_steps > 0 else planned) > 0
 
 
+def already_finished(plan, max_steps: int) -> str | None:
+    """The one line for resuming a run that is complete (its last checkpoint is the last step asked for, final/ and
+    summary.md are written): nothing is done. None when there is work left (more --max_steps, or a run killed while
+    writing final/ or its report, which the resume completes)."""
+    from dylora_moe.train.runs import FINAL_DIR, SUMMARY_FILE, TRAINER_STATE, read_json
+
+    if not plan.resume_from or not finished_at(plan.resume_from, max_steps):
+        return None
+    folder = plan.output_dir
+    if not ((folder / FINAL_DIR).is_dir() and (folder / SUMMARY_FILE).is_file()):
+        return None
+    step = (read_json(Path(plan.resume_from) / TRAINER_STATE) or {}).get("global_step", 0)
+    return (
+        f"run {plan.run_id} in {folder} finished already at step {step} (final/ and {SUMMARY_FILE} are there); "
+        f"nothing to do: pass --max_steps above {step} to train further"
+    )
+
+
 def load_model_and_tokenizer(args, splits, dtype):
     """The frozen base model and its tokenizer: tiny (built once from the full training text, cached in
     --output_dir) or a hub id / local folder."""
@@ -150,6 +168,9 @@ def main(argv=None) -> dict:
         overwrite=args.overwrite_output_dir,
         check_conflicts=is_main,
     )
+    if (done := already_finished(plan, args.max_steps)) is not None:
+        logger.info("%s", done)
+        return {"already_finished": True, "run_id": plan.run_id, "summary": plan.output_dir / "summary.md"}
     # ----- data (errors show before the heavy imports), then the Trainer's arguments ------------------------------
     from dylora_moe.train.data import DOMAINS, build_corpus, load_domain
 
