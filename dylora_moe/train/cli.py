@@ -374,22 +374,31 @@ def disk_full_message(err: BaseException, argv: list[str]) -> str | None:
     )
 
 
+def _end(message: str, code: int) -> None:
+    """Exit with ``code`` after ``message`` as the last line on stderr, said once: by the main process only (under
+    torchrun every process meets the same refusal; the others end silently with the same code)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr)
+    sys.exit(code)
+
+
 def cli() -> None:
     """``python train.py``: known failures end as one ``error:`` line (exit 2 for a refused run, 1 otherwise);
-    ctrl-C ends with one line and the command that resumes (exit 130)."""
+    ctrl-C ends with one line and the command that resumes (exit 130). Under torchrun the line comes from rank 0
+    alone."""
     setup_logging()
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit(print(interrupted_message(sys.argv[1:]), file=sys.stderr) or 130)
+        _end(interrupted_message(sys.argv[1:]), 130)
     except Exception as err:
         from dylora_moe.train.runs import CheckpointNotFound, RunConflict
 
         if (message := disk_full_message(err, sys.argv[1:])) is not None:
-            sys.exit(message)
+            _end(message, 1)
 
         if isinstance(err, RunConflict):
-            sys.exit(print(f"train.py: error: {err}", file=sys.stderr) or 2)
+            _end(f"train.py: error: {err}", 2)
         known = [CheckpointNotFound]
         for module, name in (
             ("dylora_moe.train.data", "DataError"),
@@ -400,7 +409,7 @@ def cli() -> None:
             if module in sys.modules:
                 known.append(getattr(sys.modules[module], name))
         if isinstance(err, tuple(known)):
-            sys.exit(f"error: {err}")
+            _end(f"error: {err}", 1)
         raise
 
 
