@@ -144,8 +144,24 @@ def commit() -> str:
         return "unknown"
 
 
+def asks_no_bars(argv: list[str]) -> bool:
+    """Whether the command line holds ``--disable_tqdm`` (bare, ``=true`` or ``true``): no progress bar anywhere, the
+    sweep's and the code evaluation's included (the Trainer reads the flag for its own)."""
+    for i, arg in enumerate(argv):
+        name, _, value = arg.partition("=")
+        if name == "--disable_tqdm":
+            if not value:
+                value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else "true"
+            return value.lower() in ("1", "true", "yes")
+    return False
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if asks_no_bars(sys.argv[1:] if argv is None else list(argv)):
+        from dylora_moe import progress
+
+        progress.disable()
     if args.sweep:  # one train.py process per configuration of the grid, then sweep.md (dylora_moe/train/sweep.py)
         from dylora_moe.train.sweep import run_sweep
 

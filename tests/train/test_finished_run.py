@@ -39,3 +39,9 @@ def test_resuming_a_finished_run_says_so_and_does_nothing(tmp_path, caplog):
         "--max_steps above 4 to train further"
     ]
     assert not train.finished_at(str(checkpoint), 6)  # --max_steps 6: trains on from step 4
+
+
+def test_disable_tqdm_is_read_in_each_form():
+    assert train.asks_no_bars(["--disable_tqdm"]) and train.asks_no_bars(["--disable_tqdm", "true", "--x", "1"])
+    assert train.asks_no_bars(["--disable_tqdm=True"]) and not train.asks_no_bars(["--disable_tqdm", "false"])
+    assert not train.asks_no_bars(["--max_steps", "4"])
