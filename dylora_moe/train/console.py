@@ -105,7 +105,9 @@ class Console(TrainerCallback):
         self.train_bar = self.eval_bar = None
 
     def _bars(self, args) -> bool:
-        return not args.disable_tqdm and getattr(self.stream, "isatty", lambda: False)()
+        from dylora_moe import progress
+
+        return not args.disable_tqdm and progress.enabled(self.stream)  # a terminal, or DYLORA_PROGRESS=1
 
     def _write(self, line: str) -> None:
         if self.train_bar is not None or self.eval_bar is not None:
