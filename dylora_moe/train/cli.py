@@ -171,10 +171,11 @@ def main(argv=None) -> dict:
     started = time.time()
     from dylora_moe.train.runs import plan_run, start_run
 
-    report_to = resolve_report_to(args.report_to, args.output_dir)
     # Flags only the Trainer knows (or typos) are checked first, so a typo gets its own error even where the folder
-    # holds a run; without any, the data is read before the import.
-    training_args = trainer_arguments(argv, report_to) if args.trainer_only else None
+    # holds a run; without any, the data is read before the import. wandb is decided (and said) once, when needed.
+    training_args = (
+        trainer_arguments(argv, resolve_report_to(args.report_to, args.output_dir)) if args.trainer_only else None
+    )
     # ----- output folder: one run per folder, decided before anything is written -------------------------------
     is_main = int(os.environ.get("RANK", "0")) == 0
     plan = plan_run(
@@ -191,7 +192,7 @@ def main(argv=None) -> dict:
     from dylora_moe.train.data import DOMAINS, build_corpus, load_domain
 
     splits = [load_domain(args.data_dir, domain) for domain in DOMAINS]
-    training_args = training_args or trainer_arguments(argv, report_to)
+    training_args = training_args or trainer_arguments(argv, resolve_report_to(args.report_to, args.output_dir))
     shown = {k: v for k, v in vars(args).items() if k not in ("help_trainer", "trainer_only")}
     logger.info("arguments: %s", shown | {"token": "***" if args.token else None})
     if is_main:
