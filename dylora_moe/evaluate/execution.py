@@ -172,12 +172,12 @@ def run_programs(
         raise ValueError(f"workers must be >= 1; got {workers}")
     if not programs:
         return []
+
+    def run(program: str) -> Outcome:
+        outcome = run_program(program, limits)
+        if progress is not None:
+            progress.update(1)
+        return outcome
+
     with ThreadPoolExecutor(max_workers=min(workers, len(programs))) as pool:
-
-        def run(program: str) -> Outcome:
-            outcome = run_program(program, limits)
-            if progress is not None:
-                progress.update(1)
-            return outcome
-
         return list(pool.map(run, programs))
