@@ -394,8 +394,11 @@ def disk_full_message(err: BaseException, argv: list[str]) -> str | None:
 def _end(message: str, code: int) -> None:
     """Exit with ``code`` after ``message`` as the last line on stderr, said once: by the main process only (under
     torchrun every process meets the same refusal; the others end silently with the same code)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(message, file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) != 0:
+        sys.exit(code)
+    if code == 1:
+        sys.exit(message)  # Python prints it and exits 1 (SystemExit carries the message, as callers expect)
+    print(message, file=sys.stderr)
     sys.exit(code)
 
 
