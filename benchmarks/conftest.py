@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
@@ -31,6 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 from benchmarks.records import COMMITTED_CSV, LOCAL_CSV, append_rows, make_row  # noqa: E402
+from dylora_moe.provenance import commit  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -72,25 +72,6 @@ def sync() -> None:
 
 
 @functools.cache
-def commit() -> str:
-    """Short hash of HEAD, with ``+dirty`` when tracked files differ from it (figures must name their commit).
-
-    A copy without .git (a lent GPU machine gets the working tree only) takes it from DYLORA_MOE_COMMIT.
-    """
-    if os.environ.get("DYLORA_MOE_COMMIT"):
-        return os.environ["DYLORA_MOE_COMMIT"]
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 @functools.cache
 def triton_version() -> str:
     try:

@@ -9,7 +9,7 @@ settings object ``DyLoRAMoEConfig``, and the drop-in layers ``MoELoRALinear``, `
 
 from importlib import import_module
 
-# Names load on first use (PEP 562), so `import dylora_moe.train.data` or `python train.py --help` does not pay
+# Names load on first use (PEP 562), so `import dylora_moe.corpora` or `python train.py --help` does not pay
 # for torch.
 _EXPORTS = {
     "DyLoRAMoEConfig": ".config",
@@ -37,6 +37,8 @@ _EXPORTS = {
     "print_trainable_parameters": ".io.original_state",
     "save_dylo_moe_state": ".io.original_state",
     "save_lora_experts": ".io.original_state",
+    "export_checkpoint": ".export",
+    "PromptRouter": ".serving",
 }
 
 
@@ -68,12 +70,14 @@ __all__ = [
     "MoELoRALinear",
     "MoELoRAMLP",
     "NoveltyDetector",
+    "PromptRouter",
     "Routing",
     "RoutingContext",
     "SkillLibrary",
     "TwoPhaseLRScheduler",
     "balance_loss",
     "default_targets",
+    "export_checkpoint",
     "find_targets",
     "inject_moe_lora",
     "load_dylo_moe_state",

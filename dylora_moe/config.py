@@ -16,10 +16,44 @@ import math
 from dataclasses import InitVar, dataclass, field
 from types import SimpleNamespace
 
-BACKENDS = ("auto", "triton", "eager", "reference")
-WEIGHTINGS = ("original", "softmax")
+BACKENDS = ("auto", "triton", "eager", "reference")  # the one list of backends (model, layers, train.py, evaluate)
+# What a MoE-LoRA layer runs for each backend: the op's backend of that name (dylora_moe.kernels), except
+# "reference": the model runs peft adapters for it, a lone layer its per-expert loop (the op's "loop", also taken by
+# that name).
+LAYER_BACKENDS = {**{name: name for name in BACKENDS}, "reference": "loop", "loop": "loop"}
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """How a router weighs its top-k experts (the behaviour behind a ``router_weighting`` name).
+
+    ``tempered``: pick the top-k of ``logits / temperature`` and take their probabilities of the full tempered softmax
+    (renormalised with ``renormalize``); else pick on the raw logits and weigh by a softmax over the k selected logits
+    (weights sum to 1; at k = 1 the weight is the constant 1 and the gate gets no gradient)."""
+
+    tempered: bool
+
+
+@dataclass(frozen=True)
+class BalanceForm:
+    """What a ``balance_loss`` name does: ``loss`` (an auxiliary loss, its math in
+    :data:`dylora_moe.modules.router.BALANCE_LOSS_MATH`), or the router's loss-free ``selection_bias``, or neither."""
+
+    loss: bool = False
+    selection_bias: bool = False
+
+
+# Registries: a new router weighting or balance form is one entry here (plus, for a loss, its math in router.py).
+WEIGHTING_FORMS = {"original": Weighting(tempered=False), "softmax": Weighting(tempered=True)}
+BALANCE_FORMS = {
+    "mse": BalanceForm(loss=True),
+    "switch": BalanceForm(loss=True),
+    "loss_free": BalanceForm(selection_bias=True),
+    "none": BalanceForm(),
+}
+WEIGHTINGS = tuple(WEIGHTING_FORMS)
 ROUTINGS = ("sequence", "token")
-BALANCE_LOSSES = ("mse", "switch", "loss_free", "none")
+BALANCE_LOSSES = tuple(BALANCE_FORMS)
 MIXTURES = ("linear", "ffn")
 GROWTH_RANKS = ("same", "original")
 # Former setting names, still accepted where settings go in (keywords, checkpoint files): old name -> new name.
@@ -105,7 +139,7 @@ def _setting(default, help: str):
 
 @dataclass
 class DyLoRAMoEConfig:
-    """Settings of a :class:`~dylora_moe.DyLoRA_MoE`; each field's ``help`` says what it does (the README's table
+    """Settings of a :class:`~dylora_moe.DyLoRA_MoE`; each field's ``help`` says what it does (docs/model.md's table
     says which give which semantics). ``kernel=`` is the former name of ``backend=`` and still works."""
 
     # The original's settings.
@@ -150,7 +184,7 @@ class DyLoRAMoEConfig:
     )
     # Losses.
     balance_loss: str = _setting(
-        "loss_free",  # measured: the only form that kept the default job balanced (README, Sweeps)
+        "loss_free",  # measured: the only form that kept the default job balanced (docs/sweeps.md)
         "load balancing: mse or switch (an auxiliary loss), loss_free (a per-expert selection bias moved by "
         "balance_update_rate after each optimizer step, no loss), none",
     )
@@ -220,7 +254,7 @@ class DyLoRAMoEConfig:
         if (
             self.mixture == "ffn"
             and self.routing == "token"
-            and self.router_weighting == "softmax"
+            and WEIGHTING_FORMS[self.router_weighting].tempered
             and not (self.renormalize or self.top_k == self.num_experts)
         ):
             raise ValueError(

@@ -14,7 +14,7 @@ Every forward (E > 1):
      [B, S, V] logits.
 
 With token routing, and sequence routing with ``sequence_top_k``, a training step issues no host sync and compiles
-as one graph (:meth:`DyLoRA_MoE.compile`). The routing decisions live in :mod:`dylora_moe.routing`.
+as one graph (:meth:`DyLoRA_MoE.compile`). The routing decisions live in :mod:`dylora_moe.modules.routing`.
 
 ``backend="reference"`` runs the same routing decision through the original algorithm on peft adapters
 (:mod:`dylora_moe.modules.reference`): one full pass per expert, or a loop over experts in each layer.
@@ -35,13 +35,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .config import BACKENDS, SETTINGS, DyLoRAMoEConfig, check_setting, original_growth_rank
+from .config import BACKENDS, BALANCE_FORMS, SETTINGS, DyLoRAMoEConfig, check_setting, original_growth_rank
 from .kernels import resolve_backend
 from .modules.experts import ExpertManager
 from .modules.fused_loss import chunked_linear_cross_entropy
 from .modules.router import DynamicHybridRouter, balance_loss, router_entropy, z_loss
 from .modules.routing import Routing, RoutingDecision, decide_routing, sequence_pairs, sequence_weights, token_routing
 from .modules.skills import NoveltyDetector, SkillLibrary
+from .quantized import require_bitsandbytes, uses_bitsandbytes
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +84,24 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (targets != -100).sum().clamp_min(1)
 
 
-def load_base_model(model_name, token=None, torch_dtype=None) -> PreTrainedModel:
-    """An already built PreTrainedModel as is, else a local path or hub id through AutoModelForCausalLM."""
+def load_base_model(model_name, token=None, torch_dtype=None, quantization_config=None) -> PreTrainedModel:
+    """An already built PreTrainedModel as is, else a local path or hub id through AutoModelForCausalLM, quantized
+    on loading when ``quantization_config`` is given (e.g. ``BitsAndBytesConfig(load_in_4bit=True)``: QLoRA)."""
     if isinstance(model_name, PreTrainedModel):
+        if quantization_config is not None:
+            raise ValueError(
+                "quantization_config applies when the base model is loaded from a hub id or local path; "
+                f"{type(model_name).__name__} was passed built: load it quantized yourself, or pass its name"
+            )
         return model_name
     if isinstance(model_name, (str, Path)):
         kwargs = {"token": token} if token else {}
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
+        if quantization_config is not None:
+            if uses_bitsandbytes(quantization_config):
+                require_bitsandbytes("quantization_config")
+            kwargs["quantization_config"] = quantization_config
         return AutoModelForCausalLM.from_pretrained(str(model_name), **kwargs)
     raise TypeError(f"model_name must be a hub id, a local path or a PreTrainedModel; got {type(model_name).__name__}")
 
@@ -145,8 +156,12 @@ class DyLoRA_MoE(nn.Module):
     - ``freeze_router``: keep the gate at its initial weights (no gradient, not in ``trainable_parameters``).
     - ``fused_loss``: False | True | "auto" (see :meth:`set_fused_loss`).
 
-    ``torch_dtype`` is the base model's load dtype (not a setting). ``moe_config`` gives the current settings back;
-    the settings below are attributes that read (and, assigned, check and change) the config the model keeps.
+    ``torch_dtype`` is the base model's load dtype and ``quantization_config`` (transformers', e.g.
+    ``BitsAndBytesConfig(load_in_4bit=True)``: QLoRA; needs ``pip install 'dylora-moe[quant]'``) its quantization
+    when it is loaded from a name; neither is a setting. On a quantized base the experts and the gate are float32
+    (the compute dtype's masters), the base stays as loaded and frozen; the experts load on the float base too.
+    ``moe_config`` gives the current settings back; the settings below are attributes that read (and, assigned,
+    check and change) the config the model keeps.
     """
 
     accepts_loss_kwargs = False  # HF Trainer: the loss is a per-token mean; do not pass num_items_in_batch
@@ -200,7 +215,12 @@ class DyLoRA_MoE(nn.Module):
         freeze_router: bool = FROM_CONFIG,
         fused_loss: bool | str = FROM_CONFIG,
         torch_dtype=None,
+        quantization_config=None,
     ):
+        """Load ``model_name`` (hub id, local path or a built model), inject ``num_experts`` LoRA experts and the
+        router. Positional arguments are the original's; every other setting is a keyword, its default taken from
+        ``config`` (a :class:`~dylora_moe.config.DyLoRAMoEConfig`, default: its defaults); the class docstring lists
+        them. ``kernel`` is the former name of ``backend``; ``torch_dtype`` the base model's dtype when loaded."""
         super().__init__()
         given = {name: value for name, value in locals().items() if name in SETTINGS and value is not FROM_CONFIG}
         if kernel is not None:  # the former name of backend
@@ -210,10 +230,10 @@ class DyLoRA_MoE(nn.Module):
         cfg = (config or DyLoRAMoEConfig()).replace(**given)
         self._settings = cfg  # the one copy of the settings (the router and experts hold theirs)
 
-        self.foundation_model = load_base_model(model_name, token, torch_dtype)
+        self.foundation_model = load_base_model(model_name, token, torch_dtype, quantization_config)
         self.expert_manager = ExpertManager(
             self.foundation_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-            target_modules=cfg.target_modules, kernel=cfg.backend, mixture=cfg.mixture,
+            target_modules=cfg.target_modules, backend=cfg.backend, mixture=cfg.mixture,
         )  # fmt: skip
         for i in range(cfg.num_experts):
             self.expert_manager.create_expert(
@@ -239,9 +259,9 @@ class DyLoRA_MoE(nn.Module):
 
     def _apply_balance(self, cfg: DyLoRAMoEConfig) -> None:
         """The router's balancing state: the loss-free bias, and whether training forwards count the step's load."""
-        self.router.use_selection_bias = cfg.balance_loss == "loss_free"
+        self.router.use_selection_bias = BALANCE_FORMS[cfg.balance_loss].selection_bias
         self.router.update_rate = float(cfg.balance_update_rate)
-        self.router.track_load = cfg.balance_loss == "loss_free" or cfg.global_balance
+        self.router.track_load = BALANCE_FORMS[cfg.balance_loss].selection_bias or cfg.global_balance
 
     def balance_step(self) -> None:
         """Call once after each optimizer step: moves the loss-free selection bias toward equal load over the step
@@ -305,7 +325,7 @@ class DyLoRA_MoE(nn.Module):
         self._current_settings().replace(backend=name)  # the config's rules: a known name; "reference" where it fits
         if name == "triton":
             resolve_backend("triton", self.device)  # fail now, naming the fix, rather than in the first forward
-        self.handle.set_kernel("loop" if name == "reference" else name)  # the layers' loop; the peft reference is here
+        self.handle.set_backend(name)  # the layers' loop; the peft reference is here
         self.router.backend = name if name in ("auto", "triton") else "eager"
         self._settings = self._settings.replace(backend=name)
         if name == "reference":
@@ -334,15 +354,15 @@ class DyLoRA_MoE(nn.Module):
 
     def decide_routing(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> RoutingDecision:
         """Route the real tokens of ``hidden`` [B, S, H] (last hidden states of the routing pass); see
-        :func:`dylora_moe.routing.decide_routing`."""
+        :func:`dylora_moe.modules.routing.decide_routing`."""
         return decide_routing(self.router if self.num_experts > 1 else None, hidden, attention_mask)
 
     def sequence_weights(self, decision: RoutingDecision) -> torch.Tensor:
-        """[B, E] per-sequence weights; see :func:`dylora_moe.routing.sequence_weights`."""
+        """[B, E] per-sequence weights; see :func:`dylora_moe.modules.routing.sequence_weights`."""
         return sequence_weights(decision, self.num_experts, self.sequence_top_k)
 
     def token_routing(self, decision: RoutingDecision) -> Routing:
-        """[B, S, k] experts of every token; see :func:`dylora_moe.routing.token_routing`."""
+        """[B, S, k] experts of every token; see :func:`dylora_moe.modules.routing.token_routing`."""
         return token_routing(decision)
 
     # ----- forward ------------------------------------------------------------------------------------------
@@ -356,9 +376,10 @@ class DyLoRA_MoE(nn.Module):
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _linear_head(self) -> nn.Linear | None:
-        """The output head when it is a plain nn.Linear (then logits are linear in the hidden states), else None."""
+        """The output head when it is a plain nn.Linear with a float weight (then logits are linear in the hidden
+        states and the fused loss may read the weight), else None (e.g. a quantized head: its module computes)."""
         head = self.foundation_model.get_output_embeddings()
-        return head if isinstance(head, nn.Linear) else None
+        return head if isinstance(head, nn.Linear) and head.weight.is_floating_point() else None
 
     def _softcap(self) -> float | None:
         return getattr(self.foundation_model.config, "final_logit_softcapping", None)
@@ -423,7 +444,7 @@ class DyLoRA_MoE(nn.Module):
     # ----- fused linear + cross-entropy (large vocabularies) -----------------------------------------------------
 
     def set_fused_loss(self, mode: bool | str = True, chunk_rows: int | None = None) -> None:
-        """Compute the LM loss without the full [B, S, V] logits (:mod:`dylora_moe.fused_loss`: the head and the
+        """Compute the LM loss without the full [B, S, V] logits (:mod:`dylora_moe.modules.fused_loss`: the head and the
         cross-entropy in row chunks, gradients in the same pass). ``mode``: False (off, the default) | True (every
         forward with labels) | "auto" (forwards with labels in training mode). When it applies, the output's
         ``logits`` is None (call again without labels, or in eval mode with "auto", for logits).
@@ -478,6 +499,10 @@ class DyLoRA_MoE(nn.Module):
         super().compile(*args, fullgraph=fullgraph, **kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None) -> DyLoRAMoEOutput:
+        """Route and run one batch: ``input_ids`` [B, S] (required), ``attention_mask`` [B, S] (padding is neither
+        routed nor counted), ``labels`` [B, S] (-100 ignored) for the shifted cross-entropy. Returns a
+        :class:`DyLoRAMoEOutput`: logits (None under the fused loss), the LM loss, the auxiliary losses and the
+        routing weights."""
         if input_ids is None:
             raise ValueError("input_ids are required")
         check_batch(input_ids)
@@ -633,6 +658,19 @@ class DyLoRA_MoE(nn.Module):
         beams = generate_kwargs.get("num_beams", getattr(config, "num_beams", None)) or 1
         returned = generate_kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", None)) or 1
         return max(int(beams), int(returned))
+
+    def merged(self, expert: int | None = None, weights=None) -> PreTrainedModel:
+        """A plain transformers model with the routing fixed and merged into the base weights: ``expert=i`` (one
+        expert) or ``weights=[w_0, ..., w_{E-1}]`` (a fixed mix). A copy: this model is untouched. It saves with
+        ``save_pretrained`` and loads with ``AutoModelForCausalLM.from_pretrained`` without this package.
+
+        Equal to this model with that routing in every layer (``generate(..., expert_weights=...)``): in float32
+        up to the order of the sums; a bf16/fp16 base is merged in float32 and rounded once. Refused: a quantized
+        base, and a mix of experts with ``mixture="ffn"``. Sequence routing's training forward mixes logits, which
+        no merge reproduces (docs/export.md gives the difference measured). See :mod:`dylora_moe.export.merge`."""
+        from .export.merge import merged_model
+
+        return merged_model(self, expert=expert, weights=weights)
 
     def save_pretrained(self, save_directory, **_ignored) -> None:
         """Write every expert as a peft adapter, the router and a JSON config (atomically); see checkpoint.py."""

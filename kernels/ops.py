@@ -140,7 +140,7 @@ def moe_lora(
         triton_path: "auto" | "stacked" | "grouped": the Triton formulation (see grouped.choose_path).
         routing: per-step metadata built from these very ids/weights tensors (``RoutingMeta(ids.reshape(-1, k),
             weights.reshape(-1, k), E)``); layers share one per step so the gate and sort are not rebuilt
-            (dylora_moe.routing.Routing.meta builds it). Metadata built from other tensors, or from these before an
+            (the model's Routing.meta builds it). Metadata built from other tensors, or from these before an
             in-place change, is refused with a ValueError (checked by identity, data pointer and version counter:
             no host sync; not checked inside torch.compile).
         base_output: [..., d_out] output of the frozen layer: returns base_output + delta, a new tensor.

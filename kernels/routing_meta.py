@@ -2,7 +2,7 @@
 
 Shape letters: T tokens, K experts per token, E experts, P = T * K (token, slot) pairs.
 
-A model builds one :class:`RoutingMeta` per forward (through ``dylora_moe.routing.Routing.meta``) and every
+A model builds one :class:`RoutingMeta` per forward (through ``dylora_moe.modules.routing.Routing.meta``) and every
 MoE-LoRA layer, forward and backward, reads the same tensors: the dense gate, the per-expert counts and the
 grouped path's sort are computed at most once per step. Nothing here syncs with the host: sizes are static bounds
 of T, K and E, and the id range check is a device-side assert.
@@ -142,7 +142,7 @@ class RoutingMeta:
     device-side assert (a RuntimeError; no host sync, so a training step stays sync-free on every device).
 
     The cache is a plain dict (``store``) so that torch.compile can keep it on an object that outlives the
-    compiled region (dylora_moe.routing.Routing); :meth:`from_store` wraps an existing one.
+    compiled region (dylora_moe.modules.routing.Routing); :meth:`from_store` wraps an existing one.
     """
 
     def __init__(self, ids: torch.Tensor, weights: torch.Tensor, num_experts: int, check_ids: bool = True):

@@ -1,4 +1,5 @@
-"""Shared test set-up: offline and quiet integrations, a seed per test, the device list and the GPU marker.
+"""Shared test set-up: offline and quiet integrations, a seed per test, the device fixture (tests import the device
+and the GPU marker from tests/helpers.py).
 
 Machines without the ``datasets`` package (the lent GPU image has none) skip, with that reason, the tests that read
 the corpora: whole files that train end to end, and any other test that stops on the missing package.
@@ -20,10 +21,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (bf16 Triton math is only exact on a GPU)")
+from helpers import DEVICE, HAS_CUDA  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,13 @@
 """Package layout: no import cycles between the package's modules, and the production paths never import the
 test-only reference path (docs/design.md §1).
 
-The graph holds the imports that run when a module is imported: its top-level ``import`` / ``from`` statements
-(imports inside functions, and under ``if TYPE_CHECKING:``, run later or never and cannot form a cycle at import).
+The graph holds every import a module makes: top-level statements and those inside functions or under
+``if TYPE_CHECKING:`` alike. A function-level import cannot fail at import time, but a circle through one still
+ties two modules into one unit (neither can move, be read or tested without the other), so it counts.
 """
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -26,16 +28,18 @@ def _modules() -> dict[str, Path]:
     return found
 
 
-def _is_type_checking(node: ast.stmt) -> bool:
-    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+def _import_nodes(tree: ast.Module, top_level: bool):
+    """Every import node of the file, or (``top_level``) those that run when the module is imported."""
+    if not top_level:
+        return ast.walk(tree)
+    return [n for n in tree.body if not (isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))]
 
 
-def _runtime_imports(module: str, path: Path, known: set[str]) -> set[str]:
+def _imports(module: str, path: Path, known: set[str], top_level: bool = False) -> set[str]:
+    """The package's modules that ``module`` imports anywhere in its file (or at import time only)."""
     package = module if path.stem == "__init__" else module.rsplit(".", 1)[0]
     imported = set()
-    for node in ast.parse(path.read_text()).body:
-        if _is_type_checking(node):
-            continue
+    for node in _import_nodes(ast.parse(path.read_text()), top_level):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
@@ -45,15 +49,16 @@ def _runtime_imports(module: str, path: Path, known: set[str]) -> set[str]:
             candidates = [target] + [f"{target}.{alias.name}" for alias in node.names]
         elif isinstance(node, ast.Import):
             candidates = [alias.name for alias in node.names]
+            candidates += [alias.name.rsplit(".", 1)[0] for alias in node.names if "." in alias.name]
         else:
             continue
         imported |= {name for name in candidates if name in known and name != module}
     return imported
 
 
-def _graph() -> dict[str, set[str]]:
+def _graph(top_level: bool = False) -> dict[str, set[str]]:
     modules = _modules()
-    return {name: _runtime_imports(name, path, set(modules)) for name, path in modules.items()}
+    return {name: _imports(name, path, set(modules), top_level) for name, path in modules.items()}
 
 
 def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -89,14 +94,34 @@ def test_finder_reports_a_cycle():
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def _subgraph(kernels: bool) -> dict[str, set[str]]:
+    """The modules of ``dylora_moe.kernels`` or of the rest (the kernels import nothing of the rest, so every circle
+    lies inside one of the two)."""
+    graph = _graph()
+    keep = {name for name in graph if name.startswith("dylora_moe.kernels") == kernels}
+    return {name: graph[name] & keep for name in keep}
+
+
+def test_function_level_imports_are_in_the_graph():
+    # dylora_moe.model imports the checkpoint module only inside its methods
+    assert "dylora_moe.io.checkpoint" in _graph()["dylora_moe.model"]
+
+
 def test_no_import_cycles():
-    cycle = _find_cycle(_graph())
+    cycle = _find_cycle(_subgraph(kernels=False))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+@pytest.mark.xfail(strict=True, reason="removed on branch h-gpu")
+def test_no_import_cycles_in_the_kernels():
+    cycle = _find_cycle(_subgraph(kernels=True))
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 @pytest.mark.parametrize("module", ["dylora_moe.io.checkpoint", "dylora_moe.model", "dylora_moe.modules.layer"])
 def test_production_paths_do_not_import_the_reference_path(module):
-    assert "dylora_moe.modules.reference" not in _graph()[module]
+    # at import time: the model loads the reference only when backend="reference" asks for it
+    assert "dylora_moe.modules.reference" not in _graph(top_level=True)[module]
 
 
 def test_kernels_know_nothing_of_models():
@@ -115,6 +140,15 @@ def test_the_library_never_imports_the_training_app():
         assert not any(dep.startswith("dylora_moe.train") for dep in graph[name]), (name, graph[name])
 
 
+def test_the_evaluation_app_never_imports_the_training_app():
+    """Training calls the functional evaluation; the evaluation reads corpora and base models from the library."""
+    graph = _graph()
+    evaluation = [name for name in graph if name.startswith("dylora_moe.evaluate")]
+    assert "dylora_moe.evaluate.cli" in evaluation
+    for name in evaluation:
+        assert not any(dep.startswith("dylora_moe.train") for dep in graph[name]), (name, graph[name])
+
+
 def test_nothing_refers_to_design_notes_outside_the_repository():
     """Design notes live in docs/design.md; a "DESIGN n" (the numbered sections of a document outside the repository)
     is a reference no reader can follow."""
@@ -129,3 +163,19 @@ def test_nothing_refers_to_design_notes_outside_the_repository():
     found = [f"{p.relative_to(REPO)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
              if pattern.search(line)]  # fmt: skip
     assert len(files) > 50 and not found, found
+
+
+def test_no_module_of_the_apps_is_over_600_lines():
+    """A module the length of a book holds several jobs; the applications split theirs (issue 25)."""
+    long = {name: n for name, path in _modules().items() if name.startswith(("dylora_moe.train", "dylora_moe.evaluate"))
+            if (n := len(path.read_text().splitlines())) > 600}  # fmt: skip
+    assert not long, long
+
+
+def test_tests_are_named_by_unit_and_import_helpers_not_conftest():
+    tests = REPO / "tests"
+    assert not list(tests.rglob("test_trust_*.py")), "a test file is named after the work, not the unit it tests"
+    importing = [
+        p.relative_to(REPO) for p in tests.rglob("*.py") if re.search(r"^from \.?conftest import", p.read_text(), re.M)
+    ]
+    assert (tests / "helpers.py").is_file() and not importing, importing

@@ -2,7 +2,7 @@
 
 - :mod:`.problems`: the benchmarks, in the bigcode evaluation harness's prompt format, with its stop sequences.
 - :mod:`.generation`: batched completions with the KV cache under a routing (base, learned, one expert forced).
-- :mod:`.execution`: the sandbox every program runs in (own process group, timeout, rlimits, audit hook).
+- :mod:`.execution`: the sandbox every program runs in (kernel isolation, limits, audit hook: docs/sandbox.md).
 - :mod:`.passk`: the unbiased pass@k estimator of Chen et al. (2021).
 - :mod:`.evaluation`: the runs (:func:`evaluate_model`, :func:`evaluate_after_training`, :func:`score_samples`).
 - :mod:`.report`: samples JSONL, metrics JSON, the markdown section and the figure.

@@ -23,8 +23,11 @@ import re
 import sys
 from pathlib import Path
 
-from .execution import Limits
-from .problems import BENCHMARKS, SPLITS, default_data_dir
+from ..config import BACKENDS
+from ..corpora import default_data_dir
+from ..flags import SuggestingParser
+from .execution import Limits, SandboxUnavailableError, isolation_level
+from .problems import BENCHMARKS, SPLITS
 
 
 def _list(kind, choices=None):
@@ -58,7 +61,7 @@ def _positive(kind):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = SuggestingParser(
         prog="python -m dylora_moe.evaluate", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
     )  # fmt: skip
@@ -100,7 +103,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--max_new_tokens", type=_positive(int), default=512)
     gen.add_argument("--batch_size", type=_positive(int), default=8)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--kernel", default="auto", choices=["auto", "triton", "eager", "reference"])
+    gen.add_argument(
+        "--backend", "--kernel", default="auto", choices=BACKENDS, help="what runs the experts (--kernel: former name)"
+    )
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--bf16", action="store_true", help="load the base model in bfloat16")
     run = p.add_argument_group("scoring")
@@ -110,6 +115,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=_positive(float), default=3.0, help="seconds per program (wall clock)")
     run.add_argument("--memory_mb", type=_positive(int), default=1024, help="address-space limit per program")
     run.add_argument("--workers", type=_positive(int), default=None, help="programs at once (default: CPUs)")
+    run.add_argument(
+        "--unsafe_no_isolation",
+        action="store_true",
+        help="where the machine allows no kernel isolation (docs/sandbox.md), run the programs guarded by the audit "
+        "hook alone instead of refusing",
+    )
     p.add_argument(
         "--disable_tqdm", action="store_true", help="no progress bars (there are none when stderr is not a terminal)"
     )
@@ -144,8 +155,11 @@ def check(args, p: argparse.ArgumentParser) -> None:
     if args.top_p > 1:
         p.error(f"--top_p must be in (0, 1], got {args.top_p}")
     try:
-        args.limits = Limits(timeout_s=args.timeout, memory_mb=args.memory_mb)
-    except ValueError as err:
+        args.limits = Limits(
+            timeout_s=args.timeout, memory_mb=args.memory_mb, unsafe_no_isolation=args.unsafe_no_isolation
+        )
+        isolation_level(args.limits)  # refused here, before anything is loaded, where no isolation is possible
+    except (ValueError, SandboxUnavailableError) as err:
         p.error(str(err))
     if args.k is None:
         args.k = [1, 10, 100] if args.samples else [1]
@@ -225,7 +239,7 @@ def evaluate_checkpoint(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.bf16 else None
     model, tokenizer = load_for_evaluation(
-        args.checkpoint, args.model_name, kernel=args.kernel, dtype=dtype, device=device
+        args.checkpoint, args.model_name, backend=args.backend, dtype=dtype, device=device
     )
     sampling = Sampling(
         n=args.n_samples,
@@ -260,8 +274,8 @@ def main(argv=None) -> int:
         from .. import progress
 
         progress.disable()
-    from ..train.base_models import ModelLoadError
-    from ..train.data import DataError
+    from ..base_models import ModelLoadError
+    from ..corpora import DataError
     from .problems import MissingHumanEvalError
 
     try:

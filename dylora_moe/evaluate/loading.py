@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..base_models import TINY, ModelLoadError, load_pretrained
 from ..model import DyLoRA_MoE, is_checkpoint_dir
-from ..train.base_models import TINY, ModelLoadError, load_pretrained
 
 
 def checkpoint_folder(path: str | Path) -> Path:
@@ -44,9 +44,12 @@ def base_model_of(checkpoint: Path) -> str:
     return str(tiny[0])
 
 
-def load_for_evaluation(checkpoint=None, model_name=None, *, kernel: str = "auto", dtype=None, device=None):
+def load_for_evaluation(
+    checkpoint=None, model_name=None, *, backend: str = "auto", dtype=None, device=None, kernel: str | None = None
+):
     """(model, tokenizer): the checkpoint on its base model (``model_name`` or the run's), or the base model alone.
-    The tokenizer is the base model's (the one the run trained with)."""
+    The tokenizer is the base model's (the one the run trained with); ``backend`` runs the experts (``kernel``: its
+    former name)."""
     if checkpoint is None and model_name is None:
         raise ValueError("give a checkpoint, a base model, or both")
     folder = checkpoint_folder(checkpoint) if checkpoint is not None else None
@@ -55,5 +58,5 @@ def load_for_evaluation(checkpoint=None, model_name=None, *, kernel: str = "auto
         base = base.to(device)
     if folder is None:
         return base.eval(), tokenizer
-    model = DyLoRA_MoE.from_pretrained(base, folder, kernel=kernel)
+    model = DyLoRA_MoE.from_pretrained(base, folder, backend=kernel if kernel is not None else backend)
     return model.eval(), tokenizer

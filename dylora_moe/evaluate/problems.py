@@ -22,8 +22,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..train.args import default_data_dir
-from ..train.data import HUB_IDS, HUB_SOURCE, LOCAL_FILES, DataError, _datasets, mbpp_text
+from .. import corpora
+from ..corpora import HUB_SOURCE, REGISTRY, DataError, default_data_dir, mbpp_text
 
 BENCHMARKS = ("mbpp", "humaneval")
 STOP_SEQUENCES = {
@@ -72,11 +72,11 @@ def cut_at_stop(text: str, stops) -> str:
 
 def _mbpp_file(data_dir: Path) -> Path:
     if not data_dir.is_dir():
-        raise DataError(f"data directory {data_dir} does not exist; expected a folder with {LOCAL_FILES['mbpp'][0]}")
-    for name in LOCAL_FILES["mbpp"]:
+        raise DataError(f"data directory {data_dir} does not exist; expected a folder with {REGISTRY['mbpp'].files[0]}")
+    for name in REGISTRY["mbpp"].files:
         if (data_dir / name).is_file():
             return data_dir / name
-    raise DataError(f"data directory {data_dir} has no MBPP file: expected one of {', '.join(LOCAL_FILES['mbpp'])}")
+    raise DataError(f"data directory {data_dir} has no MBPP file: expected one of {', '.join(REGISTRY['mbpp'].files)}")
 
 
 def _mbpp_rows(path: Path) -> list[tuple[dict, str]]:
@@ -112,12 +112,8 @@ def _check_mbpp_rows(rows: list[tuple[dict, str]]) -> list[tuple[dict, str]]:
 
 def _hub_mbpp_rows() -> list[tuple[dict, str]]:
     """MBPP ``full`` from the hub (``--data_dir hub``, as training reads it): all 974 tasks, the test split 500."""
-    name, config = HUB_IDS["mbpp"]
-    try:
-        parts = _datasets().load_dataset(name, config)
-    except Exception as err:  # the hub raises many types (ConnectionError, OfflineModeIsEnabled, ...)
-        why = f"{type(err).__name__}: {err}"
-        raise DataError(f"could not load {name} from the hub ({why}); pass a local --data_dir") from err
+    name, config = REGISTRY["mbpp"].hub_id, REGISTRY["mbpp"].hub_config
+    parts = corpora.load_hub(name, config)
     rows = [(dict(row), f"{name}[{split}] row {i}") for split in parts for i, row in enumerate(parts[split])]
     return _check_mbpp_rows(rows)
 
@@ -130,10 +126,8 @@ def load_mbpp(data_dir: str | Path | None = None, split: str = "test") -> list[P
     """MBPP problems of ``split`` (see the module docstring) from the local data directory, by task id."""
     if split not in SPLITS["mbpp"]:
         raise ValueError(f"unknown MBPP split {split!r}; expected one of {SPLITS['mbpp']}")
-    if str(data_dir) == HUB_SOURCE:
-        rows = _hub_mbpp_rows()
-    else:
-        rows = _mbpp_rows(_mbpp_file(Path(data_dir if data_dir is not None else default_data_dir())))
+    data_dir = default_data_dir() if data_dir is None else data_dir
+    rows = _hub_mbpp_rows() if str(data_dir) == HUB_SOURCE else _mbpp_rows(_mbpp_file(Path(data_dir)))
     problems = []
     for row, where in sorted(rows, key=lambda rw: rw[0]["task_id"]):
         low, high = MBPP_SPLITS.get(split, (-(10**9), 10**9))

@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 
 from ..io.atomic_folder import write_text_atomic
-from ..train.runs import CODE_EVAL_FIGURE as FIGURE_FILE
-from ..train.runs import CODE_EVAL_MARKDOWN as MARKDOWN_FILE
-from ..train.runs import CODE_EVAL_METRICS as METRICS_FILE
-from ..train.runs import CODE_EVAL_SAMPLES as SAMPLES_FILE
+
+# The evaluation's files (train.py --code_eval writes them into its run folder, whose list of outputs names them).
+SAMPLES_FILE, METRICS_FILE = "code_eval_samples.jsonl", "code_eval.json"
+MARKDOWN_FILE, FIGURE_FILE = "code_eval.md", "code_eval.png"
 
 SECTION_TITLE = "## Functional evaluation (pass@k in a sandbox)"
 

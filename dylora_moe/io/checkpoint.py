@@ -14,7 +14,7 @@ Saving (:func:`save_checkpoint`) never deletes what it did not write. The destin
 folder, or an earlier checkpoint of ours (a folder holding the config JSON and only checkpoint files); anything
 else (a file, a folder with other content, such as ``.``) is refused before anything is written. The checkpoint
 is written to a staging folder beside the destination and published by an atomic rename or swap (see
-:mod:`dylora_moe.atomic_folder`): a reader sees the old checkpoint or the new one, never half of one, and a killed
+:mod:`dylora_moe.io.atomic_folder`): a reader sees the old checkpoint or the new one, never half of one, and a killed
 save leaves the previous checkpoint as it was. Staging folders of killed saves are removed by the next save to the
 same destination.
 

@@ -33,7 +33,7 @@ class ExpertSettings:
 
 class ExpertManager:
     """Creates and addresses the LoRA experts of ``model``; every expert lives in the stacked tensors of each
-    injected :class:`~dylora_moe.layer.MoELoRALinear` (expert i = row i of every ``lora_A``/``lora_B``).
+    injected :class:`~dylora_moe.modules.layer.MoELoRALinear` (expert i = row i of every ``lora_A``/``lora_B``).
 
     The model is injected with zero experts on construction; :meth:`create_expert` adds one to every layer.
     Experts may have their own rank and alpha (the stacked weights are zero-padded to the largest rank, which is
@@ -50,14 +50,18 @@ class ExpertManager:
         lora_dropout: float,
         *,
         target_modules=None,
-        kernel: str = "auto",
+        backend: str = "auto",
         mixture: str = "linear",
+        kernel: str | None = None,
     ):
+        """Inject ``model`` in place with zero experts; :meth:`create_expert` adds them. ``lora_r`` / ``lora_alpha``
+        are the defaults of new experts, ``lora_dropout`` is shared; ``backend`` runs the layers (``kernel``: its
+        former name), ``target_modules`` and ``mixture`` as :func:`~dylora_moe.modules.inject.inject_moe_lora`."""
         self.model = model
         self.lora_r, self.lora_alpha, self.lora_dropout = lora_r, lora_alpha, lora_dropout
         self.handle: MoELoRAHandle = inject_moe_lora(
             model, num_experts=0, r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
-            target_modules=target_modules, kernel=kernel, mixture=mixture,
+            target_modules=target_modules, backend=backend, mixture=mixture, kernel=kernel,
         )  # fmt: skip
         self.expert_settings: list[ExpertSettings] = []
         self.current_expert_id: int | None = None

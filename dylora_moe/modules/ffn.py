@@ -10,9 +10,9 @@ after the nonlinearity. The weights should sum to 1 per token (renormalised top-
 inside every expert, so unnormalised weights would scale the base model's MLP output too.
 
 Computation: one row per (token, slot) [T * k, D]; each row goes through the three projections with its own expert
-(routing k = 1, weight 1 on that row), which are ordinary :class:`~dylora_moe.layer.MoELoRALinear` layers running the
-``moe_lora`` op; the k rows of a token are then summed with its routing weights. The frozen gate/up GEMMs run on the
-T * k rows too (k times a plain MLP's).
+(routing k = 1, weight 1 on that row), which are ordinary :class:`~dylora_moe.modules.layer.MoELoRALinear` layers
+running the ``moe_lora`` op; the k rows of a token are then summed with its routing weights. The frozen gate/up GEMMs
+run on the T * k rows too (k times a plain MLP's).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer import MoELoRALinear
+from .layer import MoELoRALinear, backend_argument, check_backend
 from .routing import Routing, RoutingContext
 
 
@@ -48,9 +48,14 @@ class MoELoRAMLP(nn.Module):
         r: int,
         alpha: float,
         dropout: float = 0.0,
-        kernel: str = "auto",
+        backend: str = "auto",
         context: RoutingContext | None = None,
+        *,
+        kernel: str | None = None,
     ):
+        """Put ``num_experts`` LoRA experts (rank ``r``, alpha ``alpha``, input ``dropout``) on each projection of the
+        gated ``mlp``, run by ``backend`` (``kernel``: its former name), routed by ``context`` (a new one when
+        None)."""
         super().__init__()
         if not is_gated_mlp(mlp):
             raise TypeError(
@@ -58,8 +63,9 @@ class MoELoRAMLP(nn.Module):
                 f"{type(mlp).__name__}"
             )
         self.context = context if context is not None else RoutingContext()
+        backend = check_backend(*backend_argument(backend, kernel))
         for proj in self.PROJECTIONS:
-            layer = MoELoRALinear(getattr(mlp, proj), num_experts, r, alpha, dropout, kernel, self.context)
+            layer = MoELoRALinear(getattr(mlp, proj), num_experts, r, alpha, dropout, backend, self.context)
             setattr(self, proj, layer)
         self.act_fn = mlp.act_fn
 
@@ -92,6 +98,8 @@ class MoELoRAMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP of each token under each of its experts, summed with its routing weights (the frozen MLP alone
+        when adapters are disabled or there are no experts)."""
         if not self.context.adapters_enabled or self.num_experts == 0:
             return self._mlp(x)  # the projections run their frozen base layers alone
         ids, weights = self._routing_for(x)

@@ -7,7 +7,7 @@ The drop-in entry point for other MoE-LoRA projects::
     loss = model(input_ids, labels=labels).loss
 
 ``mixture="ffn"`` makes each expert a LoRA on the gate/up/down projections of every MLP, the top-k experts' whole
-MLP outputs mixed after the nonlinearity (MixLoRA's model; :class:`~dylora_moe.ffn.MoELoRAMLP`).
+MLP outputs mixed after the nonlinearity (MixLoRA's model; :class:`~dylora_moe.modules.ffn.MoELoRAMLP`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import re
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..quantized import keep_4bit_layers_differentiable
 from .ffn import MoELoRAMLP, is_gated_mlp
 from .growth import keep_parameter_identity
-from .layer import MoELoRALinear, check_kernel
+from .layer import MoELoRALinear, backend_argument, check_backend
 from .routing import Routing, RoutingContext
 
 # The original DyLoRA-MoE's automatic targets (attention projections of Llama/Gemma, GPT-NeoX/Falcon, GPT-2, MPT).
@@ -123,8 +124,14 @@ class MoELoRAHandle:
         return next(iter(self.layers.values())).num_experts
 
     @property
+    def backend(self) -> str:
+        """What the layers run (a lone layer's name: "loop" for "reference")."""
+        return next(iter(self.layers.values())).backend
+
+    @property
     def kernel(self) -> str:
-        return next(iter(self.layers.values())).kernel
+        """The former name of :attr:`backend`."""
+        return self.backend
 
     def set_routing(self, ids, weights) -> None:
         """Experts of every token for the next forward passes: ids and weights [B, S, k] (S = 1: per row)."""
@@ -143,10 +150,15 @@ class MoELoRAHandle:
         """Context manager running the frozen base model alone."""
         return self.context.adapters_disabled()
 
-    def set_kernel(self, kernel: str) -> None:
-        check_kernel(kernel)
+    def set_backend(self, backend: str, *, said: str = "backend") -> None:
+        """Switch every injected layer to ``backend`` (see :func:`~dylora_moe.modules.layer.check_backend`)."""
+        backend = check_backend(backend, said)
         for layer in self.layers.values():
-            layer.set_kernel(kernel)
+            layer.set_backend(backend)
+
+    def set_kernel(self, kernel: str) -> None:
+        """The former name of :meth:`set_backend`."""
+        self.set_backend(kernel, said="kernel")
 
     def add_expert(self, r: int | None = None, alpha: float | None = None) -> int:
         """Grow every injected layer by one expert (B = 0, so outputs of the others are unchanged); returns its id.
@@ -184,15 +196,18 @@ def inject_moe_lora(
     alpha: float,
     dropout: float = 0.0,
     target_modules=None,
-    kernel: str = "auto",
+    backend: str = "auto",
     mixture: str = "linear",
+    kernel: str | None = None,
 ) -> MoELoRAHandle:
     """Replace the target layers of ``model`` in place by MoE-LoRA layers and freeze everything else.
 
     ``mixture="linear"`` (default): each target linear layer becomes a :class:`MoELoRALinear` mixing the token's
     experts inside it; ``target_modules``: last name components (``"q_proj"``) or full module names, default
-    :func:`default_targets`. ``mixture="ffn"``: each gated MLP becomes a :class:`~dylora_moe.ffn.MoELoRAMLP` (experts
-    = LoRA on gate/up/down, whole MLP outputs mixed); ``target_modules`` then selects MLP modules (default: all).
+    :func:`default_targets`. ``mixture="ffn"``: each gated MLP becomes a
+    :class:`~dylora_moe.modules.ffn.MoELoRAMLP` (experts = LoRA on gate/up/down, whole MLP outputs mixed);
+    ``target_modules`` then selects MLP modules (default: all).
+    ``backend``: what runs the layers (:data:`dylora_moe.config.BACKENDS`; ``kernel`` is its former name).
     Returns a :class:`MoELoRAHandle` to set routing and list the injected linear layers.
     """
     if num_experts < 0:
@@ -200,21 +215,22 @@ def inject_moe_lora(
     check_alpha(alpha)
     if mixture not in MIXTURES:
         raise ValueError(f"unknown mixture {mixture!r}; expected one of {', '.join(MIXTURES)}")
-    check_kernel(kernel)
+    backend = check_backend(*backend_argument(backend, kernel))
     if any(isinstance(m, MoELoRALinear) for m in model.modules()):
         raise ValueError("model already has MoE-LoRA layers; inject once and grow with handle.add_expert()")
     targets = find_targets(model, target_modules) if mixture == "linear" else find_mlp_targets(model, target_modules)
     model.requires_grad_(False)
+    keep_4bit_layers_differentiable(model)  # a quantized base: gradients must cross its 4-bit layers on the CPU too
     context = RoutingContext()
     layers = {}
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         if mixture == "linear":
-            layer = MoELoRALinear(getattr(parent, child), num_experts, r, alpha, dropout, kernel, context)
+            layer = MoELoRALinear(getattr(parent, child), num_experts, r, alpha, dropout, backend, context)
             layers[name] = layer
         else:
-            layer = MoELoRAMLP(getattr(parent, child), num_experts, r, alpha, dropout, kernel, context)
+            layer = MoELoRAMLP(getattr(parent, child), num_experts, r, alpha, dropout, backend, context)
             layers.update({f"{name}.{proj}": getattr(layer, proj) for proj in MoELoRAMLP.PROJECTIONS})
         setattr(parent, child, layer)
     return MoELoRAHandle(model, layers, context)

@@ -5,8 +5,8 @@ Shape letters: B batch, S sequence, E experts, k experts per token, R rank, D_in
     y = base(x) + sum_j w[t, j] * s_e * B[e] A[e] dropout(x)[t],   e = e[t, j],  s_e = alpha_e / r_e
 
 The LoRA delta is one call of the op :func:`dylora_moe.kernels.moe_lora` (Triton or eager); the layer knows nothing
-of Triton. The experts of each token come from the model's :class:`~dylora_moe.routing.RoutingContext`, so HF model
-code runs unchanged.
+of Triton. The experts of each token come from the model's :class:`~dylora_moe.modules.routing.RoutingContext`, so HF
+model code runs unchanged.
 """
 
 from __future__ import annotations
@@ -19,22 +19,29 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 from transformers.pytorch_utils import Conv1D
 
+from ..config import LAYER_BACKENDS
 from ..kernels import moe_lora, resolve_backend
 from .routing import RoutingContext
 
-# A layer's backends: the op's, and "loop", the per-expert Python loop (the model's "reference" is peft adapters).
-KERNELS = ("auto", "triton", "eager", "loop")
-FORMER_NAMES = {"reference": "loop"}  # what a layer called its per-expert loop before
+
+def check_backend(backend: str, said: str = "backend") -> str:
+    """Validate a backend name (:data:`dylora_moe.config.BACKENDS`, or "loop") and return what a layer runs for it
+    ("reference" gives "loop", the per-expert loop). "auto" stays "auto": each forward resolves it from the device
+    of its input (triton for CUDA tensors, eager otherwise), so a CPU model on a GPU machine runs eager. ``said``:
+    the argument's name in the error (``kernel`` where the caller used the former name)."""
+    if backend not in LAYER_BACKENDS:
+        raise ValueError(f"unknown {said} {backend!r}; expected one of {', '.join(LAYER_BACKENDS)}")
+    return LAYER_BACKENDS[backend]
 
 
 def check_kernel(kernel: str) -> str:
-    """Validate a layer backend name and return it ("reference", the loop's former name, gives "loop"). "auto"
-    stays "auto": each forward resolves it from the device of its input (triton for CUDA tensors, eager otherwise),
-    so a CPU model on a GPU machine runs eager."""
-    kernel = FORMER_NAMES.get(kernel, kernel)
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
-    return kernel
+    """The former name of :func:`check_backend`."""
+    return check_backend(kernel, said="kernel")
+
+
+def backend_argument(backend: str, kernel: str | None) -> tuple[str, str]:
+    """(name, the argument it came from): ``kernel=``, the former name of ``backend=``, wins when given."""
+    return (kernel, "kernel") if kernel is not None else (backend, "backend")
 
 
 def base_dims(base_layer: nn.Module) -> tuple[int, int]:
@@ -44,6 +51,30 @@ def base_dims(base_layer: nn.Module) -> tuple[int, int]:
     if isinstance(base_layer, Conv1D):
         return base_layer.weight.shape[0], base_layer.weight.shape[1]
     raise TypeError(f"MoELoRALinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
+
+
+def compute_dtype(base_layer: nn.Module) -> torch.dtype:
+    """The float dtype ``base_layer`` computes in, which is not always its weight's storage dtype: a quantized layer
+    (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``) stores packed integers and computes in its ``compute_dtype``
+    (4-bit) or in its float bias's dtype; failing both, torch's default float dtype (8-bit casts its input itself)."""
+    weight = base_layer.weight
+    if weight.is_floating_point():
+        return weight.dtype
+    declared = getattr(base_layer, "compute_dtype", None)
+    if isinstance(declared, torch.dtype) and declared.is_floating_point:
+        return declared
+    bias = getattr(base_layer, "bias", None)
+    if isinstance(bias, torch.Tensor) and bias.is_floating_point():
+        return bias.dtype
+    return torch.get_default_dtype()
+
+
+def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
+    """The dtype of the trainable experts over ``base_layer``: its compute dtype (:func:`compute_dtype`), except
+    float32 over a half-precision one (as peft's autocast_adapter_dtype keeps adapters): an optimizer step of lr 2e-5
+    is below bf16's resolution. The ops read them as they are (no per-step cast)."""
+    dtype = compute_dtype(base_layer)
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _check_rank(r) -> int:
@@ -59,8 +90,9 @@ class MoELoRALinear(nn.Module):
     layer equals its base layer), R = the largest expert rank. Expert e has its own rank ``expert_ranks[e]`` and
     alpha ``expert_alphas[e]``: rows/columns past its rank are zero (and get zero gradient), and the float32
     buffer ``expert_scaling`` [E] holds alpha_e / r_e. ``r``/``alpha``/``scaling`` are the defaults of new experts.
-    ``kernel``: "auto" (triton for CUDA inputs, eager otherwise, per forward) | "triton" | "eager" |
-    "loop" (a Python loop over experts with LoRA's two matmuls each; slow, for checks; former name "reference").
+    ``backend``: "auto" (triton for CUDA inputs, eager otherwise, per forward) | "triton" | "eager" |
+    "reference" or "loop" (a Python loop over experts with LoRA's two matmuls each; slow, for checks); ``kernel`` is
+    its former name.
     """
 
     def __init__(
@@ -70,11 +102,17 @@ class MoELoRALinear(nn.Module):
         r: int,
         alpha: float,
         dropout: float = 0.0,
-        kernel: str = "auto",
+        backend: str = "auto",
         context: RoutingContext | None = None,
         expert_ranks: list[int] | None = None,
         expert_alphas: list[float] | None = None,
+        *,
+        kernel: str | None = None,
     ):
+        """Wrap ``base_layer`` (frozen in place) with ``num_experts`` experts of rank ``r`` and alpha ``alpha``
+        (``expert_ranks`` / ``expert_alphas``: one value per expert instead), LoRA ``dropout`` on the input, the
+        ``backend`` that runs the mixture, and the routing ``context`` shared with the model's other layers (a new
+        one when None)."""
         super().__init__()
         if num_experts < 0:
             raise ValueError(f"num_experts must be >= 0, got {num_experts}")
@@ -93,12 +131,10 @@ class MoELoRALinear(nn.Module):
         self.r, self.alpha, self.dropout = r, float(alpha), float(dropout)
         self.scaling = self.alpha / r
         self.context = context if context is not None else RoutingContext()
-        self.kernel = check_kernel(kernel)
+        self.backend = check_backend(*backend_argument(backend, kernel))
         self.expert_ranks, self.expert_alphas = ranks, alphas
         weight = base_layer.weight
-        # Trainable weights stay float32 over a half-precision base (as peft's autocast_adapter_dtype does): an
-        # optimizer step of lr 2e-5 is below bf16's resolution. The ops read them as they are (no per-step cast).
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        dtype = adapter_dtype(base_layer)
         max_rank = max(ranks, default=r)
         self.lora_A = nn.Parameter(torch.zeros(num_experts, max_rank, self.d_in, dtype=dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, self.d_out, max_rank, dtype=dtype, device=weight.device))
@@ -121,8 +157,17 @@ class MoELoRALinear(nn.Module):
     def num_experts(self) -> int:
         return self.lora_A.shape[0]
 
+    @property
+    def kernel(self) -> str:
+        """The former name of :attr:`backend`."""
+        return self.backend
+
+    def set_backend(self, backend: str) -> None:
+        self.backend = check_backend(backend)
+
     def set_kernel(self, kernel: str) -> None:
-        self.kernel = check_kernel(kernel)
+        """The former name of :meth:`set_backend`."""
+        self.backend = check_kernel(kernel)
 
     @torch.no_grad()
     def add_expert(self, r: int | None = None, alpha: float | None = None) -> int:
@@ -169,10 +214,12 @@ class MoELoRALinear(nn.Module):
         return delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base_layer(x)`` plus each token's routed mixture of expert deltas (experts and weights from the routing
+        context); the base layer alone when adapters are disabled or there are no experts."""
         if not self.context.adapters_enabled or self.num_experts == 0:
             return self.base_layer(x)
         routing = self._routing(x)
-        backend = resolve_backend(self.kernel, x.device) if self.kernel != "loop" else "loop"
+        backend = resolve_backend(self.backend, x.device) if self.backend != "loop" else "loop"
         dropout = self.training and self.dropout > 0.0
         if backend == "triton":
             # Dropout drawn inside the kernels from a per-forward seed (activation checkpointing replays the
@@ -224,5 +271,5 @@ class MoELoRALinear(nn.Module):
         ranks = "" if len(set(self.expert_ranks)) <= 1 else f", expert_ranks={self.expert_ranks}"
         return (
             f"d_in={self.d_in}, d_out={self.d_out}, num_experts={self.num_experts}, r={self.r}, alpha={self.alpha}"
-            f"{ranks}, dropout={self.dropout}, kernel={self.kernel!r}"
+            f"{ranks}, dropout={self.dropout}, backend={self.backend!r}"
         )

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import WEIGHTINGS, check_setting
+from ..config import BALANCE_FORMS, WEIGHTING_FORMS, WEIGHTINGS, check_setting
 from ..io.original_files import is_safetensors_file, load_torch_file, require_keys
 from ..kernels import topk_route
 from .balance import bias_update, global_mse_loss, global_switch_loss, split_window, summed_over_ranks, window_row
@@ -75,6 +75,9 @@ class DynamicHybridRouter(nn.Module):
         renormalize: bool = False,
         backend: str = "auto",
     ):
+        """A gate ``Linear(input_size, num_experts)`` picking ``top_k`` experts per token at ``temperature`` (the
+        original's arguments); ``weighting`` / ``renormalize`` as the class docstring says; ``backend`` runs the
+        fused top-k op ("auto" | "triton" | "eager")."""
         super().__init__()
         check_setting("num_experts", num_experts)
         check_setting("top_k", top_k, num_experts=num_experts)
@@ -157,12 +160,13 @@ class DynamicHybridRouter(nn.Module):
         if dense_mode:
             # k = E of the tempered softmax without renormalisation is the dense softmax itself.
             k, temperature, normalize = self.num_experts, self.temperature, False
-        elif self.weighting == "original":
+        elif WEIGHTING_FORMS[self.weighting].tempered:
+            k, temperature, normalize = self.top_k, self.temperature, self.renormalize
+        else:
             # The original, literally: the fused op picks the top-k (of the logits: temperature 1), then the weights
             # are a softmax over the k selected logits, whose gradient is exactly 0 at k = 1.
             k, temperature, normalize = self.top_k, 1.0, True
-        else:
-            k, temperature, normalize = self.top_k, self.temperature, self.renormalize
+        of_selected_logits = not dense_mode and not WEIGHTING_FORMS[self.weighting].tempered
         biased = self.use_selection_bias and not dense_mode
         # Loss-free balancing: the op selects on biased logits (top-k of logits / tau + bias for either weighting);
         # the weights, dense gate and mean probability are then taken of the unbiased logits here.
@@ -174,12 +178,12 @@ class DynamicHybridRouter(nn.Module):
         if biased:
             probs = torch.softmax(logits.float() / temperature, dim=-1)
             mean_prob = probs.mean(0)
-            if self.weighting != "original":  # "original" takes its weights of the selected logits just below
+            if not of_selected_logits:  # those take their weights of the selected logits just below
                 weights = probs.gather(1, res.ids)
                 if normalize:
                     weights = weights / weights.sum(-1, keepdim=True)
                 dense = torch.zeros_like(probs).scatter(1, res.ids, weights)
-        if not dense_mode and self.weighting == "original":
+        if of_selected_logits:
             weights = torch.softmax(logits.gather(1, res.ids).float(), dim=-1)
             dense = torch.zeros_like(res.dense).scatter(1, res.ids, weights)
         if keep is not None:
@@ -337,22 +341,32 @@ def balance_loss(route: RouterOutput, form: str = "mse", window: torch.Tensor | 
     ``window`` (global-batch balancing): the router's load window summed over ranks; the mean weight ("mse") or f_e
     ("switch") is then counted over it (:mod:`~dylora_moe.modules.balance`).
     """
-    num_experts = route.dense.shape[-1]
-    if form in ("loss_free", "none"):
-        return None
-    if form not in ("mse", "switch"):
+    if form not in BALANCE_FORMS:
         raise ValueError(f"unknown balance loss {form!r}; expected 'mse', 'switch', 'loss_free' or 'none'")
+    if not BALANCE_FORMS[form].loss:
+        return None
     if route.dense.shape[0] == 0:
         return route.dense.sum() * 0.0
-    if window is not None:
-        if form == "switch":
-            return global_switch_loss(window, route.mean_prob, num_experts)
-        return global_mse_loss(window, route.dense.sum(0), num_experts)  # padding has weight 0
-    if form == "mse":
-        loss = ((_token_mean(route.dense, route.mask) - 1.0 / num_experts) ** 2).mean()
-        return loss if route.mask is None else torch.where(route.mask.any(), loss, 0.0)
+    local, global_batch = BALANCE_LOSS_MATH[form]
+    num_experts = route.dense.shape[-1]
+    return local(route, num_experts) if window is None else global_batch(route, window, num_experts)
+
+
+def _mse_loss(route: RouterOutput, num_experts: int) -> torch.Tensor:
+    loss = ((_token_mean(route.dense, route.mask) - 1.0 / num_experts) ** 2).mean()
+    return loss if route.mask is None else torch.where(route.mask.any(), loss, 0.0)
+
+
+def _switch_loss(route: RouterOutput, num_experts: int) -> torch.Tensor:
     picks = route.counts.to(route.mean_prob.dtype)
     return num_experts * (picks / picks.sum().clamp_min(1) * route.mean_prob).sum()
+
+
+# The math of each balance form with a loss (dylora_moe.config.BALANCE_FORMS): (over this batch, over the window).
+BALANCE_LOSS_MATH = {
+    "mse": (_mse_loss, lambda route, window, e: global_mse_loss(window, route.dense.sum(0), e)),  # padding: weight 0
+    "switch": (_switch_loss, lambda route, window, e: global_switch_loss(window, route.mean_prob, e)),
+}
 
 
 def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

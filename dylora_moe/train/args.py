@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Literal
 
 from dylora_moe.config import CHOICES, RENAMED, RULES, DyLoRAMoEConfig, SettingError
+from dylora_moe.corpora import DOMAINS, default_data_dir
+from dylora_moe.flags import dataclass_flags, program, unrecognized, with_suggestion
+from dylora_moe.train.parsing import HelpFormatter, add_fields, bare_booleans
 
 REPO = Path(__file__).resolve().parents[2]
 logger = logging.getLogger("train")
@@ -51,10 +54,6 @@ TINY_DEFAULTS = {
 }
 
 
-def default_data_dir() -> str:
-    return os.environ.get("DYLORA_DATA_DIR") or str(REPO.parent / "shared" / "data")
-
-
 def _arg(default, help: str, **metadata):
     """A dataclass field with its flag's help text (``aliases``, ``nargs``, ... pass through to argparse)."""
     if callable(default):
@@ -79,6 +78,16 @@ class ModelArguments:
     tiny_hidden_size: int = _arg(256, "tiny model: hidden size")
     tiny_num_layers: int = _arg(2, "tiny model: decoder layers")
     tiny_vocab_size: int = _arg(2048, "tiny model: BPE vocabulary size (>= 300)")
+    load_in_4bit: bool = _arg(
+        False,
+        "load the base model's linear layers in 4 bits (bitsandbytes, QLoRA); experts and router train in float32 "
+        "over it (needs pip install 'dylora-moe[quant]')",
+    )
+    load_in_8bit: bool = _arg(False, "load the base model's linear layers in 8 bits (bitsandbytes LLM.int8)")
+    bnb_4bit_quant_type: str | None = _arg(None, "4-bit data type of --load_in_4bit: nf4 (default) or fp4")
+    use_bnb_nested_quant: bool = _arg(
+        False, "with --load_in_4bit: quantize the quantization constants too (double quantization, ~0.4 bit/weight)"
+    )
 
 
 # The model settings that are train.py flags: name, type, choices and help come from DyLoRAMoEConfig (the one place a
@@ -151,8 +160,9 @@ class DataArguments:
 
     data_dir: str = _arg(
         default_data_dir,
-        "folder with code_alpaca_2k.json and mbpp.jsonl (env DYLORA_DATA_DIR, else ../shared/data next to "
-        "the repo), or 'hub' to download sahil2801/CodeAlpaca-20k and google-research-datasets/mbpp",
+        "folder with code_alpaca_2k.json and mbpp.jsonl, or 'hub' to download sahil2801/CodeAlpaca-20k and "
+        "google-research-datasets/mbpp (cached); default: env DYLORA_DATA_DIR, else ../shared/data next to the "
+        "repo when present, else 'hub'",
     )
     max_length: int | None = _arg(None, _tiny_or_original("max_length", "tokens per packed row, >= 2"))
     training_subset: float | None = _arg(
@@ -253,65 +263,42 @@ SCRIPT_ONLY_TRAINING_FLAGS = ("overwrite_output_dir", "early_stopping_patience")
 # ----- parsing and validation (standard library only) --------------------------------------------------------------
 
 
+INSTALLED_COMMAND = "dylora-moe-train"  # pyproject.toml's [project.scripts]
+
+
+def prog() -> str:
+    """``dylora-moe-train`` when run as the installed command, else ``train.py``."""
+    return program("train.py", INSTALLED_COMMAND)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """Errors as one line, ``train.py: error: argument --x: ...`` with exit code 2 (no usage block, no traceback)."""
+    """Errors as one line, ``train.py: error: argument --x: ...`` with exit code 2 (no usage block, no traceback);
+    an unrecognized flag gets the closest known one (``known_flags``: beyond this parser's own)."""
+
+    known_flags: set[str] = set()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})  # --num_expert is not --num_experts
 
     def error(self, message):
+        message = with_suggestion(message, set(self._option_string_actions) | self.known_flags)
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends the default to each help text, unless the text already states it."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        return text if "default" in text or action.default in (None, False) else super()._get_help_string(action)
-
-
-def _str_to_bool(value) -> bool:
-    text = str(value).lower()
-    if text in ("yes", "true", "t", "y", "1"):
-        return True
-    if text in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
-
-
-def _add_fields(group, dtype) -> None:
-    """One flag per dataclass field, with the conventions of transformers' HfArgumentParser (``--a_b`` and
-    ``--a-b``, ``--flag`` alone for a bool, ``--no_flag`` for a bool that defaults to True, Literal -> choices)."""
-    hints = typing.get_type_hints(dtype)
-    for f in dataclasses.fields(dtype):
-        kind, meta = hints[f.name], dict(f.metadata)
-        names = [f"--{f.name}", *([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []), *meta.pop("aliases", [])]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs = {"dest": f.name, "default": default, **meta}
-        options = [a for a in typing.get_args(kind) if a is not type(None)]
-        if kind is bool or options == [bool]:
-            kwargs.update(type=_str_to_bool, nargs="?", const=True)
-        elif typing.get_origin(kind) is Literal:
-            kwargs.update(choices=typing.get_args(kind))
-        else:
-            kwargs.setdefault("type", options[0] if options else kind)
-        group.add_argument(*names, **kwargs)
-        if default is True:
-            group.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
 
 
 def build_parser() -> ArgumentParser:
     """The project's flags (standard library only: answers --help at once). Every other TrainingArguments option is
     accepted too and checked by the full parser (:func:`trainer_arguments`)."""
     p = ArgumentParser(
-        prog="train.py",
+        prog=prog(),
         description="Train a mixture of LoRA experts (DyLoRA-MoE) on Code Alpaca + MBPP.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="Every other transformers TrainingArguments option is a flag too (--optim, --max_grad_norm, "
         "--disable_tqdm, --torch_compile_backend, --activation_checkpointing, ...); --help_trainer lists them all "
         "(it imports transformers: a few seconds).",
     )
     p.add_argument("--help_trainer", action="store_true", help="list every TrainingArguments flag, then exit")
     for title, dtype in ARGUMENT_GROUPS.items():
-        _add_fields(p.add_argument_group(title), dtype)
+        add_fields(p.add_argument_group(title), dtype)
     return p
 
 
@@ -349,6 +336,7 @@ CHECKS = (
     ("tiny_hidden_size", lambda v, a: v >= 1, "an integer >= 1"),
     ("tiny_num_layers", lambda v, a: v >= 1, "an integer >= 1"),
     ("tiny_vocab_size", lambda v, a: v >= 300, "an integer >= 300 (256 bytes + special tokens + merges)"),
+    ("bnb_4bit_quant_type", lambda v, a: v in (None, *BNB_4BIT_QUANT_TYPES), "nf4 or fp4"),
     *((name, *RULES[name]) for name in FLAG_SETTINGS if name in RULES),  # DyLoRAMoEConfig's rules
     ("collapse_threshold", lambda v, a: v is None or 0 < v < 1, "a share in (0, 1)"),
     ("collapse_patience", lambda v, a: v >= 1, "an integer >= 1"),
@@ -385,14 +373,13 @@ def _flag(name: str) -> str:
     return {"num_train_epochs": "num_epochs", "per_device_train_batch_size": "batch_size"}.get(name, name)
 
 
+BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")  # transformers' BitsAndBytesConfig(bnb_4bit_quant_type=...)
 TINY_MAX_LENGTH = 8192  # the tiny model's positions; a longer row is one padded giant (attention of length^2)
 
 
 def check_combinations(parser: ArgumentParser, args: argparse.Namespace) -> None:
     """Flags that are each valid but do not go together, refused before anything is written (a run that would
     fail after training, or silently ignore a flag)."""
-    from dylora_moe.train.data import DOMAINS  # standard library only
-
     if "$" in args.output_dir:
         parser.error(f"argument --output_dir: {args.output_dir}: an environment variable in it is not set")
     if args.routing == "token" and args.sequence_top_k is not None:
@@ -401,6 +388,7 @@ def check_combinations(parser: ArgumentParser, args: argparse.Namespace) -> None
     if args.model_name == "tiny" and args.max_length > TINY_MAX_LENGTH:
         parser.error(f"argument --max_length: at most {TINY_MAX_LENGTH} with --model_name tiny (its positions), got "
                      f"{args.max_length}")  # fmt: skip
+    check_quantization(parser, args)
     metrics = [f"eval_{d}_{m}" for d in DOMAINS for m in ("loss", "ppl")]
     metric = args.metric_for_best_model
     if metric is not None and (metric if metric.startswith("eval_") else f"eval_{metric}") not in metrics:
@@ -408,6 +396,34 @@ def check_combinations(parser: ArgumentParser, args: argparse.Namespace) -> None
     if args.eval_strategy == "no" and (args.early_stopping_patience or args.load_best_model_at_end):
         parser.error("argument --eval_strategy: 'no' leaves early stopping and the best-model reload nothing to "
                      "compare; add --early_stopping_patience 0 --load_best_model_at_end false")  # fmt: skip
+
+
+def check_quantization(parser: ArgumentParser, args: argparse.Namespace) -> None:
+    """The bitsandbytes flags: one precision, the 4-bit options only with 4 bits, and the package installed
+    (imported now, before the data and the model are loaded)."""
+    if args.load_in_4bit and args.load_in_8bit:
+        parser.error("argument --load_in_8bit: --load_in_4bit and --load_in_8bit exclude each other; pick one")
+    for name in ("bnb_4bit_quant_type", "use_bnb_nested_quant"):
+        if getattr(args, name) not in (None, False) and not args.load_in_4bit:
+            parser.error(f"argument --{name}: applies to --load_in_4bit only")
+    if args.load_in_4bit or args.load_in_8bit:
+        from dylora_moe.quantized import require_bitsandbytes
+
+        try:
+            require_bitsandbytes()
+        except ImportError as err:
+            parser.error(f"argument --load_in_{4 if args.load_in_4bit else 8}bit: {err}")
+
+
+def quantization_flags(args: argparse.Namespace) -> dict:
+    """The quantization flags given (none for a float base), as run.json records them."""
+    if args.load_in_4bit:
+        return {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": args.bnb_4bit_quant_type or "nf4",
+            "use_bnb_nested_quant": args.use_bnb_nested_quant,
+        }
+    return {"load_in_8bit": True} if args.load_in_8bit else {}
 
 
 def validate(parser: ArgumentParser, args: argparse.Namespace, argv=()) -> None:
@@ -453,7 +469,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The project's flags, resolved and validated (exit 2 on a bad value). Trainer-only flags are left for
     :func:`trainer_arguments`; ``--help_trainer`` prints the full parser's help."""
     parser = build_parser()
+    trainer_flags = dataclass_flags("transformers.training_args", "TrainingArguments")  # read, not imported
+    parser.known_flags = trainer_flags or set()
     args, unknown = parser.parse_known_args(argv)
+    if trainer_flags and (wrong := unrecognized(unknown, set(parser._option_string_actions) | trainer_flags)):
+        parser.error(f"unrecognized arguments: {' '.join(wrong)}")  # a typo, answered before anything is set up
     args.trainer_only = unknown  # TrainingArguments flags (or typos): the full parser checks them
     if args.help_trainer:
         full_parser().print_help()
@@ -472,25 +492,17 @@ def full_parser():
     TrainArguments = dataclass(TrainArguments)
 
     class Parser(HfArgumentParser):
+        known_flags: set[str] = set()
         error = ArgumentParser.error
 
     parser = Parser(
-        (ModelArguments, ExpertArguments, DataArguments, CodeEvalArguments, TrainArguments), prog="train.py"
+        (ModelArguments, ExpertArguments, DataArguments, CodeEvalArguments, TrainArguments),
+        prog=prog(),
+        allow_abbrev=False,
     )
     parser.train_arguments_class = TrainArguments
-    _bare_booleans(parser, TrainArguments)
+    bare_booleans(parser, TrainArguments)
     return parser
-
-
-def _bare_booleans(parser, dtype) -> None:
-    """Every ``bool`` and ``bool | None`` field a switch that also takes a value (``--disable_tqdm`` alone or
-    ``--disable_tqdm false``), as transformers' parser does for plain ``bool``: its ``bool | None`` fields
-    (``--disable_tqdm``, ...) otherwise demand a value."""
-    hints = typing.get_type_hints(dtype)
-    booleans = {name for name, kind in hints.items() if kind is bool or bool in typing.get_args(kind)}
-    for action in parser._actions:
-        if action.dest in booleans and action.nargs is None and not action.option_strings[0].startswith("--no_"):
-            action.nargs, action.const, action.type = "?", True, _str_to_bool
 
 
 def trainer_arguments(argv, report_to: list[str]):
@@ -519,7 +531,8 @@ def model_fingerprint(args: argparse.Namespace) -> dict:
     keys = ["model_name", "num_experts", "lora_r", "lora_alpha", "routing", "top_k", "sequence_top_k"]
     if args.model_name == "tiny":
         keys += ["tiny_hidden_size", "tiny_num_layers", "tiny_vocab_size"]
-    return {key: getattr(args, key) for key in keys}
+    # The base's quantization only when there is one: a float run's fingerprint is the same as before these flags.
+    return {key: getattr(args, key) for key in keys} | quantization_flags(args)
 
 
 def _import_integrations_into_the_log() -> None:

@@ -23,14 +23,12 @@ import datetime
 import logging
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from dylora_moe.provenance import commit, machine
 from dylora_moe.train.args import (
-    REPO,
     build_parser,
     full_parser,
     model_config,
@@ -71,10 +69,10 @@ def already_finished(plan, max_steps: int) -> str | None:
     )
 
 
-def load_model_and_tokenizer(args, splits, dtype):
+def load_model_and_tokenizer(args, splits, dtype, quantization=None):
     """The frozen base model and its tokenizer: tiny (built once from the full training text, cached in
-    --output_dir) or a hub id / local folder."""
-    from dylora_moe.train.base_models import TinyConfig, load_or_build_tiny, load_pretrained
+    --output_dir) or a hub id / local folder; either quantized by ``quantization`` (--load_in_4bit / 8bit)."""
+    from dylora_moe.base_models import TinyConfig, load_or_build_tiny, load_pretrained
     from dylora_moe.train.data import training_texts
 
     if args.model_name == "tiny":
@@ -86,16 +84,16 @@ def load_model_and_tokenizer(args, splits, dtype):
             max_position_embeddings=max(2048, args.max_length),
             seed=args.seed,
         )
-        model, tokenizer, folder = load_or_build_tiny(args.output_dir, training_texts(splits), config)
+        model, tokenizer, folder = load_or_build_tiny(args.output_dir, training_texts(splits), config, quantization)
         logger.info("tiny base model and tokenizer (vocab %d) in %s", len(tokenizer), folder)
         return model, tokenizer
-    return load_pretrained(args.model_name, token=args.token, dtype=dtype)
+    return load_pretrained(args.model_name, token=args.token, dtype=dtype, quantization=quantization)
 
 
 def check_max_length(base, max_length: int) -> None:
     """Refuse rows longer than the base model's positions (a ModelLoadError: one ``error:`` line, before the data is
     packed; the run has no checkpoint yet, so the corrected command reuses the folder)."""
-    from dylora_moe.train.base_models import ModelLoadError
+    from dylora_moe.base_models import ModelLoadError
 
     positions = getattr(base.config.get_text_config(), "max_position_embeddings", None)
     if positions and max_length > positions:
@@ -103,6 +101,12 @@ def check_max_length(base, max_length: int) -> None:
             f"--max_length {max_length} is longer than the base model's {positions} positions "
             f"(max_position_embeddings): pass --max_length <= {positions}"
         )
+
+
+def weights_in(param) -> int:
+    """The weights a parameter holds: a bitsandbytes 4-bit one packs two per byte (its quant_state has the shape)."""
+    state = getattr(param, "quant_state", None)
+    return state.shape.numel() if state is not None else param.numel()
 
 
 def parameter_breakdown(model) -> str:
@@ -115,7 +119,7 @@ def parameter_breakdown(model) -> str:
     router_frozen = sum(
         p.numel() for n, p in model.named_parameters() if n.startswith("router.") and not p.requires_grad
     )
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    frozen = sum(weights_in(p) for p in model.parameters() if not p.requires_grad)
     per_expert = trainable_lora // model.num_experts
     total = trainable_lora + router + frozen
     lines = [
@@ -126,22 +130,6 @@ def parameter_breakdown(model) -> str:
         f"total:  {total:>12,} ({100 * (trainable_lora + router) / total:.2f}% trainable)",
     ]
     return "\n".join(lines)
-
-
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} visible)"
-    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU"
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def asks_no_bars(argv: list[str]) -> bool:
@@ -189,7 +177,8 @@ def main(argv=None) -> dict:
         logger.info("%s", done)
         return {"already_finished": True, "run_id": plan.run_id, "summary": plan.output_dir / "summary.md"}
     # ----- data (errors show before the heavy imports), then the Trainer's arguments ------------------------------
-    from dylora_moe.train.data import DOMAINS, build_corpus, load_domain
+    from dylora_moe.corpora import DOMAINS, load_domain
+    from dylora_moe.train.data import build_corpus
 
     splits = [load_domain(args.data_dir, domain) for domain in DOMAINS]
     training_args = training_args or trainer_arguments(argv, resolve_report_to(args.report_to, args.output_dir))
@@ -212,8 +201,13 @@ def main(argv=None) -> dict:
     from dylora_moe.train.trainer import DomainEarlyStopping, MetricsFile, MoETrainer, RunIdentity
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar per load (base model, each checkpoint reload)
+    from dylora_moe.base_models import Quantization
+
     dtype = torch.bfloat16 if args.bf16 and torch.cuda.is_available() else None
-    base, tokenizer = load_model_and_tokenizer(args, splits, dtype)
+    quantization = Quantization.from_flags(args, dtype)
+    base, tokenizer = load_model_and_tokenizer(args, splits, dtype, quantization)
+    if quantization is not None:
+        logger.info("base model quantized on loading: %s", quantization.describe())
     check_max_length(base, args.max_length)  # before the rows are packed and a giant one allocated
     set_seed(args.seed)  # the expert init; the tiny base is seeded on its own, the Trainer seeds dropout and data order
     model = DyLoRA_MoE(base, token=args.token, config=model_config(args))
@@ -283,6 +277,7 @@ def main(argv=None) -> dict:
             "model": f"{args.model_name}, {args.num_experts} experts, r={args.lora_r}, routing={args.routing}, "
             f"top_k={args.top_k}, backend={args.backend}"
             + (", router frozen (--freeze_router)" if args.freeze_router else ""),
+            "base weights": quantization.describe() if quantization else str(base.dtype).removeprefix("torch."),
             "training": f"{trainer.state.global_step} optimizer steps, {trainer.state.epoch:.2f} epochs, "
             f"{corpus.train.num_tokens:,} training tokens per epoch, best checkpoint "
             f"{trainer.state.best_model_checkpoint or 'none (no evaluation during training)'}",
@@ -421,8 +416,8 @@ def cli() -> None:
             _end(f"train.py: error: {err}", 2)
         known = [CheckpointNotFound]
         for module, name in (
-            ("dylora_moe.train.data", "DataError"),
-            ("dylora_moe.train.base_models", "ModelLoadError"),
+            ("dylora_moe.corpora", "DataError"),
+            ("dylora_moe.base_models", "ModelLoadError"),
             ("dylora_moe.train.gradient_coverage", "GradientCoverageError"),
             ("dylora_moe.train.sweep", "SweepError"),
         ):

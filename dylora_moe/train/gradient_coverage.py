@@ -22,6 +22,8 @@ import logging
 import torch
 from transformers import TrainerCallback
 
+from ..config import BALANCE_FORMS
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,7 +51,8 @@ def _gate_should_learn(model) -> bool:
     """Whether a gradient can reach the gate: through an auxiliary loss, or through the LM loss once some expert's
     LoRA delta is non-zero (at initialisation every B = 0, so with loss-free balancing and no z-loss the first
     step's gate gradient is rightly zero)."""
-    aux = getattr(model, "balance_loss_form", "mse") in ("mse", "switch") and getattr(model, "balance_coefficient", 1)
+    form = BALANCE_FORMS[getattr(model, "balance_loss_form", "mse")]
+    aux = form.loss and getattr(model, "balance_coefficient", 1)
     if aux or getattr(model, "z_loss_coefficient", 0):
         return True
     return any(bool(layer.lora_B.ne(0).any()) for layer in model.handle.layers.values())

@@ -225,7 +225,7 @@ def write_report(
 ) -> Path:
     """Write ``summary.md``, ``loss.png`` and ``utilization.png`` into ``output_dir``; returns the summary's path.
     With ``specialisation`` (the final evaluation's routing masses) also the specialisation section and its pictures
-    (:func:`~dylora_moe.specialisation_report.specialisation_section`; ``tokenizer`` prints the tokens)."""
+    (:func:`~dylora_moe.train.specialisation_report.specialisation_section`; ``tokenizer`` prints the tokens)."""
     output_dir = Path(output_dir)
     records = read_metrics(output_dir / "metrics.jsonl")[0]  # the valid rows (a torn last line is left out)
     logs = training_logs(records)

@@ -1,7 +1,7 @@
 """Run identity of train.py's output folder: one run per folder, resume only from that run's checkpoints.
 
 A fresh run writes ``run.json`` (a random run id and the flags that shape the model) into ``--output_dir``; each
-checkpoint carries the same id in its ``trainer_state.json`` (through :class:`~dylora_moe.training.RunIdentity`, a
+checkpoint carries the same id in its ``trainer_state.json`` (through :class:`~dylora_moe.train.trainer.RunIdentity`, a
 stateful Trainer callback) and each ``metrics.jsonl`` row carries it too. Before anything is written:
 
 - a fresh run into a folder that holds a run is refused (``--resume_from_checkpoint`` continues it,
@@ -24,6 +24,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..evaluate.report import FIGURE_FILE as CODE_EVAL_FIGURE
+from ..evaluate.report import MARKDOWN_FILE as CODE_EVAL_MARKDOWN
+from ..evaluate.report import METRICS_FILE as CODE_EVAL_METRICS
+from ..evaluate.report import SAMPLES_FILE as CODE_EVAL_SAMPLES
 from ..io.atomic_folder import is_staging_name, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -36,8 +40,7 @@ SUMMARY_FILE = "summary.md"
 LOSS_PLOT, UTIL_PLOT = "loss.png", "utilization.png"
 HEATMAP_PLOT, EXAMPLES_PLOT, EXAMPLES_HTML = "specialisation.png", "routing_examples.png", "routing_examples.html"
 WANDB_DIR = "wandb"
-CODE_EVAL_SAMPLES, CODE_EVAL_METRICS = "code_eval_samples.jsonl", "code_eval.json"  # train.py --code_eval
-CODE_EVAL_MARKDOWN, CODE_EVAL_FIGURE = "code_eval.md", "code_eval.png"
+# train.py --code_eval writes the evaluation's files (CODE_EVAL_*, named by dylora_moe.evaluate.report) here too.
 # The one list of a run's outputs (what --overwrite_output_dir removes); the tiny base model cache (tiny-*) is kept.
 RUN_OUTPUTS = (
     RUN_FILE, METRICS_FILE, FINAL_DIR, SUMMARY_FILE, LOSS_PLOT, UTIL_PLOT, HEATMAP_PLOT, EXAMPLES_PLOT, EXAMPLES_HTML,

@@ -24,7 +24,7 @@ From those masses, tallied per domain and per token id:
 :class:`RoutingRecorder` collects the masses from the model's own evaluation forwards (a forward hook, plus a spy on
 ``router.route`` for the per-token weights); :class:`SpecialisationCallback` does it inside ``Trainer.evaluate`` and
 logs ``eval_spec_*`` metrics at every evaluation (metrics.jsonl, wandb); :func:`collect_specialisation` does it with
-a plain loop over datasets. :mod:`dylora_moe.specialisation_report` draws the pictures and writes the report.
+a plain loop over datasets. :mod:`dylora_moe.train.specialisation_report` draws the pictures and writes the report.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The specialisation section of a run's report: numbers, a domain x expert heatmap over evaluations, lift tables,
 and evaluation rows coloured by expert (a PNG strip and an HTML page).
 
-Inputs are a :class:`~dylora_moe.specialisation.SpecialisationStats` (the final evaluation's routing masses), the
+Inputs are a :class:`~dylora_moe.train.specialisation.SpecialisationStats` (the final evaluation's routing masses), the
 records of ``metrics.jsonl`` (the ``eval_spec_*`` metrics of every evaluation, for the heatmap) and a tokenizer (to
 print tokens). Plots use matplotlib's object API (no pyplot state, no display).
 """

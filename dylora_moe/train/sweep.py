@@ -56,7 +56,7 @@ SWEEP_RUN_FOLDER = "outputs/wandb-sweep/$WANDB_RUN_ID"  # one folder per wandb r
 RESERVED = ("sweep", "sweep_jobs", "output_dir")  # set by the sweep itself for each run
 BOOLEANS = {"true": True, "false": False}
 # What the wandb sweep fixes for the real job (the original's model on a GPU); everything else is train.py's default.
-REAL_MODEL = {"model_name": "google/codegemma-2b", "kernel": "triton", "bf16": True}
+REAL_MODEL = {"model_name": "google/codegemma-2b", "backend": "triton", "bf16": True}
 
 
 class SweepError(ValueError):

@@ -4,12 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_support import DATA_DIR, HAS_SHARED_DATA, SHARED_DATA_DIR
-
-# Tests of the real file's task ids and solutions; the others run on the synthetic corpus of a clone without it.
-needs_shared_mbpp = pytest.mark.skipif(
-    not HAS_SHARED_DATA, reason=f"reads the real MBPP file (its task ids and solutions), not at {SHARED_DATA_DIR}"
-)
+from train_support import DATA_DIR
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +24,8 @@ def problems(data_dir):
 
 @pytest.fixture(scope="session")
 def tokenizer(data_dir):
+    from dylora_moe.base_models import train_tokenizer
     from dylora_moe.evaluate.problems import load_problems
-    from dylora_moe.train.base_models import train_tokenizer
 
     texts = [p.prompt + p.reference for p in load_problems("mbpp", data_dir, split="all")]
     return train_tokenizer(texts, 400)

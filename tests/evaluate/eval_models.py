@@ -1,6 +1,6 @@
 """The tiny base model of the evaluation tests: a seeded Llama of 32 hidden units on the tests' BPE tokenizer."""
 
-from dylora_moe.train.base_models import TinyConfig, build_tiny_model
+from dylora_moe.base_models import TinyConfig, build_tiny_model
 
 
 def tiny_base(tokenizer):

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from dylora_moe.corpora import DataError
 from dylora_moe.evaluate import evaluate_after_training, score_samples, summarise
 from dylora_moe.evaluate.execution import Limits
 from dylora_moe.evaluate.generation import Sampling
 from dylora_moe.evaluate.problems import load_problems
-from dylora_moe.train.data import DataError
 
 
 def _row(task, routing, passed, weights=None, sample=0):

@@ -5,12 +5,11 @@ solutions passing (a sample here; every problem: ``python -m dylora_moe.evaluate
 import json
 
 import pytest
+from helpers import needs_shared_mbpp
 
+from dylora_moe.corpora import DataError
 from dylora_moe.evaluate.execution import Limits, run_programs
 from dylora_moe.evaluate.problems import Problem, cut_at_stop, load_problems
-from dylora_moe.train.data import DataError
-
-from .conftest import needs_shared_mbpp
 
 # The local MBPP copy is the sanitized subset without its `test_imports` field: these tasks' asserts call
 # math.isclose and fail with NameError unless the program imports math itself.
@@ -120,7 +119,7 @@ def test_bad_arguments_are_named(kwargs, match, data_dir):
 
 
 def test_mbpp_from_the_hub_takes_the_full_test_split(monkeypatch):
-    import dylora_moe.evaluate.problems as problems_module
+    import dylora_moe.corpora as corpora_module
 
     def row(task_id):
         return {"task_id": task_id, "text": f"task {task_id}", "code": "pass", "test_list": ["assert True"],
@@ -132,7 +131,7 @@ def test_mbpp_from_the_hub_takes_the_full_test_split(monkeypatch):
             assert (name, config) == ("google-research-datasets/mbpp", "full")
             return {"train": [row(601)], "test": [row(11), row(510)], "validation": [row(511)], "prompt": [row(1)]}
 
-    monkeypatch.setattr(problems_module, "_datasets", lambda: FakeDatasets)
+    monkeypatch.setattr(corpora_module, "datasets_package", lambda: FakeDatasets)
     assert [p.task_id for p in load_problems("mbpp", "hub")] == [11, 510]
     assert [p.task_id for p in load_problems("mbpp", "hub", split="all")] == [1, 11, 510, 511, 601]
 
@@ -141,6 +140,6 @@ def test_mbpp_from_the_hub_takes_the_full_test_split(monkeypatch):
         def load_dataset(name, config):
             raise ConnectionError("no network")
 
-    monkeypatch.setattr(problems_module, "_datasets", lambda: Offline)
+    monkeypatch.setattr(corpora_module, "datasets_package", lambda: Offline)
     with pytest.raises(DataError, match="could not load google-research-datasets/mbpp from the hub"):
         load_problems("mbpp", "hub")

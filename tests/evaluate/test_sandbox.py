@@ -1,5 +1,6 @@
 """The sandbox: every bad program ends in a defined verdict, writes nothing outside its directory, leaves no process
-behind, and the evaluation goes on. Timeouts are short (1.5 s) so the file costs seconds."""
+behind, and the evaluation goes on. Timeouts are short (1.5 s) so the file costs seconds. These run at the strongest
+isolation this machine allows (or none); the walls one by one: test_sandbox_escapes.py and test_sandbox_kernel.py."""
 
 import os
 import signal
@@ -12,9 +13,10 @@ import pytest
 
 from dylora_moe.evaluate.execution import Limits, run_program, run_programs
 
-FAST = Limits(timeout_s=1.5)
-# The process-level layer alone; RLIMIT_NPROC counts every process of the user, so leave room for one child.
-NO_AUDIT = Limits(timeout_s=1.5, audit=False, max_processes=100_000)
+FAST = Limits(timeout_s=1.5, unsafe_no_isolation=True)
+NO_AUDIT = Limits(timeout_s=1.5, audit=False, unsafe_no_isolation=True)
+# No isolation and no hook: the launcher's group kill alone (the program writes its child's pid outside)
+BARE = Limits(timeout_s=1.5, audit=False, isolation="none", max_processes=100_000)
 
 
 def alive(pid: int) -> bool:
@@ -99,6 +101,8 @@ def test_writes_outside_are_refused(tmp_path):
     ]
     for program in attempts:
         outcome = run_program(program, FAST)
+        assert not outcome.passed, program
+        outcome = run_program(program, Limits(timeout_s=1.5, isolation="none"))  # the hook alone says why
         assert not outcome.passed and "sandbox" in outcome.result, program
     assert sorted(p.name for p in tmp_path.iterdir()) == ["victim.txt"]
     assert victim.read_text() == "keep"
@@ -159,7 +163,7 @@ def test_child_left_running_is_killed_with_the_group(tmp_path):
     program = (
         f"import subprocess\np = subprocess.Popen(['sleep', '60'])\nopen({str(pid_file)!r}, 'w').write(str(p.pid))"
     )
-    assert run_program(program, NO_AUDIT).result == "passed"
+    assert run_program(program, BARE).result == "passed"
     assert wait_dead(int(pid_file.read_text()))
 
 
@@ -169,7 +173,7 @@ def test_child_of_a_timed_out_program_is_killed(tmp_path):
         f"import subprocess\np = subprocess.Popen(['sleep', '60'])\nopen({str(pid_file)!r}, 'w').write(str(p.pid))\n"
         "while True:\n    pass"
     )
-    assert run_program(program, NO_AUDIT).result == "timed out"
+    assert run_program(program, BARE).result == "timed out"
     assert wait_dead(int(pid_file.read_text()))
 
 
@@ -205,3 +209,14 @@ def test_limits_are_only_ever_lowered():
     repo = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=repo, timeout=60)
     assert done.stdout.strip() == "failed: OSError: [Errno 27] File too large", done.stderr
+
+
+def test_a_grandchild_in_its_own_session_is_killed_too(tmp_path):
+    # it leaves the process group; the launcher, as its subreaper, still ends it
+    pid_file = tmp_path / "pid"
+    program = (
+        "import os, subprocess\n"
+        f"p = subprocess.Popen(['sleep', '60'], start_new_session=True)\nopen({str(pid_file)!r}, 'w').write(str(p.pid))"
+    )
+    assert run_program(program, BARE).result == "passed"
+    assert wait_dead(int(pid_file.read_text()))

@@ -83,3 +83,20 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     moe.save_pretrained(target)  # a complete save replaces the old checkpoint
     assert {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()} != before
     assert os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_a_checkpoint_json_with_an_unknown_key_names_the_file(tmp_path):
+    import json
+
+    from dylora_moe.io.checkpoint import CONFIG_NAME, CheckpointError
+
+    model = DyLoRA_MoE(tiny_llama(layers=1), num_experts=2, lora_r=4, lora_alpha=8, kernel="eager")
+    model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / CONFIG_NAME
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "lora_alhpa": 8}))
+    with pytest.raises(CheckpointError, match=rf"{CONFIG_NAME}.*lora_alhpa"):
+        DyLoRA_MoE.from_pretrained(tiny_llama(layers=1), tmp_path / "ckpt")
+    path.write_text(json.dumps({**config, "lora_alpha": -1}))
+    with pytest.raises(CheckpointError, match=rf"{CONFIG_NAME}.*lora_alpha"):
+        DyLoRA_MoE.from_pretrained(tiny_llama(layers=1), tmp_path / "ckpt")

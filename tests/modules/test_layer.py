@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from helpers import DEVICE
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import DEVICE
 from dylora_moe import MoELoRALinear, Routing, RoutingContext
 from dylora_moe.kernels.eager import philox_dropout_mask
 from tolerances import assert_close

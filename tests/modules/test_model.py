@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from helpers import DEVICE, HAS_CUDA
 from moe_models import BUILDERS, batch, randomize_experts, tiny_llama
 
-from conftest import DEVICE, HAS_CUDA
 from dylora_moe import DyLoRA_MoE, Routing
 from tolerances import CPU_DTYPES, GPU_DTYPES, assert_close
 

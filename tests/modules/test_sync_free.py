@@ -18,10 +18,10 @@ import warnings
 
 import pytest
 import torch
+from helpers import HAS_CUDA
 from moe_models import batch, randomize_experts, tiny_llama
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import HAS_CUDA
 from dylora_moe import DyLoRA_MoE
 
 aten = torch.ops.aten

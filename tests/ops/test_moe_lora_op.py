@@ -6,9 +6,9 @@ it shares no code with the stacked form the op uses.
 
 import pytest
 import torch
+from helpers import DEVICE, HAS_CUDA, requires_gpu
 
 import dylora_moe.kernels as ops
-from conftest import DEVICE, HAS_CUDA, requires_gpu
 from dylora_moe.kernels import _launch
 from dylora_moe.kernels.grouped import BLOCK_M, grouped_op
 from dylora_moe.kernels.routing_meta import RoutingMeta

@@ -8,10 +8,10 @@ metadata are refused with a clear error. The oracle is the per-token formula in 
 
 import pytest
 import torch
+from helpers import DEVICE
 from torch import nn
 
 import dylora_moe.kernels as ops
-from conftest import DEVICE
 from dylora_moe.kernels.routing_meta import RoutingMeta
 from dylora_moe.modules.layer import MoELoRALinear
 from dylora_moe.modules.routing import Routing

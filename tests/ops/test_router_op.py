@@ -8,9 +8,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import DEVICE, HAS_CUDA, requires_gpu
 
 import dylora_moe.kernels as ops
-from conftest import DEVICE, HAS_CUDA, requires_gpu
 from dylora_moe.kernels import _launch
 from dylora_moe.kernels.router import _route_stats_kernel, topk_route_triton
 from tolerances import CPU_DTYPES, GPU_DTYPES, assert_close

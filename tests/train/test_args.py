@@ -146,7 +146,8 @@ def test_original_flags_keep_their_meaning():
     tiny = train_args.parse_args([])
     assert (tiny.num_train_epochs, tiny.learning_rate, tiny.per_device_train_batch_size) == (1, 2e-3, 8)
     assert tiny.per_device_eval_batch_size == 8 and (tiny.eval_strategy, tiny.save_strategy) == ("epoch", "epoch")
-    args = train_args.parse_args(["--num_epochs", "3", "--batch_size", "2", "--eval_steps", "5", "--warmup_ratio", "0.2"])
+    argv = ["--num_epochs", "3", "--batch_size", "2", "--eval_steps", "5", "--warmup_ratio", "0.2"]
+    args = train_args.parse_args(argv)
     assert (args.num_train_epochs, args.per_device_train_batch_size, args.per_device_eval_batch_size) == (3, 2, 2)
     assert (args.eval_strategy, args.eval_steps, args.save_steps, args.warmup_steps) == ("steps", 5, 5, 0.2)
     assert train_args.parse_args(["--eval_steps", "0"]).eval_strategy == "epoch"  # the original's 0: each epoch

@@ -1,5 +1,5 @@
-"""Corpora, splits, packing and the offline tiny model + tokenizer (dylora_moe.train.data,
-dylora_moe.train.base_models)."""
+"""Corpora, splits, packing and the offline tiny model + tokenizer (dylora_moe.corpora,
+dylora_moe.train.data, dylora_moe.base_models)."""
 
 import json
 import math
@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from dylora_moe.train.base_models import (
+from dylora_moe.base_models import (
     ModelLoadError,
     TinyConfig,
     load_or_build_tiny,
     load_pretrained,
     train_tokenizer,
 )
-from dylora_moe.train.data import DataError, build_corpus, load_domain, pack, subset, training_texts
+from dylora_moe.corpora import DataError, load_domain
+from dylora_moe.train.data import build_corpus, pack, subset, training_texts
 
 DATA_DIR = Path(os.environ.get("DYLORA_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared" / "data")
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"shared corpora not found at {DATA_DIR}")
@@ -223,7 +224,7 @@ def test_json_lines_missing_field_names_the_line(tmp_path):
 def test_missing_datasets_package_is_named(tmp_path, monkeypatch):
     """Without ``datasets`` (the lent GPU image has none) reading a corpus says which package to install, not that
     the file is malformed."""
-    from dylora_moe.train.data import MissingDatasetsError, load_domain
+    from dylora_moe.corpora import MissingDatasetsError, load_domain
 
     data = tmp_path / "data"
     data.mkdir()

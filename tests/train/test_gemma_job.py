@@ -9,8 +9,8 @@ import pytest
 import torch
 from train_support import DATA_DIR, TINY
 
+from dylora_moe.base_models import train_tokenizer
 from dylora_moe.train import cli
-from dylora_moe.train.base_models import train_tokenizer
 
 
 def _tiny_gemma(folder: Path) -> Path:

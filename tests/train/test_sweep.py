@@ -124,7 +124,7 @@ def test_wandb_yaml_is_valid_yaml(tmp_path):
     config = yaml.safe_load(wandb_sweep_yaml(parse_grid("num_experts=2,4 routing=token,sequence"), [], "eval/x"))
     assert config["parameters"]["num_experts"] == {"values": [2, 4]}
     assert config["parameters"]["routing"] == {"values": ["token", "sequence"]}
-    assert config["parameters"]["kernel"] == {"value": "triton"} and config["metric"]["goal"] == "minimize"
+    assert config["parameters"]["backend"] == {"value": "triton"} and config["metric"]["goal"] == "minimize"
 
 
 @pytest.mark.slow

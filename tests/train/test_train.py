@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 from train_support import DATA_DIR, TINY
 
+from dylora_moe.base_models import ModelLoadError
+from dylora_moe.corpora import DataError
 from dylora_moe.train import cli as train
-from dylora_moe.train.base_models import ModelLoadError
-from dylora_moe.train.data import DataError
 
 REPO = Path(__file__).resolve().parents[2]
 

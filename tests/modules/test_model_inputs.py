@@ -1,5 +1,6 @@
-"""Inputs a user can get wrong or stretch (issue 17, item 7): beam search and several returned sequences keep each
-prompt's routing, a 1-D input_ids is a clear error, and a NaN alpha is refused by inject_moe_lora as by the config."""
+"""The model's inputs a user can get wrong or stretch (DyLoRA_MoE and inject_moe_lora; issue 17, item 7): beam
+search and several returned sequences keep each prompt's routing, a 1-D input_ids is a clear error, and a NaN alpha
+is refused by inject_moe_lora as by the config."""
 
 import math
 

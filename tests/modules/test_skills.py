@@ -1,4 +1,5 @@
-"""The original's NoveltyDetector semantics (issue 17): the median of the similarities to all stored skills."""
+"""The skill library and novelty detector (dylora_moe.modules.skills): the original's NoveltyDetector semantics
+(issue 17): the median of the similarities to all stored skills."""
 
 import pytest
 import torch

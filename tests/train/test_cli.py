@@ -1,5 +1,6 @@
-"""train.py never deletes a file it did not write, checks every flag combination before it writes anything, and
-ends a failure a user can act on with one line (issue 17: items 3, 6, 7 and 8)."""
+"""The training command's run (dylora_moe.train.cli): it never deletes a file it did not write, checks every flag
+combination before it writes anything, and ends a failure a user can act on with one line (issue 17: items 3, 6, 7
+and 8)."""
 
 import errno
 import json
@@ -196,7 +197,7 @@ def test_a_full_disk_says_so_and_where(tmp_path, monkeypatch, raises):
 def test_rows_longer_than_the_base_models_positions_are_refused():
     from moe_models import tiny_llama
 
-    from dylora_moe.train.base_models import ModelLoadError
+    from dylora_moe.base_models import ModelLoadError
 
     base = tiny_llama(layers=1)  # 64 positions
     train.check_max_length(base, 64)

@@ -1,10 +1,14 @@
-"""Base models for train.py: a hub id or local path, or ``tiny``, the offline default.
+"""Base models for train.py: a hub id or local path, or ``tiny``, the offline default; either may be loaded quantized.
 
 ``tiny`` is a small Llama-architecture causal LM built from a config (random initialisation, seeded) with a
 byte-level BPE tokenizer trained by the ``tokenizers`` library on the training text. Both are saved once under
 ``<cache_dir>/tiny-<hash>/`` (the hash covers the training text and the config) and loaded from there afterwards, so
 a resumed run, a second process, or a later evaluation get the very same frozen base; that folder is also a normal
 local model path (``AutoModelForCausalLM.from_pretrained`` / ``--model_name`` accept it).
+
+``--load_in_4bit`` / ``--load_in_8bit`` (:class:`Quantization`) load either kind through transformers'
+``BitsAndBytesConfig``, as TRL's flags of the same names do: the tiny model is quantized from its saved folder like
+any local model.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.atomic_folder import new_staging, publish
+from .io.atomic_folder import new_staging, publish
 
 TINY = "tiny"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -28,6 +32,48 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
 
 class ModelLoadError(OSError):
     """A base model or tokenizer cannot be loaded; the message says where it looked and what to pass instead."""
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How the base model's linear layers are stored (bitsandbytes): ``bits`` 4 (``quant_type`` nf4 | fp4,
+    ``nested``: double quantization of the constants) or 8 (LLM.int8, which computes in its input's dtype).
+    ``compute_dtype``: what 4-bit layers compute in (the load dtype, else float32)."""
+
+    bits: int
+    quant_type: str = "nf4"
+    nested: bool = False
+    compute_dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def from_flags(cls, args, dtype: torch.dtype | None) -> Quantization | None:
+        """From train.py's checked flags (``--load_in_4bit`` ...); None for a float base."""
+        if args.load_in_4bit:
+            return cls(4, args.bnb_4bit_quant_type or "nf4", args.use_bnb_nested_quant, dtype or torch.float32)
+        if args.load_in_8bit:
+            return cls(8)
+        return None
+
+    def config(self):
+        """transformers' BitsAndBytesConfig for ``from_pretrained(..., quantization_config=...)``."""
+        from transformers import BitsAndBytesConfig
+
+        if self.bits == 8:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.nested,
+            bnb_4bit_compute_dtype=self.compute_dtype,
+        )
+
+    def describe(self) -> str:
+        """One line for summary.md, e.g. ``4-bit nf4, nested quantization (bitsandbytes), compute float32``."""
+        if self.bits == 8:
+            return "8-bit LLM.int8 (bitsandbytes)"
+        nested = ", nested quantization" if self.nested else ""
+        compute = str(self.compute_dtype).removeprefix("torch.")
+        return f"4-bit {self.quant_type}{nested} (bitsandbytes), compute {compute}"
 
 
 @dataclass(frozen=True)
@@ -97,8 +143,11 @@ def tiny_dir(cache_dir: str | Path, texts: Sequence[str], config: TinyConfig) ->
     return Path(cache_dir) / f"tiny-{digest.hexdigest()[:12]}"
 
 
-def load_or_build_tiny(cache_dir: str | Path, texts: Sequence[str], config: TinyConfig = TinyConfig()):
-    """(model, tokenizer, folder): loaded from the cache folder, or built, saved atomically, and returned.
+def load_or_build_tiny(
+    cache_dir: str | Path, texts: Sequence[str], config: TinyConfig = TinyConfig(), quantization=None
+):
+    """(model, tokenizer, folder): loaded from the cache folder (quantized as ``quantization`` says), or built, saved
+    atomically, and returned.
 
     Under torchrun the local main process builds (the tokenizer is trained once) and the others wait for its folder,
     so every process loads the same files; a folder is published by one rename, so it is complete or absent.
@@ -109,7 +158,7 @@ def load_or_build_tiny(cache_dir: str | Path, texts: Sequence[str], config: Tiny
             _build_tiny(folder, texts, config)
         else:
             _wait_for(folder / "config.json")
-    model, tokenizer = load_pretrained(str(folder))
+    model, tokenizer = load_pretrained(str(folder), quantization=quantization)
     return model, tokenizer, folder
 
 
@@ -137,13 +186,25 @@ def _wait_for(path: Path, timeout_s: float = 1800.0) -> None:
         time.sleep(0.2)
 
 
-def load_pretrained(name_or_path: str, *, token: str | None = None, dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a hub id or local folder; an unreachable hub gives an error saying what to pass."""
+def load_pretrained(
+    name_or_path: str,
+    *,
+    token: str | None = None,
+    dtype: torch.dtype | None = None,
+    quantization: Quantization | None = None,
+):
+    """(model, tokenizer) from a hub id or local folder, quantized when ``quantization`` is given (on a GPU, onto this
+    process's GPU, as TRL places k-bit models); an unreachable hub gives an error saying what to pass."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kwargs = {}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization.config()
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, token=token)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, token=token, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, token=token, dtype=dtype, **kwargs)
     except OSError as err:
         where = "local folder" if Path(name_or_path).exists() else "hub id"
         reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
