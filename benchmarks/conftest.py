@@ -18,6 +18,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import benchmarks.quiet  # noqa: F401  (before torch: no profiler lines between the measurements)
+
+# isort: split
 import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")

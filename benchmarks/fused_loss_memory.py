@@ -13,6 +13,9 @@ import argparse
 import statistics
 import time
 
+import benchmarks.quiet  # noqa: F401  (before torch: the profiler's and c10's loggers read the environment)
+
+# isort: split
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 

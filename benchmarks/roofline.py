@@ -19,9 +19,11 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import benchmarks.quiet  # noqa: E402, F401  (before torch and triton: no profiler or fp-fusion lines in the table)
+
+# isort: split
+import torch  # noqa: E402
 
 from benchmarks.records import read_rows, runs  # noqa: E402
 from dylora_moe.kernels import _launch, compile_report, cost  # noqa: E402

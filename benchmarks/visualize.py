@@ -41,13 +41,14 @@ def select(rows: list[dict], op: str, metric: str, mode: str, where: dict | None
 
 
 def series_of(rows: list[dict]) -> dict[str, list[dict]]:
-    """Rows by series: the provider, plus the shape keys other than the x axis that vary in the rows (the routing
-    when both routings are plotted), so no two rows of a series share an x value."""
-    varying = sorted(
-        k
-        for k in {k for r in rows for k in r["shape"]}
-        if k != rows[0]["x_name"] and len({str(r["shape"].get(k)) for r in rows}) > 1
-    )
+    """Rows by series: the provider, plus the shape keys that still tell two of its rows at one x value apart (the
+    routing when both routings are plotted; not E or k where the x value, a case label, names them already)."""
+    x_name = rows[0]["x_name"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["provider"], str(r["x_value"])), []).append(r)
+    keys = {k for r in rows for k in r["shape"]} - {x_name}
+    varying = sorted(k for k in keys if any(len({str(r["shape"].get(k)) for r in g}) > 1 for g in groups.values()))
     series: dict[str, list[dict]] = {}
     for r in rows:
         label = " ".join([r["provider"], *(f"{k}={r['shape'].get(k)}" for k in varying)])
@@ -55,8 +56,18 @@ def series_of(rows: list[dict]) -> dict[str, list[dict]]:
     return series
 
 
+def _readable_log_axis(axis) -> None:
+    """Ticks of a log axis as plain numbers (0.5, 1, 2, 5, 10), not 4x10^0."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot(rows: list[dict], path: Path, title: str = "") -> Path:
-    """Draw ``rows`` (one op, metric and mode) into the PNG at ``path``; returns ``path``."""
+    """Draw ``rows`` (one op, metric and mode) into the PNG at ``path``; returns ``path``. One colour per provider;
+    a provider's variants (e.g. the routing) differ by line style or hatch."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; GPU machines have no display
@@ -66,28 +77,43 @@ def plot(rows: list[dict], path: Path, title: str = "") -> Path:
         raise ValueError("no benchmark rows to plot (check the op, metric, mode and filters)")
     first = rows[0]
     series = series_of(rows)
+    providers = sorted({r["provider"] for r in rows})
+    colour = {p: f"C{i % 10}" for i, p in enumerate(providers)}
+    styles, hatches = ["-", "--", ":", "-."], ["", "//", "..", "xx"]
     xs = sorted({r["x_value"] for r in rows}, key=lambda v: (isinstance(v, str), v))
     numeric = all(isinstance(x, float) for x in xs)
-    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(xs) * (1 if numeric else len(series) / 3)), 5))
+    width_in = 8 if numeric else min(16, max(8, 0.35 * len(xs) * len(series) + 2))
+    fig, ax = plt.subplots(figsize=(width_in, 5))
     width = 0.8 / len(series)
+    variant_of: dict[str, int] = {}
     for i, (label, members) in enumerate(sorted(series.items())):
+        provider = members[0]["provider"]
+        variant = variant_of.setdefault(provider, 0)
+        variant_of[provider] += 1
         points = {r["x_value"]: r for r in members}  # the last written wins
         if numeric:
             px = sorted(points)
-            ax.plot(px, [points[x]["value"] for x in px], marker="o", label=label)
-            ax.fill_between(px, [points[x]["value_min"] for x in px], [points[x]["value_max"] for x in px], alpha=0.2)
+            ax.plot(px, [points[x]["value"] for x in px], marker="o", color=colour[provider],
+                    ls=styles[variant % len(styles)], label=label)  # fmt: skip
+            ax.fill_between(px, [points[x]["value_min"] for x in px], [points[x]["value_max"] for x in px],
+                            color=colour[provider], alpha=0.15)  # fmt: skip
         else:
             heights = [points[x]["value"] if x in points else 0.0 for x in xs]
-            ax.bar([j + i * width for j in range(len(xs))], heights, width, label=label)
-    if not numeric:
+            ax.bar([j + i * width for j in range(len(xs))], heights, width, label=label, color=colour[provider],
+                   hatch=hatches[variant % len(hatches)], edgecolor="white")  # fmt: skip
+    if numeric:
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    else:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(xs))])
-        ax.set_xticklabels(xs, fontsize=7, rotation=15)
+        ax.set_xticklabels(xs, fontsize=8)
         ax.set_yscale("log")
+        _readable_log_axis(ax.yaxis)
     better = "lower" if METRICS[first["metric"]][1] else "higher"
     ax.set_xlabel(first["x_name"])
     ax.set_ylabel(f"{first['metric']} ({first['unit']}; {better} is better)")
     ax.set_title(title or f"{first['op']} {first['mode']}, {first['device_name']}, {first['dtype']}, {first['commit']}")
-    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot, never over a bar
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

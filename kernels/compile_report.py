@@ -346,7 +346,10 @@ def run(targets: tuple[str, ...], grid: str, jobs: int) -> dict:
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         jobs_ = [(v["module"], TARGETS[t].arch, v) for t, _, v in work]
-        results = list(pool.map(compile_variant, jobs_))
+        from tqdm.auto import tqdm  # a count and time left on a terminal (minutes for the full grid); quiet in a log
+
+        done = pool.map(compile_variant, jobs_)
+        results = list(tqdm(done, total=len(jobs_), desc="compile", unit="variant", disable=not sys.stderr.isatty()))
     for (target, _key, variant), result in zip(work, results):
         spec = TARGETS[target]
         kw = variant["kwargs"]

@@ -220,6 +220,42 @@ def test_a_benchmark_appends_its_rows(tmp_path):
     assert records.COMMITTED_CSV.read_bytes() == before
 
 
+def test_one_colour_per_provider_and_plain_ticks(tmp_path):
+    """Case labels that name E and k already: one series (one colour) per provider, not one per E and k; the log
+    axis reads 0.5, 1, 2, 5 instead of 4x10^0."""
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib (the train extra)")
+    import matplotlib.pyplot as plt
+
+    from benchmarks import visualize
+
+    cases = {"E8-k2": (8, 2), "E64-k2": (64, 2), "E8-k8": (8, 8)}
+    rows = roundtrip(
+        tmp_path,
+        [row(op="moe_lora", provider=p, value=v * e, E=e, k=k) for p, v in (("loop", 1.0), ("triton", 0.1))
+         for e, k in cases.values()],
+    )  # fmt: skip
+    for r in rows:
+        r["x_name"], r["x_value"] = (
+            "case",
+            next(c for c, (e, k) in cases.items() if (e, k) == (r["shape"]["E"], r["shape"]["k"])),
+        )
+    assert sorted(visualize.series_of(rows)) == ["loop", "triton"]
+    drawn = []
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        drawn.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plt.Figure, "savefig", keep)
+        visualize.plot(rows, tmp_path / "cases.png")
+    ax = drawn[0].axes[0]
+    assert len({tuple(bar.get_facecolor()) for bar in ax.patches}) == 2
+    formatter = ax.yaxis.get_major_formatter()
+    assert [formatter(v, 0) for v in (0.5, 4.0, 50.0)] == ["0.5", "4", "50"]
+
+
 def test_visualizer_plots_the_run_just_measured(tmp_path, monkeypatch):
     """Without --data, the local run (benchmarks/out/, what `pytest benchmarks/` writes) is plotted, not the committed
     history; without a local run, the committed history."""

@@ -121,6 +121,9 @@ def parser() -> argparse.ArgumentParser:
         help="where the machine allows no kernel isolation (docs/sandbox.md), run the programs guarded by the audit "
         "hook alone instead of refusing",
     )
+    p.add_argument(
+        "--disable_tqdm", action="store_true", help="no progress bars (there are none when stderr is not a terminal)"
+    )
     return p
 
 
@@ -164,18 +167,56 @@ def check(args, p: argparse.ArgumentParser) -> None:
         p.error(f"pass@{max(args.k)} needs --n_samples >= {max(args.k)} (got {args.n_samples})")
 
 
+def _routings_planned(args) -> list[str]:
+    """The routings a model evaluation will run, read without loading anything: --routing, else base alone for a
+    bare --model_name, else base, learned and each expert of the checkpoint's config (num_experts)."""
+    if args.routing:
+        return args.routing
+    if args.checkpoint is None:
+        return ["base"]
+    for folder in (args.checkpoint, args.checkpoint / "final"):
+        try:
+            config = json.loads((folder / "dylora_moe_config.json").read_text(encoding="utf-8"))
+            return ["base", "learned", *(f"expert_{i}" for i in range(int(config["num_experts"])))]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return ["base", "learned", "expert_<i> for each expert"]
+
+
+def plan_line(args) -> str:
+    """What a model evaluation is about to do, said before the model loads: problems x samples x routings per
+    benchmark, and the completions and sandboxed programs that makes."""
+    from .problems import load_problems
+
+    routings = _routings_planned(args)
+    shown = routings if len(routings) <= 4 else [*routings[:3], "...", routings[-1]]
+    parts, total = [], 0
+    for bench in args.benchmark:
+        problems = len(load_problems(bench, args.data_dir, args.split, args.limit))
+        count = problems * args.n_samples * len(routings)
+        total += count
+        parts.append(f"{bench} {problems} problems")
+    samples = f"{args.n_samples} sample{'s' * (args.n_samples > 1)}"
+    return (
+        f"evaluating {' + '.join(parts)} x {samples} x {len(routings)} routings ({', '.join(shown)}): {total} "
+        f"completions of up to {args.max_new_tokens} new tokens, each run in the sandbox; loading the model first"
+    )
+
+
 def _print_passk(name: str, passk: dict) -> None:
     print(f"{name}: " + ", ".join(f"pass@{k} = {100 * v:.2f}%" for k, v in passk.items()))
 
 
 def score_references(args) -> int:
+    from .. import progress
     from .execution import run_programs
     from .passk import mean_pass_at_k
     from .problems import load_problems
 
     for bench in args.benchmark:
         problems = load_problems(bench, args.data_dir, args.split, args.limit)
-        outcomes = run_programs([p.program(p.reference) for p in problems], args.limits, args.workers)
+        with progress.bar(len(problems), f"{bench} references: score", unit="program") as bar:
+            outcomes = run_programs([p.program(p.reference) for p in problems], args.limits, args.workers, bar)
         _print_passk(
             f"{bench} reference solutions ({sum(o.passed for o in outcomes)}/{len(problems)} pass)",
             mean_pass_at_k({p.task_id: [o.passed] for p, o in zip(problems, outcomes)}, [1]),
@@ -222,10 +263,17 @@ def evaluate_checkpoint(args) -> int:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..logs import one_line_per_record
+
+    one_line_per_record()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     p = parser()
     args = p.parse_args(argv)
     check(args, p)
+    if args.disable_tqdm:
+        from .. import progress
+
+        progress.disable()
     from ..base_models import ModelLoadError
     from ..corpora import DataError
     from .problems import MissingHumanEvalError
@@ -246,6 +294,7 @@ def main(argv=None) -> int:
             return 0
         if args.references:
             return score_references(args)
+        logging.getLogger("dylora_moe.evaluate").info(plan_line(args))  # within a second, before torch loads
         return evaluate_checkpoint(args)
     except (DataError, ModelLoadError, MissingHumanEvalError, ValueError) as err:  # ValueError: e.g. expert_9 of 2
         print(f"error: {err}", file=sys.stderr)

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .. import progress
 from ..corpora import DataError
 from .execution import Limits, isolation_record, run_programs
 from .passk import mean_pass_at_k
@@ -28,9 +29,11 @@ STANDARD = (
 )
 
 
-def score(generations, limits: Limits = Limits(), workers: int | None = None) -> list[dict]:
-    """Run every generation's program in the sandbox; one row per sample with its prompt, completion and verdict."""
-    outcomes = run_programs([g.problem.program(g.completion) for g in generations], limits, workers)
+def score(generations, limits: Limits = Limits(), workers: int | None = None, desc: str = "score") -> list[dict]:
+    """Run every generation's program in the sandbox (a progress bar named ``desc`` on a terminal); one row per
+    sample with its prompt, completion and verdict."""
+    with progress.bar(len(generations), desc, unit="program") as bar:
+        outcomes = run_programs([g.problem.program(g.completion) for g in generations], limits, workers, bar)
     return [
         {
             "benchmark": g.problem.benchmark,
@@ -139,8 +142,9 @@ def evaluate_model(
     rows: list[dict] = []
     for bench, items in problems.items():
         for routing in routings:
-            generations = generate_completions(model, tokenizer, items, routing, sampling)
-            rows += score(generations, limits, workers)
+            with progress.bar(len(items) * sampling.n, f"{bench} {routing}: generate", unit="sample") as bar:
+                generations = generate_completions(model, tokenizer, items, routing, sampling, progress=bar)
+            rows += score(generations, limits, workers, desc=f"{bench} {routing}: score")
             done = [r for r in rows if r["benchmark"] == bench and r["routing"] == routing]
             logger.info("%s %s: %d/%d samples pass", bench, routing, sum(r["passed"] for r in done), len(done))
     summary, metrics = summarise(rows, ks, sampling.greedy)
@@ -238,7 +242,8 @@ def score_samples(
     problems = {p.task_id: p for p in load_problems(benchmark, data_dir, split="all")}
     samples = read_samples(path, problems, benchmark)
     programs = [p.program(p.prompt + row["completion"] if prepend_prompt else row["completion"]) for row, p in samples]
-    outcomes = run_programs(programs, limits, workers)
+    with progress.bar(len(programs), f"{benchmark}: score", unit="program") as bar:
+        outcomes = run_programs(programs, limits, workers, bar)
     sandbox = isolation_record(limits)
     rows = [
         {**row, "passed": o.passed, "result": o.result, "sandbox": sandbox} for (row, _), o in zip(samples, outcomes)

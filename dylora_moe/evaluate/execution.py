@@ -274,14 +274,24 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
     return _outcome(*_launch(program, limits, isolation_level(limits)))
 
 
-def run_programs(programs: Sequence[str], limits: Limits = Limits(), workers: int | None = None) -> list[Outcome]:
+def run_programs(
+    programs: Sequence[str], limits: Limits = Limits(), workers: int | None = None, progress=None
+) -> list[Outcome]:
     """Verdicts of ``programs`` in order, ``workers`` at a time (default: the number of CPUs). Threads suffice: each
-    waits on its own launcher. The isolation level is settled (and refused where unavailable) before any runs."""
+    waits on its own launcher. The isolation level is settled (and refused where unavailable) before any runs.
+    ``progress``: a bar advanced as each program ends."""
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"workers must be >= 1; got {workers}")
     if not programs:
         return []
     level = isolation_level(limits)
+
+    def run(program: str) -> Outcome:
+        outcome = _outcome(*_launch(program, limits, level))
+        if progress is not None:
+            progress.update(1)
+        return outcome
+
     with ThreadPoolExecutor(max_workers=min(workers, len(programs))) as pool:
-        return list(pool.map(lambda program: _outcome(*_launch(program, limits, level)), programs))
+        return list(pool.map(run, programs))

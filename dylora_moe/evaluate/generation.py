@@ -118,9 +118,15 @@ def _decode(model, routing: str, ids, mask, kwargs):
 
 @torch.no_grad()
 def generate_completions(
-    model, tokenizer, problems: Sequence[Problem], routing: str = LEARNED, sampling: Sampling = Sampling()
+    model,
+    tokenizer,
+    problems: Sequence[Problem],
+    routing: str = LEARNED,
+    sampling: Sampling = Sampling(),
+    progress=None,
 ) -> list[Generation]:
-    """``sampling.n`` completions of every problem under ``routing``, in problem order (samples consecutive)."""
+    """``sampling.n`` completions of every problem under ``routing``, in problem order (samples consecutive).
+    ``progress``: a bar (:func:`dylora_moe.progress.bar`) advanced by each batch's completions."""
     check_routing(model, routing)
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer needs a pad token to batch prompts (set tokenizer.pad_token)")
@@ -149,6 +155,8 @@ def generate_completions(
                 for i, ((problem, sample), text) in enumerate(zip(batch, texts)):
                     w = None if weights is None else [round(float(x), 6) for x in weights[i]]
                     out.append(Generation(problem, sample, routing, problem.completion(text), w))
+                if progress is not None:
+                    progress.update(len(batch))
     finally:
         model.train(was_training)
     return out

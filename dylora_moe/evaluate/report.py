@@ -64,14 +64,24 @@ def markdown(summary: dict) -> str:
 
 
 def plot(path: Path, summary: dict) -> bool:
-    """Left: greedy pass@1 per routing and benchmark (bars). Right: which expert solves which problem (a matrix of
-    problems x experts, learned routing as the last row). Returns False when matplotlib is not installed."""
+    """Write :func:`figure` to ``path`` (a temporary name, then renamed). Returns False when matplotlib is not
+    installed."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        fig = figure(summary)
     except ModuleNotFoundError:
         return False
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    return True
+
+
+def figure(summary: dict):
+    """Left: greedy pass@1 per routing and benchmark (bars; "no problem solved" in words when all are zero). Right:
+    which expert solves which problem (a matrix of problems x experts, learned routing as the last row)."""
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     benches = list(summary["benchmarks"])
     fig = Figure(figsize=(12, 4), dpi=110)
@@ -81,6 +91,7 @@ def plot(path: Path, summary: dict) -> bool:
     has_oracle = any(summary["benchmarks"][b].get("oracle") is not None for b in benches)
     bars = routings + (["oracle"] if has_oracle else [])
     width = 0.8 / max(len(bars), 1)
+    solved_any = False
     for i, routing in enumerate(bars):
         values = []
         for b in benches:
@@ -91,9 +102,18 @@ def plot(path: Path, summary: dict) -> bool:
                 else info["routings"].get(routing, {}).get("pass_at_k", {}).get("1")
             )
         left.bar(np.arange(len(benches)) + i * width, [100 * (v or 0) for v in values], width, label=routing)
+        solved_any = solved_any or any(v for v in values)
     left.set_xticks(np.arange(len(benches)) + width * (len(bars) - 1) / 2, benches)
     left.set(ylabel="pass@1 (%)", title="pass@1 per routing")
-    left.legend(fontsize=7)
+    if solved_any:
+        left.legend(fontsize=7)
+    else:  # an empty chart on a -0.04..0.04 axis would say nothing: say it in words
+        left.set_ylim(0, 100)
+        problems = ", ".join(f"{summary['benchmarks'][b]['problems']} {b}" for b in benches)
+        left.text(
+            0.5, 0.5, f"no problem solved\n(pass@1 = 0 under every routing;\n{problems} problems)",
+            transform=left.transAxes, ha="center", va="center", fontsize=11,
+        )  # fmt: skip
     matrix_rows = [r for r in routings if r.startswith("expert_")] + (["learned"] if "learned" in routings else [])
     columns, boundaries = [], []
     for b in benches:
@@ -111,13 +131,12 @@ def plot(path: Path, summary: dict) -> bool:
         for x in boundaries[:-1]:
             right.axvline(x - 0.5, color="k", lw=1)
         right.set(xlabel=" | ".join(benches) + " problems (task order)", title="solved (green) per expert")
+        if not grid.any():
+            right.text(0.5, 0.5, "no problem solved", transform=right.transAxes, ha="center", va="center", fontsize=11)
     else:
         right.set_axis_off()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-    return True
+    return fig
 
 
 def write_outputs(output_dir: str | Path, rows: list[dict], summary: dict, metrics: dict) -> Path:

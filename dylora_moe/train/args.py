@@ -9,8 +9,10 @@ are torch and transformers imported.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
+import io
 import logging
 import math
 import netrc
@@ -513,6 +515,7 @@ def trainer_arguments(argv, report_to: list[str]):
     refuses), with this script's defaults resolved as :func:`parse_args` resolves them."""
     import torch
 
+    _import_integrations_into_the_log()
     parser = full_parser()
     ns = resolve_defaults(parser.parse_args(sys.argv[1:] if argv is None else argv))
     ns.report_to = report_to
@@ -548,10 +551,28 @@ def model_fingerprint(args: argparse.Namespace) -> dict:
     return {key: getattr(args, key) for key in [*keys, *CHANGEABLE_SETTINGS]} | quantization_flags(args)
 
 
+def _import_integrations_into_the_log() -> None:
+    """Import transformers' integrations with stdout captured: with WANDB_MODE=offline they print ``[INFO] Running
+    in WANDB offline mode`` at import, which :func:`resolve_report_to` has said already in the log's format; the
+    captured lines go to the log at debug level instead of the console."""
+    if "transformers.integrations.integration_utils" in sys.modules:
+        return
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        import transformers.integrations.integration_utils  # noqa: F401
+    for line in printed.getvalue().splitlines():
+        if line.strip():
+            logging.getLogger("transformers").debug(line.removeprefix("[INFO] "))
+
+
 def resolve_report_to(choice: str, output_dir: str) -> list[str]:
-    """The Trainer's report_to list; with 'auto' decide about wandb and say so once."""
+    """The Trainer's report_to list; with 'auto' decide about wandb and say so once. Nothing of wandb is touched
+    (environment, import) unless the list holds it: its setup costs seconds."""
     if choice != "auto":
-        return [] if choice == "none" else choice.split(",")
+        chosen = [] if choice == "none" else choice.split(",")
+        if "wandb" in chosen and os.environ.get("WANDB_MODE"):
+            logger.info("wandb: WANDB_MODE=%s", os.environ["WANDB_MODE"])
+        return chosen
     if importlib.util.find_spec("wandb") is None:
         logger.info("wandb is not installed: metrics go to metrics.jsonl only")
         return []

@@ -54,6 +54,24 @@ def finished_at(checkpoint: str, max_steps: int) -> bool:
     return step >= (max_steps if max_steps > 0 else planned) > 0
 
 
+def already_finished(plan, max_steps: int) -> str | None:
+    """The one line for resuming a run that is complete (its last checkpoint is the last step asked for, final/ and
+    summary.md are written): nothing is done. None when there is work left (more --max_steps, or a run killed while
+    writing final/ or its report, which the resume completes)."""
+    from dylora_moe.train.runs import FINAL_DIR, SUMMARY_FILE, TRAINER_STATE, read_json
+
+    if not plan.resume_from or not finished_at(plan.resume_from, max_steps):
+        return None
+    folder = plan.output_dir
+    if not ((folder / FINAL_DIR).is_dir() and (folder / SUMMARY_FILE).is_file()):
+        return None
+    step = (read_json(Path(plan.resume_from) / TRAINER_STATE) or {}).get("global_step", 0)
+    return (
+        f"run {plan.run_id} in {folder} finished already at step {step} (final/ and {SUMMARY_FILE} are there); "
+        f"nothing to do: pass --max_steps above {step} to train further"
+    )
+
+
 def load_model_and_tokenizer(args, splits, dtype, quantization=None):
     """The frozen base model and its tokenizer: tiny (built once from the full training text, cached in
     --output_dir) or a hub id / local folder; either quantized by ``quantization`` (--load_in_4bit / 8bit)."""
@@ -117,8 +135,24 @@ def parameter_breakdown(model) -> str:
     return "\n".join(lines)
 
 
+def asks_no_bars(argv: list[str]) -> bool:
+    """Whether the command line holds ``--disable_tqdm`` (bare, ``=true`` or ``true``): no progress bar anywhere, the
+    sweep's and the code evaluation's included (the Trainer reads the flag for its own)."""
+    for i, arg in enumerate(argv):
+        name, _, value = arg.partition("=")
+        if name == "--disable_tqdm":
+            if not value:
+                value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else "true"
+            return value.lower() in ("1", "true", "yes")
+    return False
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if asks_no_bars(sys.argv[1:] if argv is None else list(argv)):
+        from dylora_moe import progress
+
+        progress.disable()
     if args.sweep:  # one train.py process per configuration of the grid, then sweep.md (dylora_moe/train/sweep.py)
         from dylora_moe.train.sweep import run_sweep
 
@@ -134,10 +168,11 @@ def run_training(args: argparse.Namespace, argv, held: contextlib.ExitStack) -> 
     started = time.time()
     from dylora_moe.train.runs import RunFolderLock, plan_run, start_run
 
-    report_to = resolve_report_to(args.report_to, args.output_dir)
     # Flags only the Trainer knows (or typos) are checked first, so a typo gets its own error even where the folder
-    # holds a run; without any, the data is read before the import.
-    training_args = trainer_arguments(argv, report_to) if args.trainer_only else None
+    # holds a run; without any, the data is read before the import. wandb is decided (and said) once, when needed.
+    training_args = (
+        trainer_arguments(argv, resolve_report_to(args.report_to, args.output_dir)) if args.trainer_only else None
+    )
     # ----- output folder: one run per folder, decided before anything is written -------------------------------
     is_main = int(os.environ.get("RANK", "0")) == 0
     # One run per folder: the main process holds the folder's lock until the run ends (under torchrun the others
@@ -157,12 +192,15 @@ def run_training(args: argparse.Namespace, argv, held: contextlib.ExitStack) -> 
         changeable=frozenset(CHANGEABLE_SETTINGS),
     )
     plan = plan_for_folder()
+    if (done := already_finished(plan, args.max_steps)) is not None:
+        logger.info("%s", done)
+        return {"already_finished": True, "run_id": plan.run_id, "summary": plan.output_dir / "summary.md"}
     # ----- data (errors show before the heavy imports), then the Trainer's arguments ------------------------------
     from dylora_moe.corpora import DOMAINS, load_domain
     from dylora_moe.train.data import build_corpus
 
     splits = [load_domain(args.data_dir, domain) for domain in DOMAINS]
-    training_args = training_args or trainer_arguments(argv, report_to)
+    training_args = training_args or trainer_arguments(argv, resolve_report_to(args.report_to, args.output_dir))
     shown = {k: v for k, v in vars(args).items() if k not in ("help_trainer", "trainer_only")}
     logger.info("arguments: %s", shown | {"token": "***" if args.token else None})
     if is_main:
@@ -322,6 +360,9 @@ def setup_logging() -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")  # read when transformers is first imported
+    from dylora_moe.logs import one_line_per_record
+
+    one_line_per_record()  # the hub's retry warnings once, not twice
 
 
 def _output_dir(argv: list[str]) -> Path:
@@ -364,22 +405,34 @@ def disk_full_message(err: BaseException, argv: list[str]) -> str | None:
     )
 
 
+def _end(message: str, code: int) -> None:
+    """Exit with ``code`` after ``message`` as the last line on stderr, said once: by the main process only (under
+    torchrun every process meets the same refusal; the others end silently with the same code)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        sys.exit(code)
+    if code == 1:
+        sys.exit(message)  # Python prints it and exits 1 (SystemExit carries the message, as callers expect)
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
 def cli() -> None:
     """``python train.py``: known failures end as one ``error:`` line (exit 2 for a refused run, 1 otherwise);
-    ctrl-C ends with one line and the command that resumes (exit 130)."""
+    ctrl-C ends with one line and the command that resumes (exit 130). Under torchrun the line comes from rank 0
+    alone."""
     setup_logging()
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit(print(interrupted_message(sys.argv[1:]), file=sys.stderr) or 130)
+        _end(interrupted_message(sys.argv[1:]), 130)
     except Exception as err:
         from dylora_moe.train.runs import CheckpointNotFound, RunConflict
 
         if (message := disk_full_message(err, sys.argv[1:])) is not None:
-            sys.exit(message)
+            _end(message, 1)
 
         if isinstance(err, RunConflict):
-            sys.exit(print(f"train.py: error: {err}", file=sys.stderr) or 2)
+            _end(f"train.py: error: {err}", 2)
         known = [CheckpointNotFound]
         for module, name in (
             ("dylora_moe.io.checkpoint", "CheckpointError"),
@@ -391,7 +444,7 @@ def cli() -> None:
             if module in sys.modules:
                 known.append(getattr(sys.modules[module], name))
         if isinstance(err, tuple(known)):
-            sys.exit(f"error: {err}")
+            _end(f"error: {err}", 1)
         raise
 
 

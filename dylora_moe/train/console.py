@@ -38,9 +38,28 @@ def _value(value, spec: str) -> str:
         return str(value)
 
 
-def format_log(logs: dict, step: int, max_steps: int) -> str:
-    """One line for a Trainer log: a training step, one domain's evaluation, or the end-of-training summary."""
-    utils = [v for k, v in sorted(logs.items(), key=lambda kv: _expert_index(kv[0])) if "util_expert_" in k]
+def _per_expert(logs: dict, marker: str) -> list[float]:
+    """The values of the keys holding ``marker`` (``util_expert_``, ``balance_bias_expert_``) in expert order."""
+    return [v for k, v in sorted(logs.items(), key=lambda kv: _expert_index(kv[0])) if marker in k]
+
+
+def _balance_parts(logs: dict, utils: list[float]) -> list[str]:
+    """Under loss-free balancing (a selection bias is logged, the balance loss is zero by construction): the
+    largest expert's share of the load times E (1.00 = perfectly even, E = one expert takes everything) and the
+    bias spread (max - min); under a balance loss: that loss."""
+    biases = _per_expert(logs, "balance_bias_expert_")
+    if not biases:
+        return [f"balance {_value(logs['balance_loss'], '.4f')}"] if "balance_loss" in logs else []
+    parts = [f"load max x E {max(utils) * len(utils):.2f}"] if utils else []
+    if logs.get("balance_loss"):  # a balance loss on top of the bias
+        parts.append(f"balance {_value(logs['balance_loss'], '.4f')}")
+    return [*parts, f"bias spread {max(biases) - min(biases):.3f}"]
+
+
+def format_log(logs: dict, step: int, max_steps: int) -> str | None:
+    """One line for a Trainer log: a training step, one domain's evaluation, the specialisation of an evaluation,
+    or the end-of-training summary; None for a log with nothing to show here (it is in metrics.jsonl)."""
+    utils = _per_expert(logs, "util_expert_")
     util = ("util " + "/".join(f"{u:.2f}" for u in utils)) if utils else ""
     where = f"step {step}/{max_steps}" if max_steps > 0 else f"step {step}"
     losses = [k for k in logs if k.startswith("eval_") and k.endswith("_loss") and not k.endswith("balance_loss")]
@@ -57,7 +76,19 @@ def format_log(logs: dict, step: int, max_steps: int) -> str:
         if "train_loss" in logs:
             parts.append(f"mean loss {logs['train_loss']:.4f}")
         return " | ".join(parts)
-    parts = [where] + [f"{short} {_value(logs[key], spec)}" for key, short, spec in TRAIN_KEYS if key in logs]
+    if "eval_spec_nmi" in logs:
+        line = f"eval specialisation | {where} | NMI domain-expert {logs['eval_spec_nmi']:.3f}"
+        if "eval_spec_nmi_chance" in logs:
+            line += f" (chance {logs['eval_spec_nmi_chance']:.3f})"
+        return line
+    if "loss" not in logs:
+        return None
+    parts = [where]
+    for key, short, spec in TRAIN_KEYS:
+        if key == "balance_loss":
+            parts += _balance_parts(logs, utils)
+        elif key in logs:
+            parts.append(f"{short} {_value(logs[key], spec)}")
     return " | ".join([*parts, util] if util else parts)
 
 
@@ -74,7 +105,9 @@ class Console(TrainerCallback):
         self.train_bar = self.eval_bar = None
 
     def _bars(self, args) -> bool:
-        return not args.disable_tqdm and getattr(self.stream, "isatty", lambda: False)()
+        from dylora_moe import progress
+
+        return not args.disable_tqdm and progress.enabled(self.stream)  # a terminal, or DYLORA_PROGRESS=1
 
     def _write(self, line: str) -> None:
         if self.train_bar is not None or self.eval_bar is not None:
@@ -116,8 +149,9 @@ class Console(TrainerCallback):
         self._close_eval()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            self._write(format_log(logs, state.global_step, state.max_steps))
+        line = format_log(logs, state.global_step, state.max_steps) if state.is_world_process_zero and logs else None
+        if line is not None:
+            self._write(line)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.train_bar is not None:

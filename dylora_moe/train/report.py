@@ -81,8 +81,8 @@ def load_section(final: dict[str, dict], num_experts: int, specialisation: Speci
     for domain, shares in per_domain.items():
         top = int(np.argmax(shares))
         rows.append([domain, f"{shares[top] * num_experts:.2f}", str(top), f"{np.exp(entropy(shares)):.2f}"])
-    table = _table(["domain", "largest share x E", "largest expert", "effective experts"], rows)
-    if shares_all is None:
+    if shares_all is None:  # no specialisation section: the per-domain load is said here
+        table = _table(["domain", "largest share x E", "largest expert", "effective experts"], rows)
         return f"{table}\n\n{WITHIN_DOMAIN}"
     top = int(np.argmax(shares_all))
     h = entropy(shares_all)
@@ -97,7 +97,7 @@ def load_section(final: dict[str, dict], num_experts: int, specialisation: Speci
             "mixture is close to a single LoRA. Fix: `--balance_loss loss_free` (raise `--balance_update_rate` for "
             "short runs), or a larger `--balance_coefficient` with `--balance_loss switch`."
         )
-    return f"{text}\n\n{table}\n\n{WITHIN_DOMAIN}"
+    return f"{text}\n\n{WITHIN_DOMAIN} Per domain: the table of the specialisation section below."
 
 
 def training_logs(records: list[dict]) -> list[dict]:
@@ -124,8 +124,18 @@ def training_table(logs: list[dict], num_experts: int, max_rows: int = 12) -> st
 
 
 def _marker(xs: list) -> str | None:
-    """A marker when a curve has too few points to show as a line (one point alone is invisible without it)."""
-    return "o" if len(xs) < 3 else None
+    """A marker when a curve has few points (one point alone is invisible without it; a dozen still read as points)."""
+    return "o" if len(xs) <= 12 else None
+
+
+def _step_axis(ax, steps: list[int]) -> None:
+    """Whole optimizer steps on x, from 0 to the last step with a margin (a single step is not a 0.96-1.04 axis)."""
+    from matplotlib.ticker import MaxNLocator
+
+    last = max(steps, default=1) or 1
+    margin = max(0.5, 0.03 * last)
+    ax.set_xlim(-margin, last + margin)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def format_duration(seconds: float) -> str:
@@ -151,6 +161,7 @@ def plot_losses(path: Path, logs: list[dict], evals: dict[str, list[tuple[int, f
     for domain, points in evals.items():
         ax.plot([s for s, _ in points], [v for _, v in points], "o--", label=f"eval {domain}")
     ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title="Loss")
+    _step_axis(ax, steps + [step for points in evals.values() for step, _ in points])
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -177,8 +188,13 @@ def plot_utilization(path: Path, final: dict[str, dict], logs: list[dict], num_e
     for e in range(num_experts):
         shares = [r.get(f"util_expert_{e}", float("nan")) for r in logs]
         right.plot(steps, shares, marker=_marker(steps), label=f"expert {e}")
+    even = 1 / max(num_experts, 1)
+    right.axhline(even, color="k", lw=0.8, ls=":", label=f"even load (1/{num_experts})")
+    top = max([even, *(r.get(f"util_expert_{e}", 0.0) for r in logs for e in range(num_experts))])
+    right.set_ylim(0, min(1.0, 1.15 * top) if top > 0 else 1.0)  # shares from 0: the gaps between experts read true
+    _step_axis(right, steps)
     right.set(xlabel="optimizer step", ylabel="share of routed tokens", title="Expert utilisation in training")
-    right.legend()
+    right.legend(fontsize=8)
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -219,7 +235,13 @@ def write_report(
     spec_text = (
         ""
         if specialisation is None
-        else specialisation_section(specialisation, tokenizer, output_dir, records, final_metrics=final) + "\n"
+        else specialisation_section(specialisation, tokenizer, output_dir, records, final_metrics=final, load=False)
+        + "\n"
+    )
+    utilisation = (  # with a specialisation section its table holds these shares and entropies already
+        f"## Expert utilisation per domain (final model; share of routed tokens)\n\n{utilization_table(last)}\n\n"
+        if specialisation is None
+        else ""
     )
     info = "\n".join(f"- {key}: {value}" for key, value in run_info.items())
     text = f"""# DyLoRA-MoE training summary
@@ -234,11 +256,7 @@ def write_report(
 
 {load_section(last, num_experts, specialisation)}
 
-## Expert utilisation per domain (final model; share of routed tokens)
-
-{utilization_table(last)}
-
-{spec_text}## Training (logged steps)
+{utilisation}{spec_text}## Training (logged steps)
 
 {training_table(logs, num_experts) if logs else "No training step was logged."}
 

@@ -91,27 +91,73 @@ def plot_heatmap(path: Path, steps: list[int], shares: np.ndarray, nmi: np.ndarr
     return fig
 
 
-def plot_examples(path: Path, stats: SpecialisationStats):
-    """One strip per example row: each token position coloured by its top expert, paler the less certain."""
-    from matplotlib.colors import to_rgb
-    from matplotlib.patches import Patch
+def example_labels(domains: list[str]) -> list[str]:
+    """Row names numbered within each domain: ``code_alpaca 1``, ``code_alpaca 2``, ``mbpp 1``."""
+    seen: dict[str, int] = {}
+    labels = []
+    for domain in domains:
+        seen[domain] = seen.get(domain, 0) + 1
+        labels.append(f"{domain} {seen[domain]}")
+    return labels
 
-    rows = stats.examples
-    width = max((min(len(x.ids), EXAMPLE_TOKENS) for x in rows), default=1)
-    image = np.ones((max(len(rows), 1), width, 3))
-    for i, example in enumerate(rows):
-        mass = example.mass[:width]
-        top, weight = mass.argmax(1), mass.max(1)
-        colours = np.array([to_rgb(_colour(e)) for e in top]).reshape(-1, 3)
-        image[i, : len(top)] = 1 - weight[:, None] * (1 - colours)  # blend with white by the top weight
-    fig = _figure((10, 0.5 * len(rows) + 1.6))
-    ax = fig.add_subplot()
-    ax.imshow(image, aspect="auto", interpolation="nearest")
-    ax.set_yticks(range(len(rows)), [f"{x.domain} #{i}" for i, x in enumerate(rows)])
-    ax.set(xlabel="token position", title=f"Top expert of each token ({stats.routing} routing)")
+
+def _shown(text: str) -> str:
+    """A token as drawn in the picture: a newline as ↵ (the line then breaks), a tab as →, nothing as ·."""
+    return text.replace("\t", "→").replace("\n", "↵") or "·"
+
+
+def layout_tokens(texts: list[str], columns: int) -> list[tuple[int, int, str]]:
+    """(line, column, text) of each token written left to right in lines of ``columns`` characters: a token that
+    does not fit starts the next line, a token holding a newline ends its line."""
+    placed, line, col = [], 0, 0
+    for raw in texts:
+        text = _shown(raw)[:columns]
+        if col + len(text) > columns and col > 0:
+            line, col = line + 1, 0
+        placed.append((line, col, text))
+        col += len(text)
+        if "\n" in raw:
+            line, col = line + 1, 0
+    return placed
+
+
+EXAMPLE_COLUMNS = 140  # characters per line of the example text
+
+
+def plot_examples(path: Path, stats: SpecialisationStats, tokenizer=None):
+    """The example rows as text, each token on the colour of its top expert (paler: a smaller top weight), the first
+    :data:`EXAMPLE_TOKENS` tokens of each; rows named by domain and number within it. Returns the figure."""
+    from matplotlib.colors import to_rgb
+    from matplotlib.patches import Patch, Rectangle
+
+    blocks, height = [], 0
+    for label, example in zip(example_labels([x.domain for x in stats.examples]), stats.examples):
+        shown = min(len(example.ids), EXAMPLE_TOKENS)
+        texts = [token_text(tokenizer, t) for t in example.ids[:shown]]
+        placed = layout_tokens(texts, EXAMPLE_COLUMNS)
+        cap = f"all {shown} tokens" if shown == len(example.ids) else f"first {shown} of {len(example.ids)} tokens"
+        blocks.append((f"{label} ({cap})", example.mass[:shown], placed, height))
+        height += 1 + (placed[-1][0] + 1 if placed else 0) + 0.6
+    fig = _figure((11, 0.2 * max(height, 1) + 1.2))
+    ax = fig.add_axes((0.01, 0.02, 0.86, 1 - 0.9 / fig.get_figheight()))
+    ax.set_xlim(0, EXAMPLE_COLUMNS)
+    ax.set_ylim(max(height, 1), 0)
+    ax.set_axis_off()
+    for title, mass, placed, top_line in blocks:
+        ax.text(0, top_line + 0.5, title, fontsize=9, fontweight="bold", va="center")
+        for (line, col, text), weights in zip(placed, mass):
+            expert, weight = int(weights.argmax()), float(weights.max())
+            colour = 1 - weight * (1 - np.array(to_rgb(_colour(expert))))  # blended with white by the top weight
+            y = top_line + 1 + line
+            ax.add_patch(Rectangle((col, y + 0.05), len(text), 0.9, facecolor=colour, edgecolor="none"))
+            ax.text(col, y + 0.5, text, fontsize=8, family="monospace", va="center")
+    fig.suptitle(
+        f"Top expert of each token ({stats.routing} routing; paler = smaller top weight; at most {EXAMPLE_TOKENS} "
+        f"tokens per row, every token in {EXAMPLES_HTML})",
+        fontsize=9,
+    )
     handles = [Patch(color=_colour(e), label=f"expert {e}") for e in range(stats.num_experts)]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(0.995, 1 - 0.45 / fig.get_figheight()), fontsize=8)
     fig.savefig(path)
     return fig
 
@@ -134,7 +180,7 @@ def write_examples_html(path: Path, stats: SpecialisationStats, tokenizer) -> No
         f"<h1>Top expert of each token</h1><p>{legend}</p><p>Colour: top expert; paler = a smaller top weight; {note}."
         "</p>",
     ]
-    for i, example in enumerate(stats.examples):
+    for label, example in zip(example_labels([x.domain for x in stats.examples]), stats.examples):
         spans = []
         for token, mass in zip(example.ids, example.mass):
             top = int(mass.argmax())
@@ -142,7 +188,7 @@ def write_examples_html(path: Path, stats: SpecialisationStats, tokenizer) -> No
             tip = ", ".join(f"e{e}: {w:.2f}" for e, w in enumerate(mass))
             text = html.escape(token_text(tokenizer, token))
             spans.append(f'<span class="t" style="background:{_colour(top)}{alpha:02x}" title="{tip}">{text}</span>')
-        parts.append(f"<h2>{html.escape(example.domain)} #{i}</h2><pre>{''.join(spans)}</pre>")
+        parts.append(f"<h2>{html.escape(label)}</h2><pre>{''.join(spans)}</pre>")
     Path(path).write_text("\n".join(parts) + "\n", encoding="utf-8")
 
 
@@ -189,16 +235,25 @@ def specialisation_section(
     output_dir: str | Path,
     records: list[dict] = (),
     final_metrics: dict[str, float] | None = None,
+    load: bool = True,
 ) -> str:
-    """Write the heatmap, the example strip and page into ``output_dir``; return the markdown section."""
+    """Write the heatmap, the example picture and page into ``output_dir``; return the markdown section. ``load``:
+    include the load line (False where the report's load section says it)."""
     output_dir = Path(output_dir)
     mi, nmi = mutual_information(stats.domain_mass)
-    load = load_figures(stats.domain_mass.sum(0))
+    figures = load_figures(stats.domain_mass.sum(0))
+    load_line = (
+        f"\n- load: largest expert share x E = {figures['load_max_over_mean']:.2f} (1 = balanced, {stats.num_experts} "
+        f"= one expert takes all),\n  entropy of the expert shares = {figures['expert_entropy']:.3f} of log E "
+        "(1 = balanced)."
+        if load
+        else ""
+    )
     steps, shares, history = spec_history(list(records), stats.domains, stats.num_experts)
     if not steps:  # no logged evaluation (a standalone report): the final stats alone
         steps, shares, history = [0], stats.shares()[:, :, None], np.array([nmi])
     plot_heatmap(output_dir / HEATMAP_PLOT, steps, shares, history, stats.domains)
-    plot_examples(output_dir / EXAMPLES_PLOT, stats)
+    plot_examples(output_dir / EXAMPLES_PLOT, stats, tokenizer)
     write_examples_html(output_dir / EXAMPLES_HTML, stats, tokenizer)
 
     how = (
@@ -218,16 +273,13 @@ def specialisation_section(
     rows.append(all_row + ([""] if final_metrics is not None else []))
     header = ["domain", *(f"expert {e}" for e in range(stats.num_experts)), "effective experts"]
     header += ["router entropy (nats/token)"] if final_metrics is not None else []
-    n_experts = stats.num_experts
     return f"""## Specialisation (final model, evaluation splits)
 
 Routing mass per token: {how}.
 
 - **domain-expert mutual information: {nmi:.3f} (normalised; {mi:.4f} nats)**. 0: every domain spreads over the
   experts alike; 1: each expert serves one domain only.
-- {_chance_text(stats)}
-- load: largest expert share x E = {load["load_max_over_mean"]:.2f} (1 = balanced, {n_experts} = one expert takes all),
-  entropy of the expert shares = {load["expert_entropy"]:.3f} of log E (1 = balanced).
+- {_chance_text(stats)}{load_line}
 
 {_table(header, rows)}
 

@@ -9,14 +9,15 @@ configurations at a time (each with 1/N of the CPU threads; the first runs alone
 Every configuration runs as its own ``train.py`` process (the other
 flags of the command line are kept) in a sub-folder of the output dir named after it, e.g.
 ``num_experts-2_top_k-1_temperature-1/``, with its log in ``train.log``. A configuration that fails (a bad
-combination such as top_k > num_experts, a crash) is reported with its exit status and last log line, and the
-sweep goes on. Afterwards, from each run's ``metrics.jsonl``:
+combination such as top_k > num_experts, a crash) is reported with its exit status and last log line, its folder
+removed (its log kept as ``<folder>.failed.log``; a folder holding a checkpoint stays), and the sweep goes on; a
+progress bar counts the runs on a terminal. Afterwards, from each run's ``metrics.jsonl``:
 
 - ``sweep.md``: per configuration, the final eval loss per domain, the domain-expert mutual information
   (normalised, and above chance), router entropy, load (largest share x E, entropy of the shares, effective
   experts), training tokens/s and wall time, plus the failures; configurations that differ only in ``seed`` are
   also averaged;
-- ``sweep.png``: the same numbers as bars, one group per configuration;
+- ``sweep.png``: the same numbers as points, one row per configuration, each axis spanning the data;
 - ``sweep_wandb.yaml``: a wandb sweep over the same grid for the real model on a GPU (``wandb sweep``, then
   ``wandb agent``).
 
@@ -42,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import progress
 from .runs import SUMMARY_FILE, read_metrics
 
 logger = logging.getLogger(__name__)
@@ -168,6 +170,7 @@ class RunResult:
     load_max_over_mean: float = math.nan
     expert_entropy: float = math.nan
     tokens_per_s: float = math.nan
+    log: Path | None = None  # the run's log; default folder/train.log (a failed run's is kept beside its folder)
 
     @property
     def effective_experts(self) -> float:
@@ -249,6 +252,19 @@ def run_config(
     return read_run(result)
 
 
+def clean_up_failed(result: RunResult, output_dir: Path) -> None:
+    """A failed configuration's folder goes (the copied tiny base, a partial metrics.jsonl: nothing to resume from);
+    its log is kept as ``<folder>.failed.log`` beside it. A folder with a checkpoint or a final model stays."""
+    folder = result.folder
+    if result.ok or not folder.is_dir() or any(folder.glob("checkpoint-*")) or (folder / "final").exists():
+        return
+    log = output_dir / f"{folder.name}.failed.log"
+    if (folder / RUN_LOG).is_file():
+        os.replace(folder / RUN_LOG, log)
+        result.log = log
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def _share_tiny_base(done: list[RunResult], folder: Path) -> None:
     """Copy the cached tiny base model of an earlier run into ``folder`` (train.py reuses it when its hash fits)."""
     for earlier in done:
@@ -312,34 +328,38 @@ def seed_mean_table(results: list[RunResult]) -> str:
 
 
 def plot_sweep(path: Path, results: list[RunResult]):
-    """Four panels of bars, one bar (group) per configuration: final eval loss per domain, normalised MI, router
-    entropy, training tokens/s. Failed configurations keep their place with no bar."""
+    """Four panels of points, one row per configuration (its flags as the row's label): final eval loss per domain
+    (one marker per domain), normalised MI, router entropy, training tokens/s. Each x axis spans the data (a loss
+    difference of 0.02 shows), not zero to the top. Failed configurations keep their row, marked, with no point."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    labels = [r.label.replace(" ", "\n") + ("\n(failed)" if not r.ok else "") for r in results]
-    x = list(range(len(results)))
-    fig = Figure(figsize=(max(8.0, 1.3 * len(results) + 3), 7.5), dpi=110)
+    labels = [r.label + (" (failed)" if not r.ok else "") for r in results]
+    y = list(range(len(results)))
+    fig = Figure(figsize=(12, max(3.5, 0.32 * len(results) + 2.2)), dpi=110)
     FigureCanvasAgg(fig)
-    (loss, nmi), (ent, speed) = fig.subplots(2, 2)
+    axes = fig.subplots(1, 4, sharey=True, gridspec_kw={"width_ratios": [1.4, 1, 1, 1]})
+    loss = axes[0]
     domains = sorted({d for r in results for d in r.losses})
-    width = 0.8 / max(len(domains), 1)
-    for i, domain in enumerate(domains):
-        offset = (i - (len(domains) - 1) / 2) * width
-        loss.bar([v + offset for v in x], [r.losses.get(domain, math.nan) for r in results], width, label=domain)
-    loss.set(title="final eval loss per domain", ylabel="nats/token")
+    for domain, marker in zip(domains, "os^Dv<>p*h"):
+        loss.plot([r.losses.get(domain, math.nan) for r in results], y, marker, label=domain, alpha=0.85)
+    loss.set(title="final eval loss (nats/token)")
     if domains:
-        loss.legend(fontsize=8)
+        loss.legend(fontsize=7, loc="best")
     for ax, values, title in (
-        (nmi, [r.nmi for r in results], "domain-expert MI (normalised)"),
-        (ent, [r.router_entropy for r in results], "router entropy (nats/token)"),
-        (speed, [r.tokens_per_s for r in results], "training tokens/s"),
+        (axes[1], [r.nmi for r in results], "domain-expert MI (normalised)"),
+        (axes[2], [r.router_entropy for r in results], "router entropy (nats/token)"),
+        (axes[3], [r.tokens_per_s for r in results], "training tokens/s"),
     ):
-        ax.bar(x, values, 0.6)
-        ax.set(title=title)
-    for ax in (loss, nmi, ent, speed):
-        ax.set_xticks(x, labels, fontsize=7)
-        ax.grid(alpha=0.3, axis="y")
+        ax.plot(values, y, "o", color="C2")
+        ax.set_title(title, fontsize=9)
+    loss.set_yticks(y, labels, fontsize=8)
+    loss.set_ylim(len(results) - 0.5, -0.5)  # the first configuration on top, as in sweep.md
+    loss.title.set_fontsize(9)
+    for ax in axes:
+        ax.margins(x=0.15)
+        ax.grid(alpha=0.3)
+        ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     fig.savefig(path)
     return fig
@@ -413,6 +433,7 @@ def run_sweep(
     configs = union_configurations(grids)
     threads = None if jobs == 1 else max(1, (os.cpu_count() or 1) // jobs)
     results: dict[int, RunResult] = {}
+    bar = progress.bar(len(configs), "sweep", unit="run")
 
     def run(i: int) -> RunResult:
         config = configs[i]
@@ -424,15 +445,31 @@ def run_sweep(
             logger.info("sweep %d/%d finished in %.0f s", i + 1, len(configs), result.seconds)
         else:
             logger.warning("sweep %d/%d failed (exit %d): %s", i + 1, len(configs), result.returncode, result.error)
+            clean_up_failed(result, output_dir)
         results[i] = result
+        bar.update(1)
         return result
 
     if configs:
         run(0)  # alone: the later runs copy its tiny base model instead of each building one
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(run, range(1, len(configs))))
+    bar.close()
     ordered = [results[i] for i in range(len(configs))]
-    return write_sweep(output_dir, grid, merged_axes(grids), base, ordered)
+    path = write_sweep(output_dir, grid, merged_axes(grids), base, ordered)
+    failed = sum(not r.ok for r in ordered)
+    logger.info(
+        "sweep done: %d configurations, %d finished, %d failed; table: %s, plot: %s",
+        len(ordered), len(ordered) - failed, failed, path, output_dir / SWEEP_PLOT,
+    )  # fmt: skip
+    return path
+
+
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return str(path.relative_to(folder))
+    except ValueError:
+        return str(path)
 
 
 def write_sweep(output_dir: Path, grid: str, axes: dict[str, list[str]], base: list[str], results: list[RunResult]):
@@ -444,7 +481,8 @@ def write_sweep(output_dir: Path, grid: str, axes: dict[str, list[str]], base: l
     failed = [r for r in results if not r.ok]
     means = seed_mean_table(results)
     failures = "\n".join(
-        f"- `{r.label}`: exit {r.returncode}: {r.error} (log: {r.folder.name}/{RUN_LOG})" for r in failed
+        f"- `{r.label}`: exit {r.returncode}: {r.error} (log: {_relative(r.log or r.folder / RUN_LOG, output_dir)})"
+        for r in failed
     )
     text = f"""# DyLoRA-MoE sweep
 

@@ -3,6 +3,7 @@ whole command on a saved tiny run (checkpoint + run.json + tiny base), every rou
 
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -111,4 +112,20 @@ def test_whole_command_on_a_saved_tiny_run(data_dir, tokenizer, tmp_path):
     figure = ["code_eval.png"] if importlib.util.find_spec("matplotlib") else []  # matplotlib: the [train] extra
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["code_eval.json", "code_eval.md", "code_eval_samples.jsonl", *figure]
+    )
+
+
+def test_the_first_line_says_what_it_will_do_before_the_model_loads(data_dir, tmp_path, caplog):
+    """Problems x samples x routings, from the flags and the checkpoint's config alone: said before loading, so it
+    shows even when the load then fails."""
+    checkpoint = tmp_path / "run" / "final"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "dylora_moe_config.json").write_text(json.dumps({"num_experts": 2}))
+    argv = ["--benchmark", "mbpp", "--checkpoint", str(tmp_path / "run"), "--data_dir", str(data_dir)]
+    argv += ["--limit", "2", "--n_samples", "3", "--temperature", "0.8", "--output_dir", str(tmp_path / "eval")]
+    with caplog.at_level(logging.INFO):
+        assert main(argv) == 1  # not a loadable checkpoint: one error line after the plan
+    assert caplog.records[0].getMessage() == (
+        "evaluating mbpp 2 problems x 3 samples x 4 routings (base, learned, expert_0, expert_1): 24 completions of "
+        "up to 512 new tokens, each run in the sandbox; loading the model first"
     )

@@ -133,3 +133,41 @@ def test_evaluate_after_training_rejects_unknown_benchmarks_first(moe, tokenizer
     with pytest.raises(ValueError, match="unknown benchmark 'apps'"):
         evaluate_after_training(moe, tokenizer, ["mbpp", "apps"], 1, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_bars_count_generation_and_scoring_when_forced_on(moe, tokenizer, data_dir, monkeypatch, capsys):
+    """A bar per benchmark and routing for generation and for the sandbox (count and estimate); none when stderr is
+    not a terminal (pytest's capture) unless forced, none with --disable_tqdm."""
+    from dylora_moe import progress
+    from dylora_moe.evaluate import evaluate_model
+
+    options = dict(routings=["base", "learned"], limit=2, data_dir=data_dir, sampling=Sampling(max_new_tokens=2))
+    evaluate_model(moe, tokenizer, ["mbpp"], **options)
+    assert capsys.readouterr().err == ""  # not a terminal: no bar
+    monkeypatch.setenv("DYLORA_PROGRESS", "1")
+    evaluate_model(moe, tokenizer, ["mbpp"], **options)
+    err = capsys.readouterr().err
+    for desc in ("mbpp base: generate", "mbpp base: score", "mbpp learned: generate", "mbpp learned: score"):
+        assert desc in err, err
+    assert "2/2" in err and "sample" in err and "program" in err
+    progress.disable()
+    try:
+        evaluate_model(moe, tokenizer, ["mbpp"], **options)
+    finally:
+        progress.disable(False)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_chart_with_every_score_zero_says_no_problem_solved():
+    pytest.importorskip("matplotlib")
+    from dylora_moe.evaluate.report import figure
+
+    routings = ("base", "learned", "expert_0")
+    rows = [_row(t, r, False, [0.5, 0.5] if r == "learned" else None) for r in routings for t in (1, 2)]
+    summary, _ = summarise(rows, [1], greedy=True)
+    left, right = figure(summary).axes
+    assert any(t.get_text().startswith("no problem solved") for t in left.texts)
+    assert left.get_ylim() == (0, 100) and [t.get_text() for t in right.texts] == ["no problem solved"]
+    rows[0]["passed"] = True  # one solved: bars, no such text
+    solved, _ = summarise(rows, [1], greedy=True)
+    assert not figure(solved).axes[0].texts

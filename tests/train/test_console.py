@@ -40,3 +40,28 @@ def test_no_bar_when_not_a_terminal(tmp_path, caplog):
         console.on_train_end(args, state, control)
     assert console.train_bar is None and console.eval_bar is None and stream.getvalue() == ""
     assert [r.getMessage() for r in caplog.records] == ["step 1/4 | loss 1.2500"]
+
+
+def test_loss_free_step_line_shows_load_and_bias_instead_of_a_zero_loss():
+    logs = {"loss": 5.0, "lm_loss": 5.0, "balance_loss": 0.0, "util_expert_0": 0.6, "util_expert_1": 0.4}
+    logs |= {"balance_bias_expert_0": -0.05, "balance_bias_expert_1": 0.1}
+    line = format_log(logs, 3, 4)
+    assert line == "step 3/4 | loss 5.0000 | lm 5.0000 | load max x E 1.20 | bias spread 0.150 | util 0.60/0.40"
+    assert "balance 0.0000" not in line
+
+
+def test_no_lone_step_line_after_an_evaluation(tmp_path, caplog):
+    """The specialisation metrics logged after each evaluation get their own line; a log with nothing for the
+    console (the code-eval metrics) gets none, never a bare ``step N/M``."""
+    spec = {"eval_spec_nmi": 0.0123, "eval_spec_mi": 0.01, "eval_spec_nmi_chance": 0.004, "epoch": 1.0}
+    assert format_log(spec, 4, 4) == "eval specialisation | step 4/4 | NMI domain-expert 0.012 (chance 0.004)"
+    assert format_log({"code_eval/mbpp/learned/pass@1": 0.0, "epoch": 1.0}, 4, 4) is None
+    console = Console(io.StringIO())
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    state, control = TrainerState(), TrainerControl()
+    state.max_steps, state.global_step = 4, 4
+    with caplog.at_level(logging.INFO, logger="train"):
+        console.on_log(args, state, control, logs={"code_eval/mbpp/learned/pass@1": 0.0, "epoch": 1.0})
+        console.on_log(args, state, control, logs=spec)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["eval specialisation | step 4/4 | NMI domain-expert 0.012 (chance 0.004)"]

@@ -2,6 +2,7 @@
 and a two-configuration sweep of train.py end to end on the CPU."""
 
 import json
+import logging
 import sys
 import textwrap
 
@@ -75,11 +76,16 @@ open(out + "/summary.md", "w").write("# summary")
 """
 
 
-def test_failed_configuration_is_reported_not_fatal(tmp_path):
+def test_failed_configuration_is_reported_not_fatal(tmp_path, caplog):
     script = tmp_path / "fake_train.py"
     script.write_text(textwrap.dedent(FAKE_TRAIN))
-    path = run_sweep(
-        "top_k=1,3,2", ["--max_steps", "1", "--sweep", "x", "--output_dir", "old"], tmp_path, script=script
+    with caplog.at_level(logging.INFO, logger="dylora_moe.train.sweep"):
+        path = run_sweep(
+            "top_k=1,3,2", ["--max_steps", "1", "--sweep", "x", "--output_dir", "old"], tmp_path, script=script
+        )
+    assert caplog.records[-1].getMessage() == (
+        f"sweep done: 3 configurations, 2 finished, 1 failed; table: {tmp_path / 'sweep.md'}, "
+        f"plot: {tmp_path / 'sweep.png'}"
     )
     text = path.read_text()
     assert "- configurations: 3 (2 finished, 1 failed)" in text
@@ -90,7 +96,10 @@ def test_failed_configuration_is_reported_not_fatal(tmp_path):
     assert "| top_k=1 | ok | 1.0000 | 2.0000 | 1.50 | 0.500 | — | 0.100 | 0.050 | 0.375 | 200 |" in text
     assert "| top_k=2 | ok | 0.5000 | 1.0000 | 1.50 | 0.500 | — | 0.200 | 0.050 | 0.375 | 400 |" in text
     assert "| top_k=3 | failed (1) | — | — | — | — | — | — | — | — | — |" in text
-    assert "- `top_k=3`: exit 1: error: --top_k must be in [1, --num_experts=2], got 3 (log: top_k-3/train.log)" in text
+    failure = "- `top_k=3`: exit 1: error: --top_k must be in [1, --num_experts=2], got 3 (log: top_k-3.failed.log)"
+    assert failure in text
+    assert not (tmp_path / "top_k-3").exists()  # the failed configuration's folder is gone, its log kept
+    assert (tmp_path / "top_k-3.failed.log").read_text().startswith("$ ")
     assert "[top_k-1](top_k-1/summary.md)" in text
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = (tmp_path / "top_k-2" / "train.log").read_text()
@@ -162,3 +171,19 @@ def test_runs_use_the_package_not_a_script_path(tmp_path):
     code = "import dylora_moe; print(dylora_moe.__file__)"
     out = subprocess.run([sys.executable, "-c", code], env=sweep._child_env(), cwd=tmp_path, capture_output=True)
     assert out.stdout.decode().strip() == str(Path(sweep.__file__).resolve().parents[1] / "__init__.py")
+
+
+def test_sweep_plot_draws_points_on_an_axis_around_the_data(tmp_path):
+    """Losses 0.02 apart are seen: points on an axis spanning the data, not bars from zero; one labelled row per
+    configuration, a failed one marked."""
+    from pathlib import Path
+
+    from dylora_moe.train.sweep import plot_sweep
+
+    results = [RunResult({"top_k": str(k)}, Path(tmp_path), 0, 1.0, losses={"mbpp": 7.60 + 0.02 * k}) for k in (1, 2)]
+    results.append(RunResult({"top_k": "3"}, Path(tmp_path), 1, 1.0))
+    loss = plot_sweep(tmp_path / "sweep.png", results).axes[0]
+    assert not loss.patches  # no bars
+    low, high = loss.get_xlim()
+    assert 7.55 < low < 7.62 and 7.64 < high < 7.7
+    assert [t.get_text() for t in loss.get_yticklabels()] == ["top_k=1", "top_k=2", "top_k=3 (failed)"]
