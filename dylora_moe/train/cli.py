@@ -416,6 +416,15 @@ def _end(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _leave_process_group() -> None:
+    """Under torchrun: close the process group the Trainer opened, while the interpreter is whole (gloo's worker
+    threads can otherwise abort the process during its finalisation, pytorch/pytorch#179291)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def cli() -> None:
     """``python train.py``: known failures end as one ``error:`` line (exit 2 for a refused run, 1 otherwise);
     ctrl-C ends with one line and the command that resumes (exit 130). Under torchrun the line comes from rank 0
@@ -423,6 +432,7 @@ def cli() -> None:
     setup_logging()
     try:
         main()
+        _leave_process_group()
     except KeyboardInterrupt:
         _end(interrupted_message(sys.argv[1:]), 130)
     except Exception as err:

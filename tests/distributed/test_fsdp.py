@@ -97,6 +97,10 @@ def _worker(rank: int, port: int, folder: str) -> None:
         torch.save(record, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # The record is on disk: leave without the interpreter's finalisation, where gloo's worker threads can still hold
+    # tensors and abort the process (SIGABRT, "terminate called without an active exception": seen once in CI on 2
+    # busy cores, pytorch/pytorch#179291). An exception above still reaches mp.spawn with its traceback.
+    os._exit(0)
 
 
 def _files(folder) -> set[str]:

@@ -58,7 +58,10 @@ def test_summary_load_section_flags_a_collapse_and_not_a_balanced_router():
     collapsed = section([[5, 5, 80, 10], [0, 0, 20, 0]])  # expert 2 takes 100 of 120 tokens
     assert "**Largest expert share x E over all evaluation tokens: 3.33** (expert 2;" in collapsed
     assert "> **Router collapse:** expert 2 takes 83% of the evaluation tokens" in collapsed
-    assert "| b | 4.00 | 2 | 1.00 |" in collapsed  # within a domain: one expert, reported, not a collapse by itself
+    assert "Per domain: the table of the specialisation section below" in collapsed  # said once, there
+    per_domain = load_section({"a": {"util": [0.25] * 4}, "b": {"util": [0, 0, 1, 0]}}, 4, None)
+    assert "| b | 4.00 | 2 | 1.00 |" in per_domain  # within a domain: one expert, reported, not a collapse by itself
+    assert "Router collapse" not in per_domain
     balanced = section([[30, 30, 0, 0], [0, 0, 30, 30]])  # each domain its own two experts, the whole balanced
     assert "evaluation tokens: 1.00**" in balanced and "4.00 effective experts of 4" in balanced
     assert "Router collapse" not in balanced
