@@ -195,6 +195,10 @@ def run_training(args: argparse.Namespace, argv, held: contextlib.ExitStack) -> 
     if (done := already_finished(plan, args.max_steps)) is not None:
         logger.info("%s", done)
         return {"already_finished": True, "run_id": plan.run_id, "summary": plan.output_dir / "summary.md"}
+    if args.code_eval:  # refused now, not after hours of training, where this machine cannot isolate the programs
+        from dylora_moe.evaluate.execution import isolation_level
+
+        isolation_level()
     # ----- data (errors show before the heavy imports), then the Trainer's arguments ------------------------------
     from dylora_moe.corpora import DOMAINS, load_domain
     from dylora_moe.train.data import build_corpus
@@ -450,6 +454,7 @@ def cli() -> None:
             ("dylora_moe.base_models", "ModelLoadError"),
             ("dylora_moe.train.gradient_coverage", "GradientCoverageError"),
             ("dylora_moe.train.sweep", "SweepError"),
+            ("dylora_moe.evaluate.execution", "SandboxUnavailableError"),
         ):
             if module in sys.modules:
                 known.append(getattr(sys.modules[module], name))

@@ -44,3 +44,16 @@ def test_code_eval_after_training(tmp_path):
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("code_eval/mbpp/learned/pass@1" in row for row in logged)
     assert {"code_eval.json", "code_eval.md", "code_eval_samples.jsonl"} <= set(RUN_OUTPUTS)
+
+
+def test_a_machine_without_isolation_is_refused_before_training(tmp_path, monkeypatch):
+    from dylora_moe.evaluate import execution
+
+    def unavailable(limits=execution.Limits()):
+        raise execution.SandboxUnavailableError("refusing to run untrusted code without kernel isolation (test)")
+
+    monkeypatch.setattr(execution, "isolation_level", unavailable)
+    out = tmp_path / "out"
+    with pytest.raises(execution.SandboxUnavailableError, match="without kernel isolation"):
+        train.main([*TINY, "--max_steps", "1", "--code_eval", "mbpp", "--output_dir", str(out)])
+    assert not out.exists()  # nothing trained, nothing written
