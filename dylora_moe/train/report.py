@@ -106,17 +106,30 @@ def training_logs(records: list[dict]) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def _biases(record: dict) -> list[float]:
+    return [v for k, v in record.items() if k.startswith("balance_bias_expert_")]
+
+
+def _balance_column(logs: list[dict]):
+    """The balancing's column: the balance loss, or under loss-free balancing (a selection bias logged and no loss,
+    which is zero by construction there) the bias spread (max - min), as the console's step line shows."""
+    if any(r.get("balance_loss") for r in logs) or not all(_biases(r) for r in logs):
+        return "balance loss", lambda r: f"{r.get('balance_loss', float('nan')):.5f}"
+    return "bias spread", lambda r: f"{max(_biases(r)) - min(_biases(r)):.3f}"
+
+
 def training_table(logs: list[dict], num_experts: int, max_rows: int = 12) -> str:
     """Markdown table of logged training steps (evenly thinned to ``max_rows``, first and last kept)."""
     if len(logs) > max_rows:
         keep = sorted({round(i * (len(logs) - 1) / (max_rows - 1)) for i in range(max_rows)})
         logs = [logs[i] for i in keep]
-    header = ["step", "loss", "lm loss", "balance loss", "router entropy", "tokens/s", "peak MiB"]
+    balance_header, balance = _balance_column(logs)
+    header = ["step", "loss", "lm loss", balance_header, "router entropy", "tokens/s", "peak MiB"]
     header += [f"util e{e}" for e in range(num_experts)]
     rows = []
     for r in logs:
         row = [str(r["step"]), f"{r['loss']:.4f}", f"{r.get('lm_loss', float('nan')):.4f}"]
-        row += [f"{r.get('balance_loss', float('nan')):.5f}", f"{r.get('router_entropy', float('nan')):.3f}"]
+        row += [balance(r), f"{r.get('router_entropy', float('nan')):.3f}"]
         row += [f"{r.get('tokens_per_s', float('nan')):.0f}", f"{r.get('peak_mem_mb', float('nan')):.0f}"]
         row += [f"{r.get(f'util_expert_{e}', float('nan')):.3f}" for e in range(num_experts)]
         rows.append(row)

@@ -65,3 +65,14 @@ def test_summary_load_section_flags_a_collapse_and_not_a_balanced_router():
     balanced = section([[30, 30, 0, 0], [0, 0, 30, 30]])  # each domain its own two experts, the whole balanced
     assert "evaluation tokens: 1.00**" in balanced and "4.00 effective experts of 4" in balanced
     assert "Router collapse" not in balanced
+
+
+def test_training_table_shows_the_bias_spread_under_loss_free_balancing_and_the_loss_otherwise():
+    from dylora_moe.train.report import training_table
+
+    step = {"step": 1, "loss": 2.0, "lm_loss": 2.0, "router_entropy": 1.0, "util_expert_0": 0.5, "util_expert_1": 0.5}
+    loss_free = training_table([{**step, "balance_loss": 0.0, "balance_bias_expert_0": 0.2,
+                                 "balance_bias_expert_1": -0.1}], 2)  # fmt: skip
+    assert "| bias spread |" in loss_free and "| 0.300 |" in loss_free and "balance loss" not in loss_free
+    switch = training_table([{**step, "balance_loss": 0.0123}], 2)
+    assert "| balance loss |" in switch and "| 0.01230 |" in switch
