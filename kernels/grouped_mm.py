@@ -18,9 +18,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import eager
 from .eager import _compute_dtype, expert_coefficients, philox_dropout_mask
+from .routing_meta import RoutingMeta, expert_counts
 
 STRIDE_ALIGN_BYTES = 16  # grouped_mm's stride rule (CPU and CUDA)
+# The eager backend's cost rule (docs/benchmarks.md, "eager vs grouped_mm"): on the CPU in float32 the grouped
+# GEMMs win once there are this many experts per routing slot (E / k): the stacked form multiplies all E*r rank
+# columns for every token, the grouped one only k*r of them plus a gather of x and of the K output rows.
+GROUPED_MM_MIN_EXPERTS_PER_SLOT = 8
 
 
 def grouped_mm_op():
@@ -55,11 +61,15 @@ def moe_lora_grouped_mm(
     expert_weights: torch.Tensor,
     scaling: float | torch.Tensor,
     dropout_mask: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MoE-LoRA delta for flat inputs, x [T, D_in] -> [T, D_out] in x's dtype, on grouped GEMMs.
 
     ``expert_ids`` / ``expert_weights`` [T, K] (ids in [0, E), not checked here); ``scaling`` a float or a tensor
-    [E]; ``dropout_mask`` an optional [T, D_in] multiplier on x. The arguments of ``eager.moe_lora_loop``.
+    [E]; ``dropout_mask`` an optional [T, D_in] multiplier on x: the arguments of ``eager.moe_lora_loop``.
+    ``counts`` [E] (pairs per expert) and ``order`` [T*K] (the pairs stably sorted by expert) when the caller has
+    them (RoutingMeta builds them once per step for every layer); computed here otherwise. No host sync.
     """
     if x.dtype == torch.float64:
         raise TypeError("grouped_mm has no float64 kernel; use the eager backend for float64")
@@ -71,8 +81,11 @@ def moe_lora_grouped_mm(
     d_in_p, d_out_p, rank_p = _padded(d_in, elem), _padded(d_out, elem), _padded(rank, elem)
 
     flat_ids = expert_ids.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert, token order kept inside a group
-    offsets = torch.bincount(flat_ids, minlength=num_experts).cumsum(0).to(torch.int32)
+    if order is None:
+        order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert, token order kept inside a group
+    order = order.long()
+    counts = expert_counts(flat_ids, num_experts) if counts is None else counts
+    offsets = counts.cumsum(0).to(torch.int32)
     x_lora = x if dropout_mask is None else x * dropout_mask.to(x.dtype)
     x_pairs = _pad_to(x_lora, (num_tokens, d_in_p)).index_select(0, order // top_k)  # [P, D_in]
     a = _pad_to(lora_a.to(x.dtype), (num_experts, rank_p, d_in_p))
@@ -117,3 +130,34 @@ def moe_lora_grouped_mm_op(
         x2, lora_a, lora_b, expert_ids.reshape(-1, k), expert_weights.reshape(-1, k), scaling, mask
     ).reshape(*lead, lora_b.shape[1])
     return out if base_output is None else base_output + out.to(base_output.dtype)
+
+
+def eager_path(num_experts: int, top_k: int, dtype: torch.dtype, device: torch.device) -> str:
+    """The eager backend's formulation for a layer call: "grouped_mm" where it measured faster (CPU, float32,
+    E >= 8k), "stacked" (``eager.moe_lora_eager``) elsewhere: GPUs (eager is the baseline there, measured beside
+    grouped_mm in the benchmarks), other dtypes (not measured), under torch.compile (one traced form) and on a
+    torch without grouped_mm."""
+    if device.type != "cpu" or dtype != torch.float32 or torch.compiler.is_compiling():
+        return "stacked"
+    if getattr(F, "grouped_mm", None) is None and getattr(torch, "_grouped_mm", None) is None:
+        return "stacked"
+    return "grouped_mm" if num_experts >= GROUPED_MM_MIN_EXPERTS_PER_SLOT * top_k else "stacked"
+
+
+def moe_lora_eager_dispatch(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    routing: RoutingMeta,
+    scaling: float | torch.Tensor,
+    dropout_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The eager backend on flat inputs: the grouped GEMMs or the stacked form, by :func:`eager_path`."""
+    top_k = routing.ids.shape[-1]
+    if eager_path(lora_a.shape[0], top_k, x.dtype, x.device) == "grouped_mm":
+        order = routing.blocks(1).pair_of_row  # block 1: no padding rows, the pairs sorted by expert
+        return moe_lora_grouped_mm(
+            x, lora_a, lora_b, routing.ids, routing.weights, scaling, dropout_mask, routing.counts, order
+        )
+    lora_a, lora_b, scaling = eager.unselected_experts_zeroed(lora_a, lora_b, scaling, routing.counts)
+    return eager.moe_lora_eager(x, lora_a, lora_b, routing.gate, scaling, dropout_mask)

@@ -1,6 +1,9 @@
-"""The grouped-GEMM baseline (kernels/grouped_mm.py) against the eager op: values and gradients of x, A, B, the
-routing weights and a per-expert scaling, over odd widths, k = 1..E, an expert with no tokens, T = 0, fp32 and the
-fp32-master mix (bf16 / fp16 x with fp32 A/B); dropout, base output and leading dims; its refusals."""
+"""The grouped-GEMM baseline (kernels/grouped_mm.py) against the eager op's stacked form: values and gradients of
+x, A, B, the routing weights and a per-expert scaling, over odd widths, k = 1..E, an expert with no tokens, T = 0,
+fp32 and the fp32-master mix (bf16 / fp16 x with fp32 A/B); dropout, base output and leading dims; its refusals;
+and the eager backend's choice between the two forms."""
+
+from unittest import mock
 
 import pytest
 import torch
@@ -35,7 +38,9 @@ def outputs_and_grads(fn, x, lora_a, lora_b, ids, weights, scaling):
 
 
 def eager(x, a, b, ids, w, scaling, **kw):
-    return ops.moe_lora(x, a, b, ids, w, scaling, backend="eager", **kw)
+    """The eager backend in its stacked form (the oracle: at E >= 8k it would otherwise pick grouped_mm itself)."""
+    with mock.patch.object(gmm, "eager_path", lambda *args: "stacked"):
+        return ops.moe_lora(x, a, b, ids, w, scaling, backend="eager", **kw)
 
 
 def check(T, d_in, d_out, E, r, k, dtype=torch.float32, weight_dtype=None, **kw):
@@ -126,3 +131,29 @@ def test_torch_without_grouped_mm_is_named(monkeypatch):
     monkeypatch.delattr(torch, "_grouped_mm", raising=False)
     with pytest.raises(RuntimeError, match="has no grouped_mm"):
         gmm.grouped_mm_op()
+
+
+@pytest.mark.parametrize(
+    "E,k,dtype,device,want",
+    [
+        (64, 2, torch.float32, "cpu", "grouped_mm"),
+        (16, 2, torch.float32, "cpu", "grouped_mm"),
+        (8, 1, torch.float32, "cpu", "grouped_mm"),
+        (8, 2, torch.float32, "cpu", "stacked"),  # measured: grouped_mm 1.15x slower (docs/benchmarks.md)
+        (4, 2, torch.float32, "cpu", "stacked"),
+        (64, 2, torch.float64, "cpu", "stacked"),  # grouped_mm has no float64 kernel
+        (64, 2, torch.bfloat16, "cpu", "stacked"),  # not measured
+        (64, 2, torch.float32, "cuda", "stacked"),  # the GPU runs triton; eager stays the stacked baseline
+    ],
+)
+def test_eager_path_rule(E, k, dtype, device, want):
+    assert gmm.eager_path(E, k, dtype, torch.device(device)) == want
+
+
+@pytest.mark.parametrize("E,k,grouped", [(16, 2, True), (4, 2, False)])
+def test_eager_backend_dispatches_by_the_rule(E, k, grouped):
+    x, a, b, ids, w, scaling = make_inputs(16, 24, 40, E, 8, k, torch.float32, torch.float32)
+    with mock.patch.object(gmm, "moe_lora_grouped_mm", wraps=gmm.moe_lora_grouped_mm) as spy:
+        got = ops.moe_lora(x, a, b, ids, w, scaling, backend="eager")
+    assert spy.called == grouped
+    assert_close(got, eager(x, a, b, ids, w, scaling), torch.float32)
