@@ -33,6 +33,7 @@ Rows: op ``moe_lora`` / ``router``, x axis ``case`` (the shape label), shape = t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -69,9 +70,12 @@ GPU_SHAPES = [
 ]
 # CPU: small shapes so the suite runs anywhere; E = 32 with k = 2 is where the eager backend's rule picks grouped_mm.
 CPU_SHAPES = [OpShape(512, 256, 256, 4, 8, 2), OpShape(512, 256, 256, 4, 8, 4), OpShape(512, 256, 256, 32, 8, 2)]
+# BENCH_QUICK=1 (run_gpu.sh quick): the goal shape and many experts, forward + backward only.
+QUICK = os.environ.get("BENCH_QUICK") == "1"
 SHAPES = GPU_SHAPES if HAS_CUDA else CPU_SHAPES
+SHAPES = [SHAPES[0], SHAPES[-1]] if QUICK else SHAPES
 MOE_PROVIDERS = ["triton", "eager", "grouped_mm", "loop", "lora_dense", "base", "base+moe_lora"]
-MODES = ["fwd", "bwd", "full"]
+MODES = ["full"] if QUICK else ["fwd", "bwd", "full"]
 ROUTER_SHAPES = [(32768, 8, 2), (32768, 64, 2)]  # (T, E, k): the router goal is T = 32k, E <= 64
 ROUTER_PROVIDERS = ["triton", "eager", "torch_seq"]
 # Rounds: GPU calls take ~0.1-5 ms; the CPU ones tens of ms at most. Warm-up covers Triton compile + autotuning.

@@ -68,9 +68,12 @@ class StepShape:
 # 128, batch 4 x 128, r = 8), where the original algorithm took ~140 ms per step at E = 4.
 SHAPE = StepShape(2048, 4, 16, 32000, 4, 1024, 16) if HAS_CUDA else StepShape(128, 4, 4, 512, 4, 128, 8)
 BACKENDS = ["triton", "eager", "reference"]
-ROUTINGS = ["sequence", "token"]
-EXPERTS = [4, 2, 8]  # E = 4 first (and peft before all): the goals need them if a time limit cuts the run
-MODES = ["full", "fwd"]
+# BENCH_QUICK=1 (run_gpu.sh quick): one training step per backend, E = 4, token routing.
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+ROUTINGS = ["token"] if QUICK else ["sequence", "token"]
+# E = 4 first (and peft before all): the goals need them if a time limit cuts the run.
+EXPERTS = [4] if QUICK else [4, 2, 8]
+MODES = ["full"] if QUICK else ["full", "fwd"]
 STEP_ROUNDS, STEP_WARMUP = (5, 2) if HAS_CUDA else (7, 1)
 TOP_K = 1
 DROPOUT = 0.05
