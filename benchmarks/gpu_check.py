@@ -159,7 +159,7 @@ def check_router(tokens: int, experts: int, top_k: int, dtype) -> dict:
               "counts": 0.0 if torch.equal(got.counts, want.counts) else float("inf")}  # fmt: skip
     for name, a, b in (("weights", got.weights, want.weights), ("dense", got.dense, want.dense),
                        ("mean_prob", got.mean_prob, want.mean_prob), ("dlogits", got_grad, want_grad)):  # fmt: skip
-        errors[name] = max_excess(name, a.float(), b.double(), torch.float32, 1.0)[0]
+        errors[name] = max_excess(name, a.float(), b.double(), dtype, 1.0)[0]  # dlogits come back in dtype
     return {"errors": errors, "error": ""}
 
 

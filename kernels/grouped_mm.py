@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import eager
-from .eager import _compute_dtype, expert_coefficients, philox_dropout_mask
+from .eager import _compute_dtype, philox_dropout_mask
 from .routing_meta import RoutingMeta, expert_counts
 
 STRIDE_ALIGN_BYTES = 16  # grouped_mm's stride rule (CPU and CUDA)
@@ -88,10 +88,10 @@ def moe_lora_grouped_mm(
     offsets = counts.cumsum(0).to(torch.int32)
     x_lora = x if dropout_mask is None else x * dropout_mask.to(x.dtype)
     x_pairs = _pad_to(x_lora, (num_tokens, d_in_p)).index_select(0, order // top_k)  # [P, D_in]
-    a = _pad_to(lora_a.to(x.dtype), (num_experts, rank_p, d_in_p))
-    b = _pad_to(lora_b.to(x.dtype), (num_experts, d_out_p, rank_p))
+    a = _pad_to(lora_a.to(x.dtype).contiguous(), (num_experts, rank_p, d_in_p))
+    b = _pad_to(lora_b.to(x.dtype).contiguous(), (num_experts, d_out_p, rank_p))
 
-    coef = expert_coefficients(expert_weights, 1.0, _compute_dtype(x)).reshape(-1)
+    coef = expert_weights.to(_compute_dtype(x)).reshape(-1)  # gate * scaling as eager computes it, then x's dtype
     coef = coef * (scaling.to(coef.dtype)[flat_ids] if isinstance(scaling, torch.Tensor) else scaling)
     s = grouped_mm(x_pairs, a.transpose(1, 2), offs=offsets)  # [P, R]
     h = s * coef.index_select(0, order).to(x.dtype).unsqueeze(1)

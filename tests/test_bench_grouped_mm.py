@@ -87,19 +87,20 @@ def test_expert_without_tokens_gets_zero_gradient_and_nan_weights_stay_unread(k)
     check(32, 24, 40, 4, 8, k, empty_expert=2)
 
 
-def test_dropout_mask_seed_base_output_and_leading_dims_match_eager():
+def test_dropout_mask_seed_base_output_leading_dims_and_strided_weights_match_eager():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 24, generator=gen, requires_grad=True)
-    a = torch.randn(3, 4, 24, generator=gen, requires_grad=True)
-    b = torch.randn(3, 16, 4, generator=gen, requires_grad=True)
+    a = torch.randn(3, 24, 4, generator=gen).requires_grad_()
+    b = torch.randn(3, 4, 16, generator=gen).requires_grad_()
+    a_view, b_view = a.transpose(1, 2), b.transpose(1, 2)  # non-contiguous [E, r, d_in] and [E, d_out, r]
     ids = torch.randint(0, 3, (2, 5, 2), generator=gen)
     w = torch.rand(2, 5, 2, generator=gen, requires_grad=True)
     base = torch.randn(2, 5, 16, generator=gen, requires_grad=True)
     mask = (torch.rand(2, 5, 24, generator=gen) > 0.3).float() / 0.7
     seed = torch.tensor([7])
     for kw in (dict(dropout_mask=mask), dict(dropout_p=0.25, dropout_seed=seed), dict(base_output=base)):
-        got = gmm.moe_lora_grouped_mm_op(x, a, b, ids, w, 1.5, **kw)
-        want = eager(x, a, b, ids, w, 1.5, **kw)
+        got = gmm.moe_lora_grouped_mm_op(x, a_view, b_view, ids, w, 1.5, **kw)
+        want = eager(x, a_view, b_view, ids, w, 1.5, **kw)
         assert_close(got, want, torch.float32, msg=str(list(kw)))
         inputs = (x, a, b, w) + ((base,) if "base_output" in kw else ())
         for g, e in zip(
