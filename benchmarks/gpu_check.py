@@ -164,25 +164,31 @@ def check_router(tokens: int, experts: int, top_k: int, dtype) -> dict:
 
 
 def cases():
+    """Most value first, as a time limit may stop the list: the plain op in the device's low precision, the router,
+    the grouped_mm baseline, the fp32-master mix, then dropout + base output + per-expert scaling."""
     shapes, mixes = (GPU_SHAPES, GPU_MIXES) if HAS_CUDA else (CPU_SHAPES, CPU_MIXES)
-    for variant in ("plain", "dropout+base+scaling"):
-        for x_dtype, w_dtype in mixes:
-            for shape, paths in shapes:
-                for path in paths:
-                    yield (dict(check="moe_lora", provider="triton", path=path, shape=shape, x=NAMES[x_dtype],
-                                weights=NAMES[w_dtype], variant=variant),
-                           lambda s=shape, p=path, xd=x_dtype, wd=w_dtype, v=variant: check_moe(
-                               "triton", s, p, xd, wd, v))  # fmt: skip
-    x_dtype, w_dtype = mixes[-1]
-    for shape, _ in shapes:
-        yield (dict(check="moe_lora", provider="grouped_mm", path="-", shape=shape, x=NAMES[x_dtype],
-                    weights=NAMES[w_dtype], variant="plain"),
-               lambda s=shape: check_moe("grouped_mm", s, "-", x_dtype, w_dtype, "plain"))  # fmt: skip
+
+    def op_cases(variant, x_dtype, w_dtype):
+        for shape, paths in shapes:
+            for path in paths:
+                yield (dict(check="moe_lora", provider="triton", path=path, shape=shape, x=NAMES[x_dtype],
+                            weights=NAMES[w_dtype], variant=variant),
+                       lambda s=shape, p=path: check_moe("triton", s, p, x_dtype, w_dtype, variant))  # fmt: skip
+
+    yield from op_cases("plain", *mixes[0])
     for tokens, experts, top_k in ROUTER_CASES:
         dtype = torch.bfloat16 if HAS_CUDA else torch.float32
         yield (dict(check="router", provider="triton", path="-", shape=(tokens, experts, top_k), x=NAMES[dtype],
                     weights="-", variant="-"),
                lambda a=tokens, b=experts, c=top_k, d=dtype: check_router(a, b, c, d))  # fmt: skip
+    x_dtype, w_dtype = mixes[-1]
+    for shape, _ in shapes:
+        yield (dict(check="moe_lora", provider="grouped_mm", path="-", shape=shape, x=NAMES[x_dtype],
+                    weights=NAMES[w_dtype], variant="plain"),
+               lambda s=shape: check_moe("grouped_mm", s, "-", x_dtype, w_dtype, "plain"))  # fmt: skip
+    yield from op_cases("plain", *mixes[1])
+    for x_dtype, w_dtype in mixes:
+        yield from op_cases("dropout+base+scaling", x_dtype, w_dtype)
 
 
 def markdown(report: dict) -> str:
