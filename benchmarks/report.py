@@ -208,6 +208,18 @@ def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
+def experts_line(op: str, lines_by_key: dict, clock: str, base: float) -> str:
+    """One sentence under a table: what the fastest MoE-LoRA backend measured (triton, else eager; for the op the
+    layer as a whole, base + MoE-LoRA, where measured) adds to the frozen base."""
+    what = "base layer" if op == "moe_lora" else "base model's step"
+    for provider in ("base+moe_lora", "triton", "eager") if op == "moe_lora" else ("triton", "eager"):
+        found = [v[clock] for k, v in lines_by_key.items() if k[-1] == provider and clock in v]
+        if found:
+            share = adds_to_base(op, provider, found[0]["value"], base)
+            return f"Experts ({provider}) add {fmt(share)}% to the frozen {what} (same run, {clock})."
+    return f"Experts: no MoE-LoRA row beside the frozen {what} in this table."
+
+
 def case_tables(rows: list[dict]) -> list[str]:
     """One table per (op, mode, shape): one line per provider (and label keys), one column per metric (median)."""
     tables: dict[tuple, list[dict]] = {}
@@ -242,6 +254,8 @@ def case_tables(rows: list[dict]) -> list[str]:
             if base_column:
                 cells.append(fmt(adds_to_base(op, key[-1], own and own["value"], base_row["value"])))
             lines.append("| " + " | ".join(cells) + " |")
+        if base_column:
+            lines += ["", experts_line(op, lines_by_key, clock, base_row["value"])]
         lines.append("")
     return lines
 

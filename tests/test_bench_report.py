@@ -286,11 +286,13 @@ def test_case_tables_state_what_each_provider_adds_to_the_frozen_base():
     assert "| grouped_mm | 2 | 0.5 | 50 |" in text
     assert "| base+moe_lora | 5 | 0.2 | 25 |" in text  # includes the base: 5 / 4 - 1
     assert "| base | 4 | 0.25 | - |" in text
+    assert "Experts (base+moe_lora) add 25% to the frozen base layer (same run, time)." in text
     step = [
         {**row(provider=p, value=v, E=e, routing=r), "shape": {"E": e, "routing": r, "h": 1}, "info": {}}
         for p, v, e, r in (("base", 10.0, 0, "-"), ("eager", 13.0, 4, "token"), ("peft", 11.0, 1, "-"))
     ]
     text = "\n".join(report.case_tables(step))
     assert "| 4 | token | eager | 13 | - | 30 |" in text and "| 1 | - | peft | 11 | - | 10 |" in text
+    assert "Experts (eager) add 30% to the frozen base model's step" in text
     no_base = "\n".join(report.case_tables(rows[1:2]))
     assert "adds to base" not in no_base
