@@ -46,11 +46,14 @@ def _padded(n: int, elem_bytes: int) -> int:
 
 
 def _pad_to(t: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
-    """``t`` zero-padded at the end of each dim up to ``sizes`` (itself when no dim grows)."""
+    """``t`` zero-padded at the end of each dim up to ``sizes``; itself when no dim grows and its storage starts on
+    a 16-byte boundary (grouped_mm's rule for the pointer too), else a copy."""
     pad = []
     for have, want in zip(reversed(t.shape), reversed(sizes)):
         pad += [0, want - have]
-    return F.pad(t, pad) if any(pad) else t
+    if any(pad):
+        return F.pad(t, pad)
+    return t if t.data_ptr() % STRIDE_ALIGN_BYTES == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
 def moe_lora_grouped_mm(

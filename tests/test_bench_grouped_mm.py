@@ -110,6 +110,17 @@ def test_dropout_mask_seed_base_output_leading_dims_and_strided_weights_match_ea
             assert_close(g, e, torch.float32, scale=2, msg=str(list(kw)))
 
 
+def test_weights_off_a_16_byte_boundary_are_copied_not_refused():
+    x, a, b, ids, w, scaling = make_inputs(16, 24, 40, 3, 8, 2, torch.float32, torch.float32)
+    shifted = torch.empty(a.numel() + 1)[1:].view(a.shape)  # storage starts 4 bytes off the boundary
+    shifted.copy_(a.detach())
+    assert shifted.data_ptr() % 16 != 0
+    copied = gmm._pad_to(shifted, tuple(shifted.shape))  # CUDA's TMA loads (and torch 2.9-2.12 on the CPU) need it
+    assert copied.data_ptr() % 16 == 0 and torch.equal(copied, shifted)
+    got = gmm.moe_lora_grouped_mm_op(x, shifted, b, ids, w, scaling)
+    assert_close(got, eager(x, a, b, ids, w, scaling), torch.float32)
+
+
 def test_differs_from_eager_when_an_expert_changes():
     """The comparison above can fail: the baseline reads each selected expert's own weights."""
     x, a, b, ids, w, scaling = make_inputs(16, 24, 40, 3, 8, 2, torch.float32, torch.float32)
