@@ -40,6 +40,18 @@ PEAK_GBPS = [
 ]
 BASELINE = {"moe_lora": "eager", "router": "torch_seq", "step": "reference"}  # "vs" column of the case tables
 LABEL_KEYS = {"step": ("E", "routing")}  # shape keys that label rows inside one table instead of splitting it
+BASE = "base"  # the frozen base layer / model, measured in the same run: what the other providers add to it
+# Providers whose time includes the base (the rest time the LoRA delta alone, which a layer adds to its base).
+WITH_BASE = {"moe_lora": {"base+moe_lora"}, "step": None}  # None: every provider of the op
+
+
+def adds_to_base(op: str, provider: str, own: float | None, base: float | None) -> float | None:
+    """Percent that ``provider`` adds to the frozen base's time, from the two measurements of one run: a delta-only
+    provider's time / base, one that includes the base (``base+moe_lora``, every step) its time / base - 1."""
+    if op not in WITH_BASE or provider == BASE or not own or not base:
+        return None
+    with_base = WITH_BASE[op]
+    return (own / base - (1.0 if with_base is None or provider in with_base else 0.0)) * 100
 
 
 def peak_gbps(row: dict) -> float | None:
@@ -136,6 +148,10 @@ GOALS = [
          ">=", 5, REF, ("k",)),
     Goal("cuda", "moe_lora", "op fwd+bwd k={k}: triton vs ONE plain eager LoRA of rank r", Term("lora_dense"),
          Term("triton"), ">=", 1.0, REF, ("k",)),
+    Goal("cuda", "moe_lora", "op fwd+bwd k={k}: triton vs the grouped_mm baseline (docs/gpu-check.md)",
+         Term("grouped_mm"), Term("triton"), ">=", 1.5, REF, ("k",)),
+    Goal("cuda", "moe_lora", "op fwd+bwd k={k}: triton vs eager (docs/gpu-check.md)", Term("eager"), Term("triton"),
+         ">=", 1.3, REF, ("k",)),
     Goal("cuda", "moe_lora", "op fwd k={k}: LoRA bytes, fraction of peak bandwidth",
          Term("triton", "fwd", ("bandwidth",)), peak_gbps, ">=", 0.75, REF, ("k",)),
     Goal("cuda", "moe_lora", "op fwd+bwd k={k}: LoRA bytes, fraction of peak bandwidth",
@@ -153,6 +169,8 @@ GOALS = [
          ">=", 3),
     Goal("cuda", "step", "train step E=4 token k=1: triton vs single-adapter peft LoRA, tokens/s",
          Term("peft", metrics=("time",)), Term("triton", where=E4_TOKEN, metrics=("time",)), ">=", 0.7),
+    Goal("cuda", "step", "train step E=4 token k=1: triton vs single-adapter peft LoRA (docs/gpu-check.md)",
+         Term("peft", metrics=("time",)), Term("triton", where=E4_TOKEN, metrics=("time",)), ">=", 1.0),
     Goal("cuda", "step", "train step E=4 token k=1: triton vs eager backend, tokens/s",
          Term("eager", where=E4_TOKEN, metrics=("time",)), Term("triton", where=E4_TOKEN, metrics=("time",)),
          ">=", 1.3),
@@ -190,6 +208,18 @@ def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
+def experts_line(op: str, lines_by_key: dict, clock: str, base: float) -> str:
+    """One sentence under a table: what the fastest MoE-LoRA backend measured (triton, else eager; for the op the
+    layer as a whole, base + MoE-LoRA, where measured) adds to the frozen base."""
+    what = "base layer" if op == "moe_lora" else "base model's step"
+    for provider in ("base+moe_lora", "triton", "eager") if op == "moe_lora" else ("triton", "eager"):
+        found = [v[clock] for k, v in lines_by_key.items() if k[-1] == provider and clock in v]
+        if found:
+            share = adds_to_base(op, provider, found[0]["value"], base)
+            return f"Experts ({provider}) add {fmt(share)}% to the frozen {what} (same run, {clock})."
+    return f"Experts: no MoE-LoRA row beside the frozen {what} in this table."
+
+
 def case_tables(rows: list[dict]) -> list[str]:
     """One table per (op, mode, shape): one line per provider (and label keys), one column per metric (median)."""
     tables: dict[tuple, list[dict]] = {}
@@ -208,8 +238,11 @@ def case_tables(rows: list[dict]) -> list[str]:
         clock = next(m for m in (*ROUTER_CLOCK, *MEMORY) if m in metrics)
         baseline = BASELINE.get(op)
         cells = ", ".join(f"{k}={v}" for k, v in json.loads(shape).items())
+        base_row = next((v.get(clock) for k, v in lines_by_key.items() if k[-1] == BASE), None)
+        base_column = op in WITH_BASE and base_row is not None
         head = [*labels, "provider", *(f"{m} ({METRICS[m][0]})" for m in metrics), f"vs {baseline} ({clock})"]
-        rule = "|" + "---|" * (len(labels) + 1) + "---:|" * (len(metrics) + 1)
+        head += ["adds to base (%)"] if base_column else []
+        rule = "|" + "---|" * (len(labels) + 1) + "---:|" * (len(metrics) + 1 + base_column)
         lines += [f"### {op} {mode}: {cells}", "", "| " + " | ".join(head) + " |", rule]
         for key in sorted(lines_by_key, key=lambda k: [(isinstance(v, str), v) for v in k]):
             by_metric = lines_by_key[key]
@@ -217,7 +250,12 @@ def case_tables(rows: list[dict]) -> list[str]:
             own = by_metric.get(clock)
             speedup = base["value"] / own["value"] if base and own and own["value"] else None
             values = [fmt(by_metric[m]["value"]) if m in by_metric else "-" for m in metrics]
-            lines.append("| " + " | ".join([*map(str, key), *values, fmt(speedup)]) + " |")
+            cells = [*map(str, key), *values, fmt(speedup)]
+            if base_column:
+                cells.append(fmt(adds_to_base(op, key[-1], own and own["value"], base_row["value"])))
+            lines.append("| " + " | ".join(cells) + " |")
+        if base_column:
+            lines += ["", experts_line(op, lines_by_key, clock, base_row["value"])]
         lines.append("")
     return lines
 
@@ -238,7 +276,9 @@ def run_section(rows: list[dict]) -> list[str]:
         "",
         *goal_table(rows),
         "",
-        "Bitwise determinism is checked by the test suite (tests/), not timed here.",
+        'Bitwise determinism is checked by the test suite (tests/), not timed here. "adds to base": what each '
+        "provider adds to the frozen base (`base`) measured in this run, in percent of the base's time (the LoRA "
+        "delta alone: its time / base; `base+moe_lora` and every step: time / base - 1).",
         "",
         *case_tables(rows),
     ]

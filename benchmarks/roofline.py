@@ -3,8 +3,9 @@
     python benchmarks/roofline.py --data OUT/all_benchmark_data.csv --run RUN_ID --out OUT/roofline.md
         [--target sm_90] [--no-compile]
 
-For each ``moe_lora`` row of provider ``triton`` (benchmarks/test_ops.py) it takes the measured kernel time (CUDA
-events) of that shape and mode, the time the cost model predicts at the device's peak bandwidth / FLOP/s
+For each ``moe_lora`` row of provider ``triton`` (benchmarks/test_ops.py; ``--provider`` names another, for a
+CPU rehearsal) it takes the measured kernel time (CUDA events; the host time where a run has none) of that shape
+and mode, the time the cost model predicts at the device's peak bandwidth / FLOP/s
 (dylora_moe.kernels.cost: the same launches, bytes and FLOPs that choose the path), and, per launch of that
 shape, the config the op chose with its registers, spill bytes, shared memory and occupancy, compiled here for the
 device's architecture exactly as the compile report does (kernels/compile_report.py). On a GPU the limits are the
@@ -61,7 +62,8 @@ def table(rows: list[dict], spec, compile_kernels: bool) -> list[str]:
         "",
         f"Roofline: kernels/cost.py at {spec.mem_bandwidth / 1e9:.0f} GB/s and {spec.tensor_flops / 1e12:.0f} "
         f"TFLOP/s (bf16/fp16; fp32 {spec.fp32_flops / 1e12:.0f}), {spec.sm_count} SMs, plus "
-        f"{spec.launch_overhead * 1e6:.0f} us per launch. Measured: kernel_time (CUDA events, L2 flushed). "
+        f"{spec.launch_overhead * 1e6:.0f} us per launch. Measured: kernel_time (CUDA events, L2 flushed; host "
+        "time where the run has none). "
         "Compile numbers: registers / spill bytes per thread / shared KiB per block / occupancy of each launch's "
         "config, compiled for this architecture.",
         "",
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="markdown file to write (default: print)")
     parser.add_argument("--target", default=None, help=f"one of {', '.join(TARGETS)} instead of this machine's GPU")
     parser.add_argument("--no-compile", action="store_true", help="leave out the compile numbers")
+    parser.add_argument("--provider", default="triton", help="whose rows (a CPU rehearsal has eager rows only)")
     args = parser.parse_args(argv)
     if _launch.interpreter_enabled():
         parser.error("unset TRITON_INTERPRET: the compile numbers need Triton's compiler")
@@ -124,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device: name a --target (e.g. sm_90) to rehearse")
     grouped = runs(read_rows(Path(args.data)), run_id=args.run)
     rows = [r for rs in grouped.values() for r in rs]
-    rows = [r for r in rows if r["op"] == "moe_lora" and r["provider"] == "triton" and r["metric"] == "kernel_time"]
+    rows = [r for r in rows if r["op"] == "moe_lora" and r["provider"] == args.provider]
+    rows = [r for r in rows if r["metric"] == "kernel_time"] or [r for r in rows if r["metric"] == "time"]
     if not rows:
-        print("roofline: no triton moe_lora kernel_time rows in this run", file=sys.stderr)
+        print(f"roofline: no {args.provider} moe_lora time rows in this run", file=sys.stderr)
         return 1
     text = "\n".join(table(rows, spec, not args.no_compile)) + "\n"
     if args.out:

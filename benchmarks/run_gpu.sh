@@ -4,6 +4,16 @@
 # one output folder.
 #
 #   bash benchmarks/run_gpu.sh [PHASE ...]      PHASE: tests | ops | step | report (default: all four, in order)
+#   bash benchmarks/run_gpu.sh quick            the first GPU minutes, at most 8 minutes (docs/gpu-check.md)
+#
+# quick runs five parts, ordered by value, each under its own limit (seconds): check (CHECK_TIMEOUT, 100:
+# benchmarks/gpu_check.py, every Triton kernel compiles, runs and matches eager in bf16 and bf16 x with fp32 A/B ->
+# check.json, check.md), ops (QUICK_OPS_TIMEOUT, 100: fwd+bwd at T=8192, d=4096, E=8, r=16, k=2 and E=64 against
+# eager, grouped_mm, loop, one LoRA and the frozen base), step (QUICK_STEP_TIMEOUT, 100: one training step per
+# backend, peft and the frozen base), report (QUICK_REPORT_TIMEOUT, 70: report.md with the roofline and compile
+# numbers of the configs that ran), graphs (GRAPHS_TIMEOUT, 90: the Triton step under torch.compile
+# mode="reduce-overhead"; the report is redrawn when it measured), then quick.md: the device, commit, each part's
+# exit status and time, the check and the report. 460 s of limits, under 8 minutes with the set-up.
 #
 # Output folder OUT_DIR (default benchmarks/out/<gpu>-<UTC date>, untracked): run.log (everything printed, appended
 # by every call), tests.xml (junit), ops.json + step.json (pytest-benchmark), all_benchmark_data.csv (the rows,
@@ -30,8 +40,15 @@ die() { echo "run_gpu.sh: ERROR: $*" >&2; exit 2; }
 
 PHASES=("$@")
 [ ${#PHASES[@]} -gt 0 ] || PHASES=(tests ops step report)
+QUICK=0
+if [ "${PHASES[*]}" = quick ]; then
+    QUICK=1
+    PHASES=(check ops step report graphs)
+    export BENCH_QUICK=1
+fi
 for p in "${PHASES[@]}"; do
-    case "$p" in tests | ops | step | report) ;; *) die "unknown phase '$p' (expected tests, ops, step, report)" ;; esac
+    case "$p" in tests | ops | step | report | check | graphs) ;;
+    *) die "unknown phase '$p' (expected quick alone, or tests, ops, step, report)" ;; esac
 done
 
 if [ "${ALLOW_CPU:-0}" != 1 ]; then
@@ -72,13 +89,14 @@ export BENCH_RUN_ID
 BENCH_RUN_ID="$(cat "$OUT/run_id")"
 
 status=0
-phase() {  # phase NAME TIMEOUT CMD...: run, report its status, remember a failure
+phase() {  # phase NAME TIMEOUT CMD...: run, report its status, remember a failure (and its line in phases.md)
     local name=$1 limit=$2 start=$SECONDS rc
     shift 2
     echo "== $name (limit ${limit}s): $*"
-    timeout --signal=INT --kill-after=20 "$limit" "$@"
+    timeout --signal=INT --kill-after=10 "$limit" "$@"
     rc=$?
     echo "== $name: exit $rc after $((SECONDS - start))s"
+    echo "| $name | $limit | $((SECONDS - start)) | $rc$([ "$rc" = 124 ] && echo ' (time limit)') |" >>"$OUT/phases.md"
     if [ "$rc" -ne 0 ]; then status=1; fi
 }
 
@@ -96,10 +114,13 @@ ordered_tests() {
     for r in "${RAN_ON_GPU[@]}"; do for f in tests/"$r" tests/*/"$r"; do [ -f "$f" ] && echo "$f"; done; done
 }
 
-bench() {  # bench NAME FILE TIMEOUT
-    phase "$1 benchmarks" "$3" "$PY" -m pytest "$2" --benchmark-only -q -p no:cacheprovider -rs \
-        --benchmark-json="$OUT/$1.json" --bench-csv="$OUT/all_benchmark_data.csv"
+bench() {  # bench NAME FILE TIMEOUT [PYTEST ARGS...]
+    local name=$1 file=$2 limit=$3
+    shift 3
+    phase "$name benchmarks" "$limit" "$PY" -m pytest "$file" --benchmark-only -q -p no:cacheprovider -rs \
+        --benchmark-json="$OUT/$name.json" --bench-csv="$OUT/all_benchmark_data.csv" "$@"
 }
+[ -s "$OUT/phases.md" ] || printf '| part | limit s | took s | exit |\n|---|---:|---:|---|\n' >"$OUT/phases.md"
 
 for p in "${PHASES[@]}"; do
     case "$p" in
@@ -109,16 +130,37 @@ for p in "${PHASES[@]}"; do
         DYLORA_MOE_DETERMINISTIC=1 phase "tests (GPU)" "${TESTS_TIMEOUT:-540}" "$PY" -m pytest "${files[@]}" -q \
             -p no:cacheprovider -rfs --durations=15 --junitxml="$OUT/tests.xml"
         ;;
-    ops) bench ops benchmarks/test_ops.py "${OPS_TIMEOUT:-240}" ;;
-    step) bench step benchmarks/test_step.py "${STEP_TIMEOUT:-420}" ;;
+    check)
+        limit=${CHECK_TIMEOUT:-100}
+        phase check "$limit" "$PY" benchmarks/gpu_check.py --out "$OUT" --budget $((limit * 3 / 4))
+        ;;
+    ops) if [ $QUICK = 1 ]; then
+        bench ops benchmarks/test_ops.py "${QUICK_OPS_TIMEOUT:-100}" -k test_moe_lora
+    else bench ops benchmarks/test_ops.py "${OPS_TIMEOUT:-240}"; fi ;;
+    step) if [ $QUICK = 1 ]; then
+        bench step benchmarks/test_step.py "${QUICK_STEP_TIMEOUT:-100}" -k "not compiled and not cudagraphs"
+    else bench step benchmarks/test_step.py "${STEP_TIMEOUT:-420}"; fi ;;
+    graphs)
+        bench graphs benchmarks/test_step.py "${GRAPHS_TIMEOUT:-90}" -k cudagraphs
+        if grep -q "triton+cudagraphs" "$OUT/all_benchmark_data.csv" 2>/dev/null && [ -s "$OUT/report.md" ]; then
+            phase "report again" 30 "$PY" benchmarks/report.py --data "$OUT/all_benchmark_data.csv" \
+                --run "$BENCH_RUN_ID" --out "$OUT/report.md" >/dev/null
+            [ -s "$OUT/roofline.md" ] && { echo; cat "$OUT/roofline.md"; } >>"$OUT/report.md"
+        fi
+        ;;
     report)
         if [ -s "$OUT/all_benchmark_data.csv" ]; then
-            phase report "${REPORT_TIMEOUT:-120}" "$PY" benchmarks/report.py --data "$OUT/all_benchmark_data.csv" \
-                --run "$BENCH_RUN_ID" --out "$OUT/report.md" --plots "$OUT/plots"
-            # Without CUDA (ALLOW_CPU rehearsal) the roofline reads the limits of ROOFLINE_TARGET (default sm_90).
+            limit=${REPORT_TIMEOUT:-120}
+            plots=(--plots "$OUT/plots")
+            [ $QUICK = 1 ] && limit=${QUICK_REPORT_TIMEOUT:-70} && plots=()
+            phase report "$limit" "$PY" benchmarks/report.py --data "$OUT/all_benchmark_data.csv" \
+                --run "$BENCH_RUN_ID" --out "$OUT/report.md" "${plots[@]}"
+            # Without CUDA (ALLOW_CPU rehearsal) the roofline reads the limits of ROOFLINE_TARGET (default sm_90)
+            # and, having no Triton rows, the eager ones (the pipeline rehearsed, not a measurement).
             target=()
-            "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || target=(--target "${ROOFLINE_TARGET:-sm_90}")
-            phase roofline "${REPORT_TIMEOUT:-120}" env -u TRITON_INTERPRET "$PY" benchmarks/roofline.py \
+            "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null \
+                || target=(--target "${ROOFLINE_TARGET:-sm_90}" --provider eager)
+            phase roofline "$limit" env -u TRITON_INTERPRET "$PY" benchmarks/roofline.py \
                 --data "$OUT/all_benchmark_data.csv" --run "$BENCH_RUN_ID" --out "$OUT/roofline.md" "${target[@]}"
             if [ -s "$OUT/roofline.md" ] && [ -s "$OUT/report.md" ]; then
                 { echo; cat "$OUT/roofline.md"; } >>"$OUT/report.md"
@@ -133,4 +175,17 @@ for p in "${PHASES[@]}"; do
         ;;
     esac
 done
+if [ $QUICK = 1 ]; then
+    {
+        echo "# Quick GPU check: $("$PY" -c "import torch
+print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU rehearsal (no CUDA)')")"
+        echo
+        echo "commit $("$PY" -c 'from dylora_moe.provenance import commit; print(commit())'); run $BENCH_RUN_ID;" \
+            "$(date -u +%FT%TZ); files in $OUT:" $(cd "$OUT" && ls -- *.json *.csv *.md 2>/dev/null)
+        echo
+        cat "$OUT/phases.md"
+        for f in check.md report.md; do [ -s "$OUT/$f" ] && { echo; sed 's/^# /## /' "$OUT/$f"; }; done
+    } >"$OUT/quick.md"
+    echo "== quick: summary in $OUT/quick.md"
+fi
 exit $status

@@ -4,11 +4,14 @@
 MoE-LoRA providers, per shape and mode (``fwd`` = training forward with inputs that require grad; ``bwd`` =
 ``torch.autograd.grad`` of every differentiable input through one saved forward graph, retained; ``full`` = both):
   - ``triton`` / ``eager`` / ``loop``: ``moe_lora`` on that backend (``loop`` = a Python loop over experts, the
-    way most MoE-LoRA code does it);
+    way most MoE-LoRA code does it; ``eager`` on the CPU picks its form by kernels/grouped_mm.eager_path);
+  - ``grouped_mm``: the grouped-GEMM baseline (kernels/grouped_mm.py: pairs sorted by expert, torch's grouped_mm);
   - ``lora_dense``: ONE plain LoRA of the same rank (two matmuls, as peft does it), the cost routing must not exceed;
   - ``base``: the frozen base linear alone (``F.linear``; its backward is dx only);
   - ``base+moe_lora``: the base linear plus the MoE-LoRA delta (triton on a GPU, eager on the CPU), the layer
     whose time the goals bound at 1.15x ``base``.
+Every report table states each provider's cost against ``base`` measured in the same run ("adds to base":
+a delta-only provider's time / base; ``base+moe_lora``: its time / base - 1).
 Dropout is off (p = 0) in every provider: ``moe_lora`` takes a precomputed mask, so mask generation is the layer's
 cost, and leaving it out of ``lora_dense`` too makes that comparison the stricter one.
 
@@ -30,6 +33,7 @@ Rows: op ``moe_lora`` / ``router``, x axis ``case`` (the shape label), shape = t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -41,6 +45,7 @@ import torch.nn.functional as F
 from benchmarks.conftest import DEVICE, DTYPE, HAS_CUDA
 from dylora_moe.kernels import moe_lora, topk_route
 from dylora_moe.kernels.eager import lora_dense
+from dylora_moe.kernels.grouped_mm import moe_lora_grouped_mm_op
 
 
 @dataclass(frozen=True)
@@ -57,16 +62,20 @@ class OpShape:
 
 
 # GPU: the goals' reference case (sparse k = 2 and dense k = E), plus many experts (E = 64, where the Triton op
-# groups tokens by expert instead of stacking). CPU: small shapes so the suite runs anywhere.
+# groups tokens by expert instead of stacking).
 GPU_SHAPES = [
     OpShape(8192, 4096, 4096, 8, 16, 2),
     OpShape(8192, 4096, 4096, 8, 16, 8),
     OpShape(8192, 4096, 4096, 64, 16, 2),
 ]
-CPU_SHAPES = [OpShape(512, 256, 256, 4, 8, 2), OpShape(512, 256, 256, 4, 8, 4)]
+# CPU: small shapes so the suite runs anywhere; E = 32 with k = 2 is where the eager backend's rule picks grouped_mm.
+CPU_SHAPES = [OpShape(512, 256, 256, 4, 8, 2), OpShape(512, 256, 256, 4, 8, 4), OpShape(512, 256, 256, 32, 8, 2)]
+# BENCH_QUICK=1 (run_gpu.sh quick): the goal shape and many experts, forward + backward only.
+QUICK = os.environ.get("BENCH_QUICK") == "1"
 SHAPES = GPU_SHAPES if HAS_CUDA else CPU_SHAPES
-MOE_PROVIDERS = ["triton", "eager", "loop", "lora_dense", "base", "base+moe_lora"]
-MODES = ["fwd", "bwd", "full"]
+SHAPES = [SHAPES[0], SHAPES[-1]] if QUICK else SHAPES
+MOE_PROVIDERS = ["triton", "eager", "grouped_mm", "loop", "lora_dense", "base", "base+moe_lora"]
+MODES = ["full"] if QUICK else ["fwd", "bwd", "full"]
 ROUTER_SHAPES = [(32768, 8, 2), (32768, 64, 2)]  # (T, E, k): the router goal is T = 32k, E <= 64
 ROUTER_PROVIDERS = ["triton", "eager", "torch_seq"]
 # Rounds: GPU calls take ~0.1-5 ms; the CPU ones tens of ms at most. Warm-up covers Triton compile + autotuning.
@@ -127,6 +136,13 @@ def moe_case(provider: str, shape: OpShape) -> OpCase:
         return OpCase(lambda: lora_dense(x, a0, b0, SCALING), [x, a0, b0], [], dy)
     if provider == "base":
         return OpCase(lambda: F.linear(x, base_w), [x], [base_w], dy)
+    if provider == "grouped_mm":
+        return OpCase(
+            lambda: moe_lora_grouped_mm_op(x, lora_a, lora_b, ids, weights, SCALING),
+            [x, lora_a, lora_b, weights],
+            [ids, base_w],
+            dy,
+        )
     backend = provider
     if provider == "base+moe_lora":
         backend = "triton" if HAS_CUDA else "eager"

@@ -7,7 +7,9 @@ Modes:
 Every configuration uses top_k = 1 and mature experts (sparse routing), LoRA on q/k/v/o_proj, alpha = 2r,
 dropout 0.05, random ids with no padding. ``reference`` is the original algorithm (peft adapters; sequence routing =
 one full pass per expert), the figure the "3x the original" goals (docs/design.md §5) are measured against;
-``peft`` is ONE plain peft LoRA adapter on the same base, the ceiling a mixture of experts is compared with.
+``peft`` is ONE plain peft LoRA adapter on the same base, the ceiling a mixture of experts is compared with;
+``base`` the frozen base model alone (no adapter: forward and the backward to the inputs, which every adapter's
+step also pays; no optimizer), so the report states what the experts add to it ("adds to base").
 
 Each test builds its base model from a config with a fixed seed (the same weights for every backend) and frees it
 afterwards, so the GPU's peak memory (``peak_mem_bytes``: weights, optimizer state, activations) is this
@@ -15,7 +17,9 @@ configuration's alone. On the CPU the peak is the extra bytes allocated during o
 
 ``<backend>+compile`` (E = 4, token routing): the same step with the model wrapped in ``torch.compile`` (what
 ``train.py --compile`` does); skipped with the error when compilation fails, and on the CPU unless
-BENCH_COMPILE=1. ``test_router_kernel_time`` (GPU only) times the Triton router at this step's token count, with
+BENCH_COMPILE=1. ``triton+cudagraphs`` (CUDA only): the training step (forward, backward, optimizer step) compiled
+with ``mode="reduce-overhead"``, so it replays as CUDA graphs, beside the eager-mode launches of ``triton``.
+``test_router_kernel_time`` (GPU only) times the Triton router at this step's token count, with
 its CUDA-graph time beside the host-inclusive one.
 
 Rows: op ``step`` (provider = backend) and ``router``; x axis ``E`` (experts; peft is E = 1); shape = the model
@@ -64,9 +68,12 @@ class StepShape:
 # 128, batch 4 x 128, r = 8), where the original algorithm took ~140 ms per step at E = 4.
 SHAPE = StepShape(2048, 4, 16, 32000, 4, 1024, 16) if HAS_CUDA else StepShape(128, 4, 4, 512, 4, 128, 8)
 BACKENDS = ["triton", "eager", "reference"]
-ROUTINGS = ["sequence", "token"]
-EXPERTS = [4, 2, 8]  # E = 4 first (and peft before all): the goals need them if a time limit cuts the run
-MODES = ["full", "fwd"]
+# BENCH_QUICK=1 (run_gpu.sh quick): one training step per backend, E = 4, token routing.
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+ROUTINGS = ["token"] if QUICK else ["sequence", "token"]
+# E = 4 first (and peft before all): the goals need them if a time limit cuts the run.
+EXPERTS = [4] if QUICK else [4, 2, 8]
+MODES = ["full"] if QUICK else ["full", "fwd"]
 STEP_ROUNDS, STEP_WARMUP = (5, 2) if HAS_CUDA else (7, 1)
 TOP_K = 1
 DROPOUT = 0.05
@@ -172,6 +179,30 @@ def test_step_peft(bench, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_step_base(bench, mode):
+    """The frozen base model: the floor every adapter's step adds to (input embeddings require grad, so the
+    backward runs through every layer to the inputs, as it does under LoRA)."""
+    bench.benchmark.group = f"step {mode} base"
+    model = build_base()
+    model.requires_grad_(False)
+    model.enable_input_require_grads()
+    inputs = batch()
+    if mode == "fwd":
+        model.eval()
+
+        def fn():
+            with torch.no_grad():
+                return model(**inputs).loss
+    else:
+        model.train()
+
+        def fn():
+            model(**inputs).loss.backward()
+
+    bench_step(bench, fn, "base", mode, experts=0, routing="-")
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("experts", EXPERTS, ids=lambda e: f"E{e}")
@@ -224,3 +255,29 @@ def test_step_compiled(bench, mode):
     except Exception as error:  # dynamo/inductor raise many error types
         pytest.skip(f"torch.compile of the {backend} model failed: {type(error).__name__}: {error}"[:400])
     bench_step(bench, fn, f"{backend}+compile", mode, 4, "token")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs (torch.compile mode='reduce-overhead') need a CUDA GPU")
+def test_step_cudagraphs(bench):
+    """E = 4, token routing, Triton: the whole training step under ``torch.compile(mode="reduce-overhead")``."""
+    bench.benchmark.group = "step full E=4 token"
+    model = build_moe("triton", "token", 4)
+    model.train()
+    inputs = batch()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+
+    @torch.compile(mode="reduce-overhead")
+    def train():
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+
+    try:
+        for _ in range(3):  # the first calls compile and record the graphs
+            train()
+    except Exception as error:  # dynamo/inductor/cudagraph trees raise many error types
+        pytest.skip(
+            f"torch.compile(mode='reduce-overhead') of the triton step failed: {type(error).__name__}: {error}"[:400]
+        )
+    bench_step(bench, train, "triton+cudagraphs", "full", 4, "token")

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import eager
+from . import eager, grouped_mm
 from ._launch import resolve_backend
 from .routing_meta import RoutingMeta, check_expert_ids, dense_gate
 
@@ -212,8 +212,7 @@ def moe_lora(
     if backend == "loop":
         out = eager.moe_lora_loop(x2, lora_a, lora_b, routing.ids, routing.weights, scaling, mask2)
     else:
-        lora_a, lora_b, scaling = eager.unselected_experts_zeroed(lora_a, lora_b, scaling, routing.counts)
-        out = eager.moe_lora_eager(x2, lora_a, lora_b, routing.gate, scaling, mask2)
+        out = grouped_mm.moe_lora_eager_dispatch(x2, lora_a, lora_b, routing, scaling, mask2)
     out = out.reshape(*lead, lora_b.shape[1])
     return out if base_output is None else base_output + out.to(base_output.dtype)
 

@@ -272,3 +272,27 @@ def test_visualizer_plots_the_run_just_measured(tmp_path, monkeypatch):
     seen.clear()
     visualize.main(["--op", "step", "--out", str(tmp_path / "committed.png")])
     assert seen == [records.COMMITTED_CSV]
+
+
+def test_case_tables_state_what_each_provider_adds_to_the_frozen_base():
+    shape = dict(T=8, d_in=4, d_out=4, E=2, r=2, k=1)
+    rows = [
+        {**row(op="moe_lora", provider=p, value=v, **shape), "shape": shape, "info": {}}
+        for p, v in (("base", 4.0), ("eager", 1.0), ("grouped_mm", 2.0), ("base+moe_lora", 5.0))
+    ]
+    text = "\n".join(report.case_tables(rows))
+    assert "adds to base (%)" in text
+    assert "| eager | 1 | 1 | 25 |" in text  # the delta alone: 1 / 4
+    assert "| grouped_mm | 2 | 0.5 | 50 |" in text
+    assert "| base+moe_lora | 5 | 0.2 | 25 |" in text  # includes the base: 5 / 4 - 1
+    assert "| base | 4 | 0.25 | - |" in text
+    assert "Experts (base+moe_lora) add 25% to the frozen base layer (same run, time)." in text
+    step = [
+        {**row(provider=p, value=v, E=e, routing=r), "shape": {"E": e, "routing": r, "h": 1}, "info": {}}
+        for p, v, e, r in (("base", 10.0, 0, "-"), ("eager", 13.0, 4, "token"), ("peft", 11.0, 1, "-"))
+    ]
+    text = "\n".join(report.case_tables(step))
+    assert "| 4 | token | eager | 13 | - | 30 |" in text and "| 1 | - | peft | 11 | - | 10 |" in text
+    assert "Experts (eager) add 30% to the frozen base model's step" in text
+    no_base = "\n".join(report.case_tables(rows[1:2]))
+    assert "adds to base" not in no_base

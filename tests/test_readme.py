@@ -23,7 +23,6 @@ PAGES_IN_FLIGHT = {
     "versions.md",
     "sandbox.md",
     "runs.md",
-    "gpu-check.md",
     "export.md",
 }
 BLOCK = re.compile(r"^(?:<!-- (?P<mark>[^>]*?) -->\n)?```(?P<lang>\w*)\n(?P<code>.*?)^```", flags=re.S | re.M)
