@@ -3,6 +3,7 @@ sm_86 (99 KiB of shared memory per block: RTX 3090/4090, A10, L4) and sm_90 (H10
 nothing in bf16/fp16 (fp32 within compile_report.FP32_SPILL_BOUND) and stays within each target's shared memory
 per block; plus the occupancy arithmetic and the path cost model they are read with."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from dylora_moe.kernels import compile_report, cost
-from dylora_moe.kernels.device import KIB, TARGETS, occupancy
+from dylora_moe.kernels import compile_report, cost, paths
+from dylora_moe.kernels.device import KIB, TARGETS, occupancy, pretend_device
 
 KERNELS = {
     "_stacked_fwd_kernel", "_stacked_dy_kernel", "_stacked_weights_kernel",
@@ -75,9 +76,9 @@ def test_occupancy_follows_registers_shared_memory_and_threads():
 def test_cost_model_prefers_stacked_for_few_experts_and_grouped_for_many():
     for target in ("sm_86", "sm_90"):
         spec = TARGETS[target]
-        assert cost.choose_path(8, 16, 2, spec=spec) == "stacked"  # the reference case: E * r = 128
-        assert cost.choose_path(64, 16, 2, spec=spec) == "grouped"  # E * r = 1024: wider than the stacked tile
-        assert cost.choose_path(32, 16, 1, spec=spec) == "grouped"  # 32x the rank work for 1 expert per token
+        assert paths.choose_path(8, 16, 2, spec=spec) == "stacked"  # the reference case: E * r = 128
+        assert paths.choose_path(64, 16, 2, spec=spec) == "grouped"  # E * r = 1024: wider than the stacked tile
+        assert paths.choose_path(32, 16, 1, spec=spec) == "grouped"  # 32x the rank work for 1 expert per token
     shape = cost.Shape(8192, 4096, 4096, 8, 16, 2)
     fast, slow = TARGETS["sm_90"], TARGETS["sm_86"]
     for costs in (cost.stacked_costs, cost.grouped_costs):
@@ -87,3 +88,42 @@ def test_cost_model_prefers_stacked_for_few_experts_and_grouped_for_many():
     # The forward must at least read x and read-modify-write y: its roofline is never below those bytes.
     forward = cost.stacked_costs(shape, fast)[0]
     assert forward.seconds(fast, torch.bfloat16) >= 3 * 8192 * 4096 * 2 / fast.mem_bandwidth
+
+
+def test_the_path_registry_drives_the_path_choice_and_the_compile_grid(monkeypatch):
+    """A path registered in paths.PATHS is a candidate of choose_path and compiled by the report's grids."""
+    grouped = paths.PATHS["grouped"]
+    free = grouped._replace(name="free", costs=lambda shape, spec: [cost.LaunchCost("free", 0, 0, spec.sm_count)])
+    monkeypatch.setitem(paths.PATHS, "free", free)
+    paths.choose_path.cache_clear()
+    try:
+        assert paths.candidates(8, 16) == ["stacked", "grouped", "free"]
+        assert paths.choose_path(8, 16, 2, spec=TARGETS["sm_90"]) == "free"  # no bytes, no FLOPs: the fastest
+        interpreter = dataclasses.replace(TARGETS["sm_90"], arch=0)
+        assert paths.choose_path(8, 16, 2, spec=interpreter) == "stacked"  # the first registered path that fits
+        assert paths.candidates(64, 16) == ["grouped", "free"]  # wider than the stacked rank tile
+        for cases in (compile_report.lora_grid(), compile_report._ci_lora_cases()):
+            assert {c.path for c in cases} == set(paths.PATHS)
+        with pretend_device(TARGETS["sm_86"]):
+            launches = compile_report.lora_launches(
+                compile_report.LoraCase("free", 64, 64, 64, 4, 8, 2, "bf16", "none", True, True, "fp32")
+            )
+        assert [compile_report._launch.kernel_name(x.kernel) for x in launches][0] == "_grouped_fwd_kernel"
+    finally:
+        paths.choose_path.cache_clear()
+
+
+@pytest.mark.parametrize("name", list(paths.PATHS))
+@pytest.mark.parametrize("target", ["sm_86", "sm_90"])
+def test_a_paths_registered_config_is_the_one_its_kernels_launch_with(name, target):
+    """The cost model reads the config the registry reports; the launches must use that same config."""
+    spec, shape = TARGETS[target], cost.Shape(8192, 4096, 4096, 4, 16, 1, torch.bfloat16, dropout=True)
+    config = paths.PATHS[name].config(shape, spec)
+    case = compile_report.LoraCase(name, 8192, 4096, 4096, 4, 16, 1, "bf16", "seed", True, True, "fp32")
+    with pretend_device(spec):
+        forward = compile_report.lora_launches(case)[0].kwargs
+    assert (forward["BLOCK_D"], forward["num_warps"], forward["num_stages"]) == (
+        config.block_d,
+        config.num_warps,
+        config.num_stages,
+    )

@@ -10,7 +10,8 @@ from helpers import DEVICE, HAS_CUDA, requires_gpu
 
 import dylora_moe.kernels as ops
 from dylora_moe.kernels import _launch
-from dylora_moe.kernels.grouped import BLOCK_M, grouped_op
+from dylora_moe.kernels.configs import BLOCK_M
+from dylora_moe.kernels.grouped import grouped_op
 from dylora_moe.kernels.routing_meta import RoutingMeta
 from dylora_moe.kernels.stacked import stacked_op
 from tolerances import CPU_DTYPES, GPU_DTYPES, assert_close
@@ -293,7 +294,7 @@ def test_unknown_triton_path_is_rejected():
 
 
 def test_auto_path_groups_only_sparse_routing_over_many_experts():
-    from dylora_moe.kernels.grouped import choose_path
+    from dylora_moe.kernels.paths import choose_path
 
     assert choose_path(num_experts=8, rank=16, top_k=2) == "stacked"  # the goals' reference case: E * R = 128
     assert choose_path(num_experts=64, rank=16, top_k=2) == "grouped"
