@@ -103,13 +103,13 @@ def lora_launches(case: LoraCase) -> list[_launch.Launch]:
 
 
 def router_launches(case: RouterCase) -> list[_launch.Launch]:
-    from . import topk_route
+    from .topk_route import topk_route_backward, topk_route_forward
 
     logits = _meta(case.T, case.E, dtype=DTYPES[case.dtype])
     with _launch.capture_launches() as launches:
-        _, ids, *_ = topk_route.topk_route_forward(logits, case.k, 1.0, True)
+        _, ids, *_ = topk_route_forward(logits, case.k, 1.0, True)
         grads = _meta(case.T, case.k), _meta(case.T, case.E), _meta(case.E)
-        topk_route.topk_route_backward(logits, ids, *grads, 1.0, True)
+        topk_route_backward(logits, ids, *grads, 1.0, True)
     return launches
 
 

@@ -11,6 +11,11 @@ from . import eager
 from ._launch import resolve_backend
 from .routing_meta import RoutingMeta, check_expert_ids, dense_gate
 
+# Imported here, while the package initialises: loading the submodule `topk_route` binds it as the package's
+# attribute `topk_route`, which the package's __init__ then rebinds to the op below (`dylora_moe.kernels.topk_route`
+# stays the op; a later first import of the submodule would replace it).
+from .topk_route import topk_route_triton
+
 __all__ = ["moe_lora", "topk_route", "RouteResult", "RoutingMeta", "resolve_backend", "dense_gate"]
 
 
@@ -252,8 +257,6 @@ def topk_route(
         torch._assert_async(torch.isfinite(logits2).all(), message)
     backend = resolve_backend(backend, logits.device)
     if backend == "triton":
-        from .topk_route import topk_route_triton
-
         result = topk_route_triton(logits2, top_k, float(temperature), bool(normalize))
     else:
         result = eager.topk_route_eager(logits2, top_k, temperature, normalize)

@@ -180,3 +180,15 @@ def test_tests_are_named_by_unit_and_import_helpers_not_conftest():
         p.relative_to(REPO) for p in tests.rglob("*.py") if re.search(r"^from \.?conftest import", p.read_text(), re.M)
     ]
     assert (tests / "helpers.py").is_file() and not importing, importing
+
+
+def test_the_package_op_topk_route_is_not_shadowed_by_its_module():
+    """kernels/topk_route.py shares its name with the op the package exports; importing the module (as the compile
+    report and tools do) must leave `dylora_moe.kernels.topk_route` the op."""
+    import importlib
+
+    import dylora_moe.kernels as kernels
+
+    module = importlib.import_module("dylora_moe.kernels.topk_route")
+    assert callable(kernels.topk_route) and kernels.topk_route is not module
+    assert kernels.topk_route.__module__ == "dylora_moe.kernels.ops"
