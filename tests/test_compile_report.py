@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from dylora_moe.kernels import compile_report, cost, paths
+from dylora_moe.kernels import compile_report, configs, cost, paths
 from dylora_moe.kernels.device import KIB, TARGETS, occupancy, pretend_device
 
 KERNELS = {
@@ -20,6 +20,8 @@ KERNELS = {
     "_grouped_fwd_kernel", "_grouped_dy_kernel", "_grouped_weights_kernel",
     "_topk_route_fwd_kernel", "_topk_route_bwd_kernel", "_route_stats_kernel",
 }  # fmt: skip
+READS_LORA_WEIGHTS = KERNELS - {"_grouped_weights_kernel", "_topk_route_fwd_kernel", "_topk_route_bwd_kernel",
+                                "_route_stats_kernel"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,12 @@ def test_every_kernel_variant_compiles_for_sm86_and_sm90_without_spills_within_s
         assert {k for k, _ in seen} == KERNELS
         for kernel in KERNELS - {"_route_stats_kernel"}:  # the statistics kernel reads only fp32/int32 partials
             assert {d for k, d in seen if k == kernel} == {"float32", "bfloat16", "float16"}, kernel
+        precisions = {(r["kernel"], r["dtype"], r["weights"]) for r in rows if r["target"] == target}
+        for kernel in READS_LORA_WEIGHTS:  # the training default: fp32 masters under bf16 / fp16 activations
+            assert {(kernel, "bfloat16", "float32"), (kernel, "float16", "float32")} <= precisions, kernel
+        flag_sets = {(r["kernel"], json.dumps(r["flags"], sort_keys=True)) for r in rows if r["target"] == target}
+        for flag in ("HAS_BASE", "HAS_SCALE_VEC"):  # with and without, in the forward of the stacked path
+            assert {json.loads(f).get(flag) for k, f in flag_sets if k == "_stacked_fwd_kernel"} == {True, False}
         for r in rows:
             assert r["regs"] <= 255 and r["shared"] <= TARGETS[r["target"]].shared_per_block
             assert r["blocks_per_sm"] >= 1
@@ -127,3 +135,19 @@ def test_a_paths_registered_config_is_the_one_its_kernels_launch_with(name, targ
         config.num_warps,
         config.num_stages,
     )
+
+
+def test_the_stacked_weights_pass_drops_stages_only_where_the_full_grid_found_spills():
+    """sm_86/sm_89 (measured: 8 B spilled with fp32 weights at rank width 32 and two stages, 4 B with in-kernel
+    dropout at rank width 64 and three stages); the other targets and the other kernels keep their stages."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    for target in ("sm_86", "sm_89"):
+        mixed = configs.stacked_config(8192, 32, bf16, TARGETS[target], False, fp32)
+        assert (mixed.num_stages, mixed.weights_stages) == (2, 1)
+        assert configs.stacked_config(8192, 32, bf16, TARGETS[target], False, bf16).weights_stages == 2
+        dropout = configs.stacked_config(8192, 64, bf16, TARGETS[target], True)
+        assert (dropout.num_stages, dropout.weights_stages) == (3, 2)
+    for target in ("sm_80", "sm_90", "sm_100", "sm_120"):
+        for n, dropout in ((32, False), (64, True)):
+            cfg = configs.stacked_config(8192, n, bf16, TARGETS[target], dropout, fp32)
+            assert cfg.weights_stages == cfg.num_stages
