@@ -62,7 +62,9 @@ def stacked_config(
     if not spec.is_gpu:  # the interpreter: few, small programs
         return StackedConfig(min(32, max(16, next_pow2(t_bucket))), block_n, 32, 4, 1, 1)
     fp32 = dtype == torch.float32
-    num_warps = 4 if block_n <= 64 else 8
+    # sm_100 at rank width 32: the forward spills 4-12 B per thread at 4 warps without a base output, none at 8
+    # (compile report)
+    num_warps = 4 if block_n <= 64 and not (spec.arch == 100 and block_n == 32) else 8
     per_thread = tile_registers_per_thread(spec)
     budget = per_thread * 32 * num_warps // (2 if dropout or fp32 else 1)
     block_t, block_d = 64, 64
@@ -158,6 +160,8 @@ def grouped_config(
     block_d = 128
     while BLOCK_M * block_r + BLOCK_M * block_d + block_r * block_d > budget and block_d > 16:
         block_d //= 2
+    if dropout and spec.arch == 120:  # D tiles of 32 spill 4 B per thread in the forward and dy pass (compile report)
+        block_d = 16
     num_stages = (1 if block_r >= 128 else 2) if fp32 else 3
     while num_stages > 1 and grouped_shared_bytes(block_r, block_d, num_stages) > spec.shared_per_block:
         num_stages -= 1
@@ -198,12 +202,15 @@ class RouteStatsConfig(NamedTuple):
     num_warps: int
 
 
-def route_config(num_tokens: int, num_experts: int, backward: bool = False) -> RouteConfig:
-    """Config of the router's forward (or backward) kernel. ``DYLORA_ROUTER_BLOCK_T`` / ``DYLORA_ROUTER_NUM_WARPS``
-    pin it."""
+def route_config(num_tokens: int, num_experts: int, spec: DeviceSpec, backward: bool = False) -> RouteConfig:
+    """Config of the router's forward (or backward) kernel on ``spec``. ``DYLORA_ROUTER_BLOCK_T`` /
+    ``DYLORA_ROUTER_NUM_WARPS`` pin it."""
     block_e = next_pow2(num_experts)
     block_t = min(_ROUTE_MAX_BLOCK_T, max(1, _ROUTE_TILE_ELEMENTS // block_e), next_pow2(num_tokens))
-    num_warps = _env_int("DYLORA_ROUTER_NUM_WARPS", _ROUTE_BWD_NUM_WARPS if backward else _ROUTE_NUM_WARPS)
+    # sm_120: the forward at 128 expert columns spills 24 B per thread at 2 warps, none at 4 (compile report)
+    wide = spec.arch == 120 and block_e == 128
+    default = _ROUTE_BWD_NUM_WARPS if backward or wide else _ROUTE_NUM_WARPS
+    num_warps = _env_int("DYLORA_ROUTER_NUM_WARPS", default)
     return RouteConfig(_env_int("DYLORA_ROUTER_BLOCK_T", block_t), block_e, num_warps)
 
 

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from ._launch import capturing, device_guard, launch, register_fused_op, resolve_backend
 from .configs import route_config, route_stats_config
+from .device import device_spec
 
 __all__ = ["topk_route_triton", "topk_route_forward", "topk_route_backward", "topk_route_op"]
 
@@ -243,7 +244,7 @@ def topk_route_forward(
         return weights, ids, dense, counts, torch.zeros(num_experts, **f32)
     counts = torch.empty(num_experts, device=logits.device, dtype=torch.int64)
     mean_prob = torch.empty(num_experts, **f32)
-    block_t, block_e, num_warps = route_config(num_tokens, num_experts)
+    block_t, block_e, num_warps = route_config(num_tokens, num_experts, device_spec(logits.device))
     num_blocks = triton.cdiv(num_tokens, block_t)
     part_counts = torch.empty(num_blocks, num_experts, device=logits.device, dtype=torch.int32)
     part_probs = torch.empty(num_blocks, num_experts, **f32)
@@ -282,7 +283,7 @@ def topk_route_backward(
     dlogits = torch.empty(num_tokens, num_experts, device=logits.device, dtype=logits.dtype)
     if num_tokens == 0:
         return dlogits
-    block_t, block_e, num_warps = route_config(num_tokens, num_experts, backward=True)
+    block_t, block_e, num_warps = route_config(num_tokens, num_experts, device_spec(logits.device), backward=True)
     with device_guard(logits):
         launch(
             _topk_route_bwd_kernel, (triton.cdiv(num_tokens, block_t),),
