@@ -151,3 +151,15 @@ def test_the_stacked_weights_pass_drops_stages_only_where_the_full_grid_found_sp
         for n, dropout in ((32, False), (64, True)):
             cfg = configs.stacked_config(8192, n, bf16, TARGETS[target], dropout, fp32)
             assert cfg.weights_stages == cfg.num_stages
+
+
+def test_the_sm100_and_sm120_exceptions_apply_only_there():
+    """Where the full grid found spills on sm_100 (stacked forward, 64 rows at rank width 32) and sm_120 (grouped
+    kernels with dropout at D tiles of 32, the router's forward at 2 warps and 128 expert columns)."""
+    bf16 = torch.bfloat16
+    assert configs.stacked_config(8192, 32, bf16, TARGETS["sm_100"]).block_t == 32
+    assert configs.stacked_config(8192, 32, bf16, TARGETS["sm_90"]).block_t == 64
+    assert configs.grouped_config(16, bf16, TARGETS["sm_120"], True).block_d == 16
+    assert configs.grouped_config(16, bf16, TARGETS["sm_86"], True).block_d > 16
+    assert configs.route_config(32768, 128, TARGETS["sm_120"]).num_warps == 4
+    assert configs.route_config(32768, 128, TARGETS["sm_90"]).num_warps == 2
