@@ -27,7 +27,7 @@ READS_LORA_WEIGHTS = KERNELS - {"_grouped_weights_kernel", "_topk_route_fwd_kern
 @pytest.fixture(scope="module")
 def ci_report(tmp_path_factory):
     """The CI grid compiled in a subprocess without TRITON_INTERPRET (the interpreter replaces the compiler), on
-    two worker processes: about 2-3 minutes on 2 cores."""
+    two worker processes: 328 compilations, 88 s with a cold Triton cache on 2 shared cores (8 s warm)."""
     out = tmp_path_factory.mktemp("compile") / "report"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
