@@ -27,7 +27,7 @@ import benchmarks.quiet  # noqa: E402, F401  (before torch and triton: no profil
 import torch  # noqa: E402
 
 from benchmarks.records import read_rows, runs  # noqa: E402
-from dylora_moe.kernels import _launch, compile_report, cost  # noqa: E402
+from dylora_moe.kernels import _launch, compile_report, cost, paths  # noqa: E402
 from dylora_moe.kernels.device import TARGETS, device_spec, occupancy, pretend_device  # noqa: E402
 
 FORWARD_LAUNCHES = ("forward", "slot sum y", "base + delta")
@@ -77,7 +77,7 @@ def table(rows: list[dict], spec, compile_kernels: bool) -> list[str]:
         dtype_name = DTYPES.get(row["dtype"], "bf16")
         dtype = compile_report.DTYPES[dtype_name]
         weight_bytes = dtype.itemsize  # the benchmark's LoRA weights are in the activation dtype
-        path = cost.choose_path(s["E"], s["r"], s["k"], num_tokens=s["T"], d_in=s["d_in"], d_out=s["d_out"],
+        path = paths.choose_path(s["E"], s["r"], s["k"], num_tokens=s["T"], d_in=s["d_in"], d_out=s["d_out"],
                                 dtype=dtype, spec=spec)  # fmt: skip
         shape = cost.Shape(s["T"], s["d_in"], s["d_out"], s["E"], s["r"], s["k"], dtype, weight_bytes, base=False)
         costs = (cost.stacked_costs if path == "stacked" else cost.grouped_costs)(shape, spec)

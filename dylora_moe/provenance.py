@@ -1,40 +1,28 @@
-"""Where a result came from: the machine and the commit, written into run.json, benchmark rows and reports.
-
-One implementation for the training app, the benchmarks and the compile report. Standard library only (torch is
-imported when the machine is asked for), so the kernels' tools and a bare checkout can use it.
-"""
+"""Where a result came from: the machine and the commit (run.json, benchmark rows, reports). One implementation, in
+``dylora_moe.kernels.provenance`` (the compile report uses it and kernels import nothing outside themselves); it is
+imported when first asked for, because importing ``dylora_moe.kernels`` imports torch and train.py's ``--help`` and
+flag errors must not."""
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-COMMIT_ENV = "DYLORA_MOE_COMMIT"  # a copy without .git (a lent GPU machine gets the working tree only) names it here
+def commit(*paths: str) -> str:
+    """Short hash of HEAD (``+dirty`` when tracked files under ``paths`` differ): kernels.provenance.commit."""
+    from dylora_moe.kernels import provenance
+
+    return provenance.commit(*paths)
 
 
 def machine() -> str:
-    """The GPU's name and how many are visible, else the CPU's core count and type."""
-    import torch
+    """The GPU's name and count, else the CPU's: kernels.provenance.machine."""
+    from dylora_moe.kernels import provenance
 
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} visible)"
-    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU"
+    return provenance.machine()
 
 
-def commit(*paths: str) -> str:
-    """Short hash of HEAD, with ``+dirty`` when tracked files (under ``paths``, when given) differ from it;
-    ``$DYLORA_MOE_COMMIT`` when set; ``unknown`` outside a git checkout."""
-    if os.environ.get(COMMIT_ENV):
-        return os.environ[COMMIT_ENV]
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        status = ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--", *paths]
-        dirty = subprocess.run(status, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return (head + ("+dirty" if dirty else "")) if head else "unknown"
+def __getattr__(name: str):
+    if name in ("COMMIT_ENV", "REPO"):
+        from dylora_moe.kernels import provenance
+
+        return getattr(provenance, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

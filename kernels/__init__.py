@@ -10,13 +10,15 @@ Backends:
     topk_route the eager router (one vocabulary for both ops).
   - ``"auto"``: triton for CUDA tensors, eager otherwise, decided from the tensors' device at each call.
 
-Files: ops.py (the public ops: input checks and dispatch), stacked.py / stacked_kernels.py (all experts as one
-rank space), grouped.py / grouped_kernels.py (pairs sorted by expert), router.py (the fused top-k router),
-eager.py (the PyTorch twins), routing_meta.py (gate, counts and sort built once per step), _launch.py (launch
-point, the one op registration helper), device.py (each target's limits: shared memory, registers, SMs, peaks),
-cost.py (bytes, FLOPs and launches of each path: the path choice and the roofline time), compile_report.py (every
-config compiled for sm_80..sm_120 on the CPU: registers, spills, shared memory; ``python -m
-dylora_moe.kernels.compile_report``).
+Files: ops.py (the public ops: input checks and dispatch), dispatch.py (the Triton MoE-LoRA entry: path choice
+and launch), paths.py (the registry of Triton MoE-LoRA paths: name, fit, cost, config, launcher), stacked.py /
+stacked_kernels.py (all experts as one rank space), grouped.py / grouped_kernels.py (pairs sorted by expert),
+topk_route.py (the fused top-k router), configs.py (every kernel's launch config), eager.py (the PyTorch twins),
+routing_meta.py (gate, counts and sort built once per step), _launch.py (launch point, the one op registration
+helper), device.py (each target's limits: shared memory, registers, SMs, peaks), cost.py (bytes, FLOPs and
+launches of each path: the roofline time), compile_report.py (every config compiled for sm_80..sm_120 on the CPU:
+registers, spills, shared memory; ``python -m dylora_moe.kernels.compile_report``), provenance.py (the machine and
+the commit a result came from).
 """
 
 # This folder is the package `dylora_moe.kernels`, but whatever runs from the repository root (`python train.py`,

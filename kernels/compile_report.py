@@ -9,14 +9,15 @@ this module runs the ops' own host code on meta tensors, with the config chooser
 kernel variant once per target, and reports registers, spill bytes, shared memory and occupancy, beside the
 roofline time the cost model predicts for representative layer shapes (cost.py). TRITON_INTERPRET must be unset.
 
-The grid (``--grid full``): MoE-LoRA with E in {1, 2, 4, 8, 16, 32, 64} experts of rank r in {4, 8, 16, 32, 64, 128}
-(per-expert ranks are padded to the largest, so they are covered by r), k in {1, 2, 8} and k = E (dense), T in
-{64, 8192} tokens, widths d in {64, 4096} and 4096 -> 14336, dtypes fp32 / bf16 / fp16, dropout none / in-kernel /
-a given mask, with and without a base output, a float or a per-expert scaling, on both Triton paths (stacked only
-up to its widest rank tile); the router with E in {2, 4, 8, 16, 32, 64, 128, 256}, k in {1, 2, 4, 8} (k <= E),
-T = 32768 (smaller T only shrink BLOCK_T), logits in fp32 / bf16 / fp16. ``--grid ci`` compiles, per kernel, dtype
-and flag set, only the
-variant with the largest tiles (the one closest to spilling): what tests/test_compile_report.py checks.
+The grid (``--grid full``): MoE-LoRA on every registered path (paths.PATHS, where the layer fits it) with E in {1,
+2, 4, 8, 16, 32, 64} experts of rank r in {4, 8, 16, 32, 64, 128} (per-expert ranks are padded to the largest, so
+they are covered by r), k in {1, 2, 8} and k = E (dense), T in {64, 8192} tokens, widths d in {64, 4096} and 4096 ->
+14336, precisions (activations, LoRA weights) fp32, bf16, fp16 and the training default of fp32 weights under bf16 /
+fp16 activations (PRECISIONS; weight gradients fp32), dropout none / in-kernel / a given mask, with and without a
+base output and a per-expert scaling vector; the router with E in {2, 4, 8, 16, 32, 64, 128, 256}, k in {1, 2, 4,
+8} (k <= E), T = 32768 (smaller T only shrink BLOCK_T), logits in fp32 / bf16 / fp16. ``--grid ci`` compiles, per
+kernel, precision and flag set, only the variant with the largest tiles (the one closest to spilling): what
+tests/test_compile_report.py checks.
 
 A variant passes when it compiles, uses at most the target's shared memory per block, and spills nothing in
 bf16/fp16; fp32 may spill at most FP32_SPILL_BOUND bytes per thread (fp32 is a correctness mode, not a fast one).
@@ -39,8 +40,11 @@ from typing import Any
 import torch
 
 from . import _launch
-from .cost import Shape, choose_path, grouped_costs, predicted_seconds, stacked_costs
+from .configs import MAX_RANK_WIDTH
+from .cost import Shape, predicted_seconds
 from .device import TARGETS, DeviceSpec, occupancy, pretend_device
+from .paths import PATHS, choose_path
+from .provenance import commit
 
 # Bytes of spill stores per thread allowed in fp32 (a correctness mode, not a fast one): the grouped fp32 kernels at
 # rank 128 with dropout spill 24-36 B on sm_100/sm_120 even at one pipeline stage. bf16/fp16 must spill nothing.
@@ -48,6 +52,8 @@ FP32_SPILL_BOUND = 64
 DEFAULT_TARGETS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")
 CI_TARGETS = ("sm_86", "sm_90")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# (activations, LoRA weights): one dtype throughout, and the training default of fp32 masters under bf16/fp16.
+PRECISIONS = (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32"), ("fp16", "fp32"))
 
 
 # --- which launches the host code issues ---------------------------------------------------------------------
@@ -66,6 +72,7 @@ class LoraCase:
     dropout: str  # "none" | "seed" | "mask"
     base: bool
     scale_vec: bool
+    weights: str | None = None  # the LoRA weights' dtype (a DTYPES key); None: the activations' (``dtype``)
 
 
 @dataclass(frozen=True)
@@ -81,63 +88,41 @@ def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
 
 
 def lora_launches(case: LoraCase) -> list[_launch.Launch]:
-    """The launches of one MoE-LoRA forward + backward (every gradient needed), recorded, not run."""
-    from . import grouped, stacked
-
+    """The launches of one MoE-LoRA forward + backward (every gradient needed) on ``case.path``, recorded, not run."""
     dt = DTYPES[case.dtype]
+    wt = DTYPES[case.weights or case.dtype]
     x = _meta(case.T, case.d_in, dtype=dt)
-    a, b = _meta(case.E, case.r, case.d_in), _meta(case.E, case.d_out, case.r)
+    a, b = _meta(case.E, case.r, case.d_in, dtype=wt), _meta(case.E, case.d_out, case.r, dtype=wt)
     mask = _meta(case.T, case.d_in, dtype=dt) if case.dropout == "mask" else None
     seed = _meta(1, dtype=torch.int64) if case.dropout == "seed" else None
     scale = _meta(case.E) if case.scale_vec else None
     base = _meta(case.T, case.d_out, dtype=dt) if case.base else None
-    needs = [True] * 13
     with _launch.capture_launches() as launches:
-        if case.path == "stacked":
-            gate, counts = _meta(case.T, case.E), _meta(case.E, dtype=torch.int64)
-            y, s = stacked.stacked_forward(x, a, b, gate, counts, scale, base, mask, seed, 1.0, 0.1, False)
-            stacked.stacked_backward(y, x, a, b, gate, counts, scale, mask, seed, s, 1.0, 0.1, needs=needs)
-        else:
-            from .routing_meta import padded_rows
-
-            coef = _meta(case.T, case.k)
-            rows = padded_rows(case.T * case.k, case.E, grouped.BLOCK_M)
-            sort = (
-                _meta(rows, dtype=torch.int32),
-                _meta(rows // grouped.BLOCK_M, dtype=torch.int32),
-                _meta(case.E + 1, dtype=torch.int32),
-            )
-            y, h = grouped.grouped_forward(x, a, b, coef, *sort, mask, seed, 0.1)
-            grad_y = _meta(case.T, case.d_out, dtype=dt)
-            grouped.grouped_backward(grad_y, x, a, b, coef, h, *sort, mask, seed, 0.1, needs=needs)
+        PATHS[case.path].record(x, a, b, case.k, scale, base, mask, seed)
     return launches
 
 
 def router_launches(case: RouterCase) -> list[_launch.Launch]:
-    from . import router
+    from .topk_route import topk_route_backward, topk_route_forward
 
     logits = _meta(case.T, case.E, dtype=DTYPES[case.dtype])
     with _launch.capture_launches() as launches:
-        _, ids, *_ = router.topk_route_forward(logits, case.k, 1.0, True)
+        _, ids, *_ = topk_route_forward(logits, case.k, 1.0, True)
         grads = _meta(case.T, case.k), _meta(case.T, case.E), _meta(case.E)
-        router.topk_route_backward(logits, ids, *grads, 1.0, True)
+        topk_route_backward(logits, ids, *grads, 1.0, True)
     return launches
 
 
 def lora_grid() -> list[LoraCase]:
-    from .stacked import MAX_RANK_WIDTH
-
     cases = []
     widths = [(64, 64), (4096, 14336)]
-    for E, r, T, (d_in, d_out), dtype, dropout, base, scale_vec in itertools.product(
-        (1, 2, 4, 8, 16, 32, 64), (4, 8, 16, 32, 64, 128), (64, 8192), widths, DTYPES, ("none", "seed", "mask"),
-        (True,), (True,),
+    for E, r, T, (d_in, d_out), (dtype, weights), dropout, base, scale_vec in itertools.product(
+        (1, 2, 4, 8, 16, 32, 64), (4, 8, 16, 32, 64, 128), (64, 8192), widths, PRECISIONS, ("none", "seed", "mask"),
+        (True, False), (True, False),
     ):  # fmt: skip
-        for k in sorted({min(k, E) for k in (1, 2, 8)} | {E}):
-            if E * r <= MAX_RANK_WIDTH:
-                cases.append(LoraCase("stacked", T, d_in, d_out, E, r, k, dtype, dropout, base, scale_vec))
-            if k < E:
-                cases.append(LoraCase("grouped", T, d_in, d_out, E, r, k, dtype, dropout, base, scale_vec))
+        for k, path in itertools.product(sorted({min(k, E) for k in (1, 2, 8)} | {E}), PATHS.values()):
+            if path.fits(E, r):
+                cases.append(LoraCase(path.name, T, d_in, d_out, E, r, k, dtype, dropout, base, scale_vec, weights))
     return cases
 
 
@@ -165,7 +150,8 @@ def variant_key(kernel: str, kwargs: dict) -> str:
     """Kernel, dtypes, tiles and flags: what decides registers and shared memory. Launches that differ only in how
     Triton specialises an integer argument (== 1, divisible by 16) share a key; the first one seen is compiled."""
     top_k = kwargs.get("K") if kernel.startswith("_topk") else None  # a constexpr only in the router
-    return json.dumps([kernel, _dtype_of({"kwargs": kwargs}), _split(kwargs), top_k], sort_keys=True)
+    v = {"kwargs": kwargs}
+    return json.dumps([kernel, _dtype_of(v), _weights_of(v), _split(kwargs), top_k], sort_keys=True)
 
 
 def collect_variants(target: str, grid: str) -> dict[str, dict]:
@@ -196,15 +182,14 @@ def _add(variants: dict, launch: _launch.Launch, case) -> None:
 
 
 def _ci_lora_cases() -> list[LoraCase]:
-    """Every flag set and dtype of both paths, over the ranks and expert counts that give the largest tiles."""
-    from .stacked import MAX_RANK_WIDTH
-
+    """Every path, precision and flag set, over the ranks and expert counts that give the largest tiles."""
     cases = []
-    for dtype, dropout, path in itertools.product(DTYPES, ("none", "seed", "mask"), ("stacked", "grouped")):
+    for (dtype, weights), dropout, base, scale_vec, path in itertools.product(
+        PRECISIONS, ("none", "seed", "mask"), (True, False), (True, False), PATHS.values()
+    ):
         for E, r in ((1, 4), (4, 8), (8, 16), (4, 128), (1, 128), (MAX_RANK_WIDTH // 128, 128)):
-            if (path == "grouped" and E == 1) or (path == "stacked" and E * r > MAX_RANK_WIDTH):
-                continue
-            cases.append(LoraCase(path, 8192, 4096, 4096, E, r, 1, dtype, dropout, True, True))
+            if path.fits(E, r):
+                cases.append(LoraCase(path.name, 8192, 4096, 4096, E, r, 1, dtype, dropout, base, scale_vec, weights))
     return cases
 
 
@@ -226,7 +211,7 @@ def _largest_tiles(variants: dict) -> dict:
     best: dict[str, tuple[int, str]] = {}
     for key, v in variants.items():
         top_k = v["kwargs"].get("K") if v["kernel"].startswith("_topk") else None
-        group = json.dumps([v["kernel"], _dtype_of(v), _split(v["kwargs"])["flags"], top_k])
+        group = json.dumps([v["kernel"], _dtype_of(v), _weights_of(v), _split(v["kwargs"])["flags"], top_k])
         size = _live_elements(v["kwargs"])
         if group not in best or size > best[group][0]:
             best[group] = (size, key)
@@ -313,6 +298,13 @@ def _spill_stores(ptx: str, arch: int) -> int:
     return int(re.search(r"(\d+) bytes spill stores", log).group(1))
 
 
+def _weights_of(variant: dict) -> str | None:
+    """The LoRA weights' dtype of a variant; None for a kernel that reads no LoRA weight (the router's, the grouped
+    weights pass)."""
+    w = variant["kwargs"].get("a_ptr") or variant["kwargs"].get("b_ptr")
+    return w["tensor"] if w else None
+
+
 def _dtype_of(variant: dict) -> str:
     for name in ("x_ptr", "dy_ptr", "logits_ptr"):
         if name in variant["kwargs"]:
@@ -357,6 +349,7 @@ def run(targets: tuple[str, ...], grid: str, jobs: int) -> dict:
             target=target,
             kernel=variant["kernel"],
             dtype=_dtype_of(variant),
+            weights=_weights_of(variant),
             **_split(kw),
             cases=variant["cases"],
             example=variant["example"],
@@ -370,7 +363,7 @@ def run(targets: tuple[str, ...], grid: str, jobs: int) -> dict:
     return dict(
         triton=triton.__version__,
         torch=torch.__version__,
-        commit=_commit(),
+        commit=commit("kernels"),
         grid=grid,
         targets={t: TARGETS[t].__dict__ for t in targets},
         fp32_spill_bound=FP32_SPILL_BOUND,
@@ -394,48 +387,38 @@ SHAPES = (
 
 
 def shape_table(targets: tuple[str, ...], rows: list[dict]) -> list[dict]:
-    """Per representative shape and target in bf16 with in-kernel dropout, a base output and per-expert scaling: the
-    chosen path, each launch's config with its compile numbers (when the grid compiled it) and the roofline time
-    the cost model predicts."""
+    """Per representative shape and target, as training runs it (bf16 activations, fp32 LoRA weights, in-kernel
+    dropout, a base output, per-expert scaling): the chosen path and its config, each launch's config with its
+    compile numbers (when the grid compiled it) and the roofline time the cost model predicts."""
     table = []
-    index = {(r["target"], r["kernel"], json.dumps(r["config"], sort_keys=True), r["dtype"],
+    index = {(r["target"], r["kernel"], json.dumps(r["config"], sort_keys=True), r["dtype"], r.get("weights"),
               json.dumps(r["flags"], sort_keys=True)): r for r in rows}  # fmt: skip
     for (label, T, d_in, d_out, E, r, k), target in itertools.product(SHAPES, targets):
         spec = TARGETS[target]
         path = choose_path(E, r, k, num_tokens=T, d_in=d_in, d_out=d_out, spec=spec, dropout=True)
         shape = Shape(T, d_in, d_out, E, r, k, torch.bfloat16, dropout=True)
-        costs = (stacked_costs if path == "stacked" else grouped_costs)(shape, spec)
-        case = LoraCase(path, T, d_in, d_out, E, r, k, "bf16", "seed", True, True)
+        costs = PATHS[path].costs(shape, spec)
+        case = LoraCase(path, T, d_in, d_out, E, r, k, "bf16", "seed", True, True, "fp32")
         with pretend_device(spec):
             launches = lora_launches(case)
         kernels = []
         for launch in launches:
             name = _launch.kernel_name(launch.kernel)
-            parts = _split({k2: _describe(v) for k2, v in launch.kwargs.items()})
+            described = {k2: _describe(v) for k2, v in launch.kwargs.items()}
+            parts = _split(described)
             config, flags = parts["config"], parts["flags"]
             found = index.get((target, name, json.dumps(config, sort_keys=True), "bfloat16",
-                               json.dumps(flags, sort_keys=True)))  # fmt: skip
+                               _weights_of({"kwargs": described}), json.dumps(flags, sort_keys=True)))  # fmt: skip
             kernels.append(dict(kernel=name, config=config, grid=list(launch.grid),
                                 compiled=None if found is None else {k2: found.get(k2) for k2 in
                                 ("regs", "spill", "shared", "occupancy")}))  # fmt: skip
         table.append(dict(
-            shape=label, target=target, T=T, d_in=d_in, d_out=d_out, E=E, r=r, k=k, dtype="bf16", path=path,
-            kernels=kernels,
+            shape=label, target=target, T=T, d_in=d_in, d_out=d_out, E=E, r=r, k=k, dtype="bf16", weights="fp32",
+            path=path, config=PATHS[path].config(shape, spec)._asdict(), kernels=kernels,
             predicted_us={c.name: round(c.seconds(spec, torch.bfloat16) * 1e6, 1) for c in costs},
             predicted_total_us=round(predicted_seconds(costs, spec, torch.bfloat16) * 1e6, 1),
         ))  # fmt: skip
     return table
-
-
-def _commit() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "kernels"], capture_output=True,
-                               text=True).stdout.strip()  # fmt: skip
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
 
 
 # --- output ------------------------------------------------------------------------------------------------------
@@ -466,7 +449,7 @@ def markdown(report: dict) -> str:
     lines += ["", f"## Problems: {len(failures)}", ""]
     for r in failures:
         lines.append(
-            f"- {r['target']} {r['kernel']} {r['dtype']} {r['config']} {r['flags']}: {'; '.join(r['problems'])}"
+            f"- {r['target']} {r['kernel']} {_dtypes(r)} {r['config']} {r['flags']}: {'; '.join(r['problems'])}"
         )
     lines += ["", "## Summary per target and kernel (worst case over its variants)", "",
               "| target | kernel | variants | max regs | max spill B bf16/fp16 | max spill B fp32 | max shared KiB "
@@ -488,7 +471,8 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        "## Representative shapes (bf16, in-kernel dropout, base output, per-expert scaling): path, configs, roofline",
+        "## Representative shapes (bf16 activations, fp32 LoRA weights, in-kernel dropout, base output, per-expert "
+        "scaling): path, configs, roofline",
         "",
     ]
     lines += ["Predicted time: the cost model's roofline (kernels/cost.py) at the target's peak bandwidth / FLOP/s, "
@@ -512,14 +496,20 @@ def markdown(report: dict) -> str:
               "| target | kernel | dtype | config | flags | regs | stack B | spill B | shared KiB | occupancy "
               "| problems |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in sorted(report["rows"], key=lambda r: (r["target"], r["kernel"], r["dtype"], str(r["config"]))):
+    for r in sorted(report["rows"], key=lambda r: (r["target"], r["kernel"], _dtypes(r), str(r["config"]))):
         cfg = ",".join(f"{n.replace('BLOCK_', '')}{v}" for n, v in r["config"].items())
         flags = ",".join(f"{n}" for n, v in r["flags"].items() if v is True)
         shared = "" if r["shared"] is None else f"{r['shared'] / 1024:.1f}"
-        lines.append(f"| {r['target']} | {r['kernel']} | {r['dtype']} | {cfg} | {flags} | {r['regs']} | "
+        lines.append(f"| {r['target']} | {r['kernel']} | {_dtypes(r)} | {cfg} | {flags} | {r['regs']} | "
                      f"{r['stack']} | {r['spill']} | {shared} | {r.get('occupancy', '')} | "
                      f"{'; '.join(r['problems'])} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _dtypes(row: dict) -> str:
+    """``bfloat16`` (one dtype, or a kernel that reads no LoRA weight) or ``bfloat16 x, float32 weights``."""
+    weights = row.get("weights")
+    return row["dtype"] if weights in (None, row["dtype"]) else f"{row['dtype']} x, {weights} weights"
 
 
 def merge(reports: list[dict]) -> dict:

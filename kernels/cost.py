@@ -1,6 +1,6 @@
 """A written cost model of the two Triton MoE-LoRA paths: bytes moved, FLOPs and launches per op, and the
-roofline time they predict on a target. It chooses the path (:func:`choose_path`) and is printed beside every
-configuration of the compile report and every GPU benchmark, so a measured time can be read against it.
+roofline time they predict on a target. The path registry (paths.py) chooses the path with it, and it is printed
+beside every configuration of the compile report and every GPU benchmark, so a measured time can be read against it.
 
 Per launch, time = max(DRAM bytes / bandwidth, FLOPs / peak) / fill + the launch gap, where fill = min(1, programs
 / SMs) (a launch with fewer programs than SMs leaves SMs idle). DRAM bytes count every tensor a launch must read or
@@ -12,13 +12,13 @@ A roofline is a lower bound: skinny rank-space dots do not reach the tensor-core
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 
 from ._launch import cdiv, next_pow2
-from .device import TARGETS, DeviceSpec
+from .configs import grad_splits, grouped_config, stacked_config
+from .device import DeviceSpec
 from .routing_meta import padded_rows
 
 
@@ -49,17 +49,20 @@ class Shape(NamedTuple):
     dropout: bool = False  # in-kernel dropout: no mask tensor is read
 
 
+def weight_dtype(s: Shape) -> torch.dtype:
+    """The LoRA weights' dtype of ``s``: fp32 masters (4 bytes) or the activations' dtype."""
+    return torch.float32 if s.weight_bytes == 4 else s.dtype
+
+
 def _size(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
 def stacked_costs(s: Shape, spec: DeviceSpec) -> list[LaunchCost]:
     """The stacked path's launches (forward, dy pass, weights pass, the fixed-order split sum)."""
-    from .stacked import grad_splits, stacked_config
-
     a, w, T = _size(s.dtype), s.weight_bytes, s.num_tokens
     N = s.num_experts * s.rank
-    cfg = stacked_config(next_pow2(T), N, s.dtype, spec, s.dropout)
+    cfg = stacked_config(next_pow2(T), N, s.dtype, spec, s.dropout, weight_dtype(s))
     Np, E = cfg.block_n, s.num_experts
     weights = N * (s.d_in + s.d_out) * w
     t_programs = cdiv(T, cfg.block_t)
@@ -91,15 +94,13 @@ def stacked_costs(s: Shape, spec: DeviceSpec) -> list[LaunchCost]:
 
 def grouped_costs(s: Shape, spec: DeviceSpec, block_m: int = 64) -> list[LaunchCost]:
     """The grouped path's launches (forward, dy pass, weights pass) and the ATen sums and adds around them."""
-    from .grouped import grouped_config
-
     a, w, T, E, R, K = _size(s.dtype), s.weight_bytes, s.num_tokens, s.num_experts, s.rank, s.top_k
     P = T * K
     P_pad = padded_rows(P, E, block_m)
     Rp = max(16, next_pow2(R))
     weights = E * R * (s.d_in + s.d_out) * w
     blocks = P_pad // block_m
-    block_d = grouped_config(R, s.dtype, spec, s.dropout).block_d
+    block_d = grouped_config(R, s.dtype, spec, s.dropout, weight_dtype(s)).block_d
     costs = [
         LaunchCost(
             "grouped forward", P * s.d_in * a + weights + P * 4 + P_pad * 4 + P * R * 4 + P * s.d_out * a,
@@ -125,31 +126,3 @@ def grouped_costs(s: Shape, spec: DeviceSpec, block_m: int = 64) -> list[LaunchC
 
 def predicted_seconds(costs: list[LaunchCost], spec: DeviceSpec, dtype: torch.dtype) -> float:
     return sum(c.seconds(spec, dtype) for c in costs)
-
-
-@functools.lru_cache(maxsize=1024)
-def choose_path(
-    num_experts: int,
-    rank: int,
-    top_k: int,
-    *,
-    num_tokens: int = 8192,
-    d_in: int = 4096,
-    d_out: int = 4096,
-    dtype: torch.dtype = torch.bfloat16,
-    spec: DeviceSpec = TARGETS["sm_90"],
-    dropout: bool = False,
-) -> str:
-    """ "stacked" or "grouped": the path with the lower predicted forward + backward time on ``spec`` (defaults:
-    the reference layer, T = 8192, 4096 x 4096, bf16, H100). The stacked path only up to its widest rank tile.
-    Cached: callers pass T rounded to a power of two, so each layer shape is modelled once."""
-    from .stacked import MAX_RANK_WIDTH
-
-    if num_experts * rank > MAX_RANK_WIDTH:
-        return "grouped"
-    if not spec.is_gpu:  # the interpreter: time is Python per program, and the stacked path runs the fewest
-        return "stacked"
-    shape = Shape(num_tokens, d_in, d_out, num_experts, rank, top_k, dtype, dropout=dropout)
-    stacked = predicted_seconds(stacked_costs(shape, spec), spec, dtype)
-    grouped = predicted_seconds(grouped_costs(shape, spec), spec, dtype)
-    return "stacked" if stacked <= grouped else "grouped"

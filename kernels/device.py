@@ -1,6 +1,6 @@
 """What the hardware allows: per-block shared memory, registers, SM count, bandwidth and peak FLOPs of a target.
 
-The launch configs (stacked.py, grouped.py, router.py) and the path cost model (cost.py) read these limits from a
+The launch configs (configs.py) and the path cost model (cost.py) read these limits from a
 :class:`DeviceSpec`: on a GPU from ``torch.cuda.get_device_properties`` (:func:`device_spec`), for the compile report
 from :data:`TARGETS`, one representative card per architecture, and under Triton's CPU interpreter from
 :data:`INTERPRETER` (small tiles: the interpreter runs every program in Python).

@@ -1,4 +1,5 @@
-"""Host side of the grouped (sorted-by-expert) Triton MoE-LoRA path, and the choice between the two Triton paths.
+"""Host side of the grouped (sorted-by-expert) Triton MoE-LoRA path: the three launches, their registration and
+the path's launcher (its launch configs: configs.grouped_config).
 
 For many experts or large ranks (E * R well above K * R), where the stacked path would compute every expert for
 every token. The (token, slot) pairs sorted by expert come from the step's routing metadata
@@ -18,72 +19,14 @@ The per-pair outputs are transient, summed over K in a fixed order. Dropout is d
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
-
 import torch
 
 from . import grouped_kernels as GK
-from ._launch import (
-    ACTIVATION_DTYPES,
-    cdiv,
-    device_guard,
-    dot_flags,
-    interpreter_enabled,
-    launch,
-    next_pow2,
-    register_fused_op,
-)
+from ._launch import cdiv, device_guard, dot_flags, launch, register_fused_op
 from ._launch import strides3 as _weight_view
-from .cost import choose_path
-from .device import DeviceSpec, device_spec, tile_registers_per_thread
-from .routing_meta import RoutingMeta
-
-# Rows per block of the sorted pair list: one value per process, because the step's sort (routing_meta) is built
-# once for every layer, whatever its width or rank.
-BLOCK_M = 16 if interpreter_enabled() else 64
-PATHS = ("auto", "stacked", "grouped")
-
-
-class GroupedConfig(NamedTuple):
-    block_m: int
-    block_r: int
-    block_d: int
-    num_warps: int
-    num_stages: int
-    weights_stages: int  # of the weights pass, which pipelines two streams and spills sooner
-
-
-@functools.lru_cache(maxsize=256)
-def grouped_config(rank: int, dtype: torch.dtype, spec: DeviceSpec, dropout: bool = False) -> GroupedConfig:
-    """Launch config of the three grouped kernels per (rank, dtype, target, dropout), chosen once and cached.
-
-    The rank block is the next power of two of max(r, 16); BLOCK_D shrinks as it grows so the live tiles fit the
-    register budget per thread (dropout and fp32 halve it), and pipeline stages are dropped until the buffers fit
-    the target's shared memory per block. fp32 pipelines less: at rank 128 its 2- and 3-stage kernels spill
-    (compile report)."""
-    block_r = max(next_pow2(rank), 16)
-    if not spec.is_gpu:  # the interpreter: few, small programs
-        return GroupedConfig(BLOCK_M, block_r, 32, 4, 1, 1)
-    fp32 = dtype == torch.float32
-    num_warps = 4 if block_r <= 32 else 8
-    per_thread = tile_registers_per_thread(spec)
-    budget = per_thread * 32 * num_warps // (2 if dropout or fp32 else 1)
-    block_d = 128
-    while BLOCK_M * block_r + BLOCK_M * block_d + block_r * block_d > budget and block_d > 16:
-        block_d //= 2
-    num_stages = (1 if block_r >= 128 else 2) if fp32 else 3
-    while num_stages > 1 and grouped_shared_bytes(block_r, block_d, num_stages) > spec.shared_per_block:
-        num_stages -= 1
-    # The weights pass at rank 128 spills 16 B per thread on sm_120 at three stages, none at two (compile report).
-    weights_stages = 1 if fp32 else min(num_stages, 2) if block_r >= 128 else num_stages
-    return GroupedConfig(BLOCK_M, block_r, block_d, num_warps, num_stages, weights_stages)
-
-
-def grouped_shared_bytes(block_r: int, block_d: int, num_stages: int) -> int:
-    """Upper estimate of a grouped kernel's shared memory: each pipeline stage buffers an fp32 [BLOCK_M, BLOCK_D]
-    activation tile and an fp32 [BLOCK_R, BLOCK_D] weight tile, plus one stage of staging for the dot operands."""
-    return (num_stages + 1) * 4 * (BLOCK_M * block_d + block_r * block_d)
+from .configs import BLOCK_M, GroupedConfig, grouped_config
+from .device import device_spec
+from .routing_meta import RoutingMeta, padded_rows
 
 
 def _dropout_args(mask, seed, like):
@@ -121,7 +64,7 @@ def grouped_forward(
     # Rows of padding-only blocks are never written (those blocks exit at once) and every real pair row is.
     per_pair = torch.empty(num_pairs, d_out, device=x.device, dtype=x.dtype)
     mask_t, seed_t = _dropout_args(mask, seed, x)
-    cfg = grouped_config(rank, x.dtype, device_spec(x.device), seed is not None or mask is not None)
+    cfg = grouped_config(rank, x.dtype, device_spec(x.device), seed is not None or mask is not None, lora_a.dtype)
     with device_guard(x):
         launch(
             GK._grouped_fwd_kernel, (expert_of_block.numel(),),
@@ -168,7 +111,7 @@ def grouped_backward(
     num_pairs = coef.numel()
     flags = dot_flags(x.dtype)
     mask_t, seed_t = _dropout_args(mask, seed, x)
-    cfg = grouped_config(rank, x.dtype, device_spec(x.device), seed is not None or mask is not None)
+    cfg = grouped_config(rank, x.dtype, device_spec(x.device), seed is not None or mask is not None, lora_a.dtype)
     dx, dcoef = torch.empty_like(x), torch.empty(num_pairs, **f32)
     uw = torch.empty(num_pairs, rank, **f32)
     da = db = None
@@ -232,17 +175,6 @@ grouped_op = register_fused_op(
 )
 
 
-def _stacked_gate(gate: torch.Tensor, scaling: float | torch.Tensor):
-    """(gate, scale vector or None, scale constant) for the stacked kernels. A scaling tensor that requires grad is
-    folded into the gate ([T, E] * [E]) so autograd gives it its gradient through the gate's (the kernels apply a
-    scale vector but return no gradient for it)."""
-    if not isinstance(scaling, torch.Tensor):
-        return gate, None, float(scaling)
-    if scaling.requires_grad and torch.is_grad_enabled():
-        return gate * scaling.float(), None, 1.0
-    return gate, scaling.float(), 1.0
-
-
 def _strides(prefix: str, t: torch.Tensor, col: str = "d") -> dict:
     return {f"s_{prefix}_t": t.stride(0), f"s_{prefix}_{col}": t.stride(1)}
 
@@ -261,53 +193,37 @@ def _meta(cfg: GroupedConfig) -> dict:
                 num_stages=cfg.num_stages)  # fmt: skip
 
 
-def moe_lora_triton(
+def launch_grouped(
     x: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     routing: RoutingMeta,
     scaling: float | torch.Tensor,
-    dropout_mask: torch.Tensor | None,
+    mask: torch.Tensor | None,
     seed: torch.Tensor | None,
     p: float,
-    base_output: torch.Tensor | None,
-    path: str = "auto",
-    donate_base_output: bool = False,
+    base: torch.Tensor | None,
+    donated: bool,
 ) -> torch.Tensor:
-    """Triton MoE-LoRA on x [..., D_in] (validated by moe_lora): base_output + delta, or the delta.
-
-    ``path`` forces "stacked" or "grouped" (tests, benchmarks); "auto" picks with :func:`choose_path`. The stacked
-    path skips the weights of experts no token selects (``routing.counts``; never read, as on the grouped path)
-    and may write into a donated ``base_output`` (moe_lora's rules).
-    """
-    from .stacked import moe_lora_stacked
-
-    if x.dtype not in ACTIVATION_DTYPES or lora_a.dtype not in ACTIVATION_DTYPES:
-        raise TypeError(
-            f"the Triton moe_lora supports activations and weights in {ACTIVATION_DTYPES}; got x {x.dtype}, "
-            f"weights {lora_a.dtype} (use backend='eager' for float64)"
-        )
-    if path not in PATHS:
-        raise ValueError(f"unknown Triton path {path!r}; expected one of {', '.join(PATHS)}")
-    num_experts, rank, d_in = lora_a.shape
-    if path == "auto":
-        path = choose_path(
-            num_experts, rank, routing.ids.shape[1], num_tokens=next_pow2(routing.num_tokens), d_in=d_in,
-            d_out=lora_b.shape[1], dtype=x.dtype, spec=device_spec(x.device), dropout=seed is not None,
-        )  # fmt: skip
-    if path == "stacked":
-        gate, scale_vec, scale_const = _stacked_gate(routing.gate, scaling)
-        return moe_lora_stacked(
-            x, lora_a, lora_b, gate, routing.counts, scale_vec, scale_const, base_output, dropout_mask, seed, p,
-            donate_base_output,
-        )  # fmt: skip
+    """The grouped path as dispatch.py calls it (x [..., D_in], validated by moe_lora): base + delta, or the delta
+    when base is None (never written in place: ``donated`` is not used here). The sort is the step's
+    ``routing.blocks``."""
     scale_vec = scaling.float() if isinstance(scaling, torch.Tensor) else None
-    scale_const = 1.0 if scale_vec is not None else float(scaling)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    mask2 = None if dropout_mask is None else dropout_mask.reshape(-1, x.shape[-1])
-    per_pair = scale_vec[routing.ids] if scale_vec is not None else scale_const
+    per_pair = scale_vec[routing.ids] if scale_vec is not None else float(scaling)
     coef = routing.weights.float() * per_pair
-    blocks = routing.blocks(BLOCK_M)
-    y = grouped_op(x2, lora_a, lora_b, coef, *blocks, mask2, seed, p).reshape(*lead, lora_b.shape[1])
-    return y if base_output is None else base_output + y.to(base_output.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    mask2 = None if mask is None else mask.reshape(-1, x.shape[-1])
+    y = grouped_op(x2, lora_a, lora_b, coef, *routing.blocks(BLOCK_M), mask2, seed, p)
+    y = y.reshape(*x.shape[:-1], lora_b.shape[1])
+    return y if base is None else base + y.to(base.dtype)
+
+
+def record_grouped(x, lora_a, lora_b, top_k, scale, base, mask, seed) -> None:
+    """Forward and backward (every gradient needed) on meta tensors: the launches the compile report records."""
+    num_experts = lora_a.shape[0]
+    rows = padded_rows(x.shape[0] * top_k, num_experts, BLOCK_M)
+    coef = torch.empty(x.shape[0], top_k, device="meta")
+    sort = [torch.empty(n, device="meta", dtype=torch.int32) for n in (rows, rows // BLOCK_M, num_experts + 1)]
+    y, h = grouped_forward(x, lora_a, lora_b, coef, *sort, mask, seed, 0.1)
+    grad_y = torch.empty(y.shape, device="meta", dtype=x.dtype)
+    grouped_backward(grad_y, x, lora_a, lora_b, coef, h, *sort, mask, seed, 0.1, needs=[True] * 10)

@@ -11,6 +11,11 @@ from . import eager, grouped_mm
 from ._launch import resolve_backend
 from .routing_meta import RoutingMeta, check_expert_ids, dense_gate
 
+# Imported here, while the package initialises: loading the submodule `topk_route` binds it as the package's
+# attribute `topk_route`, which the package's __init__ then rebinds to the op below (`dylora_moe.kernels.topk_route`
+# stays the op; a later first import of the submodule would replace it).
+from .topk_route import topk_route_triton
+
 __all__ = ["moe_lora", "topk_route", "RouteResult", "RoutingMeta", "resolve_backend", "dense_gate"]
 
 
@@ -137,7 +142,7 @@ def moe_lora(
         validate_ids: check ids are in [0, E): an IndexError naming the values found on the CPU, a device-side
             assert elsewhere (no host sync). Ignored when ``routing`` is given (its ids were checked, device-side,
             when it was built).
-        triton_path: "auto" | "stacked" | "grouped": the Triton formulation (see grouped.choose_path).
+        triton_path: "auto" | "stacked" | "grouped": the Triton formulation (see paths.choose_path).
         routing: per-step metadata built from these very ids/weights tensors (``RoutingMeta(ids.reshape(-1, k),
             weights.reshape(-1, k), E)``); layers share one per step so the gate and sort are not rebuilt
             (the model's Routing.meta builds it). Metadata built from other tensors, or from these before an
@@ -191,7 +196,7 @@ def moe_lora(
         routing.check_built_from(expert_ids, expert_weights)
     seed = dropout_seed.reshape(1) if dropout_p else None
     if backend == "triton":
-        from .grouped import moe_lora_triton
+        from .dispatch import moe_lora_triton
 
         return moe_lora_triton(
             x,
@@ -251,8 +256,6 @@ def topk_route(
         torch._assert_async(torch.isfinite(logits2).all(), message)
     backend = resolve_backend(backend, logits.device)
     if backend == "triton":
-        from .router import topk_route_triton
-
         result = topk_route_triton(logits2, top_k, float(temperature), bool(normalize))
     else:
         result = eager.topk_route_eager(logits2, top_k, temperature, normalize)

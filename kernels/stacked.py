@@ -1,4 +1,5 @@
-"""Host side of the stacked Triton MoE-LoRA path: launch configs, the three launches, registration.
+"""Host side of the stacked Triton MoE-LoRA path: the three launches, their registration and the path's launcher
+(its launch configs: configs.stacked_config).
 
 All E experts form one rank space of width N = E * R (exact, no sort or padding: unselected experts have gate 0),
 for small E * R or dense routing. Per layer and
@@ -19,92 +20,13 @@ Saved for backward beyond the inputs: S (T * E * R float32) and the seed.
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
-
 import torch
 
 from . import stacked_kernels as SK
-from ._launch import (
-    cdiv,
-    deterministic_mode,
-    device_guard,
-    dot_flags,
-    interpreter_enabled,
-    launch,
-    next_pow2,
-    register_fused_op,
-    strides3,
-)
-from .device import DeviceSpec, device_spec, tile_registers_per_thread
-
-# Each split of T in the weights pass is a multiple of this (and of every BLOCK_T).
-GRAD_SPLIT_ALIGN = 64 if interpreter_enabled() else 256
-# Widest stacked rank space (E * R) the kernels hold as one register tile; wider ones take the grouped path (at 512
-# the weights pass spills 200-260 B per thread in bf16 whatever the warps and tiles: compile report).
-MAX_RANK_WIDTH = 256
-# Fixed stand-in for the SM count in deterministic mode: the split of T (hence the summation order) is then the
-# same on every GPU model.
-_DETERMINISTIC_SMS = 132
-
-
-class StackedConfig(NamedTuple):
-    block_t: int
-    block_n: int
-    block_d: int
-    num_warps: int
-    num_stages: int
-    weights_stages: int  # of the weights pass, which pipelines three streams and spills sooner
-
-
-@functools.lru_cache(maxsize=256)
-def stacked_config(t_bucket: int, n: int, dtype: torch.dtype, spec: DeviceSpec, dropout: bool = False) -> StackedConfig:
-    """Launch config per (T bucket, rank width, dtype, target, dropout), chosen once and cached: no autotuner on the
-    hot path, the same in every process. The rank width is one register tile; BLOCK_T and BLOCK_D shrink as it
-    grows so the live tiles fit the register budget per thread (in-kernel dropout adds the Philox state and an fp32
-    copy of the activation tile), and pipeline stages are dropped until the buffers fit the target's shared memory
-    per block."""
-    if n > MAX_RANK_WIDTH:
-        raise ValueError(
-            f"the stacked Triton path holds E * r <= {MAX_RANK_WIDTH} rank columns in registers; got {n} "
-            "(use triton_path='grouped' or 'auto')"
-        )
-    block_n = max(16, next_pow2(n))
-    if not spec.is_gpu:  # the interpreter: few, small programs
-        return StackedConfig(min(32, max(16, next_pow2(t_bucket))), block_n, 32, 4, 1, 1)
-    fp32 = dtype == torch.float32
-    num_warps = 4 if block_n <= 64 else 8
-    per_thread = tile_registers_per_thread(spec)
-    budget = per_thread * 32 * num_warps // (2 if dropout or fp32 else 1)
-    block_t, block_d = 64, 64
-    while block_t * block_n + block_t * block_d + block_n * block_d > budget and block_t > 16:
-        block_t //= 2
-    while block_t * block_n + block_t * block_d + block_n * block_d > budget and block_d > 16:
-        block_d //= 2
-    # D tiles of 16 for the widest rank tile (more spills on sm_80) and at 128 columns with in-kernel dropout (the
-    # forward spills 4 B per thread on sm_90 at D tiles of 32 since it reads the routing counts): compile report.
-    if block_n >= 256 or (block_n >= 128 and dropout):
-        block_d = 16
-    num_stages = 2 if block_n >= 256 else 3
-    while num_stages > 1 and stacked_shared_bytes(block_t, block_n, block_d, num_stages) > spec.shared_per_block:
-        num_stages -= 1
-    # fp32 (a correctness mode): the 2-stage weights pass spills 8 B per thread at rank width 256 on sm_86
-    return StackedConfig(block_t, block_n, block_d, num_warps, num_stages, 1 if fp32 else num_stages)
-
-
-def stacked_shared_bytes(block_t: int, block_n: int, block_d: int, num_stages: int) -> int:
-    """Upper estimate of the shared memory of the largest stacked kernel (the weights pass): each pipeline stage
-    buffers an fp32 [BLOCK_T, BLOCK_N] rank tile, an fp32 [BLOCK_T, BLOCK_D] activation tile and an fp32
-    [BLOCK_N, BLOCK_D] weight tile, plus one stage of staging for the dot operands."""
-    per_stage = 4 * (block_t * block_n + block_t * block_d + block_n * block_d)
-    return (num_stages + 1) * per_stage
-
-
-def grad_splits(num_tokens: int, d_tiles: int, spec: DeviceSpec) -> int:
-    """Tokens per split of the weights pass: about one program per SM of ``spec``."""
-    sms = _DETERMINISTIC_SMS if deterministic_mode() and spec.is_gpu else spec.sm_count
-    splits = max(1, min(cdiv(sms, d_tiles), cdiv(num_tokens, GRAD_SPLIT_ALIGN)))
-    return cdiv(cdiv(num_tokens, splits), GRAD_SPLIT_ALIGN) * GRAD_SPLIT_ALIGN
+from ._launch import cdiv, device_guard, dot_flags, launch, next_pow2, register_fused_op, strides3
+from .configs import grad_splits, stacked_config
+from .device import device_spec
+from .routing_meta import RoutingMeta
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -153,7 +75,7 @@ def stacked_forward(
     base2 = y2 if base is None or inplace else _flat(base)
     mask2 = x2 if mask is None else _flat(mask)
     scale_t, scale_c, has_vec = _scale_args(scale, scale_const, gate)
-    cfg = stacked_config(next_pow2(T), N, x.dtype, device_spec(x.device), seed is not None or mask is not None)
+    cfg = _config(x, lora_a, device_spec(x.device), seed is not None or mask is not None)
     s_a_e, s_a_r, s_a_d = strides3(lora_a, 1)
     with device_guard(x):
         launch(
@@ -208,7 +130,7 @@ def stacked_backward(
     if T == 0:
         return dx, torch.zeros_like(lora_a), torch.zeros_like(lora_b), dgate
     spec = device_spec(x.device)
-    cfg = stacked_config(next_pow2(T), N, x.dtype, spec, seed is not None or mask is not None)
+    cfg = _config(x, lora_a, spec, seed is not None or mask is not None)
     flags = dot_flags(x.dtype)
     scale_t, scale_c, has_vec = _scale_args(scale, scale_const, gate)
     v = torch.empty(T, N, **f32)
@@ -302,12 +224,47 @@ stacked_op = register_fused_op(
 )
 
 
-def moe_lora_stacked(
-    x, lora_a, lora_b, gate, counts, scale, scale_const, base=None, mask=None, seed=None, p=0.0, donated=False
-):
-    """The stacked path: base + delta or the delta when base is None; in eager mode written into a ``donated``
-    base where nobody can see it. Either way one forward launch: the kernel reads ``base`` and writes the sum."""
+def launch_stacked(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    routing: RoutingMeta,
+    scaling: float | torch.Tensor,
+    mask: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    p: float,
+    base: torch.Tensor | None,
+    donated: bool,
+) -> torch.Tensor:
+    """The stacked path as dispatch.py calls it (x [..., D_in], validated by moe_lora): base + delta or the delta
+    when base is None; in eager mode written into a ``donated`` base where nobody can see it. Either way one
+    forward launch: the kernel reads ``base`` and writes the sum. Experts no token selects (``routing.counts``)
+    are never read. A scaling tensor that requires grad is folded into the gate ([T, E] * [E]), so autograd gives
+    it its gradient through the gate's (the kernels apply a scale vector but return no gradient for it)."""
+    gate, scale, scale_const = routing.gate, None, 1.0
+    if not isinstance(scaling, torch.Tensor):
+        scale_const = float(scaling)
+    elif scaling.requires_grad and torch.is_grad_enabled():
+        gate = gate * scaling.float()
+    else:
+        scale = scaling.float()
+    counts = routing.counts
     return stacked_op(x, lora_a, lora_b, gate, counts, scale, base, mask, seed, scale_const, p, bool(donated))
+
+
+def record_stacked(x, lora_a, lora_b, top_k, scale, base, mask, seed) -> None:
+    """Forward and backward (every gradient needed) on meta tensors: the launches the compile report records."""
+    num_tokens, num_experts = x.shape[0], lora_a.shape[0]
+    gate = torch.empty(num_tokens, num_experts, device="meta")
+    counts = torch.empty(num_experts, device="meta", dtype=torch.int64)
+    y, s = stacked_forward(x, lora_a, lora_b, gate, counts, scale, base, mask, seed, 1.0, 0.1, False)
+    stacked_backward(y, x, lora_a, lora_b, gate, counts, scale, mask, seed, s, 1.0, 0.1, needs=[True] * 12)
+
+
+def _config(x: torch.Tensor, lora_a: torch.Tensor, spec, dropout: bool):
+    num_tokens = x.numel() // x.shape[-1]
+    n = lora_a.shape[0] * lora_a.shape[1]
+    return stacked_config(next_pow2(num_tokens), n, x.dtype, spec, dropout, lora_a.dtype)
 
 
 def _writable_in_place(base: torch.Tensor, *others: torch.Tensor | None) -> bool:

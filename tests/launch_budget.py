@@ -7,6 +7,7 @@ Run as a script to print the counts and host time per layer (the figures of benc
 
 from __future__ import annotations
 
+import importlib
 import time
 
 import torch
@@ -14,7 +15,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dylora_moe import MoELoRALinear, Routing
-from dylora_moe.kernels import _launch, grouped, router, stacked
+from dylora_moe.kernels import _launch, grouped, stacked
+
+topk_route = importlib.import_module("dylora_moe.kernels.topk_route")  # the package's `topk_route` is the op
 
 # Views, allocations and metadata: not compute (issue 8's budget counts compute ops only).
 NOT_COMPUTE = {
@@ -65,7 +68,7 @@ def count_step(layer: MoELoRALinear, x: torch.Tensor) -> tuple[list[str], list[s
 def host_time_us(layer: MoELoRALinear, x: torch.Tensor, stub: bool, repeats: int = 30) -> tuple[float, float]:
     """Mean wall time per layer forward + backward and per base-layer forward + backward, in us. With ``stub`` the
     Triton launches are skipped (the CPU interpreter's kernel time is not a GPU's), leaving the host cost."""
-    modules = [stacked, grouped, router]
+    modules = [stacked, grouped, topk_route]
     real = [m.launch for m in modules]
     if stub:
         for m in modules:

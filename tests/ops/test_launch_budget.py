@@ -83,7 +83,7 @@ def test_grouped_path_uses_three_launches_and_the_shared_sort():
 
     import dylora_moe.kernels as ops
     from dylora_moe.kernels import _launch
-    from dylora_moe.kernels.grouped import BLOCK_M
+    from dylora_moe.kernels.configs import BLOCK_M
     from dylora_moe.kernels.routing_meta import RoutingMeta
 
     gen = torch.Generator().manual_seed(0)

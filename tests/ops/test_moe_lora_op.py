@@ -10,7 +10,8 @@ from helpers import DEVICE, HAS_CUDA, requires_gpu
 
 import dylora_moe.kernels as ops
 from dylora_moe.kernels import _launch
-from dylora_moe.kernels.grouped import BLOCK_M, grouped_op
+from dylora_moe.kernels.configs import BLOCK_M
+from dylora_moe.kernels.grouped import grouped_op
 from dylora_moe.kernels.routing_meta import RoutingMeta
 from dylora_moe.kernels.stacked import stacked_op
 from tolerances import CPU_DTYPES, GPU_DTYPES, assert_close
@@ -293,7 +294,7 @@ def test_unknown_triton_path_is_rejected():
 
 
 def test_auto_path_groups_only_sparse_routing_over_many_experts():
-    from dylora_moe.kernels.grouped import choose_path
+    from dylora_moe.kernels.paths import choose_path
 
     assert choose_path(num_experts=8, rank=16, top_k=2) == "stacked"  # the goals' reference case: E * R = 128
     assert choose_path(num_experts=64, rank=16, top_k=2) == "grouped"
@@ -378,6 +379,49 @@ def test_per_expert_scaling_and_mixed_dtypes_match_the_formula():
         assert got[0].dtype == torch.float16 and got[2].dtype == got[3].dtype == torch.float32
         for name, g, e in zip(("y", "dx", "dA", "dB", "dw"), got, want):
             assert_close(g, e, torch.float16, scale=2, msg=f"{backend}-{path} {name}")
+
+
+# fp32 LoRA masters under fp16 (CPU and GPU) / bf16 (GPU) activations: how training runs the ops.
+MIXED_DTYPES = [d for d in DTYPES if d != torch.float32]
+# (T, d_in, d_out, E, r, k, empty expert): why each shape is here.
+MIXED_CASES = [
+    pytest.param(0, 48, 80, 4, 8, 2, None, id="T0-empty-input"),
+    pytest.param(37, 48, 80, 4, 8, 2, 1, id="odd-T-an-expert-without-tokens"),
+    pytest.param(70, 80, 96, 3, 16, 3, None, id="k=E=3-dense-odd-widths"),
+    pytest.param(21, 48, 80, 8, 32, 1, None, id="N=256-k1"),
+]
+# (in-kernel dropout, base output, per-expert scaling vector)
+MIXED_FLAGS = [
+    (False, False, False),
+    (True, False, False),
+    (False, True, False),
+    (False, False, True),
+    (True, True, True),
+]
+
+
+@pytest.mark.parametrize("path", TRITON_PATHS)
+@pytest.mark.parametrize("dtype", MIXED_DTYPES, ids=str)
+@pytest.mark.parametrize("dropout,base,vector", MIXED_FLAGS, ids=lambda f: str(int(f)))
+@pytest.mark.parametrize("T,d_in,d_out,E,r,k,empty", MIXED_CASES)
+def test_fp32_weights_under_low_precision_activations_match_eager(T, d_in, d_out, E, r, k, empty, dropout, base,
+                                                                   vector, dtype, path):  # fmt: skip
+    """The training default: Triton (each path, each flag the compile report compiles) gives eager's values and
+    gradients, output in x's dtype, weight gradients fp32."""
+    x, a, b, ids, w = make_inputs(T, d_in, d_out, E, r, k, torch.float32, empty_expert=empty)
+    x = x.detach().to(dtype).requires_grad_()
+    scaling = torch.linspace(0.5, 3.0, E, device=DEVICE) if vector else 2.0
+    kw = dict(dropout_p=0.25, dropout_seed=torch.tensor([4321], device=DEVICE)) if dropout else {}
+    if base:
+        kw["base_output"] = torch.randn(T, d_out, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+    got = run_with_grads(_op("triton", path, scaling, **kw), x, a, b, ids, w)
+    want = run_with_grads(_op("eager", "auto", scaling, **kw), x, a, b, ids, w)
+    assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == got[3].dtype == torch.float32
+    scales = (1, 1, 1 + T / 64, 1 + T / 64, 1)
+    for name, g, e, s in zip(("y", "dx", "dA", "dB", "dw"), got, want, scales):
+        assert_close(g, e, dtype, scale=s, msg=f"{path} {dtype} {name}")
+    if empty is not None:
+        assert torch.all(got[2][empty] == 0) and torch.all(got[3][empty] == 0)
 
 
 def test_float64_stays_float64_in_eager():

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dylora_moe.kernels as ops
-from dylora_moe.kernels import stacked
+from dylora_moe.kernels import configs
 from dylora_moe.kernels.device import TARGETS, device_spec
 from tolerances import assert_close
 
@@ -92,31 +92,31 @@ def test_topk_route_keeps_leading_dims_and_matches_the_softmax(lead, E, data):
 
 
 def test_launch_config_is_chosen_once_per_shape_bucket():
-    stacked.stacked_config.cache_clear()
-    first = stacked.stacked_config(64, 32, torch.float16, TARGETS["sm_86"])
-    assert stacked.stacked_config(64, 32, torch.float16, TARGETS["sm_86"]) is first
-    assert stacked.stacked_config.cache_info().hits == 1
+    configs.stacked_config.cache_clear()
+    first = configs.stacked_config(64, 32, torch.float16, TARGETS["sm_86"])
+    assert configs.stacked_config(64, 32, torch.float16, TARGETS["sm_86"]) is first
+    assert configs.stacked_config.cache_info().hits == 1
 
 
 def test_deterministic_mode_pins_the_split_of_the_weight_gradients(monkeypatch):
     """DYLORA_MOE_DETERMINISTIC=1: the T split (hence the summation order) no longer depends on the GPU model."""
     monkeypatch.setenv("DYLORA_MOE_DETERMINISTIC", "1")
-    pinned = stacked.grad_splits(8192, 4, TARGETS["sm_90"])
-    assert pinned == stacked.grad_splits(8192, 4, TARGETS["sm_86"])  # another SM count, the same split
+    pinned = configs.grad_splits(8192, 4, TARGETS["sm_90"])
+    assert pinned == configs.grad_splits(8192, 4, TARGETS["sm_86"])  # another SM count, the same split
     monkeypatch.setenv("DYLORA_MOE_DETERMINISTIC", "0")
-    assert stacked.grad_splits(8192, 4, dataclasses.replace(TARGETS["sm_90"], sm_count=16)) != pinned
+    assert configs.grad_splits(8192, 4, dataclasses.replace(TARGETS["sm_90"], sm_count=16)) != pinned
 
 
 def test_several_splits_of_the_weight_gradients_match_the_formula(monkeypatch):
     """The fixed-order reduction over splits of T (GPU sizes) is exercised on the CPU by forcing splits."""
-    monkeypatch.setattr(stacked, "GRAD_SPLIT_ALIGN", 16)
+    monkeypatch.setattr(configs, "GRAD_SPLIT_ALIGN", 16)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(70, 24, generator=gen, requires_grad=True)
     a = torch.randn(3, 4, 24, generator=gen, requires_grad=True)
     b = torch.randn(3, 20, 4, generator=gen, requires_grad=True)
     ids = torch.randint(0, 3, (70, 2), generator=gen)
     w = torch.rand(70, 2, generator=gen, requires_grad=True)
-    assert stacked.grad_splits(70, 2, device_spec(x.device)) < 70
+    assert configs.grad_splits(70, 2, device_spec(x.device)) < 70
     y = ops.moe_lora(x, a, b, ids, w, 0.5, backend="triton", triton_path="stacked")
     want = formula(x, a, b, ids, w, 0.5)
     got = torch.autograd.grad(y.sum(), (x, a, b, w))

@@ -12,7 +12,7 @@ from helpers import DEVICE, HAS_CUDA, requires_gpu
 
 import dylora_moe.kernels as ops
 from dylora_moe.kernels import _launch
-from dylora_moe.kernels.router import _route_stats_kernel, topk_route_triton
+from dylora_moe.kernels.topk_route import _route_stats_kernel, topk_route_triton
 from tolerances import CPU_DTYPES, GPU_DTYPES, assert_close
 
 OUTPUTS = ("weights", "ids", "dense", "counts", "mean_prob")

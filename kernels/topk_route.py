@@ -29,31 +29,15 @@ Registered as ``torch.ops.dylora_moe.topk_route`` / ``topk_route_backward`` thro
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ._launch import capturing, device_guard, launch, register_fused_op, resolve_backend
+from .configs import route_config, route_stats_config
+from .device import device_spec
 
 __all__ = ["topk_route_triton", "topk_route_forward", "topk_route_backward", "topk_route_op"]
-
-# Elements of the [BLOCK_T, BLOCK_E] tile per program: 16 per thread at 2 warps. Compiled for sm_90 (ptxas of the
-# triton wheel, no GPU) at E = 64, k = 2 this needs 111 (forward) / 122 (backward) registers and no spills, so
-# ~8 programs and ~8k logits are in flight per SM; 8 per thread (4 warps) allows ~4k, 32 per thread spills.
-# Not yet timed on a GPU: DYLORA_ROUTER_BLOCK_T / DYLORA_ROUTER_NUM_WARPS pin another config.
-_TILE_ELEMENTS = 1024
-_MAX_BLOCK_T = 128
-_NUM_WARPS = 2
-# The backward holds more per element (p, g, the selection, the Jacobian terms): at 2 warps it spills 8 B per
-# thread on sm_80 (E 32-64, k 4-8; compile report), at 4 warps none.
-_BWD_NUM_WARPS = 4
-# The statistics kernel: 8 experts per program, [1024, 8] partials per step at 8 warps (32 values per thread);
-# at T = 32k, E = 64 that is 8 programs of 2 steps over the 2048 x 64 partials (each step one load latency).
-_STATS_BLOCK_E = 8
-_STATS_TILE_ELEMENTS = 8192
-_STATS_NUM_WARPS = 8
 
 
 @triton.jit
@@ -232,23 +216,6 @@ def _topk_route_bwd_kernel(
     tl.store(out, dz.to(dlogits_ptr.dtype.element_ty), mask=mask)
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    if not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1):
-        raise ValueError(f"{name}={value!r} must be a power of two >= 1")
-    return int(value)
-
-
-def _launch_config(num_tokens: int, num_experts: int, backward: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_E, num_warps). ``DYLORA_ROUTER_BLOCK_T`` / ``DYLORA_ROUTER_NUM_WARPS`` pin the config."""
-    block_e = triton.next_power_of_2(num_experts)
-    block_t = min(_MAX_BLOCK_T, max(1, _TILE_ELEMENTS // block_e), triton.next_power_of_2(num_tokens))
-    num_warps = _env_int("DYLORA_ROUTER_NUM_WARPS", _BWD_NUM_WARPS if backward else _NUM_WARPS)
-    return _env_int("DYLORA_ROUTER_BLOCK_T", block_t), block_e, num_warps
-
-
 def _or_dummy(grad: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
     return dummy if grad is None else grad
 
@@ -277,7 +244,7 @@ def topk_route_forward(
         return weights, ids, dense, counts, torch.zeros(num_experts, **f32)
     counts = torch.empty(num_experts, device=logits.device, dtype=torch.int64)
     mean_prob = torch.empty(num_experts, **f32)
-    block_t, block_e, num_warps = _launch_config(num_tokens, num_experts)
+    block_t, block_e, num_warps = route_config(num_tokens, num_experts, device_spec(logits.device))
     num_blocks = triton.cdiv(num_tokens, block_t)
     part_counts = torch.empty(num_blocks, num_experts, device=logits.device, dtype=torch.int32)
     part_probs = torch.empty(num_blocks, num_experts, **f32)
@@ -289,13 +256,12 @@ def topk_route_forward(
             stride_le=logits.stride(1), tau=float(temperature), K=top_k, NORMALIZE=bool(normalize),
             BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), num_warps=num_warps,
         )  # fmt: skip
-        stats_block_e = min(block_e, _STATS_BLOCK_E)
+        stats = route_stats_config(num_blocks, block_e)
         launch(
-            _route_stats_kernel, (triton.cdiv(num_experts, stats_block_e),),
+            _route_stats_kernel, (triton.cdiv(num_experts, stats.block_e),),
             part_counts_ptr=part_counts, part_probs_ptr=part_probs, counts_ptr=counts, mean_ptr=mean_prob,
-            NB=num_blocks, E=num_experts, T=num_tokens,
-            BLOCK_N=min(_STATS_TILE_ELEMENTS // stats_block_e, triton.next_power_of_2(num_blocks)),
-            BLOCK_E=stats_block_e, num_warps=_STATS_NUM_WARPS,
+            NB=num_blocks, E=num_experts, T=num_tokens, BLOCK_N=stats.block_n, BLOCK_E=stats.block_e,
+            num_warps=stats.num_warps,
         )  # fmt: skip
     return weights, ids, dense, counts, mean_prob
 
@@ -317,7 +283,7 @@ def topk_route_backward(
     dlogits = torch.empty(num_tokens, num_experts, device=logits.device, dtype=logits.dtype)
     if num_tokens == 0:
         return dlogits
-    block_t, block_e, num_warps = _launch_config(num_tokens, num_experts, backward=True)
+    block_t, block_e, num_warps = route_config(num_tokens, num_experts, device_spec(logits.device), backward=True)
     with device_guard(logits):
         launch(
             _topk_route_bwd_kernel, (triton.cdiv(num_tokens, block_t),),
