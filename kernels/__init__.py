@@ -14,6 +14,8 @@ Files: ops.py (the public ops: input checks and dispatch), dispatch.py (the Trit
 and launch), paths.py (the registry of Triton MoE-LoRA paths: name, fit, cost, config, launcher), stacked.py /
 stacked_kernels.py (all experts as one rank space), grouped.py / grouped_kernels.py (pairs sorted by expert),
 topk_route.py (the fused top-k router), configs.py (every kernel's launch config), eager.py (the PyTorch twins),
+grouped_mm.py (the MoE-LoRA on torch's grouped GEMM: the benchmarks' baseline, and the eager backend's form on
+the CPU where it measured faster),
 routing_meta.py (gate, counts and sort built once per step), _launch.py (launch point, the one op registration
 helper), device.py (each target's limits: shared memory, registers, SMs, peaks), cost.py (bytes, FLOPs and
 launches of each path: the roofline time), compile_report.py (every config compiled for sm_80..sm_120 on the CPU:
