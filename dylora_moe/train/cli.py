@@ -426,6 +426,7 @@ def _leave_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears its end down while another still talks to it (rank 0 writes the reports last)
         dist.destroy_process_group()
 
 
