@@ -34,8 +34,8 @@ def ci_report(tmp_path_factory):
     cmd = [sys.executable, "-m", "dylora_moe.kernels.compile_report", "--grid", "ci", "--targets",
            ",".join(compile_report.CI_TARGETS), "--jobs", "2", "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert os.path.exists(f"{out}.json"), done.stdout + done.stderr
-    return json.loads(open(f"{out}.json").read()), done
+    assert os.path.exists(f"{out}.json.gz"), done.stdout + done.stderr
+    return compile_report.read(f"{out}.json.gz"), done
 
 
 def test_every_kernel_variant_compiles_for_sm86_and_sm90_without_spills_within_shared_memory(ci_report):
